@@ -1,0 +1,1 @@
+"""relcirc_jax.train."""

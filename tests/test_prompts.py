@@ -1,0 +1,141 @@
+"""Caption grammar (prompts.py) and word tokenizer (text/tokenizer.py): round trips, roles, vocabulary, errors."""
+import itertools
+
+import numpy as np
+import pytest
+
+from relcirc_jax.data import prompts
+from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
+from relcirc_jax.text import tokenizer
+
+COLOR_CHOICES = COLORS + (None,)
+
+
+def _every_variant():
+    for relation in RELATIONS:
+        for phrasing, filler in itertools.product(range(len(prompts.PHRASINGS[relation])), (False, True)):
+            for c1, s1, c2, s2 in itertools.product(COLOR_CHOICES, SHAPES, COLOR_CHOICES, SHAPES):
+                yield SceneSpec(s1, c1, relation, s2, c2), phrasing, filler
+
+
+def test_paper_phrasings_canonical_first():
+    assert prompts.PHRASINGS["upper_left"] == ("to the upper left of", "above and to the left of", "diagonally up and left from")
+    assert prompts.PHRASINGS["above"] == ("above", "directly above", "higher than")
+    assert prompts.PHRASINGS["left"] == ("to the left of", "left of")
+    assert tuple(prompts.PHRASINGS) == RELATIONS
+
+
+def test_canonical_and_variant_forms():
+    spec = SceneSpec("triangle", "blue", "upper_left", "square", "red")
+    assert prompts.caption(spec) == "blue triangle is to the upper left of red square"
+    assert prompts.caption(spec, phrasing=2) == "blue triangle is diagonally up and left from red square"
+    assert prompts.caption(spec._replace(color1=None)) == "triangle is to the upper left of red square"
+    assert prompts.caption(SceneSpec("square", "red", "above", "circle", "blue"), filler=True) == (
+        "the red square is above the blue circle"
+    )
+
+
+def test_round_trip_every_phrasing_colour_optional_and_filler():
+    count = 0
+    for spec, phrasing, filler in _every_variant():
+        text = prompts.caption(spec, phrasing=phrasing, filler=filler)
+        parsed = prompts.parse(text)
+        assert parsed.spec == spec
+        assert prompts.caption(parsed.spec, phrasing=phrasing, filler=filler) == text
+        assert parsed.words == tuple(text.split()) and len(parsed.roles) == len(parsed.words)
+        assert prompts.all_captions()[prompts.caption_index(text)] == text
+        count += 1
+    assert count == len(prompts.all_captions()) == len(set(prompts.all_captions()))
+
+
+def test_parse_is_case_and_whitespace_insensitive():
+    parsed = prompts.parse("  The BLUE triangle\tis above and to the left of   the red Square ")
+    assert parsed.spec == SceneSpec("triangle", "blue", "upper_left", "square", "red")
+    assert prompts.caption_index(" Blue Triangle is ABOVE red square") == prompts.caption_index("blue triangle is above red square")
+
+
+def test_roles_of_a_filler_caption():
+    parsed = prompts.parse("the blue triangle is to the left of the red square")
+    assert parsed.roles == (
+        "filler", "color1", "shape1", "filler", "relation", "relation", "relation", "relation",
+        "filler", "color2", "shape2",
+    )
+
+
+def test_vocab_is_pad_then_sorted_grammar_words():
+    assert prompts.VOCAB[0] == "<pad>"
+    assert list(prompts.VOCAB[1:]) == sorted(set(" ".join(prompts.all_captions()).split()))
+    assert isinstance(prompts.VOCAB_VERSION, int)
+
+
+def test_unknown_word_error_names_word_and_vocabulary():
+    with pytest.raises(ValueError, match=r"Unknown word 'hexagon'.*vocabulary.*'triangle'"):
+        prompts.parse("red hexagon is above blue circle")
+    with pytest.raises(ValueError, match=r"Unknown word 'hexagon'"):
+        tokenizer.encode(["red hexagon is above blue circle"])
+    with pytest.raises(ValueError, match=r"Unknown word"):
+        prompts.caption_index("red hexagon is above blue circle")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("red square above blue circle", "exactly one 'is'"),
+        ("red is above blue circle", "before 'is'"),
+        ("red square is above and blue circle", "relation phrase"),
+        ("red square is above blue", "relation phrase"),
+        ("the red square is above blue circle", "before both objects or before neither"),
+    ],
+)
+def test_malformed_caption_error_says_what_was_expected(text, expected):
+    with pytest.raises(ValueError, match="does not fit the grammar") as info:
+        prompts.parse(text)
+    assert expected in str(info.value)
+
+
+def test_bad_spec_and_phrasing_rejected():
+    with pytest.raises(ValueError, match="relation 'inside'"):
+        prompts.caption(SceneSpec("square", "red", "inside", "circle", "blue"))
+    with pytest.raises(ValueError, match="phrasing 2 is out of range for 'left'"):
+        prompts.caption(SceneSpec("square", "red", "left", "circle", "blue"), phrasing=2)
+    with pytest.raises(ValueError, match="color1 'green'"):
+        prompts.caption(SceneSpec("square", "green", "left", "circle", "blue"))
+
+
+def test_tokenizer_ids_and_roles_align_with_parse():
+    captions = [prompts.caption(s, phrasing=p, filler=f) for s, p, f in itertools.islice(_every_variant(), 0, None, 97)]
+    ids, mask = tokenizer.encode(captions)
+    role_ids = tokenizer.roles(captions)
+    assert ids.shape == mask.shape == role_ids.shape == (len(captions), tokenizer.MAX_LEN)
+    assert ids.dtype == np.int32 and mask.dtype == np.bool_ and role_ids.dtype == np.int8
+    for row, text in enumerate(captions):
+        parsed = prompts.parse(text)
+        n = len(parsed.words)
+        assert [prompts.VOCAB[i] for i in ids[row, :n]] == list(parsed.words)
+        assert [prompts.ROLES[r] for r in role_ids[row, :n]] == list(parsed.roles)
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        assert (ids[row, n:] == 0).all() and (role_ids[row, n:] == 0).all()
+        assert ((role_ids[row] == 0) == ~mask[row]).all()
+
+
+def test_caption_tables_match_encode_row_for_row():
+    ids, mask, role_ids = tokenizer.caption_tables()
+    captions = prompts.all_captions()
+    rows = np.arange(0, len(captions), 53)
+    expected_ids, expected_mask = tokenizer.encode([captions[i] for i in rows])
+    np.testing.assert_array_equal(ids[rows], expected_ids)
+    np.testing.assert_array_equal(mask[rows], expected_mask)
+    np.testing.assert_array_equal(role_ids[rows], tokenizer.roles([captions[i] for i in rows]))
+
+
+def test_too_long_caption_error_names_it():
+    text = "red square is above blue circle"
+    with pytest.raises(ValueError, match=r"Caption 'red square is above blue circle' has 6 words, more than max_len=5"):
+        tokenizer.encode([text], max_len=5)
+    with pytest.raises(ValueError, match=r"more than max_len=5"):
+        tokenizer.roles([text], max_len=5)
+
+
+def test_single_string_is_rejected():
+    with pytest.raises(TypeError, match="sequence of captions"):
+        tokenizer.encode("red square is above blue circle")

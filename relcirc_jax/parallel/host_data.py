@@ -1,0 +1,33 @@
+"""Per-host numpy batches -> global jax.Arrays sharded along the batch dimension over ("data", "fsdp")."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from relcirc_jax.parallel.rules import BATCH_AXES, batch_sharding
+
+
+def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's slice of the batch into one global array per key.
+
+    Every process passes its own `local_batch` (leading dim = global batch / process count); the global leading
+    dim must split evenly over the data*fsdp shards.
+    """
+    sharding = batch_sharding(mesh)
+    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    return {key: _to_global_array(key, np.asarray(value), sharding, shards) for key, value in local_batch.items()}
+
+
+def _to_global_array(key: str, local: np.ndarray, sharding: NamedSharding, shards: int) -> jax.Array:
+    if local.ndim == 0:
+        raise ValueError(f"Batch entry {key!r} is a scalar; every entry needs a leading batch dimension.")
+    global_batch = local.shape[0] * jax.process_count()
+    if global_batch % shards:
+        raise ValueError(f"Batch entry {key!r} has local shape {local.shape}, so the global batch is {global_batch}, "
+                         f"which does not split over the {shards} data*fsdp shards. "
+                         f"Fix: make the global batch size a multiple of {shards}.")
+    global_shape = (global_batch, *local.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local, global_shape)

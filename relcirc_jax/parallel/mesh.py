@@ -1,0 +1,50 @@
+"""Device mesh from a config spec such as {"data": -1, "fsdp": 1, "model": 1}.
+
+The mesh always has the axes ("data", "fsdp", "model") in that order, with `AxisType.Auto` so Linen code and
+`jax.jit(..., in_shardings=..., out_shardings=...)` decide the partitioning from explicit `NamedSharding`s.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+AXIS_NAMES = ("data", "fsdp", "model")
+FILL = -1
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds a ("data", "fsdp", "model") mesh; a size of -1 takes all devices the other axes leave over.
+
+    Axes missing from `spec` have size 1. The product of the sizes must equal the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = _resolve_shape(dict(spec.items()), len(devices))
+    return jax.make_mesh(shape, AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES), devices=devices)
+
+
+def _resolve_shape(spec: dict[str, int], device_count: int) -> tuple[int, ...]:
+    def fail(problem: str, fix: str) -> ValueError:
+        return ValueError(f"Impossible mesh spec {spec} for {device_count} devices: {problem}. Fix: {fix}.")
+
+    unknown = sorted(set(spec) - set(AXIS_NAMES))
+    if unknown:
+        raise fail(f"unknown axis name(s) {unknown}", f"use only the axes {list(AXIS_NAMES)}")
+    sizes = [spec.get(name, 1) for name in AXIS_NAMES]
+    if any(not isinstance(s, int) or (s < 1 and s != FILL) for s in sizes):
+        raise fail("axis sizes must be positive integers or -1", "give each axis a size >= 1, or -1 for 'the rest'")
+    fills = sizes.count(FILL)
+    if fills > 1:
+        raise fail("more than one axis is -1", "set at most one axis to -1")
+    fixed = math.prod(s for s in sizes if s != FILL)
+    if fills == 1:
+        if device_count % fixed:
+            raise fail(f"the fixed axes multiply to {fixed}, which does not divide the device count",
+                       f"make the fixed axis sizes multiply to a divisor of {device_count}")
+        sizes[sizes.index(FILL)] = device_count // fixed
+    elif fixed != device_count:
+        raise fail(f"the axis sizes multiply to {fixed}, not to the device count",
+                   f"make them multiply to {device_count}, or set one axis (usually data) to -1")
+    return tuple(sizes)

@@ -1,0 +1,104 @@
+"""Logical axis rules: how the model's logical parameter/activation axis names map onto the mesh axes.
+
+The DiT annotates its parameters with `flax.linen.with_logical_partitioning` using the names below; this module turns
+those logical `PartitionSpec`s into `NamedSharding`s on a concrete mesh.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "model"),
+    ("mlp", "model"),
+    ("caption", None),
+    ("adaln", "model"),
+    ("table", None),
+    ("patch", None),
+)
+
+BATCH_AXES = ("data", "fsdp")
+
+log = logging.getLogger(__name__)
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, P)
+
+
+def _mesh_axes_for(logical_name: str | None, rules: Rules) -> MeshAxes:
+    if logical_name is None:
+        return None
+    for name, mesh_axes in rules:
+        if name == logical_name:
+            return mesh_axes
+    known = [name for name, _ in rules]
+    raise ValueError(f"Logical axis name {logical_name!r} has no sharding rule (rules cover {known}). "
+                     f"Fix: add ({logical_name!r}, <mesh axis or None>) to the rules.")
+
+
+def logical_to_mesh_spec(logical_spec: P, rules: Rules = DEFAULT_RULES) -> P:
+    """Maps one PartitionSpec of logical names to a PartitionSpec of mesh axes (no shape checks)."""
+    return P(*(_mesh_axes_for(name, rules) for name in logical_spec))
+
+
+def logical_to_mesh_sharding(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh` (no shape checks)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh_spec(spec, rules)),
+                        logical_specs, is_leaf=_is_spec)
+
+
+def _axes_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
+    if mesh_axes is None:
+        return 1
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str) -> P:
+    if len(mesh_spec) > len(shape):
+        raise ValueError(f"Parameter {path} has shape {shape} but its logical spec {mesh_spec} names "
+                         f"{len(mesh_spec)} axes. Fix: give the annotation one name per dimension.")
+    fitted = []
+    for dim, mesh_axes in zip(shape, mesh_spec):
+        size = _axes_size(mesh, mesh_axes)
+        if dim % size:
+            log.debug("Replicating dim of size %d of %s: mesh axes %s (size %d) do not divide it.",
+                      dim, path, mesh_axes, size)
+            mesh_axes = None
+        fitted.append(mesh_axes)
+    return P(*fitted)
+
+
+def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for a (ShapeDtypeStruct) pytree, replicating any dim its mesh axes do not divide.
+
+    `logical_specs` has the same structure as `abstract_params` with a PartitionSpec of logical names per leaf,
+    e.g. `flax.linen.get_partition_spec(jax.eval_shape(model.init, ...))`.
+    """
+    def sharding(path, spec: P, leaf) -> NamedSharding:
+        mesh_spec = logical_to_mesh_spec(spec, rules)
+        return NamedSharding(mesh, _fitting_spec(tuple(leaf.shape), mesh_spec, mesh, jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(sharding, logical_specs, abstract_params, is_leaf=_is_spec)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over the data and fsdp axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device."""
+    return NamedSharding(mesh, P())

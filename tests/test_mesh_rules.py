@@ -1,0 +1,120 @@
+"""Mesh specs, logical-axis rules -> real parameter shardings, and per-host batch assembly on 8 fake CPU devices."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from relcirc_jax.parallel import (DEFAULT_RULES, batch_sharding, logical_to_mesh_sharding, make_mesh, param_shardings,
+                                  replicated, to_global)
+
+
+def test_make_mesh_fills_the_remaining_devices():
+    mesh = make_mesh({"data": -1, "fsdp": 2, "model": 1})
+    assert mesh.axis_names == ("data", "fsdp", "model")
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "model": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+
+
+def test_make_mesh_exact_spec_and_missing_axes_default_to_one():
+    assert dict(make_mesh({"data": 2, "fsdp": 2, "model": 2}).shape) == {"data": 2, "fsdp": 2, "model": 2}
+    assert dict(make_mesh({"model": 8}).shape) == {"data": 1, "fsdp": 1, "model": 8}
+
+
+def test_make_mesh_on_a_subset_of_devices():
+    mesh = make_mesh({"data": -1, "fsdp": 2}, devices=jax.devices()[:4])
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 1}
+    assert set(mesh.devices.flat) == set(jax.devices()[:4])
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ({"data": 3, "fsdp": 1, "model": 1}, "not to the device count"),
+    ({"data": -1, "fsdp": 3}, "does not divide the device count"),
+    ({"data": -1, "fsdp": -1}, "more than one axis is -1"),
+    ({"data": -1, "tensor": 2}, "unknown axis name"),
+    ({"data": 0, "fsdp": -1}, "positive integers"),
+])
+def test_impossible_mesh_spec_names_spec_device_count_and_fix(spec, problem):
+    with pytest.raises(ValueError) as err:
+        make_mesh(spec)
+    message = str(err.value)
+    assert problem in message and str(spec) in message and "8 devices" in message and "Fix:" in message
+
+
+class ToyBlock(nn.Module):
+    """Parameters annotated with the same logical names as the DiT."""
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda feats, names, name: nn.Dense(
+            feats, name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names))
+        h = dense(32, ("embed", "mlp"), "fc1")(x)
+        h = dense(16, ("mlp", "embed"), "fc2")(h)
+        h = dense(6, ("embed", "heads"), "odd_heads")(h)  # 6 heads: the model axis (2) divides, fsdp (2) divides 16
+        table = self.param("table", nn.with_logical_partitioning(nn.initializers.zeros, ("table", "embed")), (5, 3))
+        return h, table
+
+
+def _abstract_toy():
+    boxed = jax.eval_shape(ToyBlock().init, jax.random.key(0), jnp.zeros((4, 16)))
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+def test_param_shardings_follow_the_rules_on_a_2x2x2_mesh():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    abstract, specs = _abstract_toy()
+    shardings = param_shardings(abstract, specs, mesh)["params"]
+    assert shardings["fc1"]["kernel"].spec == P("fsdp", "model")
+    assert shardings["fc2"]["kernel"].spec == P("model", "fsdp")
+    assert shardings["odd_heads"]["kernel"].spec == P("fsdp", "model")
+    assert shardings["fc1"]["bias"].spec == P()  # unannotated -> replicated
+
+
+def test_param_shardings_replicate_a_dim_the_mesh_axis_does_not_divide():
+    mesh = make_mesh({"data": 1, "fsdp": 2, "model": 4})
+    abstract, specs = _abstract_toy()
+    shardings = param_shardings(abstract, specs, mesh)["params"]
+    assert shardings["odd_heads"]["kernel"].spec == P("fsdp", None)  # 6 heads over model=4 -> replicated
+    assert shardings["table"].spec == P(None, None)  # embed dim 3 over fsdp=2 -> replicated
+
+
+def test_jit_places_initialised_params_on_the_rule_shardings():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    abstract, specs = _abstract_toy()
+    shardings = param_shardings(abstract, specs, mesh)
+    init = jax.jit(lambda key: nn.unbox(ToyBlock().init(key, jnp.zeros((4, 16)))), out_shardings=shardings)
+    kernel = init(jax.random.key(0))["params"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "model")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(8, 16)}
+
+
+def test_logical_to_mesh_sharding_and_unknown_name():
+    mesh = make_mesh({"data": -1})
+    tree = logical_to_mesh_sharding({"a": P("batch", "caption"), "b": P("adaln")}, mesh)
+    assert tree["a"].spec == P(("data", "fsdp"), None) and tree["b"].spec == P("model")
+    with pytest.raises(ValueError, match="'vocab' has no sharding rule"):
+        logical_to_mesh_sharding(P("vocab"), mesh, DEFAULT_RULES)
+
+
+def test_batch_and_replicated_shardings():
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    assert batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert replicated(mesh).is_fully_replicated
+
+
+def test_to_global_shards_the_leading_dim_over_data_and_fsdp():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    images = np.arange(8 * 3 * 2, dtype=np.float32).reshape(8, 3, 2)
+    batch = to_global({"images": images, "labels": np.arange(8)}, mesh)
+    assert batch["images"].shape == (8, 3, 2) and batch["images"].sharding == batch_sharding(mesh)
+    assert {s.data.shape for s in batch["images"].addressable_shards} == {(2, 3, 2)}  # 4 batch shards, model copies
+    np.testing.assert_array_equal(np.asarray(batch["images"]), images)
+    np.testing.assert_array_equal(np.asarray(batch["labels"]), np.arange(8))
+
+
+def test_to_global_rejects_a_batch_that_does_not_split():
+    mesh = make_mesh({"data": -1})
+    with pytest.raises(ValueError, match="multiple of 8"):
+        to_global({"images": np.zeros((6, 2))}, mesh)

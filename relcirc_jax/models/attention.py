@@ -1,0 +1,80 @@
+"""Multi-head attention with TransformerLens-style capture points and per-head output masks.
+
+Parameter names follow diffusers' `Attention` (to_q, to_k, to_v, to_out_0) so checkpoints convert 1:1.
+Capture points (`hook_q`, `hook_k`, `hook_v`, `hook_pattern`, `hook_z`) are sown into the "intermediates"
+collection under their full hook name, and only when that name is in `capture` (decided at trace time).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
+
+
+def partitioned(init, axes: tuple[str | None, ...]):
+    """An initializer whose parameter carries logical sharding axis names."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def logical_dense(
+    features: int, axes: tuple[str | None, str | None], dtype: Any, name: str, kernel_init=nn.initializers.xavier_uniform()
+) -> nn.Dense:
+    """A Dense layer (float32 params, `dtype` compute) with logical axes on kernel and bias.
+
+    The default kernel init is xavier-uniform, as PixArt initialises its linear layers.
+    """
+    return nn.Dense(
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(kernel_init, axes),
+        bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention; self-attention when `context` is None.
+
+    head_mask [heads] multiplies each head's output z before the output projection (zero = ablate the head).
+    key_mask [B, Lk] (True = attend) masks padded keys.
+    """
+
+    num_heads: int
+    head_dim: int
+    dtype: Any
+    hook_prefix: str
+    capture: tuple[str, ...] = ()
+    zero_init_out: bool = False  # PixArt zero-initialises the cross-attention output projection
+
+    def _record(self, hook: str, value: jnp.ndarray) -> None:
+        name = f"{self.hook_prefix}.{hook}"
+        if name in self.capture:
+            self.sow("intermediates", name, value)
+
+    @nn.compact
+    def __call__(self, x, context=None, key_mask=None, head_mask=None):
+        inner = self.num_heads * self.head_dim
+        source = x if context is None else context
+        split = lambda y: y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # noqa: E731
+        q = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_q")(x))
+        k = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_k")(source))
+        v = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_v")(source))
+        self._record("hook_q", q)
+        self._record("hook_k", k)
+        self._record("hook_v", v)
+
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        pattern = nn.softmax(logits, axis=-1)
+        self._record("hook_pattern", pattern)
+
+        z = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(self.dtype), v)
+        if head_mask is not None:
+            z = z * head_mask.astype(z.dtype)[None, None, :, None]
+        self._record("hook_z", z)
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.xavier_uniform()
+        to_out = logical_dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0", kernel_init=out_init)
+        return to_out(z.reshape(z.shape[:2] + (inner,)))

@@ -1,0 +1,386 @@
+"""PixArt-alpha Diffusion Transformer in Flax Linen, numerically equal to diffusers' PixArtTransformer2DModel.
+
+Images are NHWC in [-1, 1]; timesteps are floats in [0, 1000); captions are [B, L, caption_channels] with a
+boolean padding mask. The module tree mirrors diffusers' parameter names (`transformer_blocks.3.attn1.to_q.weight`
+is params["transformer_blocks_3"]["attn1"]["to_q"]["kernel"]), see models/convert.py.
+
+Analysis hooks: every activation listed by `hook_names(config)` can be recorded with `run_with_cache`; head
+ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads]), so a screen is `jax.vmap` over masks.
+Every parameter carries logical sharding axis names ("embed", "heads", "mlp", "caption", "adaln", "table",
+"patch"); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
+"""
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relcirc_jax.models.attention import ATTENTION_HOOKS, MultiHeadAttention, logical_dense, partitioned
+
+DIT_SIZES = {"b": (768, 12, 12), "mini": (384, 6, 6), "micro": (192, 6, 3), "nano": (192, 3, 3)}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+TIMESTEP_FREQUENCY_DIM = 256  # PixArt's sinusoidal timestep projection width
+NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    """Static shape of a PixArt DiT. `dtype` is the compute dtype; parameters are always float32."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    in_channels: int = 3
+    hidden_size: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096
+    max_text_len: int = 20
+    learn_sigma: bool = False
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            problems.append(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
+        if self.dtype not in COMPUTE_DTYPES:
+            problems.append(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
+        for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                     "caption_channels", "max_text_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("Invalid DiTConfig: " + "; ".join(problems) + ".")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def pos_interpolation_scale(self) -> int:
+        """diffusers' default `interpolation_scale` for sample_size == image_size."""
+        return max(self.image_size // 64, 1)
+
+
+def dit_config(size: str, **overrides) -> DiTConfig:
+    """The paper's DiT sizes ("b", "mini", "micro", "nano") with optional field overrides."""
+    if size not in DIT_SIZES:
+        raise ValueError(f"Unknown DiT size {size!r}; choose one of {sorted(DIT_SIZES)}.")
+    hidden_size, depth, num_heads = DIT_SIZES[size]
+    fields = dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+    return DiTConfig(**{**fields, **overrides})
+
+
+def hook_names(config: DiTConfig) -> list[str]:
+    """All capture-point names of a model, in forward order."""
+    names = ["hook_caption"]
+    for layer in range(config.depth):
+        block = f"blocks.{layer}"
+        names.append(f"{block}.hook_resid_pre")
+        names += [f"{block}.attn.{hook}" for hook in ATTENTION_HOOKS]
+        names.append(f"{block}.hook_resid_mid")
+        names += [f"{block}.cross_attn.{hook}" for hook in ATTENTION_HOOKS]
+        names.append(f"{block}.hook_resid_post")
+    return names
+
+
+def timestep_frequencies(t: jnp.ndarray, dim: int = TIMESTEP_FREQUENCY_DIM) -> jnp.ndarray:
+    """Sinusoidal timestep features [B, dim], cos first (diffusers Timesteps(flip_sin_to_cos=True, shift=0))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def _sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d_position_embedding(dim: int, grid_size: int, interpolation_scale: float) -> np.ndarray:
+    """Fixed [grid*grid, dim] embedding of a row-major token grid: first half encodes the column, second the row."""
+    positions = np.arange(grid_size, dtype=np.float32) / interpolation_scale
+    columns, rows = np.meshgrid(positions, positions, indexing="xy")
+    return np.concatenate([_sincos_1d(dim // 2, columns.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))],
+                          axis=1).astype(np.float32)
+
+
+def layer_norm(x: jnp.ndarray) -> jnp.ndarray:
+    """Parameter-free LayerNorm (eps 1e-6) computed in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + NORM_EPS)
+
+
+def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+    return layer_norm(x) * (1.0 + scale) + shift
+
+
+def scaled_normal(axis_size_index: int):
+    """N(0, 1/n) with n = shape[axis_size_index], PixArt's init for scale-shift tables and the null caption."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.normal(key, shape, dtype) / math.sqrt(shape[axis_size_index])
+    return init
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + fixed 2D sin-cos position embedding -> [B, N, D]."""
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        fan_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+        tokens = nn.Conv(
+            cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
+            padding="VALID", dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+            kernel_init=partitioned(fan_init, (None, None, None, "embed")),
+            bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)), name="proj",
+        )(x.astype(cfg.compute_dtype))
+        tokens = tokens.reshape(tokens.shape[0], -1, cfg.hidden_size)
+        pos = sincos_2d_position_embedding(cfg.hidden_size, cfg.grid_size, cfg.pos_interpolation_scale)
+        return (tokens.astype(jnp.float32) + pos[None]).astype(cfg.compute_dtype)
+
+
+class TwoLayerMLP(nn.Module):
+    """linear_1 -> activation -> linear_2 (diffusers TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    hidden: int
+    axes_1: tuple
+    axes_2: tuple
+    activation: Any
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(0.02)
+        x = logical_dense(self.hidden, self.axes_1, self.dtype, "linear_1", kernel_init=init)(x)
+        return logical_dense(self.hidden, self.axes_2, self.dtype, "linear_2", kernel_init=init)(self.activation(x))
+
+
+class CombinedTimestepEmbedding(nn.Module):
+    """Timestep -> [B, D] (diffusers PixArtAlphaCombinedTimestepSizeEmbeddings without size conditions)."""
+
+    hidden: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, t):
+        mlp = TwoLayerMLP(self.hidden, (None, "embed"), ("embed", None), nn.silu, self.dtype, name="timestep_embedder")
+        return mlp(timestep_frequencies(t).astype(self.dtype))
+
+
+class AdaLayerNormSingle(nn.Module):
+    """One global MLP: timestep -> (6D modulation for every block, D embedding for the final layer)."""
+
+    hidden: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, t):
+        embedded = CombinedTimestepEmbedding(self.hidden, self.dtype, name="emb")(t)
+        linear = logical_dense(6 * self.hidden, ("embed", "adaln"), self.dtype, "linear",
+                               kernel_init=nn.initializers.normal(0.02))
+        return linear(nn.silu(embedded)).astype(jnp.float32), embedded.astype(jnp.float32)
+
+
+class GELUProjection(nn.Module):
+    """diffusers `GELU(approximate="tanh")`: a projection followed by tanh-GELU."""
+
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.gelu(logical_dense(self.features, ("embed", "mlp"), self.dtype, "proj")(x), approximate=True)
+
+
+class FeedForward(nn.Module):
+    features: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        hidden = GELUProjection(self.features, self.dtype, name="net_0")(x)
+        return logical_dense(x.shape[-1], ("mlp", "embed"), self.dtype, "net_2")(hidden)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-single block: modulated self-attn, cross-attn to caption tokens, modulated MLP."""
+
+    config: DiTConfig
+    layer: int
+    capture: tuple[str, ...] = ()
+
+    def _record(self, hook: str, value) -> None:
+        name = f"blocks.{self.layer}.{hook}"
+        if name in self.capture:
+            self.sow("intermediates", name, value)
+
+    @nn.compact
+    def __call__(self, h, t6, caption, caption_mask, self_head_mask, cross_head_mask):
+        cfg, dtype = self.config, self.config.compute_dtype
+        table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (6, cfg.hidden_size))
+        mod = table[None] + t6.reshape(t6.shape[0], 6, cfg.hidden_size)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
+        attention = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, capture=self.capture)
+
+        self._record("hook_resid_pre", h)
+        attn1 = MultiHeadAttention(**attention, hook_prefix=f"blocks.{self.layer}.attn", name="attn1")
+        attn_out = attn1(modulate(h, shift_msa, scale_msa).astype(dtype), head_mask=self_head_mask)
+        h = (h + gate_msa * attn_out).astype(dtype)
+        self._record("hook_resid_mid", h)
+
+        attn2 = MultiHeadAttention(**attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True,
+                                   name="attn2")
+        h = h + attn2(h, context=caption, key_mask=caption_mask, head_mask=cross_head_mask)
+
+        ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
+        h = (h + gate_mlp * ff_out).astype(dtype)
+        self._record("hook_resid_post", h)
+        return h
+
+
+class DiT(nn.Module):
+    """PixArt-alpha DiT: (x [B,H,W,C], t [B], text [B,L,Dc], text_mask [B,L]) -> [B,H,W,C_out] float32."""
+
+    config: DiTConfig
+    capture: tuple[str, ...] = ()
+
+    def _check_inputs(self, x, text, text_mask, head_masks):
+        cfg = self.config
+        expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"DiT input x has shape {x.shape}; expected [B, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}] (NHWC) for this config.")
+        if text.ndim != 3 or text.shape[-1] != cfg.caption_channels:
+            raise ValueError(f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] "
+                             "(caption_channels of the config).")
+        if tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} (one flag per token).")
+        for name, mask in head_masks.items():
+            if mask is not None and tuple(mask.shape) != (cfg.depth, cfg.num_heads):
+                raise ValueError(f"{name} has shape {mask.shape}; expected [depth, heads] = "
+                                 f"{(cfg.depth, cfg.num_heads)}.")
+
+    @nn.compact
+    def __call__(self, x, t, text, text_mask, *, self_head_mask=None, cross_head_mask=None):
+        cfg, dtype = self.config, self.config.compute_dtype
+        self._check_inputs(x, text, text_mask, {"self_head_mask": self_head_mask, "cross_head_mask": cross_head_mask})
+        batch = x.shape[0]
+        # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
+        self.param("y_embedding", partitioned(scaled_normal(1), (None, "caption")),
+                   (cfg.max_text_len, cfg.caption_channels))
+
+        h = PatchEmbed(cfg, name="pos_embed")(x)
+        t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(
+            jnp.broadcast_to(jnp.asarray(t), (batch,)))
+        caption = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None),
+                              lambda y: nn.gelu(y, approximate=True), dtype, name="caption_projection")(text.astype(dtype))
+        if "hook_caption" in self.capture:
+            self.sow("intermediates", "hook_caption", caption)
+
+        block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+        for layer in range(cfg.depth):
+            block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
+            h = block(h, t6, caption, text_mask.astype(bool),
+                      None if self_head_mask is None else self_head_mask[layer],
+                      None if cross_head_mask is None else cross_head_mask[layer])
+
+        table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (2, cfg.hidden_size))
+        shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
+        h = modulate(h, shift, scale).astype(dtype)
+        patch_features = cfg.patch_size * cfg.patch_size * cfg.out_channels
+        h = logical_dense(patch_features, ("embed", "patch"), dtype, "proj_out", kernel_init=nn.initializers.zeros_init())(h)
+        return unpatchify(h.astype(jnp.float32), cfg)
+
+
+def unpatchify(tokens: jnp.ndarray, config: DiTConfig) -> jnp.ndarray:
+    """[B, N, p*p*C] (p, q, c order per token) -> [B, H, W, C]."""
+    g, p, c = config.grid_size, config.patch_size, config.out_channels
+    x = tokens.reshape(tokens.shape[0], g, g, p, p, c)
+    return jnp.einsum("bhwpqc->bhpwqc", x).reshape(tokens.shape[0], g * p, g * p, c)
+
+
+def _example_inputs(config: DiTConfig, batch: int = 1):
+    return (jnp.zeros((batch, config.image_size, config.image_size, config.in_channels), jnp.float32),
+            jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, config.max_text_len, config.caption_channels), jnp.float32),
+            jnp.ones((batch, config.max_text_len), bool))
+
+
+def init_params(config: DiTConfig, rng: jax.Array) -> dict:
+    """Fresh float32 parameters as plain arrays (the inner "params" tree, without sharding boxes)."""
+    variables = DiT(config).init(rng, *_example_inputs(config))
+    return nn.unbox(variables["params"])
+
+
+def logical_specs(config: DiTConfig) -> Any:
+    """PartitionSpecs of logical axis names, same tree as `init_params` (no compute, shapes only)."""
+    boxed = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *_example_inputs(config)))
+    return nn.get_partition_spec(boxed["params"])
+
+
+def _params_tree(params: Mapping) -> Mapping:
+    """Accept either the inner params tree or a {"params": ...} variables dict."""
+    return params["params"] if set(params) == {"params"} else params
+
+
+def null_caption(params: Mapping, batch: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The learned null caption for classifier-free guidance: ([B, L, Dc] float32, all-True mask [B, L])."""
+    y = nn.unbox(_params_tree(params)["y_embedding"])
+    return jnp.broadcast_to(y[None], (batch,) + y.shape), jnp.ones((batch, y.shape[0]), bool)
+
+
+def run_with_cache(model: DiT, params: Mapping, x, t, text, text_mask, names: Sequence[str], **kwargs):
+    """Forward pass recording the named capture points: (output, {name: array}).
+
+    `kwargs` go to DiT.__call__ (e.g. head masks). Unknown names raise ValueError listing the valid ones.
+    """
+    valid = hook_names(model.config)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(f"Unknown hook names {unknown}; valid names are: {valid}")
+    capturing = DiT(model.config, capture=tuple(names))
+    out, state = capturing.apply({"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"],
+                                 **kwargs)
+    cache = {}
+    _collect_sown(state["intermediates"], cache)
+    return out, {name: cache[name] for name in names}
+
+
+def _collect_sown(tree: Mapping, cache: dict) -> None:
+    """Flatten the nested intermediates collection: sown values are keyed by their full hook name."""
+    for key, value in tree.items():
+        if isinstance(value, tuple):
+            cache[key] = value[0]
+        else:
+            _collect_sown(value, cache)

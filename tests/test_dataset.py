@@ -6,7 +6,8 @@ from relcirc_jax.data import dataset, prompts, scenes
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES
 from relcirc_jax.text import tokenizer
 
-GLOBAL = 48  # not a multiple of dataset.CHUNK, so process slices cross chunk boundaries
+GLOBAL = 48
+SMALL_CHUNK = 16  # GLOBAL / 3 and GLOBAL / 4 slices then cross chunk boundaries
 
 
 def _assert_batches_equal(a, b):
@@ -31,8 +32,11 @@ def test_keys_shapes_dtypes_and_ranges(batch):
     assert batch["shape_idx"].max() < len(SHAPES) and batch["color_idx"].max() < len(COLORS)
 
 
+@pytest.mark.parametrize("chunk", [SMALL_CHUNK, dataset.CHUNK])
 @pytest.mark.parametrize("process_count", [2, 3, 4])
-def test_process_slices_concatenate_to_the_single_process_batch(batch, process_count):
+def test_process_slices_concatenate_to_the_single_process_batch(monkeypatch, process_count, chunk):
+    monkeypatch.setattr(dataset, "CHUNK", chunk)
+    batch = dataset.train_batch(3, 11, global_batch=GLOBAL)
     slices = [
         dataset.train_batch(3, 11, global_batch=GLOBAL, process_index=i, process_count=process_count)
         for i in range(process_count)

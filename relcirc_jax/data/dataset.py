@@ -21,7 +21,7 @@ from relcirc_jax.data import prompts, scenes
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 from relcirc_jax.text import tokenizer
 
-CHUNK = 32
+CHUNK = 256  # part of the data definition: changing it changes every batch
 EVAL_SET_VERSION = 1
 
 

@@ -1,0 +1,12 @@
+"""minilm text encoder + DiT-micro. All logic is in relcirc_jax/config.py.
+
+Launch: python -m relcirc_jax.main --config=configs/minilm_dit_micro.py --workdir=workdirs/minilm_dit_micro
+Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); 1-2 hours on one GPU.
+CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
+Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
+"""
+from relcirc_jax.config import base_config
+
+
+def get_config(arg=None):
+    return base_config("minilm", "micro", arg)

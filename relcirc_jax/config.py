@@ -1,0 +1,227 @@
+"""The one training recipe behind every configs/*.py file, its run-size variants and its validation.
+
+The paper's recipe (Wang et al. 2026, following PixArt-alpha): AdamW lr 1e-4, weight decay 3e-2, eps 1e-10, 500 linear
+warm-up steps then constant, gradient clipping at global norm 0.01, batch 256, EMA of the weights (decay 0.9999, PixArt's
+`ema_rate`) used for sampling, caption dropout 0.1 so one model also gives the unconditional prediction for CFG; sampling
+with DPM-Solver++ (2M) 14 steps and CFG 4.5. The paper does not state its number of training steps; 40k steps at batch
+256 is our default for a full run.
+
+Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:cpu`):
+
+* ``None`` - the paper's recipe, for a GPU/TPU.
+* ``cpu`` - a run that learns on a 2-core CPU in about an hour. Measured: a micro train step takes ~4 s at batch 256 and
+  ~0.9 s at batch 64, so the wall-clock cost per image is about the same and smaller batches buy 4x more optimizer steps,
+  which is what a short run needs. Hence batch 64, a larger lr (5e-4, AdamW at batch 64 is stable there for these small
+  DiTs; 1e-3 risks loss spikes without the paper's clip), 200 warm-up steps, gradient clipping at 1.0 (the paper's 0.01
+  clips essentially every step, i.e. it turns AdamW into sign-like normalised steps scaled down by the lr - fine over
+  hundreds of thousands of steps, too slow for a few thousand) and EMA decay 0.999 (a 1k-step horizon instead of 10k, so
+  the EMA weights have caught up with training by the end). The step count is the time budget divided by the
+  per-size step time at batch 64 (`CPU_STEP_SECONDS`).
+* ``quick`` - the ``cpu`` recipe with a quarter of the time budget (about 15 minutes): colours and shapes, little relation.
+* ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 4 prompts. For tests and for checking a set-up.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
+SIZES = ("b", "mini", "micro", "nano")
+VARIANTS = (None, "cpu", "quick", "smoke")
+MESH_AXES = ("data", "fsdp", "model")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Rough seconds per train step at batch 64 on a 2-core CPU (micro measured, others scaled by FLOPs).
+CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.5, "b": 12.0}
+CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
+
+
+def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """Returns the full config of a DiT `size` conditioned by text `encoder`, shrunk by the variant `arg`."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"Unknown text encoder {encoder!r}; choose one of {ENCODERS}.")
+    if size not in SIZES:
+        raise ValueError(f"Unknown DiT size {size!r}; choose one of {SIZES}.")
+    if arg not in VARIANTS:
+        raise ValueError(f"Unknown config variant {arg!r}; use one of 'cpu', 'quick', 'smoke' or no ':variant' suffix.")
+    config = _paper_recipe(encoder, size)
+    if arg in ("cpu", "quick"):
+        _apply_cpu(config, size, budget_seconds=CPU_BUDGET_SECONDS if arg == "cpu" else CPU_BUDGET_SECONDS // 4)
+    elif arg == "smoke":
+        _apply_smoke(config)
+    return config
+
+
+def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = size
+    # None means "the size's default" (models.dit.DIT_SIZES); set any of these to override it.
+    c.model.hidden_size = config_dict.placeholder(int)
+    c.model.depth = config_dict.placeholder(int)
+    c.model.num_heads = config_dict.placeholder(int)
+    c.model.patch_size = 8
+    c.model.mlp_ratio = 4.0
+    c.model.learn_sigma = False
+
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = encoder
+    c.text.seed = 0  # the random word table of RTE; separate from `seed` so reruns with other seeds share a vocabulary
+    c.text.dim = 4096  # RTE width; T5-XXL and MiniLM bring their own
+    c.text.position_scale = 1.0
+    c.text.t5_path = config_dict.placeholder(str)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.image_size = 64
+    c.data.radius = 8
+    c.data.caption_mix = "train"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 40_000
+    c.train.batch_size = 256
+    c.train.lr = 1e-4
+    c.train.warmup_steps = 500
+    c.train.weight_decay = 3e-2
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-10
+    c.train.grad_clip = 0.01
+    c.train.ema_decay = 0.9999
+    c.train.caption_dropout = 0.1
+    c.train.remat = False
+    c.train.compute_dtype = "float32"
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 2000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every_steps = 100
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 5000
+    c.eval.prompt_set = "all_combinations"
+    c.eval.num_prompts = 288
+    c.eval.batch_size = 288  # prompts per compiled sampling call (CFG doubles it inside)
+    c.eval.cfg_scale = 4.5
+    c.eval.num_steps = 14
+    c.eval.solver = "dpmpp_2m"
+    c.eval.seed = 1234
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.every_steps = 2000
+    c.sample.num_prompts = 16
+    return c
+
+
+def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> None:
+    c.train.batch_size = 64
+    c.train.lr = 5e-4
+    c.train.warmup_steps = 200
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.999
+    c.train.num_steps = int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100
+    c.checkpoint.every_steps = 500
+    c.log.every_steps = 50
+    c.sample.every_steps = 500
+    c.eval.every_steps = max(500, c.train.num_steps // 4 // 100 * 100)
+    c.eval.num_prompts = 96
+    c.eval.batch_size = 96
+
+
+def _apply_smoke(c: ml_collections.ConfigDict) -> None:
+    c.model.hidden_size = 32
+    c.model.depth = 2
+    c.model.num_heads = 2
+    c.text.dim = 32
+    c.train.num_steps = 4
+    c.train.batch_size = 8
+    c.train.warmup_steps = 2
+    c.train.lr = 1e-3
+    c.train.grad_clip = 1.0
+    c.train.ema_decay = 0.9
+    c.checkpoint.every_steps = 2
+    c.checkpoint.async_save = False
+    c.log.every_steps = 1
+    c.sample.every_steps = 4
+    c.sample.num_prompts = 4
+    c.eval.every_steps = 4
+    c.eval.num_prompts = 8
+    c.eval.batch_size = 8
+    c.eval.num_steps = 2
+
+
+def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    process_count: int | None = None) -> None:
+    """Raises one ValueError listing every bad value of `config` (and how to fix it); returns None when all is well.
+
+    `num_devices`/`process_count` default to the current JAX runtime; they decide whether the batch splits evenly.
+    """
+    import jax
+
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    process_count = jax.process_count() if process_count is None else process_count
+    problems = _config_problems(config, num_devices, process_count)
+    if problems:
+        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
+    problems = []
+    if c.text.encoder not in ENCODERS:
+        problems.append(f"text.encoder={c.text.encoder!r} is unknown; choose one of {ENCODERS}.")
+    if c.model.size not in SIZES:
+        problems.append(f"model.size={c.model.size!r} is unknown; choose one of {SIZES}.")
+    if c.train.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f"train.compute_dtype={c.train.compute_dtype!r} is unknown; choose one of {COMPUTE_DTYPES}.")
+    for key in ("train.num_steps", "train.batch_size", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps",
+                "eval.every_steps", "eval.num_prompts", "eval.batch_size", "eval.num_steps", "sample.every_steps",
+                "sample.num_prompts"):
+        if _get(c, key) < 1:
+            problems.append(f"{key}={_get(c, key)} must be >= 1.")
+    for key in ("train.lr", "train.grad_clip", "train.adam_eps"):
+        if not _get(c, key) > 0:
+            problems.append(f"{key}={_get(c, key)} must be > 0.")
+    if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
+        problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
+    for key in ("train.ema_decay", "train.caption_dropout"):
+        if not 0 <= _get(c, key) < 1:
+            problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
+    if not 1 <= c.eval.num_prompts <= 288 and c.eval.prompt_set == "all_combinations":
+        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, 288] for 'all_combinations'.")
+    problems += _mesh_problems(c, num_devices, process_count)
+    return problems
+
+
+def _mesh_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
+    mesh = dict(c.parallel.mesh)
+    unknown = set(mesh) - set(MESH_AXES)
+    if unknown:
+        return [f"parallel.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}."]
+    sizes = [mesh.get(axis, 1) for axis in MESH_AXES]
+    fixed = 1
+    for s in sizes:
+        fixed *= s if s != -1 else 1
+    fits = num_devices % fixed == 0 if -1 in sizes else fixed == num_devices
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or not fits:
+        return [f"parallel.mesh={mesh} does not fit {num_devices} devices: sizes must be >= 1 and multiply to the "
+                f"device count, or one of them (usually data) is -1 = the devices the others leave over."]
+    resolved = dict(zip(MESH_AXES, [s if s != -1 else num_devices // fixed for s in sizes]))
+    batch_shards = resolved["data"] * resolved["fsdp"]
+    problems = []
+    if c.train.batch_size % batch_shards:
+        problems.append(f"train.batch_size={c.train.batch_size} is not divisible by the data-parallel size "
+                        f"data*fsdp={batch_shards}; pick a multiple of {batch_shards}.")
+    if c.train.batch_size % process_count:
+        problems.append(f"train.batch_size={c.train.batch_size} is not divisible by the process count "
+                        f"{process_count}; pick a multiple of {process_count}.")
+    return problems
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c

@@ -1,0 +1,85 @@
+"""Checkpoints: one Orbax CheckpointManager saving the train state (any pytree of jax.Arrays) and JSON metadata.
+
+Saves are asynchronous, atomic (Orbax writes into a temporary directory and renames it when complete) and happen
+every `save_every` steps (or when forced, or at a preemption sync point). Restoring reads the newest step onto the
+shardings of the abstract state it is given, so a run may resume on another mesh or device count. An unreadable
+newest step is moved aside (renamed, never deleted) and the previous one is used.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class Checkpointer:
+    """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...)."""
+
+    def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}.")
+        self.directory = epath.Path(directory)
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+        ])
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               save_decision_policy=policy, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+        """Starts saving `state` and `meta` at `step` if the interval (or `force`) says so; returns whether it did."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(int(step), args=args, force=force)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """Restores the newest readable step onto `abstract_state`'s shardings; None if there is no checkpoint.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set for the current mesh.
+        """
+        errors = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            try:
+                restored = self._manager.restore(step, args=args)
+            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint must fall back, not crash
+                logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
+                                step, self.directory, type(error).__name__, error)
+                errors.append(f"step {step}: {type(error).__name__}: {error}")
+                continue
+            for bad_step in sorted(self._manager.all_steps()):
+                if bad_step > step:
+                    self._move_aside(bad_step)
+            return step, restored.state, restored.meta
+        if errors:
+            raise RuntimeError(f"No checkpoint in {self.directory} could be restored ({'; '.join(errors)}). "
+                               "Fix: restore with the abstract state of the run that wrote them, or move the "
+                               "directory aside to start a fresh run.")
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Renames an unreadable step directory so new saves at that step are possible and nothing is lost."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}{UNREADABLE_SUFFIX}-{int(time.time())}"
+        if jax.process_index() == 0:
+            source.rename(target)
+            logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
+        multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+        self._manager.reload()
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

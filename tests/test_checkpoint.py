@@ -67,6 +67,7 @@ def test_save_every_force_and_keep_n(tmp_path):
     saved = [step for step in range(1, 8) if ckpt.save(step, _state(mesh, step), {"step": step})]
     assert saved == [2, 4, 6]
     assert ckpt.save(7, _state(mesh, 7), {"step": 7}, force=True)
+    assert not ckpt.save(7, _state(mesh, 7), {"step": 7}, force=True)  # already on disk
     ckpt.wait()
     assert ckpt.latest_step() == 7
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [6, 7]

@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
@@ -78,6 +79,21 @@ def test_param_shardings_replicate_a_dim_the_mesh_axis_does_not_divide():
     shardings = param_shardings(abstract, specs, mesh)["params"]
     assert shardings["odd_heads"]["kernel"].spec == P("fsdp", None)  # 6 heads over model=4 -> replicated
     assert shardings["table"].spec == P(None, None)  # embed dim 3 over fsdp=2 -> replicated
+
+
+def test_optimizer_state_inherits_the_param_shardings():
+    mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+
+    def init_state(key):
+        params = ToyBlock().init(key, jnp.zeros((4, 16)))
+        return {"params": params, "opt": optax.adamw(1e-3).init(params), "step": jnp.int32(0)}
+
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = param_shardings(nn.unbox(boxed), nn.get_partition_spec(boxed), mesh)
+    adam = shardings["opt"][0]
+    assert adam.mu["params"]["fc1"]["kernel"].spec == P("fsdp", "model")
+    assert adam.nu["params"]["fc2"]["kernel"].spec == P("model", "fsdp")
+    assert adam.count.spec == P() and shardings["step"].spec == P()
 
 
 def test_jit_places_initialised_params_on_the_rule_shardings():

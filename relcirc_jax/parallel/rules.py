@@ -84,8 +84,9 @@ def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str) -
 def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """NamedShardings for a (ShapeDtypeStruct) pytree, replicating any dim its mesh axes do not divide.
 
-    `logical_specs` has the same structure as `abstract_params` with a PartitionSpec of logical names per leaf,
-    e.g. `flax.linen.get_partition_spec(jax.eval_shape(model.init, ...))`.
+    `logical_specs` has the same structure as `abstract_params` with a PartitionSpec of logical names per leaf.
+    Works for a whole train state: optax states built inside `jax.eval_shape` keep Flax's logical boxes, so
+    `boxed = jax.eval_shape(init_state, ...)`; `param_shardings(nn.unbox(boxed), nn.get_partition_spec(boxed), mesh)`.
     """
     def sharding(path, spec: P, leaf) -> NamedSharding:
         mesh_spec = logical_to_mesh_spec(spec, rules)

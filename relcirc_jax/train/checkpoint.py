@@ -35,7 +35,12 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Starts saving `state` and `meta` at `step` if the interval (or `force`) says so; returns whether it did."""
+        """Starts saving `state` and `meta` at `step` if the interval (or `force`) says so; returns whether it did.
+
+        A step that is already on disk (e.g. the final step of a run resumed after it finished) is not saved again.
+        """
+        if int(step) in self._manager.all_steps():
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self._manager.save(int(step), args=args, force=force)
 

@@ -1,4 +1,7 @@
 """Training batches (dataset.train_batch): determinism across process counts, agreement with specs; eval prompt sets."""
+import importlib
+import sys
+
 import numpy as np
 import pytest
 
@@ -121,3 +124,28 @@ def test_eval_prompt_sets_sizes_uniqueness_and_membership():
 def test_unknown_eval_set_lists_names():
     with pytest.raises(ValueError, match="Unknown eval prompt set 'nope'.*all_combinations.*filler.*phrasing"):
         dataset.eval_prompts("nope")
+
+
+def test_tfds_builder_writes_the_pipeline_examples_in_order(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    from relcirc_jax.data import tfds_builder
+
+    config = tfds_builder.RelcircShapesConfig(name="tiny", size=32, radius=4, num_train=5, num_validation=2)
+    builder = tfds_builder.RelcircShapes(config=config, data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    train = builder.as_data_source(split="train")
+    assert len(train) == 5 and len(builder.as_data_source(split="validation")) == 2
+    expected = dataset.train_batch(0, 0, global_batch=256, size=32, radius=4)
+    for k in range(5):
+        record = train[k]
+        np.testing.assert_array_equal(record["image"], np.rint((expected["image"][k] + 1) * 127.5).astype(np.uint8))
+        assert record["caption"].decode() == prompts.all_captions()[expected["caption_index"][k]]
+        assert record["relation"] == expected["relation"][k]
+        np.testing.assert_array_equal(record["centers"], expected["centers"][k])
+
+
+def test_tfds_builder_without_tfds_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    monkeypatch.delitem(sys.modules, "relcirc_jax.data.tfds_builder", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'relcirc_jax\[tfds\]'"):
+        importlib.import_module("relcirc_jax.data.tfds_builder")

@@ -1,0 +1,229 @@
+"""Convert PixArt weights between diffusers' PixArtTransformer2DModel and our Flax DiT.
+
+Name mapping (1:1, by rule): split the diffusers name on ".", glue each list index to the module before it
+("transformer_blocks.3" -> "transformer_blocks_3", "to_out.0" -> "to_out_0", "net.0" -> "net_0") and rename the
+leaf "weight" -> "kernel". Examples:
+    pos_embed.proj.weight [D,C,p,p] (OIHW)        -> pos_embed/proj/kernel [p,p,C,D] (HWIO)
+    transformer_blocks.3.attn1.to_q.weight [o,i]   -> transformer_blocks_3/attn1/to_q/kernel [i,o] (transposed)
+    transformer_blocks.3.ff.net.0.proj.bias        -> transformer_blocks_3/ff/net_0/proj/bias
+    transformer_blocks.3.scale_shift_table [6,D]   -> transformer_blocks_3/scale_shift_table (as is)
+    adaln_single.emb.timestep_embedder.linear_1.*  -> adaln_single/emb/timestep_embedder/linear_1/*
+The PixArt null caption `y_embedding` [max_text_len, caption_channels] has no diffusers counterpart: it is read
+when the state dict has it and otherwise left at its initial value.
+"""
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+
+from relcirc_jax.models.dit import DiT, DiTConfig, _example_inputs, scaled_normal
+
+NULL_CAPTION = "y_embedding"
+_LIST_MODULES = ("transformer_blocks", "to_out", "net")  # diffusers nn.ModuleList / nn.Sequential names
+_INDEXED = re.compile(rf"^({'|'.join(_LIST_MODULES)})_(\d+)$")
+WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
+
+# PixArtTransformer2DModel.__init__ defaults, for config.json files that omit a key.
+_DIFFUSERS_DEFAULTS = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+    cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2, activation_fn="gelu-approximate",
+    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None,
+    use_additional_conditions=None, caption_channels=None, attention_type="default",
+)
+# Settings our DiT implements; anything else in a checkpoint's config is refused.
+_REQUIRED = dict(activation_fn="gelu-approximate", norm_type="ada_norm_single", norm_elementwise_affine=False,
+                 attention_bias=True, attention_type="default")
+
+
+def diffusers_to_flax_path(name: str) -> tuple[str, ...]:
+    """`transformer_blocks.3.attn1.to_out.0.weight` -> ("transformer_blocks_3", "attn1", "to_out_0", "kernel")."""
+    path: list[str] = []
+    for token in name.split("."):
+        if token.isdigit() and path:
+            path[-1] = f"{path[-1]}_{token}"
+        else:
+            path.append(token)
+    if path[-1] == "weight":
+        path[-1] = "kernel"
+    return tuple(path)
+
+
+def flax_path_to_diffusers(path: tuple[str, ...]) -> str:
+    """Inverse of `diffusers_to_flax_path`."""
+    tokens = []
+    for part in path:
+        match = _INDEXED.match(part)
+        tokens += [match.group(1), match.group(2)] if match else [part]
+    if tokens[-1] == "kernel":
+        tokens[-1] = "weight"
+    return ".".join(tokens)
+
+
+def _param_shapes(config: DiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    variables = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *_example_inputs(config)))
+    flat = traverse_util.flatten_dict(variables["params"])
+    return {path: tuple(getattr(leaf, "value", leaf).shape) for path, leaf in flat.items()}
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # torch.Tensor, possibly bfloat16 (numpy has none)
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _torch_to_flax_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    if path[-1] != "kernel":
+        return array
+    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
+
+
+def _flax_to_torch_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarray:
+    if path[-1] != "kernel":
+        return array
+    return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+
+
+def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax.Array | None = None) -> dict:
+    """A diffusers PixArtTransformer2DModel state dict (torch tensors or numpy) -> float32 Flax params.
+
+    `rng` seeds the null caption when the state dict has no `y_embedding` (default key 0).
+    """
+    shapes = _param_shapes(config)
+    expected = {flax_path_to_diffusers(path): path for path in shapes if path != (NULL_CAPTION,)}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected) - {NULL_CAPTION})
+    if missing or unexpected:
+        raise ValueError(
+            f"State dict does not fit {config}: missing keys {missing}; unexpected keys {unexpected}. "
+            "Check that the checkpoint is a PixArtTransformer2DModel with these sizes (no size/aspect conditions).")
+    flat = {}
+    for name, path in expected.items():
+        array = _torch_to_flax_layout(_to_numpy(state_dict[name]), path)
+        if array.shape != shapes[path]:
+            raise ValueError(f"Parameter {name!r} has shape {array.shape} after conversion; the config needs "
+                             f"{shapes[path]}. The checkpoint and the config disagree on sizes.")
+        flat[path] = array
+    if NULL_CAPTION in state_dict:
+        flat[(NULL_CAPTION,)] = _to_numpy(state_dict[NULL_CAPTION])
+        if flat[(NULL_CAPTION,)].shape != shapes[(NULL_CAPTION,)]:
+            raise ValueError(f"y_embedding has shape {flat[(NULL_CAPTION,)].shape}; config needs "
+                             f"{shapes[(NULL_CAPTION,)]} (max_text_len, caption_channels).")
+    else:
+        key = jax.random.key(0) if rng is None else rng
+        flat[(NULL_CAPTION,)] = np.asarray(scaled_normal(1)(key, shapes[(NULL_CAPTION,)]))
+    return traverse_util.unflatten_dict(flat)
+
+
+def flax_to_diffusers(params: Mapping, include_null_caption: bool = False) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers state dict (numpy, torch layouts); the null caption only when asked for."""
+    flat = traverse_util.flatten_dict(dict(params))
+    return {flax_path_to_diffusers(path): _flax_to_torch_layout(np.asarray(value, np.float32), path)
+            for path, value in flat.items() if include_null_caption or path != (NULL_CAPTION,)}
+
+
+def dit_config_from_diffusers(diffusers_config: Mapping[str, Any], **overrides) -> DiTConfig:
+    """A diffusers PixArtTransformer2DModel config dict -> DiTConfig; refuses settings our DiT does not implement."""
+    cfg = {**_DIFFUSERS_DEFAULTS, **diffusers_config}
+    problems = [f"{key}={cfg[key]!r} (need {value!r})" for key, value in _REQUIRED.items() if cfg[key] != value]
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    in_channels = cfg["in_channels"]
+    out_channels = cfg["out_channels"] or in_channels
+    if out_channels not in (in_channels, 2 * in_channels):
+        problems.append(f"out_channels={out_channels} (need in_channels or 2*in_channels)")
+    if cfg["cross_attention_dim"] != hidden:
+        problems.append(f"cross_attention_dim={cfg['cross_attention_dim']} (need heads*head_dim={hidden})")
+    if cfg["caption_channels"] is None:
+        problems.append("caption_channels=None (need a caption projection)")
+    if not math.isclose(cfg["norm_eps"], 1e-6):
+        problems.append(f"norm_eps={cfg['norm_eps']} (need 1e-6)")
+    if cfg["use_additional_conditions"] or (cfg["use_additional_conditions"] is None and cfg["sample_size"] == 128):
+        problems.append("use_additional_conditions is on (resolution/aspect conditions are not implemented)")
+    fields = dict(image_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=in_channels,
+                  hidden_size=hidden, depth=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
+                  caption_channels=cfg["caption_channels"] or 0, learn_sigma=out_channels != in_channels)
+    fields.update(overrides)
+    scale = cfg["interpolation_scale"]
+    if problems:
+        raise ValueError("Unsupported PixArt config: " + "; ".join(problems) + ".")
+    config = DiTConfig(**fields)
+    if scale is not None and scale != config.pos_interpolation_scale:
+        raise ValueError(f"Unsupported PixArt config: interpolation_scale={scale} (our DiT uses "
+                         f"max(sample_size // 64, 1) = {config.pos_interpolation_scale}).")
+    return config
+
+
+def diffusers_config(config: DiTConfig) -> dict[str, Any]:
+    """Keyword arguments for diffusers.PixArtTransformer2DModel that build the same network as `config`."""
+    if config.mlp_ratio != 4.0:
+        raise ValueError(f"diffusers' PixArt MLP is 4x wide; mlp_ratio={config.mlp_ratio} cannot be exported.")
+    return dict(num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
+                in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
+                cross_attention_dim=config.hidden_size, sample_size=config.image_size, patch_size=config.patch_size,
+                caption_channels=config.caption_channels, use_additional_conditions=False,
+                interpolation_scale=config.pos_interpolation_scale, norm_eps=1e-6, norm_elementwise_affine=False,
+                norm_type="ada_norm_single", activation_fn="gelu-approximate", attention_bias=True)
+
+
+def _weight_files(directory: str) -> list[str]:
+    single = os.path.join(directory, WEIGHT_FILE)
+    index = single + ".index.json"
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            return [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    raise FileNotFoundError(f"No {WEIGHT_FILE} (or its .index.json) in {directory!r}; found "
+                            f"{sorted(os.listdir(directory))}. Save the transformer with diffusers save_pretrained.")
+
+
+def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+    state = {}
+    for file in files:
+        with safe_open(file, framework="np") as f:  # bfloat16 comes back as ml_dtypes.bfloat16
+            state.update({key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()})
+    return state
+
+
+def _config_from_shapes(state: Mapping[str, np.ndarray], overrides: dict) -> DiTConfig:
+    """For a bare .safetensors file: sizes from tensor shapes; heads and image size must come from overrides."""
+    needed = [name for name in ("num_heads", "image_size") if name not in overrides]
+    if needed:
+        raise ValueError(f"A bare .safetensors file has no config.json; pass {needed} as keyword overrides "
+                         "(the weights do not determine them).")
+    hidden, in_channels, patch, _ = state["pos_embed.proj.weight"].shape
+    out_channels = state["proj_out.weight"].shape[0] // (patch * patch)
+    fields = dict(patch_size=patch, in_channels=in_channels, hidden_size=hidden,
+                  depth=len({key.split(".")[1] for key in state if key.startswith("transformer_blocks.")}),
+                  mlp_ratio=state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+                  caption_channels=state["caption_projection.linear_1.weight"].shape[1],
+                  learn_sigma=out_channels != in_channels)
+    return DiTConfig(**{**fields, **overrides})
+
+
+def load_pixart_checkpoint(path: str, **overrides) -> tuple[DiTConfig, dict]:
+    """Load a diffusers PixArt transformer: a directory (config.json + diffusion_pytorch_model.safetensors,
+    possibly sharded) or a single .safetensors file (uses a config.json beside it when there is one).
+    `overrides` set DiTConfig fields the checkpoint does not fix (dtype, remat, max_text_len, ...)."""
+    if os.path.isdir(path):
+        directory, files = path, _weight_files(path)
+    elif os.path.isfile(path) and path.endswith(".safetensors"):
+        directory, files = os.path.dirname(path) or ".", [path]
+    else:
+        raise FileNotFoundError(f"{path!r} is neither a diffusers transformer directory nor a .safetensors file.")
+    state = _read_safetensors(files)
+    if NULL_CAPTION in state:
+        overrides.setdefault("max_text_len", state[NULL_CAPTION].shape[0])
+    config_file = os.path.join(directory, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            config = dit_config_from_diffusers(json.load(f), **overrides)
+    else:
+        config = _config_from_shapes(state, overrides)
+    return config, diffusers_to_flax(state, config)

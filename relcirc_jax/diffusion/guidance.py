@@ -1,0 +1,39 @@
+"""Classifier-free guidance with the null caption, as one batched model call per step.
+
+eps = uncond + scale * (cond - uncond). With a learned-sigma model (2C output channels) only the first C
+channels (eps) are guided and the conditional half's variance channels are passed through, as PixArt does;
+the samplers read only the first C.
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def cfg_eps_fn(
+    model_fn: ModelFn,
+    text: jax.Array,
+    text_mask: jax.Array,
+    null_text: jax.Array,
+    null_mask: jax.Array,
+    scale: float,
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """eps_fn(x, t) for the samplers; model_fn(x, t, text, mask) -> eps, text [B, L, D], mask [B, L].
+
+    null_text / null_mask may have batch 1 (or B); they are broadcast to text's shape.
+    """
+    null_text = jnp.broadcast_to(null_text, text.shape).astype(text.dtype)
+    null_mask = jnp.broadcast_to(null_mask, text_mask.shape).astype(text_mask.dtype)
+    both_text = jnp.concatenate([text, null_text])
+    both_mask = jnp.concatenate([text_mask, null_mask])
+
+    def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:
+        out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text, both_mask)
+        cond, uncond = jnp.split(out, 2)
+        channels = x.shape[-1]
+        guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+        return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+
+    return eps_fn

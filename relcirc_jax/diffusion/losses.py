@@ -1,0 +1,111 @@
+"""The training objective: epsilon-prediction MSE, plus IDDPM's variational bound term when the model learns sigma.
+
+diffusion_loss is the one function the trainer calls. With learn_sigma the model returns 2C channels (last axis):
+eps and an interpolation value v in [-1, 1] between log(beta_t) and the clipped log posterior variance (IDDPM's
+"learned_range", which PixArt uses). As in IDDPM, the VLB term sees a stop-gradient copy of eps, so it trains
+only the variance and the MSE alone trains the mean. Images are channel-last in [-1, 1].
+"""
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
+
+EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
+    """table[t] shaped [B, 1, ..., 1] to broadcast against `like`."""
+    return table[t].reshape(t.shape + (1,) * (like.ndim - t.ndim))
+
+
+def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int = 1000) -> jax.Array:
+    """Uniform integer timesteps in [0, num_timesteps), int32 [batch]."""
+    return jax.random.randint(key, (batch,), 0, num_timesteps, dtype=jnp.int32)
+
+
+def q_sample(x0: jax.Array, noise: jax.Array, t: jax.Array, schedule: Schedule) -> jax.Array:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, for integer t of shape [B]."""
+    abar = _per_example(schedule.alphas_cumprod, t, x0)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+def eps_prediction_loss(pred: jax.Array, noise: jax.Array) -> jax.Array:
+    """Mean squared error over all dimensions, in float32."""
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise.astype(jnp.float32)))
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2) + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) for x in [-1, 1] quantised to 256 levels (IDDPM's decoder term at t = 0)."""
+    centered = x - mean
+    inv_std = jnp.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_cdf_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+def vlb_term(eps: jax.Array, v: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, schedule: Schedule) -> jax.Array:
+    """Per-example VLB in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0.
+
+    eps should already be stop-gradient (IDDPM's frozen mean); gradients reach only v.
+    """
+    per = lambda table: _per_example(table, t, x0)  # noqa: E731
+    abar = per(schedule.alphas_cumprod)
+    coef1, coef2 = per(schedule.posterior_mean_coef1), per(schedule.posterior_mean_coef2)
+    true_mean = coef1 * x0 + coef2 * x_t
+    true_log_var = per(schedule.posterior_log_variance_clipped)
+
+    x0_pred = (x_t - jnp.sqrt(1.0 - abar) * eps) / jnp.sqrt(abar)
+    model_mean = coef1 * x0_pred + coef2 * x_t
+    frac = (v + 1.0) / 2.0
+    model_log_var = frac * jnp.log(per(schedule.betas)) + (1.0 - frac) * true_log_var
+
+    reduce_axes = tuple(range(1, x0.ndim))
+    kl = jnp.mean(_normal_kl(true_mean, true_log_var, model_mean, model_log_var), axis=reduce_axes) / np.log(2.0)
+    decoder_nll = -jnp.mean(
+        _discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var), axis=reduce_axes
+    ) / np.log(2.0)
+    return jnp.where(t == 0, decoder_nll, kl)
+
+
+def diffusion_loss(
+    eps_fn: EpsFn, x0: jax.Array, key: jax.Array, *, learn_sigma: bool = False, schedule: Schedule | None = None
+) -> tuple[jax.Array, dict]:
+    """(scalar loss, aux) for a batch x0 [B, ...]; eps_fn(x_t, t) gets t as float32 integer values [B].
+
+    aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+    """
+    schedule = linear_schedule() if schedule is None else schedule
+    t_key, noise_key = jax.random.split(key)
+    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
+    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    x_t = q_sample(x0.astype(jnp.float32), noise, t, schedule)
+    out = eps_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
+
+    channels = x0.shape[-1]
+    expected = 2 * channels if learn_sigma else channels
+    if out.shape[-1] != expected:
+        raise ValueError(
+            f"eps_fn returned {out.shape[-1]} channels but learn_sigma={learn_sigma} with {channels}-channel images "
+            f"needs {expected}; set learn_sigma to match the model's output channels."
+        )
+    if not learn_sigma:
+        mse = eps_prediction_loss(out, noise)
+        return mse, {"mse": mse}
+    eps, v = out[..., :channels], out[..., channels:]
+    mse = eps_prediction_loss(eps, noise)
+    vb = jnp.mean(vlb_term(jax.lax.stop_gradient(eps), v, x0.astype(jnp.float32), x_t, t, schedule))
+    return mse + vb, {"mse": mse, "vb": vb}

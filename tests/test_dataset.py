@@ -92,6 +92,12 @@ def test_canonical_mix_gives_canonical_full_colour_captions():
     assert all(prompts.all_captions()[i] in canonical for i in plain["caption_index"])
 
 
+def test_with_filler_mix_uses_filler_on_about_half():
+    mixed = dataset.train_batch(0, 0, global_batch=64, size=32, radius=4, caption_mix="with_filler")
+    filler = np.mean([prompts.all_captions()[i].startswith("the ") for i in mixed["caption_index"]])
+    assert 0.3 < filler < 0.7
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

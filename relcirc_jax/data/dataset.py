@@ -10,6 +10,7 @@ Caption mixes (per example, after a uniform draw of shapes, colours and relation
                with probability 0.2 colours are left out of the caption (object 1's, object 2's, or both, 1/3 each;
                the image keeps its colours); never filler words, so the "filler" eval set stays out of domain.
   "canonical": canonical phrasing, both colours, no filler (the plain captions of the paper's scenes).
+  "with_filler": "train" plus filler words ("the ...") on half the captions, to train filler-robust models.
 """
 import functools
 import itertools
@@ -26,6 +27,8 @@ EVAL_SET_VERSION = 1
 
 
 class CaptionMix(NamedTuple):
+    """How a caption is worded, given its scene."""
+
     p_canonical: float  # probability of phrasing 0; otherwise uniform over the other phrasings
     p_drop_colors: float  # probability of leaving colour words out (object 1, object 2 or both, equally likely)
     p_filler: float  # probability of "the" before both objects
@@ -34,6 +37,7 @@ class CaptionMix(NamedTuple):
 CAPTION_MIXES = {
     "train": CaptionMix(p_canonical=0.6, p_drop_colors=0.2, p_filler=0.0),
     "canonical": CaptionMix(p_canonical=1.0, p_drop_colors=0.0, p_filler=0.0),
+    "with_filler": CaptionMix(p_canonical=0.6, p_drop_colors=0.2, p_filler=0.5),
 }
 _NUM_PHRASINGS = np.array([len(prompts.PHRASINGS[r]) for r in RELATIONS])
 _NO_COLOR = len(COLORS)  # colour index meaning "left out of the caption"

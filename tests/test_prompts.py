@@ -68,6 +68,15 @@ def test_vocab_is_pad_then_sorted_grammar_words():
     assert isinstance(prompts.VOCAB_VERSION, int)
 
 
+def test_vocab_version_1_is_frozen():
+    # Random text embeddings are indexed by VOCAB: a change here must come with a VOCAB_VERSION bump.
+    assert prompts.VOCAB_VERSION == 1
+    assert prompts.VOCAB == (
+        "<pad>", "above", "and", "below", "blue", "circle", "diagonally", "directly", "down", "from", "higher", "is",
+        "left", "lower", "of", "red", "right", "square", "than", "the", "to", "triangle", "up", "upper",
+    )
+
+
 def test_unknown_word_error_names_word_and_vocabulary():
     with pytest.raises(ValueError, match=r"Unknown word 'hexagon'.*vocabulary.*'triangle'"):
         prompts.parse("red hexagon is above blue circle")

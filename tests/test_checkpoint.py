@@ -54,11 +54,16 @@ def test_roundtrip_is_bitwise_and_returns_meta(tmp_path):
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
 
 
-def test_empty_directory_restores_none(tmp_path):
+def test_empty_directory_restores_none_and_relative_paths_work(tmp_path, monkeypatch):
     mesh = make_mesh({"data": -1})
-    ckpt = Checkpointer(tmp_path / "fresh", save_every=1)
+    monkeypatch.chdir(tmp_path)
+    ckpt = Checkpointer("fresh", save_every=1)
     assert ckpt.latest_step() is None
     assert ckpt.restore_latest(_abstract(_state(mesh), lambda x: x.sharding)) is None
+    assert ckpt.save(1, _state(mesh), {"step": 1})
+    ckpt.wait()
+    assert (tmp_path / "fresh" / "1").is_dir()
+    ckpt.close()
 
 
 def test_save_every_force_and_keep_n(tmp_path):

@@ -19,13 +19,18 @@ from jax.experimental import multihost_utils
 UNREADABLE_SUFFIX = ".unreadable"
 
 
+def _absolute(path: epath.Path) -> epath.Path:
+    """Orbax needs absolute paths; cloud paths (gs://...) already are."""
+    return path if "://" in str(path) else path.resolve()
+
+
 class Checkpointer:
     """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...)."""
 
     def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}.")
-        self.directory = epath.Path(directory)
+        self.directory = _absolute(epath.Path(directory))
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
             ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
@@ -77,8 +82,12 @@ class Checkpointer:
         source = self.directory / str(step)
         target = self.directory / f"{step}{UNREADABLE_SUFFIX}-{int(time.time())}"
         if jax.process_index() == 0:
-            source.rename(target)
-            logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
+            try:
+                source.rename(target)
+                logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
+            except OSError as error:  # e.g. a store without directory renames: leave it, saves resume after it
+                logging.warning("Could not move unreadable checkpoint %s aside (%s); new saves up to step %d will "
+                                "be skipped. Fix: move it by hand.", source, error, step)
         multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
         self._manager.reload()
 

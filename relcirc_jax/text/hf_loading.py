@@ -4,6 +4,7 @@ import json
 import os
 from typing import Callable, Optional
 
+import ml_dtypes
 import numpy as np
 
 # Weight files in the order we look for them; an index file means a sharded checkpoint.
@@ -43,11 +44,29 @@ def weight_files(path: str) -> list[str]:
     )
 
 
-def _read_safetensors(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
+# safetensors dtype tags -> numpy dtypes (bfloat16 via ml_dtypes, which numpy itself lacks).
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
 
-    with safe_open(file, framework="np") as f:
-        return {key: f.get_tensor(key) for key in f.keys() if keep(key)}
+
+def _read_safetensors(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+    # Read the format directly (8-byte header length, JSON header, raw little-endian data): the safetensors numpy
+    # reader rejects bfloat16, the dtype of many large checkpoints. Tensors are memory-mapped, copied on use.
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_size)
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__" or not keep(key):
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        tensors[key] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
 
 
 def _read_torch_bin(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
@@ -64,7 +83,7 @@ def _read_torch_bin(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndar
 def read_weights(path: str, keep: Optional[Callable[[str], bool]] = None) -> dict[str, np.ndarray]:
     """All tensors of the checkpoint in `path` whose name passes `keep` (default: all), as numpy arrays by HF name.
 
-    Safetensors bfloat16 tensors come back as ml_dtypes bfloat16 arrays; callers cast to their parameter dtype.
+    bfloat16 tensors come back as ml_dtypes.bfloat16 (safetensors) or float32 (.bin); callers cast to their param dtype.
     """
     keep = keep or (lambda key: True)
     state: dict[str, np.ndarray] = {}

@@ -105,6 +105,8 @@ def test_t5_conditioner_from_a_local_checkpoint(tmp_path):
     config = transformers.T5Config(vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
                                    feed_forward_proj="gated-gelu")
     transformers.T5EncoderModel(config).save_pretrained(checkpoint)
+    with pytest.raises(FileNotFoundError, match="No tokenizer"):
+        conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), captions=CAPTIONS)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(os.path.join(bert.minilm_dir(), name), checkpoint / name)  # any fast tokenizer works here
     t5 = conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), workdir=str(tmp_path), captions=CAPTIONS)

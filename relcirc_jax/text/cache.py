@@ -44,12 +44,27 @@ class TextTable(NamedTuple):
     roles: np.ndarray
 
 
+# A checkpoint directory must hold one of these: transformers 5 otherwise builds an empty tokenizer without a word.
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "vocab.txt")
+
+
 def _fast_tokenizer(path: str):
+    if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"No tokenizer in {path!r}: expected one of {_TOKENIZER_FILES} next to the weights (copy the tokenizer "
+            "files of the same Hugging Face checkpoint there)."
+        )
     try:
         import transformers
     except ImportError as e:
         raise ImportError("Tokenizing captions for a Hugging Face encoder needs transformers: pip install transformers") from e
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, ImportError) as e:
+        raise ValueError(
+            f"Could not load the tokenizer of {path!r} ({e}). The directory needs tokenizer.json, or spiece.model "
+            "plus `pip install sentencepiece` so transformers can build the fast tokenizer."
+        ) from e
     if not tokenizer.is_fast:
         raise ValueError(f"The tokenizer in {path!r} is not a fast tokenizer (needed for word_ids); add its tokenizer.json")
     return tokenizer
@@ -81,6 +96,7 @@ def encode_in_batches(encode: Callable, params, ids: np.ndarray, mask: np.ndarra
                       name: str = "encoder") -> np.ndarray:
     """float32[N, L, D] = encode(params, ids, mask) over fixed-size batches (the last one padded: one compilation)."""
     encode = jax.jit(encode)
+    params = jax.device_put(params)  # once, not on every call
     count = ids.shape[0]
     outputs, start_time = [], time.time()
     for start in range(0, count, batch_size):

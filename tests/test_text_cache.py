@@ -60,6 +60,24 @@ def test_minilm_table_roles_and_cache_hit_miss(tmp_path, monkeypatch):
     assert len(_cache_files(workdir)) == 2
 
 
+def test_t5_style_sentencepiece_roles(tmp_path):
+    """Metaspace tokens, a lone '▁' piece and '</s>' get the roles of their words (word_ids of the fast tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    import transformers
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁", "▁blue", "tri", "angle", "▁is", "▁above", "▁square"]
+    backend = Tokenizer(models.Unigram([(p, -float(len(p))) for p in pieces], unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                 extra_ids=0).save_pretrained(tmp_path)
+    tokens = cache.hf_tokenize(str(tmp_path), ["blue triangle is above square"], max_len=10)
+    np.testing.assert_array_equal(tokens.ids[0, :8], [4, 3, 5, 6, 7, 8, 9, 1])  # blue _ tri angle is above square </s>
+    role = {name: i for i, name in enumerate(prompts.ROLES)}
+    np.testing.assert_array_equal(tokens.roles[0], [role["color1"]] + [role["shape1"]] * 3 + [
+        role["filler"], role["relation"], role["shape2"], cache.SPECIAL_ROLE, role["pad"], role["pad"]])
+
+
 def test_fingerprint_follows_the_checkpoint(tmp_path):
     checkpoint = tmp_path / "minilm"
     shutil.copytree(bert.minilm_dir(), checkpoint)

@@ -1,1 +1,10 @@
-"""relcirc_jax.evaluation."""
+"""relcirc_jax.evaluation: find the objects in generated images and score them against their captions.
+
+score(images, captions) / score_specs(images, specs) -> per-image metrics (see scoring.py); detect() -> the objects;
+degrade() -> blurred, colour-cast, noisy, speckled copies for robustness checks.
+"""
+from relcirc_jax.evaluation.degrade import degrade
+from relcirc_jax.evaluation.detector import Detections, detect
+from relcirc_jax.evaluation.scoring import METRICS, score, score_detections, score_specs
+
+__all__ = ["METRICS", "Detections", "degrade", "detect", "score", "score_detections", "score_specs"]

@@ -1,0 +1,184 @@
+"""Find the coloured objects in scene images: colour, shape and centre of every blob, for a whole batch at once.
+
+Pipeline: undo the image's colour cast (the median pixel is the gray background), measure each pixel's coverage by
+label 4-connected blobs per colour over the whole batch in one scipy call, drop speckles smaller than 0.3 r^2, split
+blobs too large for one object (two touching objects of the same colour) at their contact (see _split_blob), then
+classify each blob's shape from its bounding-box fill ratio (triangle 0.5, circle pi/4, square 1) and report its
+centre in the renderer's convention (bounding-box centre: a triangle's centroid sits h/6 below it).
+"""
+from typing import NamedTuple
+
+import numpy as np
+from scipy import ndimage
+
+from relcirc_jax.data.spec import BACKGROUND_RGB, COLORS, SHAPES
+
+MASK_THRESHOLD = 0.45  # colour coverage (0 = background, 1 = pure object colour) above which a pixel is the object
+MIN_AREA_PER_R2 = 0.3  # smaller blobs are speckles (a triangle is 1.73 r^2)
+SINGLE_OBJECT_EXTENT_AT_64 = 2.0  # extra px over 2r a lone object's bounding box may reach (blur, speckles)
+# A merged blob's second object must have an inscribed radius >= r / 3: a triangle's is 0.58 r, while the corner of
+# a square left outside its inscribed disc holds at most 0.25 r.
+MIN_SECOND_CORE_PER_R = 0.33
+_IN_PLANE_CROSS = np.array([np.zeros((3, 3)), [[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.zeros((3, 3))], bool)
+_TRIANGLE = SHAPES.index("triangle")
+# Shape prototypes in (bounding-box fill ratio, mask area / r^2) and the spread used to compare the two features.
+_PROTOTYPES = np.array([[{"triangle": 0.5, "circle": np.pi / 4, "square": 1.0}[s],
+                         {"triangle": np.sqrt(3.0), "circle": np.pi, "square": 4.0}[s]] for s in SHAPES])
+_FEATURE_SCALE = np.array([0.15, 0.25])
+_CHUNK = 256
+_EMPTY = {key: np.zeros(0, np.int64 if key in ("image", "color") else np.float64)
+          for key in ("image", "color", "area", "width", "height", "mass", "x", "y")}
+
+
+class Detections(NamedTuple):
+    """One row per detected object, over the whole batch (flat arrays of equal length)."""
+
+    image: np.ndarray  # int, index of the image in the batch
+    color: np.ndarray  # int, index into COLORS
+    shape: np.ndarray  # int, index into SHAPES
+    x: np.ndarray  # float, centre in pixels (pixel j covers [j, j+1))
+    y: np.ndarray
+    area: np.ndarray  # int, pixels in the object's mask
+
+
+def check_images(images_uint8: np.ndarray) -> np.ndarray:
+    """Validate a batch of square RGB uint8 images; returns it as an ndarray."""
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError("images must be square RGB uint8 of shape [N, size, size, 3], got "
+                         f"{images.dtype}{list(images.shape)}; convert floats with (x * 255).round().astype(np.uint8)")
+    return images
+
+
+def color_coverage(images_uint8: np.ndarray) -> np.ndarray:
+    """float32[len(COLORS), N, H, W]: how much of each pixel is each object colour, ~0 on background, ~1 inside.
+
+    The median pixel is the gray background, so dividing by it undoes a per-channel colour cast; the colour excess
+    (R - max(G, B) for red) is then linear in an object's coverage, and is divided by the pure colour's excess.
+    """
+    images = check_images(images_uint8)
+    background = np.median(images[:, ::4, ::4].reshape(len(images), -1, 3), axis=1)  # objects cover < 1/6
+    gain = np.asarray(BACKGROUND_RGB, np.float32) / np.maximum(background, 1).astype(np.float32)
+    balanced = images.astype(np.float32) * gain[:, None, None, :]
+    r, g, b = balanced[..., 0], balanced[..., 1], balanced[..., 2]
+    pure = 255 * np.minimum(gain, 1)  # a pure channel clipped at 255 by the cast, then balanced
+    excess = {"red": (r - np.maximum(g, b)) / pure[:, 0, None, None],
+              "blue": (b - np.maximum(r, g)) / pure[:, 2, None, None]}
+    return np.stack([np.clip(excess[c], 0, 1) for c in COLORS])
+
+
+def detect(images_uint8: np.ndarray, *, radius: float | None = None) -> Detections:
+    """All objects in the batch; radius defaults to size * 8 / 64 (the renderer's default ratio)."""
+    images = check_images(images_uint8)
+    size = images.shape[1]
+    radius = size * 8 / 64 if radius is None else float(radius)
+    ring = int(np.ceil(2 * size / 64))
+    max_extent = 2 * radius + SINGLE_OBJECT_EXTENT_AT_64 * size / 64
+    blobs = []
+    for start in range(0, len(images), _CHUNK):  # chunks keep the working set in cache
+        for color, cover in enumerate(color_coverage(images[start:start + _CHUNK])):
+            chunk_blobs = _color_blobs(cover, radius, ring, max_extent)
+            chunk_blobs["image"] += start
+            chunk_blobs["color"] = np.full(len(chunk_blobs["mass"]), color)
+            blobs.append(chunk_blobs)
+    blob = {key: np.concatenate([b[key] for b in blobs]) for key in blobs[0]} if blobs else _EMPTY
+    features = np.stack([blob["area"] / (blob["width"] * blob["height"]), blob["area"] / radius ** 2], axis=-1)
+    distance = (((features[:, None, :] - _PROTOTYPES[None]) / _FEATURE_SCALE) ** 2).sum(-1)
+    shape = distance.argmin(-1)
+    y = blob["y"] - np.where(shape == _TRIANGLE, np.sqrt(3.0) * radius / 6, 0.0)  # centroid -> bounding-box centre
+    return Detections(blob["image"], blob["color"], shape, blob["x"], y, blob["area"])
+
+
+def _color_blobs(cover: np.ndarray, radius: float, ring: int, max_extent: float) -> dict:
+    """Objects of one colour, coverage [N, H, W]: label the mask, split merged pairs, drop speckles, then measure
+    hard area and bounding box on the mask and coverage-weighted mass and centroid on the mask grown by `ring` px
+    (the weighted centroid is sub-pixel exact and unmoved by blur)."""
+    labels, count = ndimage.label(cover > MASK_THRESHOLD, structure=_IN_PLANE_CROSS)
+    hard = _mask_stats(labels, count)
+    min_area = MIN_AREA_PER_R2 * radius ** 2
+    extent = np.maximum(hard["width"], hard["height"])
+    for index in np.flatnonzero((hard["area"] >= min_area) & (extent > max_extent)):
+        crop = labels[hard["image"][index], hard["top"][index]:hard["top"][index] + hard["height"][index],
+                      hard["left"][index]:hard["left"][index] + hard["width"][index]]
+        count = _split_blob(crop, index + 1, count + 1, radius)
+    if count > len(hard["area"]):
+        hard = _mask_stats(labels, count)
+    keep = hard["area"] >= min_area
+    soft = _soft_stats(labels, _grow(labels, ring), cover, count)
+    return {key: value[keep] for key, value in {**hard, **soft}.items()}
+
+
+def _pixel_coordinates(flat_index: np.ndarray, shape: tuple):
+    """(image, row, column) of flat indices into an [N, H, W] array."""
+    image, rest = np.divmod(flat_index, shape[1] * shape[2])
+    row, col = np.divmod(rest, shape[2])
+    return image, row, col
+
+
+def _mask_stats(labels: np.ndarray, count: int) -> dict:
+    """image, area and bounding box (top, left, width, height) of labels 1..count, from the labelled pixels only."""
+    where = np.flatnonzero(labels)
+    label = labels.reshape(-1)[where] - 1
+    image, row, col = _pixel_coordinates(where, labels.shape)
+    first = np.full((2, count), np.iinfo(np.int64).max)
+    last = np.full((2, count), -1)
+    np.minimum.at(first, (slice(None), label), np.stack([row, col]))
+    np.maximum.at(last, (slice(None), label), np.stack([row, col]))
+    owner = np.zeros(count, np.int64)
+    owner[label] = image
+    return {"image": owner, "area": np.bincount(label, minlength=count), "top": first[0], "left": first[1],
+            "height": last[0] - first[0] + 1, "width": last[1] - first[1] + 1}
+
+
+def _grow(labels: np.ndarray, ring: int) -> np.ndarray:
+    """Labels spread `ring` px (4-neighbour steps) into the background; where two meet the larger label wins."""
+    grown = labels
+    for _ in range(ring):
+        previous, grown = grown, grown.copy()
+        for axis in (1, 2):
+            head = [slice(None)] * 3
+            tail = [slice(None)] * 3
+            head[axis], tail[axis] = slice(1, None), slice(None, -1)
+            np.maximum(grown[tuple(head)], previous[tuple(tail)], out=grown[tuple(head)])
+            np.maximum(grown[tuple(tail)], previous[tuple(head)], out=grown[tuple(tail)])
+    return np.where(labels > 0, labels, grown)
+
+
+def _soft_stats(labels: np.ndarray, grown: np.ndarray, cover: np.ndarray, count: int) -> dict:
+    """Coverage-weighted mass and centroid (x, y) of each grown label 1..count."""
+    where = np.flatnonzero(grown)
+    label = grown.reshape(-1)[where] - 1
+    weight = cover.reshape(-1)[where].astype(np.float64)
+    _, row, col = _pixel_coordinates(where, labels.shape)
+    mass = np.bincount(label, weight, minlength=count)
+    safe = np.maximum(mass, 1e-9)
+    return {"mass": mass, "x": np.bincount(label, weight * (col + 0.5), minlength=count) / safe,
+            "y": np.bincount(label, weight * (row + 0.5), minlength=count) / safe}
+
+
+def _split_blob(crop_labels: np.ndarray, label: int, new_label: int, radius: float) -> int:
+    """Split blob `label` in place if it holds two touching objects; returns the next free label.
+
+    Seeds are centres of largest inscribed discs (peaks of the distance transform): the two far ends of the deepest
+    ridge when two equally deep objects fused along it (two squares side by side), else the deepest point and the
+    deepest point outside its disc. Each pixel goes to the seed minimising distance - inscribed radius, which cuts
+    touching shapes of different sizes at their contact rather than at the midpoint of their centres.
+    """
+    inside = crop_labels == label
+    depth = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+    ridge = np.argwhere(depth >= depth.max() - 1)
+    gaps = np.linalg.norm(ridge[:, None] - ridge[None], axis=-1)
+    ends = np.unravel_index(gaps.argmax(), gaps.shape)
+    rows, cols = np.indices(inside.shape)
+    if gaps[ends] >= 1.5 * radius:  # a long ridge: two equally deep objects (two fused squares: about 2r)
+        first, second = tuple(ridge[ends[0]]), tuple(ridge[ends[1]])
+        from_first = np.hypot(rows - first[0], cols - first[1])
+    else:
+        first = np.unravel_index(depth.argmax(), depth.shape)
+        from_first = np.hypot(rows - first[0], cols - first[1])
+        second = np.unravel_index(np.where(from_first > depth[first] + 1, depth, 0).argmax(), depth.shape)
+    if depth[second] < MIN_SECOND_CORE_PER_R * radius:
+        return new_label
+    from_second = np.hypot(rows - second[0], cols - second[1])
+    crop_labels[inside & (from_second - depth[second] < from_first - depth[first])] = new_label
+    return new_label + 1

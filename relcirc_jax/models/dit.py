@@ -339,7 +339,7 @@ def _example_inputs(config: DiTConfig, batch: int = 1):
 
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:
     """Fresh float32 parameters as plain arrays (the inner "params" tree, without sharding boxes)."""
-    variables = DiT(config).init(rng, *_example_inputs(config))
+    variables = jax.jit(DiT(config).init)(rng, *_example_inputs(config))
     return nn.unbox(variables["params"])
 
 

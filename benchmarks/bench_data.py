@@ -1,0 +1,43 @@
+"""Benchmark: scene generation throughput (sample centres with the overlap rule + render), numpy on the CPU.
+
+Target: >= 20,000 images/s at 64 px. The last line of output is one JSON object with the figures.
+
+    python benchmarks/bench_data.py [--size 64] [--batch 1024] [--batches 20]
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+
+from relcirc_jax.data import scenes
+from relcirc_jax.data.spec import COLORS, SHAPES
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args()
+    radius = args.size * 8 / 64
+    rng = np.random.default_rng(0)
+
+    def one_batch():
+        shape_idx = rng.integers(0, len(SHAPES), (args.batch, 2))
+        color_idx = rng.integers(0, len(COLORS), (args.batch, 2))
+        centers = scenes.sample_centers(rng, shape_idx, size=args.size, radius=radius)
+        return scenes.render(shape_idx, color_idx, centers, size=args.size, radius=radius)
+
+    one_batch()  # warm-up
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        one_batch()
+    seconds = time.perf_counter() - start
+    images_per_s = args.batch * args.batches / seconds
+    print(f"{args.batches} batches of {args.batch} scenes at {args.size} px: {seconds:.2f} s, {images_per_s:,.0f} images/s")
+    print(json.dumps({"size": args.size, "batch": args.batch, "images_per_s": round(images_per_s)}))
+
+
+if __name__ == "__main__":
+    main()

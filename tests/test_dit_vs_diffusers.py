@@ -12,12 +12,15 @@ from relcirc_jax.models.convert import (  # noqa: E402
 from relcirc_jax.models.dit import DiT, DiTConfig  # noqa: E402
 
 TOLERANCE = 1e-4
-# A latent-like grid (sample 8, patch 2, learned sigma) and our pixel-space layout (64 px, patch 8 -> 8x8 tokens).
+# A latent-like grid (sample 8, patch 2, learned sigma) and our pixel-space layouts (64 px / patch 8 and
+# 128 px / patch 16 -> 8x8 tokens; 128 px also checks the position-embedding interpolation_scale 2).
 TINY_CONFIGS = {
     "latent_8_p2": DiTConfig(image_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
                              caption_channels=16, learn_sigma=True),
     "pixel_64_p8": DiTConfig(image_size=64, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2,
                              caption_channels=16),
+    "pixel_128_p16": DiTConfig(image_size=128, patch_size=16, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                               caption_channels=16),
 }
 
 

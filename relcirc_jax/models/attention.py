@@ -37,8 +37,10 @@ def logical_dense(
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention; self-attention when `context` is None.
 
-    head_mask [heads] multiplies each head's output z before the output projection (zero = ablate the head).
-    key_mask [B, Lk] (True = attend) masks padded keys.
+    head_mask [heads] multiplies each head's output z before the output projection (zero = ablate the head);
+    hook_z records z after the mask, i.e. what the output projection actually reads.
+    key_mask [B, Lk] (True = attend) masks padded keys. (A row with no valid key attends uniformly; diffusers'
+    additive -10000 bias would instead fall back to unmasked attention there. Real captions always have a token.)
     """
 
     num_heads: int

@@ -88,7 +88,8 @@ def test_capture_names_shapes_and_absence(params, inputs):
     assert list(cache) == names
     shapes = {name: cache[name].shape for name in names}
     assert shapes == {
-        "hook_caption": (2, 5, 32), "blocks.0.hook_resid_pre": (2, 16, 32), "blocks.0.attn.hook_pattern": (2, 2, 16, 16),
+        "hook_caption": (2, 5, 32), "blocks.0.hook_resid_pre": (2, 16, 32),
+        "blocks.0.attn.hook_pattern": (2, 2, 16, 16),
         "blocks.1.attn.hook_q": (2, 16, 2, 16), "blocks.1.cross_attn.hook_pattern": (2, 2, 16, 5),
         "blocks.1.cross_attn.hook_k": (2, 5, 2, 16), "blocks.1.cross_attn.hook_z": (2, 16, 2, 16),
         "blocks.0.hook_resid_mid": (2, 16, 32), "blocks.1.hook_resid_post": (2, 16, 32)}
@@ -163,8 +164,8 @@ def test_remat_matches_and_still_captures(params, inputs):
 def test_sharding_annotations(params, inputs):
     boxed = jax.eval_shape(lambda: DiT(CONFIG).init(jax.random.key(0), *inputs))["params"]
     assert isinstance(boxed["transformer_blocks_0"]["attn1"]["to_q"]["kernel"], nn.LogicallyPartitioned)
-    assert not any(isinstance(leaf, nn.LogicallyPartitioned)
-                   for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)))
+    is_boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    assert not any(is_boxed(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_boxed))
     specs = logical_specs(CONFIG)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     assert jax.tree_util.tree_structure(specs, is_leaf=is_spec) == jax.tree_util.tree_structure(params)

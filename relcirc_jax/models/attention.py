@@ -17,9 +17,8 @@ def partitioned(init, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
-def logical_dense(
-    features: int, axes: tuple[str | None, str | None], dtype: Any, name: str, kernel_init=nn.initializers.xavier_uniform()
-) -> nn.Dense:
+def logical_dense(features: int, axes: tuple[str | None, str | None], dtype: Any, name: str,
+                  kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
     """A Dense layer (float32 params, `dtype` compute) with logical axes on kernel and bias.
 
     The default kernel init is xavier-uniform, as PixArt initialises its linear layers.

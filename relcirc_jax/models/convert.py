@@ -23,7 +23,7 @@ import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
 
-from relcirc_jax.models.dit import DiT, DiTConfig, _example_inputs, scaled_normal
+from relcirc_jax.models.dit import DiT, DiTConfig, example_inputs, scaled_normal
 
 NULL_CAPTION = "y_embedding"
 _LIST_MODULES = ("transformer_blocks", "to_out", "net")  # diffusers nn.ModuleList / nn.Sequential names
@@ -67,7 +67,7 @@ def flax_path_to_diffusers(path: tuple[str, ...]) -> str:
 
 
 def _param_shapes(config: DiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    variables = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *_example_inputs(config)))
+    variables = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *example_inputs(config)))
     flat = traverse_util.flatten_dict(variables["params"])
     return {path: tuple(getattr(leaf, "value", leaf).shape) for path, leaf in flat.items()}
 

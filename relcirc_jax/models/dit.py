@@ -285,7 +285,8 @@ class DiT(nn.Module):
             raise ValueError(f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] "
                              "(caption_channels of the config).")
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} (one flag per token).")
+            raise ValueError(f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} "
+                             "(one flag per caption token).")
         for name, mask in head_masks.items():
             if mask is not None and tuple(mask.shape) != (cfg.depth, cfg.num_heads):
                 raise ValueError(f"{name} has shape {mask.shape}; expected [depth, heads] = "
@@ -303,8 +304,9 @@ class DiT(nn.Module):
         h = PatchEmbed(cfg, name="pos_embed")(x)
         t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(
             jnp.broadcast_to(jnp.asarray(t), (batch,)))
-        caption = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None),
-                              lambda y: nn.gelu(y, approximate=True), dtype, name="caption_projection")(text.astype(dtype))
+        gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
+        caption = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype,
+                              name="caption_projection")(text.astype(dtype))
         if "hook_caption" in self.capture:
             self.sow("intermediates", "hook_caption", caption)
 
@@ -319,7 +321,9 @@ class DiT(nn.Module):
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
         h = modulate(h, shift, scale).astype(dtype)
         patch_features = cfg.patch_size * cfg.patch_size * cfg.out_channels
-        h = logical_dense(patch_features, ("embed", "patch"), dtype, "proj_out", kernel_init=nn.initializers.zeros_init())(h)
+        proj_out = logical_dense(patch_features, ("embed", "patch"), dtype, "proj_out",
+                                 kernel_init=nn.initializers.zeros_init())
+        h = proj_out(h)
         return unpatchify(h.astype(jnp.float32), cfg)
 
 
@@ -330,7 +334,7 @@ def unpatchify(tokens: jnp.ndarray, config: DiTConfig) -> jnp.ndarray:
     return jnp.einsum("bhwpqc->bhpwqc", x).reshape(tokens.shape[0], g * p, g * p, c)
 
 
-def _example_inputs(config: DiTConfig, batch: int = 1):
+def example_inputs(config: DiTConfig, batch: int = 1):
     return (jnp.zeros((batch, config.image_size, config.image_size, config.in_channels), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
             jnp.zeros((batch, config.max_text_len, config.caption_channels), jnp.float32),
@@ -339,13 +343,13 @@ def _example_inputs(config: DiTConfig, batch: int = 1):
 
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:
     """Fresh float32 parameters as plain arrays (the inner "params" tree, without sharding boxes)."""
-    variables = jax.jit(DiT(config).init)(rng, *_example_inputs(config))
+    variables = jax.jit(DiT(config).init)(rng, *example_inputs(config))
     return nn.unbox(variables["params"])
 
 
 def logical_specs(config: DiTConfig) -> Any:
     """PartitionSpecs of logical axis names, same tree as `init_params` (no compute, shapes only)."""
-    boxed = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *_example_inputs(config)))
+    boxed = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *example_inputs(config)))
     return nn.get_partition_spec(boxed["params"])
 
 

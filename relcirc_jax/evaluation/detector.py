@@ -93,9 +93,9 @@ def _color_blobs(cover: np.ndarray, radius: float, ring: int, max_extent: float)
     """Objects of one colour, coverage [N, H, W]: label the mask, split merged pairs, drop speckles, then measure
     hard area and bounding box on the mask and coverage-weighted mass and centroid on the mask grown by `ring` px
     (the weighted centroid is sub-pixel exact and unmoved by blur)."""
-    labels, count = ndimage.label(cover > MASK_THRESHOLD, structure=_IN_PLANE_CROSS)
-    hard = _mask_stats(labels, count)
     min_area = MIN_AREA_PER_R2 * radius ** 2
+    labels, count = ndimage.label(_fill_small_holes(cover > MASK_THRESHOLD, min_area), structure=_IN_PLANE_CROSS)
+    hard = _mask_stats(labels, count)
     extent = np.maximum(hard["width"], hard["height"])
     for index in np.flatnonzero((hard["area"] >= min_area) & (extent > max_extent)):
         crop = labels[hard["image"][index], hard["top"][index]:hard["top"][index] + hard["height"][index],
@@ -106,6 +106,14 @@ def _color_blobs(cover: np.ndarray, radius: float, ring: int, max_extent: float)
     keep = hard["area"] >= min_area
     soft = _soft_stats(labels, _grow(labels, ring), cover, count)
     return {key: value[keep] for key, value in {**hard, **soft}.items()}
+
+
+def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
+    """Close holes (e.g. speckles inside an object) smaller than max_area px: small components of the background."""
+    holes, count = ndimage.label(~mask, structure=_IN_PLANE_CROSS)
+    small = np.bincount(holes.reshape(-1), minlength=count + 1) < max_area
+    small[0] = False
+    return mask | small[holes]
 
 
 def _pixel_coordinates(flat_index: np.ndarray, shape: tuple):

@@ -1,10 +1,14 @@
 """Find the coloured objects in scene images: colour, shape and centre of every blob, for a whole batch at once.
 
-Pipeline: undo the image's colour cast (the median pixel is the gray background), measure each pixel's coverage by
-label 4-connected blobs per colour over the whole batch in one scipy call, drop speckles smaller than 0.3 r^2, split
-blobs too large for one object (two touching objects of the same colour) at their contact (see _split_blob), then
-classify each blob's shape from its bounding-box fill ratio (triangle 0.5, circle pi/4, square 1) and report its
-centre in the renderer's convention (bounding-box centre: a triangle's centroid sits h/6 below it).
+Pipeline, vectorised over the batch (scipy labels all images in one call; chunks of 256 images stay in cache):
+1. colour coverage: undo the image's colour cast (the median pixel is the gray background), then each pixel's
+   red-ness R - max(G, B) (blue-ness alike) over the pure colour's gives coverage in [0, 1];
+2. masks (coverage > 0.45) with small holes closed, 4-connected blobs per colour, speckles (< 0.3 r^2) dropped;
+3. a blob too large for one object (two touching objects of the same colour) is cut at the contact (_split_blob);
+4. shape = nearest prototype in (bounding-box fill ratio, area / r^2): triangle (0.5, 1.73), circle (pi/4, pi),
+   square (1, 4);
+5. centre = coverage-weighted centroid over the blob grown by 2 px per 64 px (sub-pixel exact, unmoved by blur),
+   reported in the renderer's convention: the bounding-box centre, which for a triangle sits h/6 above its centroid.
 """
 from typing import NamedTuple
 
@@ -15,6 +19,7 @@ from relcirc_jax.data.spec import BACKGROUND_RGB, COLORS, SHAPES
 
 MASK_THRESHOLD = 0.45  # colour coverage (0 = background, 1 = pure object colour) above which a pixel is the object
 MIN_AREA_PER_R2 = 0.3  # smaller blobs are speckles (a triangle is 1.73 r^2)
+CENTROID_RING_AT_64 = 2  # px around a mask that still count for its centroid: blur (sigma 1) and anti-aliasing
 SINGLE_OBJECT_EXTENT_AT_64 = 2.0  # extra px over 2r a lone object's bounding box may reach (blur, speckles)
 # A merged blob's second object must have an inscribed radius >= r / 3: a triangle's is 0.58 r, while the corner of
 # a square left outside its inscribed disc holds at most 0.25 r.
@@ -72,7 +77,7 @@ def detect(images_uint8: np.ndarray, *, radius: float | None = None) -> Detectio
     images = check_images(images_uint8)
     size = images.shape[1]
     radius = size * 8 / 64 if radius is None else float(radius)
-    ring = int(np.ceil(2 * size / 64))
+    ring = int(np.ceil(CENTROID_RING_AT_64 * size / 64))
     max_extent = 2 * radius + SINGLE_OBJECT_EXTENT_AT_64 * size / 64
     blobs = []
     for start in range(0, len(images), _CHUNK):  # chunks keep the working set in cache
@@ -177,14 +182,12 @@ def _split_blob(crop_labels: np.ndarray, label: int, new_label: int, radius: flo
     ridge = np.argwhere(depth >= depth.max() - 1)
     gaps = np.linalg.norm(ridge[:, None] - ridge[None], axis=-1)
     ends = np.unravel_index(gaps.argmax(), gaps.shape)
+    long_ridge = gaps[ends] >= 1.5 * radius  # two equally deep objects fused along it (two squares: about 2r)
+    first = tuple(ridge[ends[0]]) if long_ridge else np.unravel_index(depth.argmax(), depth.shape)
     rows, cols = np.indices(inside.shape)
-    if gaps[ends] >= 1.5 * radius:  # a long ridge: two equally deep objects (two fused squares: about 2r)
-        first, second = tuple(ridge[ends[0]]), tuple(ridge[ends[1]])
-        from_first = np.hypot(rows - first[0], cols - first[1])
-    else:
-        first = np.unravel_index(depth.argmax(), depth.shape)
-        from_first = np.hypot(rows - first[0], cols - first[1])
-        second = np.unravel_index(np.where(from_first > depth[first] + 1, depth, 0).argmax(), depth.shape)
+    from_first = np.hypot(rows - first[0], cols - first[1])
+    outside_first_disc = np.where(from_first > depth[first] + 1, depth, 0)
+    second = tuple(ridge[ends[1]]) if long_ridge else np.unravel_index(outside_first_disc.argmax(), depth.shape)
     if depth[second] < MIN_SECOND_CORE_PER_R * radius:
         return new_label
     from_second = np.hypot(rows - second[0], cols - second[1])

@@ -115,7 +115,8 @@ def main():
         model="micro", solver="dpmpp_2m", steps=args.steps, cfg=args.cfg, platform=jax.devices()[0].platform,
         jax_batch=args.batch, jax_compile_s=round(compile_s, 2), jax_sample_s=round(jax_s, 2),
         jax_images_per_s=round(args.batch / jax_s, 3), torch_batch=n, torch_sample_s=round(torch_s, 2),
-        torch_images_per_s=round(n / torch_s, 3), max_abs_diff_vs_diffusers=max_diff, max_rel_diff_vs_diffusers=relative_diff,
+        torch_images_per_s=round(n / torch_s, 3), max_abs_diff_vs_diffusers=max_diff,
+        max_rel_diff_vs_diffusers=relative_diff,
     )))
 
 

@@ -124,6 +124,15 @@ def test_sample_is_jittable_vmappable_and_deterministic(noise):
     np.testing.assert_allclose(per_image, run(batched), rtol=1e-6, atol=1e-6)
 
 
+def test_batch_sharding_is_kept_across_devices():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    noise = jax.device_put(jnp.ones((len(jax.devices()), 2, 2, 3)), batch_sharding)
+    out = jax.jit(lambda z: sample(eps_jax, z, num_steps=3))(noise)
+    assert out.sharding.is_equivalent_to(batch_sharding, out.ndim)
+    np.testing.assert_allclose(out, sample(eps_jax, jnp.ones(noise.shape), num_steps=3), rtol=1e-6)
+
+
 def test_learned_sigma_output_uses_first_channels(noise):
     with_sigma = lambda x, t: jnp.concatenate([eps_jax(x, t), 100.0 * jnp.ones_like(x)], axis=-1)  # noqa: E731
     np.testing.assert_array_equal(

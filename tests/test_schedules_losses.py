@@ -50,7 +50,8 @@ def test_q_sample_matches_diffusers_and_has_the_right_statistics(schedule, ddpm)
     noise = rng.standard_normal(x0.shape).astype(np.float32)
     t = np.array([0, 10, 500, 999])
     expected = ddpm.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
-    np.testing.assert_allclose(q_sample(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), schedule), expected, atol=5e-6)
+    ours = q_sample(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t), schedule)
+    np.testing.assert_allclose(ours, expected, atol=5e-6)
 
     n = 20000
     big_noise = jax.random.normal(jax.random.key(0), (n, 1))

@@ -57,7 +57,9 @@ def _discretized_gaussian_log_likelihood(x, mean, log_scale):
     return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
 
 
-def vlb_term(eps: jax.Array, v: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, schedule: Schedule) -> jax.Array:
+def vlb_term(
+    eps: jax.Array, v: jax.Array, x0: jax.Array, x_t: jax.Array, t: jax.Array, schedule: Schedule
+) -> jax.Array:
     """Per-example VLB in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0.
 
     eps should already be stop-gradient (IDDPM's frozen mean); gradients reach only v.

@@ -21,7 +21,9 @@ diffusers 0.22):
     by init_noise_sigma = the largest sigma, and the model input by 1 / sqrt(sigma^2 + 1).
 
 The schedule differs from diffusers' in one way: we compute abar in float64 (as PixArt/IDDPM train with); diffusers
-computes it in float32. tests/test_samplers_vs_diffusers.py measures what that costs.
+computes it in float32. With float32 sampling maths both ways, tests/test_samplers_vs_diffusers.py finds every
+intermediate sample within ~1.5e-6 (relative to the largest value) of stock diffusers for 14 and 50 steps; only
+a 1-step DDIM/Euler run (which evaluates t = 0 alone, where float32 1 - abar keeps ~4 digits) differs by ~1e-4.
 """
 from typing import Callable, NamedTuple
 

@@ -27,6 +27,8 @@ from typing import Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from relcirc_jax.text.rte import PAPER_POSITION_SCALE
+
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
 VARIANTS = (None, "cpu", "quick", "smoke")
@@ -71,7 +73,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.text.encoder = encoder
     c.text.seed = 0  # the random word table of RTE; separate from `seed` so reruns with other seeds share a vocabulary
     c.text.dim = 4096  # RTE width; T5-XXL and MiniLM bring their own
-    c.text.position_scale = 1.0
+    c.text.position_scale = PAPER_POSITION_SCALE  # RTE's sinusoid weight in the paper's runs
     c.text.t5_path = config_dict.placeholder(str)
 
     c.data = ml_collections.ConfigDict()

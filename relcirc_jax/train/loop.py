@@ -1,0 +1,147 @@
+"""The training loop, top to bottom: set up, resume, then per step data -> compiled step -> logs, samples, evals, saves.
+
+A run is resumable at any checkpoint and bitwise reproducible: the data of step s and all randomness of the step are
+functions of (seed, s), and the state is restored exactly. A non-finite loss stops the run with an error naming the
+step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally.
+"""
+import json
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from relcirc_jax.data import dataset
+from relcirc_jax.parallel.host_data import to_global
+from relcirc_jax.train import evaluate, preemption
+from relcirc_jax.train import sample as sampling
+from relcirc_jax.train import state as train_state
+from relcirc_jax.train import step as train_step
+from relcirc_jax.train.metrics import MetricWriter
+from relcirc_jax.train.progress import ProgressLogger
+
+
+def train(config: ml_collections.ConfigDict, workdir, *, devices=None) -> train_state.TrainState:
+    """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the final state."""
+    workdir = epath.Path(workdir)
+    experiment = train_state.build_experiment(config, workdir, devices)
+    write_config(config, workdir)
+    state, start = _init_or_restore(experiment)
+    writer = MetricWriter(workdir, is_primary=jax.process_index() == 0)
+    try:
+        return _run(experiment, state, start, writer)
+    finally:
+        experiment.checkpointer.wait()
+        experiment.checkpointer.close()
+        writer.close()
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    """The resolved config as workdir/config.json (machine-readable) and config.txt (as printed)."""
+    if jax.process_index() != 0:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    (workdir / "config.txt").write_text(str(config))
+
+
+def _init_or_restore(experiment: train_state.Experiment) -> tuple[train_state.TrainState, int]:
+    restored = experiment.checkpointer.restore_latest(experiment.abstract_state)
+    if restored is not None:
+        step, state, _ = restored
+        logging.info("Resumed from the checkpoint of step %d.", step)
+        return state, step
+    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
+    return init(experiment.model_cfg, experiment.tx, experiment.config.seed), 0
+
+
+def _run(experiment: train_state.Experiment, state: train_state.TrainState, start: int,
+         writer: MetricWriter) -> train_state.TrainState:
+    config = experiment.config
+    total = config.train.num_steps
+    step_fn = train_step.compile_train_step(
+        train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
+        experiment.abstract_state, experiment.state_sh, _global_batch(config, experiment.mesh, start),
+        experiment.tables, experiment.mesh)
+    progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps)
+    periodic = _PeriodicSampling(experiment)
+    stop = preemption.install_sigterm_handler()
+    pending = []  # (step, device metrics) not yet checked for finiteness
+    for step in range(start, total):
+        state, metrics = step_fn(state, _global_batch(config, experiment.mesh, step), experiment.tables)
+        done = step + 1
+        pending.append((done, metrics))
+        preempted = stop.should_stop(done)
+        saving = done % config.checkpoint.every_steps == 0 or done == total or preempted
+        if saving or done % config.log.every_steps == 0:
+            _check_finite(pending, experiment)
+            writer.scalars(done, _window_metrics(pending))
+            progress.update(done, metrics["loss"], metrics["grad_norm"])
+            pending = []
+        periodic(state, done, writer)
+        if saving:
+            experiment.checkpointer.save(done, state, _meta(config, done), force=True)
+        if preempted:
+            logging.warning("Preempted: saved the checkpoint of step %d; stopping.", done)
+            break
+    return state
+
+
+def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
+    local = dataset.train_batch(config.seed, step, global_batch=config.train.batch_size,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                size=config.data.image_size, radius=config.data.radius,
+                                caption_mix=config.data.caption_mix)
+    return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)
+
+
+def _check_finite(pending: list, experiment: train_state.Experiment) -> None:
+    for step, metrics in pending:
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"Non-finite training loss {loss} (grad norm {grad_norm}) at step {step}. The run stopped without "
+                f"saving this state; the last good checkpoint (step {experiment.checkpointer.latest_step()}) in "
+                f"{experiment.checkpointer.directory} is intact. Fix: lower train.lr or tighten train.grad_clip, "
+                "then rerun to resume from it.")
+
+
+def _window_metrics(pending: list) -> dict[str, float]:
+    """Loss averaged over the steps since the last log; grad norm and lr of the last step."""
+    last = pending[-1][1]
+    return {"loss": float(np.mean([float(m["loss"]) for _, m in pending])), "grad_norm": float(last["grad_norm"]),
+            "lr": float(last["lr"])}
+
+
+def _meta(config: ml_collections.ConfigDict, step: int) -> dict:
+    return {"step": step, "data_position": step, "seed": config.seed, "config": config.to_dict()}
+
+
+class _PeriodicSampling:
+    """Sample grids of the fixed prompts and evaluations of the eval set, with EMA params, when their steps come."""
+
+    def __init__(self, experiment: train_state.Experiment):
+        self.experiment = experiment
+        config = experiment.config
+        self.grid_captions = sampling.fixed_prompts(config)
+        self.eval_captions = evaluate.eval_captions(config)
+        self._samplers = {}  # batch size -> Sampler, compiled on first use
+
+    def __call__(self, state: train_state.TrainState, step: int, writer: MetricWriter) -> None:
+        config = self.experiment.config
+        if step % config.sample.every_steps == 0:
+            images = self._sampler(len(self.grid_captions))(state.ema_params, self.experiment.tables,
+                                                             self.grid_captions)
+            writer.image(step, "samples", sampling.image_grid(images))
+        if step % config.eval.every_steps == 0:
+            scores = evaluate.score_captions(self._sampler(config.eval.batch_size), state.ema_params,
+                                             self.experiment.tables, self.eval_captions)
+            accuracies = evaluate.summary(scores)
+            writer.scalars(step, accuracies)
+            logging.info("Eval at step %d: %s", step, {k: round(v, 3) for k, v in accuracies.items()})
+
+    def _sampler(self, batch_size: int) -> sampling.Sampler:
+        if batch_size not in self._samplers:
+            self._samplers[batch_size] = sampling.make_sampler(self.experiment, batch_size)
+        return self._samplers[batch_size]

@@ -1,0 +1,115 @@
+"""The training state (params, optimizer state, EMA params, step), the optimizer, and their shardings on a mesh."""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from etils import epath
+from flax import struct
+
+from relcirc_jax.config import validate_config
+from relcirc_jax.models import dit
+from relcirc_jax.parallel import rules as sharding_rules
+from relcirc_jax.parallel.mesh import make_mesh
+from relcirc_jax.text.conditioner import make_text_conditioner
+from relcirc_jax.train import checkpoint
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds. `step` counts optimizer updates applied so far (the next batch index)."""
+
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    step: jax.Array
+
+
+def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> dit.DiTConfig:
+    """The DiTConfig of `config.model` (None fields keep the size's defaults), training dtype and remat included."""
+    overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
+    return dit.dit_config(config.model.size, image_size=config.data.image_size, caption_channels=caption_channels,
+                          dtype=config.train.compute_dtype, remat=config.train.remat, **overrides)
+
+
+def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 to train.lr over train.warmup_steps, then constant (PixArt's schedule)."""
+    return optax.warmup_constant_schedule(0.0, config.train.lr, max(config.train.warmup_steps, 1))
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm gradient clipping followed by AdamW on every parameter."""
+    t = config.train
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip),
+        optax.adamw(learning_rate(config), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
+    )
+
+
+def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: DiT params from `seed`, EMA = params, step 0. Jit it with `state_shardings` as out_shardings."""
+    params = dit.init_params(model_cfg, jax.random.PRNGKey(seed))
+    return TrainState(params=params, opt_state=tx.init(params), ema_params=params, step=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                    seed: int = 0):
+    """(abstract state, its shardings): params, EMA and optimizer moments follow the model's logical axes, the rest
+    (step, Adam counts) is replicated."""
+    abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, seed))
+    param_sh = sharding_rules.param_shardings(abstract.params, dit.logical_specs(model_cfg), mesh,
+                                              sharding_rules.DEFAULT_RULES)
+    replicated = sharding_rules.replicated(mesh)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract.opt_state, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    shardings = TrainState(params=param_sh, opt_state=opt_sh, ema_params=param_sh, step=replicated)
+    return abstract, shardings
+
+
+def with_shardings(abstract, shardings):
+    """ShapeDtypeStructs carrying their target shardings (what checkpoint restore onto the current mesh needs)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class Experiment(NamedTuple):
+    """What every mode (train, sample, evaluate) builds from a config: the mesh, text conditioner, model, optimizer,
+    the state's abstract shapes and shardings, and the checkpointer of the workdir."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    conditioner: Any
+    tables: Any  # the conditioner's constant tables, replicated on the mesh
+    model_cfg: dit.DiTConfig
+    tx: optax.GradientTransformation
+    abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
+    state_sh: TrainState
+    checkpointer: checkpoint.Checkpointer
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -> Experiment:
+    """Validates `config` and builds the run's pieces on `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    validate_config(config, num_devices=len(devices))
+    mesh = make_mesh(dict(config.parallel.mesh), devices)
+    conditioner = make_text_conditioner(config.text.encoder, seed=config.text.seed, dim=config.text.dim,
+                                        position_scale=config.text.position_scale, t5_path=config.text.t5_path,
+                                        workdir=str(workdir))
+    tables = jax.device_put(conditioner.tables, sharding_rules.replicated(mesh))
+    model_cfg = model_config(config, caption_channels=conditioner.dim)
+    tx = optimizer(config)
+    abstract, shardings = state_shardings(model_cfg, tx, mesh, config.seed)
+    checkpointer = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_every=config.checkpoint.every_steps,
+                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    return Experiment(config, mesh, conditioner, tables, model_cfg, tx, with_shardings(abstract, shardings), shardings,
+                      checkpointer)
+
+
+def restore_or_fail(experiment: Experiment, workdir) -> tuple[int, TrainState]:
+    """(step, state) of the latest checkpoint; a clear error when the workdir has none."""
+    restored = experiment.checkpointer.restore_latest(experiment.abstract_state)
+    if restored is None:
+        raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}. Train first: python -m "
+                                f"relcirc_jax.main --config=<the same config> --workdir={workdir} --mode=train")
+    step, state, _ = restored
+    return step, state

@@ -1,0 +1,149 @@
+"""The training loop on 8 fake CPU devices with the tiny :smoke model: outputs, mesh invariance, bitwise resume (also
+after SIGKILL), and the non-finite-loss stop that keeps the last good checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax._src import compilation_cache
+
+from relcirc_jax.config import base_config
+from relcirc_jax.data import dataset
+from relcirc_jax.train import loop
+from relcirc_jax.train import state as train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+NO_SAMPLING = {"eval.every_steps": 1000, "sample.every_steps": 1000}  # keeps runs that only compare states fast
+
+
+# Runs in this file compile the same few programs again and again; a persistent compilation cache turns each repeat
+# from ~10 s into ~1 s on a busy 2-core machine (same executables, so results are unchanged).
+CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
+                 "jax_persistent_cache_min_entry_size_bytes": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Enables a persistent compilation cache for this module (and its subprocesses), then restores the settings."""
+    options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache"))}
+    previous = {name: getattr(jax.config, name) for name in options}
+    for name, value in options.items():
+        jax.config.update(name, value)
+    env = {name.upper(): str(value) for name, value in options.items()}
+    yield env
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def smoke_config(**overrides):
+    config = base_config("rte", "nano", "smoke")
+    config.train.num_steps = STEPS
+    config.eval.every_steps = config.sample.every_steps = STEPS
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        config[section][key] = value
+    return config
+
+
+def metric_rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return {row["step"]: row["loss"] for row in metric_rows(workdir) if "loss" in row}
+
+
+def assert_states_bitwise_equal(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run on all 8 devices (data=8), with a sample grid and an evaluation at the end."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    state = loop.train(smoke_config(), workdir)
+    return workdir, jax.device_get(state)
+
+
+def test_run_writes_config_metrics_tensorboard_checkpoints_samples_and_eval(reference):
+    workdir, state = reference
+    rows = metric_rows(workdir)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(r["loss"]) and {"grad_norm", "lr"} <= set(r) for r in rows if "loss" in r)
+    eval_rows = [r for r in rows if "eval/overall" in r]
+    assert [r["step"] for r in eval_rows] == [STEPS]
+    assert {"eval/color", "eval/shape", "eval/unique_binding", "eval/spatial_relationship"} <= set(eval_rows[0])
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tb")))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4", "6"]
+    assert os.path.exists(os.path.join(workdir, "samples", f"samples_{STEPS:08d}.png"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["train"]["num_steps"] == STEPS
+    assert int(state.step) == STEPS
+
+
+@pytest.mark.parametrize("mesh,num_devices", [({"data": -1, "fsdp": 1, "model": 1}, 1),
+                                              ({"data": 4, "fsdp": 2, "model": 1}, 8)])
+def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices):
+    config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 3})
+    config.parallel.mesh.update(mesh)
+    loop.train(config, str(tmp_path), devices=jax.devices()[:num_devices])
+    expected = losses(reference[0])
+    for step, loss in losses(str(tmp_path)).items():
+        assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
+
+
+def test_stop_and_resume_is_bitwise_identical(reference, tmp_path):
+    loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))
+    resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
+    assert_states_bitwise_equal(resumed, reference[1])
+    assert losses(str(tmp_path)) == losses(reference[0])
+
+
+def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
+    workdir = str(tmp_path)
+    command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
+               f"--workdir={workdir}", f"--config.train.num_steps={STEPS}", "--config.eval.every_steps=1000",
+               "--config.sample.every_steps=1000"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **compile_cache}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    first_checkpoint = os.path.join(workdir, "checkpoints", "2")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(first_checkpoint) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr.decode()[-3000:]}"
+    restarted = loop.train(smoke_config(**NO_SAMPLING), workdir)
+    assert_states_bitwise_equal(restarted, reference[1])
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    clean_batch = dataset.train_batch
+
+    def poisoned_batch(seed, step, **kwargs):
+        batch = clean_batch(seed, step, **kwargs)
+        if step == 2:  # the batch of the 3rd update
+            batch["image"][0, 0, 0, 0] = np.nan
+        return batch
+
+    monkeypatch.setattr(loop.dataset, "train_batch", poisoned_batch)
+    config = smoke_config(**NO_SAMPLING)
+    with pytest.raises(FloatingPointError, match=r"Non-finite training loss nan .* at step 3\. .*last good "
+                                                 r"checkpoint \(step 2\)"):
+        loop.train(config, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    experiment = train_state.build_experiment(config, str(tmp_path))
+    step, state = train_state.restore_or_fail(experiment, str(tmp_path))
+    experiment.checkpointer.close()
+    assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))

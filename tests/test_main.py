@@ -1,0 +1,64 @@
+"""The command line: train, then sample and evaluate from the checkpoint; clear errors for a missing checkpoint, an
+unknown override key and the analyze mode."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
+
+from relcirc_jax import main as cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = f"--config={REPO}/configs/rte_dit_nano.py:smoke"
+
+
+def run_cli(workdir, mode, *extra):
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", CONFIG, f"--workdir={workdir}", f"--mode={mode}", *extra])
+    cli.main(["main"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    run_cli(workdir, "train")
+    return workdir
+
+
+def test_train_then_sample_writes_grid_and_images(trained):
+    run_cli(trained, "sample", "--prompt=red circle is above blue square", "--prompt=blue square is left of red circle")
+    with np.load(trained / "samples" / "sample_00000004.npz") as data:
+        assert data["images"].shape == (2, 64, 64, 3) and data["images"].dtype == np.uint8
+        assert list(data["captions"]) == ["red circle is above blue square", "blue square is left of red circle"]
+    assert (trained / "samples" / "sample_00000004.png").exists()
+
+
+def test_evaluate_writes_accuracy_tables(trained):
+    run_cli(trained, "evaluate")
+    table = json.loads((trained / "eval.json").read_text())
+    assert table["step"] == 4 and table["num_prompts"] == 8
+    assert {"color", "shape", "unique_binding", "spatial_relationship", "overall"} <= set(table["overall"])
+    assert sum(row["n"] for row in table["per_relation"].values()) == 8
+    markdown = (trained / "eval.md").read_text()
+    assert "| all | 8 |" in markdown and "spatial_relationship" in markdown
+
+
+@pytest.mark.parametrize("mode", ["sample", "evaluate"])
+def test_missing_checkpoint_says_train_first(tmp_path, mode):
+    with pytest.raises(FileNotFoundError, match=f"No checkpoint in {tmp_path}.*Train first"):
+        run_cli(tmp_path, mode)
+
+
+def test_analyze_is_not_implemented_yet(tmp_path):
+    with pytest.raises(NotImplementedError, match="--mode=analyze is not implemented yet"):
+        run_cli(tmp_path, "analyze")
+
+
+def test_unknown_override_key_fails_with_a_clear_message(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", CONFIG, f"--workdir={tmp_path}",
+                             "--config.train.learning_rate=0.1"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--config.train.learning_rate: train has no key 'learning_rate'" in result.stderr

@@ -1,0 +1,143 @@
+"""Benchmark: training throughput (images/s) of the real compiled train step vs the same model trained with PyTorch.
+
+For each DiT size: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW, EMA) on one
+fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same size (in_channels 3, sample_size 64,
+patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, using all CPU
+cores. Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of this machine's measured
+f32 matmul peak (a 2048x2048 jnp matmul). Data generation is not timed (see bench_data.py).
+The last line of output is one JSON object with the figures.
+
+    python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
+"""
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from diffusers import PixArtTransformer2DModel
+
+from relcirc_jax.config import base_config
+from relcirc_jax.data import dataset
+from relcirc_jax.diffusion.schedules import alphas_cumprod
+from relcirc_jax.models.convert import diffusers_config
+from relcirc_jax.parallel.host_data import to_global
+from relcirc_jax.train import state as train_state
+from relcirc_jax.train import step as train_step
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` f32 FLOP/s of one n x n jnp matmul."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = min(_seconds(lambda: matmul(a, a).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def jax_train(size: str, batch_size: int, steps: int, workdir: str) -> dict:
+    """Images/s and FLOPs of our compiled train step for DiT-`size` at `batch_size`."""
+    config = base_config("rte", size)
+    config.train.batch_size = batch_size
+    experiment = train_state.build_experiment(config, workdir)
+    local = dataset.train_batch(0, 0, global_batch=batch_size)
+    batch = to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, experiment.mesh)
+    start = time.perf_counter()
+    compiled = train_step.compile_train_step(
+        train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
+        experiment.abstract_state, experiment.state_sh, batch, experiment.tables, experiment.mesh)
+    compile_s = time.perf_counter() - start
+    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
+    state = init(experiment.model_cfg, experiment.tx, 0)
+    state, metrics = compiled(state, batch, experiment.tables)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, experiment.tables)
+    jax.block_until_ready((state, metrics))
+    step_s = (time.perf_counter() - start) / steps
+    experiment.checkpointer.close()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"images_per_s": batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
+            "flops_per_step": float(cost["flops"]), "model_cfg": experiment.model_cfg}
+
+
+def torch_train(model_cfg, batch_size: int, steps: int) -> dict:
+    """Images/s of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA."""
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(**diffusers_config(model_cfg)).train()
+    ema = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-2, eps=1e-10)
+    schedule = torch.from_numpy(alphas_cumprod()).float()
+    size = model_cfg.image_size
+    x0 = torch.rand(batch_size, 3, size, size) * 2 - 1
+    text = torch.randn(batch_size, model_cfg.max_text_len, model_cfg.caption_channels) * 0.1
+    mask = torch.ones(batch_size, model_cfg.max_text_len, dtype=torch.long)
+
+    def step():
+        t = torch.randint(0, 1000, (batch_size,))
+        noise = torch.randn_like(x0)
+        a = schedule[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        out = model(x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        loss = torch.nn.functional.mse_loss(out, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+        optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.9999)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - start) / steps
+    return {"images_per_s": batch_size / step_s, "step_s": step_s}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="nano,micro,mini,b")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (after one warm-up step)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch_b", type=int, default=32, help="batch for DiT-B (CPU memory and time)")
+    parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    peak = matmul_peak_flops()
+    print(f"devices: {jax.devices()}; torch threads {torch.get_num_threads()}; "
+          f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    results = {"matmul_peak_gflops": peak / 1e9, "devices": len(jax.devices()), "sizes": {}}
+    for size in args.sizes.split(","):
+        batch_size = args.batch_b if size == "b" else args.batch
+        ours = jax_train(size, batch_size, args.steps, args.workdir)
+        theirs = torch_train(ours.pop("model_cfg"), batch_size, args.steps)
+        achieved = ours["flops_per_step"] / ours["step_s"]
+        row = {"batch": batch_size, "jax_images_per_s": ours["images_per_s"], "jax_step_s": ours["step_s"],
+               "jax_compile_s": ours["compile_s"], "torch_images_per_s": theirs["images_per_s"],
+               "torch_step_s": theirs["step_s"], "speedup_vs_torch": ours["images_per_s"] / theirs["images_per_s"],
+               "gflops_per_step": ours["flops_per_step"] / 1e9, "achieved_gflops": achieved / 1e9,
+               "fraction_of_peak": achieved / peak}
+        results["sizes"][size] = row
+        print(f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s ({row['jax_step_s']:.2f} s/step, "
+              f"compile {row['jax_compile_s']:.1f} s) | torch {row['torch_images_per_s']:.1f} img/s "
+              f"({row['torch_step_s']:.2f} s/step) | x{row['speedup_vs_torch']:.2f} | "
+              f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
+              f"{100 * row['fraction_of_peak']:.0f}% of matmul peak", flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,12 +64,15 @@ def color_coverage(images_uint8: np.ndarray) -> np.ndarray:
     images = check_images(images_uint8)
     background = np.median(images[:, ::4, ::4].reshape(len(images), -1, 3), axis=1)  # objects cover < 1/6
     gain = np.asarray(BACKGROUND_RGB, np.float32) / np.maximum(background, 1).astype(np.float32)
-    balanced = images.astype(np.float32) * gain[:, None, None, :]
-    r, g, b = balanced[..., 0], balanced[..., 1], balanced[..., 2]
+    r, g, b = (np.multiply(images[..., k], gain[:, k, None, None], dtype=np.float32) for k in range(3))
     pure = 255 * np.minimum(gain, 1)  # a pure channel clipped at 255 by the cast, then balanced
-    excess = {"red": (r - np.maximum(g, b)) / pure[:, 0, None, None],
-              "blue": (b - np.maximum(r, g)) / pure[:, 2, None, None]}
-    return np.stack([np.clip(excess[c], 0, 1) for c in COLORS])
+    excess = {"red": (r, np.maximum(g, b), pure[:, 0]), "blue": (b, np.maximum(r, g), pure[:, 2])}
+    coverage = np.empty((len(COLORS),) + r.shape, np.float32)
+    for out, color in zip(coverage, COLORS):
+        own, others, scale = excess[color]
+        np.subtract(own, others, out=out)
+        out *= (1 / scale)[:, None, None]
+    return np.clip(coverage, 0, 1, out=coverage)
 
 
 def detect(images_uint8: np.ndarray, *, radius: float | None = None) -> Detections:

@@ -35,7 +35,8 @@ def main():
         one_batch()
     seconds = time.perf_counter() - start
     images_per_s = args.batch * args.batches / seconds
-    print(f"{args.batches} batches of {args.batch} scenes at {args.size} px: {seconds:.2f} s, {images_per_s:,.0f} images/s")
+    print(f"{args.batches} batches of {args.batch} scenes at {args.size} px: {seconds:.2f} s, "
+          f"{images_per_s:,.0f} images/s")
     print(json.dumps({"size": args.size, "batch": args.batch, "images_per_s": round(images_per_s)}))
 
 

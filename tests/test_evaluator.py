@@ -74,8 +74,8 @@ def test_unique_binding_needs_exactly_one_match_and_nan_when_missing():
 
 def test_same_description_objects_and_shape_only_binding():
     pair = _scene([("circle", "red", 20, 15), ("circle", "red", 22, 45)])
-    out = score_specs(np.repeat(pair, 3, 0), [_spec("red circle above red circle"), _spec("red circle below red circle"),
-                                              _spec("red circle left red circle")])
+    texts = ["red circle above red circle", "red circle below red circle", "red circle left red circle"]
+    out = score_specs(np.repeat(pair, 3, 0), [_spec(t) for t in texts])
     np.testing.assert_array_equal(out["overall"], [True, True, False])  # either order may satisfy alike objects
     mixed = _scene([("circle", "blue", 20, 15), ("circle", "red", 22, 45)])
     out = score_specs(np.repeat(mixed, 2, 0), [_spec("- circle above red circle"), _spec("- circle below red circle")])

@@ -70,6 +70,7 @@ def signed_distance(shape_idx: np.ndarray, u: np.ndarray, v: np.ndarray, radius:
 
 
 def _check_objects(shape_idx, centers=None):
+    """Validated (shape_idx int[N, 2], centers float32[N, 2, 2] or None); one clear ValueError otherwise."""
     shape_idx = np.asarray(shape_idx)
     if shape_idx.ndim != 2 or shape_idx.shape[1] != 2 or not np.issubdtype(shape_idx.dtype, np.integer):
         raise ValueError(f"shape_idx must be an integer array [N, 2], got {shape_idx.dtype}{list(shape_idx.shape)}")
@@ -78,7 +79,8 @@ def _check_objects(shape_idx, centers=None):
     if centers is not None:
         centers = np.asarray(centers, np.float32)
         if centers.shape != (shape_idx.shape[0], 2, 2) or not np.isfinite(centers).all():
-            raise ValueError(f"centers must be finite floats of shape {(shape_idx.shape[0], 2, 2)}, got {centers.shape}")
+            raise ValueError(f"centers must be finite floats of shape {(shape_idx.shape[0], 2, 2)}, "
+                             f"got {centers.shape}")
     return shape_idx, centers
 
 
@@ -112,7 +114,8 @@ def sample_centers(rng: np.random.Generator, shape_idx: np.ndarray, *, size: int
     n = shape_idx.shape[0]
     if relation_idx is not None:
         relation_idx = np.asarray(relation_idx)
-        if relation_idx.shape != (n,) or relation_idx.min(initial=0) < 0 or relation_idx.max(initial=0) >= len(RELATIONS):
+        if relation_idx.shape != (n,) or not 0 <= relation_idx.min(initial=0) <= relation_idx.max(initial=0) < len(
+                RELATIONS):
             raise ValueError(f"relation_idx must be ints in [0, {len(RELATIONS)}) of shape ({n},)")
     lo, hi = radius + 1, size - radius - 1
     if hi <= lo:

@@ -32,7 +32,8 @@ def score(images_uint8: np.ndarray, captions: list[str], *, radius: float | None
     return score_specs(images_uint8, [parse(c).spec for c in captions], radius=radius)
 
 
-def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *, radius: float | None = None) -> dict[str, np.ndarray]:
+def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *,
+                radius: float | None = None) -> dict[str, np.ndarray]:
     """Metrics per image: bool[N] for each name in METRICS, and centers float[N, 4] = (x1, y1, x2, y2) of the
     bound objects (NaN where an object was not found). radius None -> size * 8 / 64."""
     images = check_images(images_uint8)

@@ -136,14 +136,18 @@ def _mask_stats(labels: np.ndarray, count: int) -> dict:
     where = np.flatnonzero(labels)
     label = labels.reshape(-1)[where] - 1
     image, row, col = _pixel_coordinates(where, labels.shape)
-    first = np.full((2, count), np.iinfo(np.int64).max)
-    last = np.full((2, count), -1)
-    np.minimum.at(first, (slice(None), label), np.stack([row, col]))
-    np.maximum.at(last, (slice(None), label), np.stack([row, col]))
+
+    def extreme(ufunc, values, start):
+        out = np.full(count, start)
+        ufunc.at(out, label, values)
+        return out
+
+    top, left = extreme(np.minimum, row, np.iinfo(np.int64).max), extreme(np.minimum, col, np.iinfo(np.int64).max)
+    bottom, right = extreme(np.maximum, row, -1), extreme(np.maximum, col, -1)
     owner = np.zeros(count, np.int64)
     owner[label] = image
-    return {"image": owner, "area": np.bincount(label, minlength=count), "top": first[0], "left": first[1],
-            "height": last[0] - first[0] + 1, "width": last[1] - first[1] + 1}
+    return {"image": owner, "area": np.bincount(label, minlength=count), "top": top, "left": left,
+            "height": bottom - top + 1, "width": right - left + 1}
 
 
 def _grow(labels: np.ndarray, ring: int) -> np.ndarray:

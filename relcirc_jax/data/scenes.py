@@ -14,6 +14,7 @@ _SQRT3 = np.sqrt(3.0)
 _SHAPE_AREA_PER_R2 = {"circle": np.pi, "square": 4.0, "triangle": _SQRT3}
 _COLOR_TABLE = np.array([COLOR_RGB[c] for c in COLORS], np.float32)
 _MAX_SAMPLING_ROUNDS = 1000
+_TRIES_PER_ROUND_FOR_A_RELATION = 16
 _RGB_PIXEL = np.dtype((np.void, 3))
 
 
@@ -120,16 +121,23 @@ def sample_centers(rng: np.random.Generator, shape_idx: np.ndarray, *, size: int
     lo, hi = radius + 1, size - radius - 1
     if hi <= lo:
         raise ValueError(f"radius {radius} is too large for size {size}: need size > 2 * radius + 2")
+    tries = 1 if relation_idx is None else _TRIES_PER_ROUND_FOR_A_RELATION  # a relation accepts only ~6-17 %
     centers = np.zeros((n, 2, 2), np.float32)
     todo = np.arange(n)
     for _ in range(_MAX_SAMPLING_ROUNDS):
         if todo.size == 0:
             return centers
-        centers[todo] = rng.uniform(lo, hi, size=(todo.size, 2, 2))
-        ok = overlap_fraction(shape_idx[todo], centers[todo], radius=radius) <= MAX_OVERLAP_FRACTION
-        if relation_idx is not None:
-            ok &= relation_index(centers[todo], size=size) == relation_idx[todo]
-        todo = todo[~ok]
+        rows = np.repeat(todo, tries)
+        candidates = rng.uniform(lo, hi, size=(rows.size, 2, 2)).astype(np.float32)
+        ok = np.ones(rows.size, bool)
+        if relation_idx is not None:  # the cheap test first: overlap only for candidates with the right relation
+            ok = relation_index(candidates, size=size) == relation_idx[rows]
+        ok[ok] = overlap_fraction(shape_idx[rows[ok]], candidates[ok], radius=radius) <= MAX_OVERLAP_FRACTION
+        ok = ok.reshape(todo.size, tries)
+        placed = ok.any(axis=1)
+        first_ok = ok.argmax(axis=1)  # the first acceptable candidate keeps the conditional distribution exact
+        centers[todo[placed]] = candidates.reshape(todo.size, tries, 2, 2)[placed, first_ok[placed]]
+        todo = todo[~placed]
     raise RuntimeError(f"could not place {todo.size} layouts in {_MAX_SAMPLING_ROUNDS} rounds; is radius too large?")
 
 

@@ -2,6 +2,7 @@
 after SIGKILL), and the non-finite-loss stop that keeps the last good checkpoint."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -97,7 +98,10 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_samples_and_eval(refe
 def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices):
     config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 3})
     config.parallel.mesh.update(mesh)
-    loop.train(config, str(tmp_path), devices=jax.devices()[:num_devices])
+    state = loop.train(config, str(tmp_path), devices=jax.devices()[:num_devices])
+    if mesh["fsdp"] == 2:  # params and Adam moments really are split over fsdp, as the logical rules say
+        specs = [leaf.sharding.spec for leaf in jax.tree.leaves((state.params, state.opt_state))]
+        assert sum("fsdp" in spec for spec in specs) >= 10
     expected = losses(reference[0])
     for step, loss in losses(str(tmp_path)).items():
         assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
@@ -110,22 +114,38 @@ def test_stop_and_resume_is_bitwise_identical(reference, tmp_path):
     assert losses(str(tmp_path)) == losses(reference[0])
 
 
-def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
-    workdir = str(tmp_path)
+def start_run_and_wait_for_first_checkpoint(workdir, env):
+    """A CLI training subprocess of the reference config, returned once its step-2 checkpoint is committed."""
     command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
                f"--workdir={workdir}", f"--config.train.num_steps={STEPS}", "--config.eval.every_steps=1000",
                "--config.sample.every_steps=1000"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **compile_cache}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
     first_checkpoint = os.path.join(workdir, "checkpoints", "2")
     deadline = time.monotonic() + 120
     while not os.path.exists(first_checkpoint) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
+    return process
+
+
+def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
+    process = start_run_and_wait_for_first_checkpoint(str(tmp_path), compile_cache)
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr.decode()[-3000:]}"
-    restarted = loop.train(smoke_config(**NO_SAMPLING), workdir)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
+    restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     assert_states_bitwise_equal(restarted, reference[1])
+
+
+def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compile_cache):
+    process = start_run_and_wait_for_first_checkpoint(str(tmp_path), compile_cache)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate()
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = int(re.search(r"Preempted: saved the checkpoint of step (\d+)", stderr).group(1))
+    assert str(stopped_at) in os.listdir(tmp_path / "checkpoints")
+    resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
+    assert_states_bitwise_equal(resumed, reference[1])
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

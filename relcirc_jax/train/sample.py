@@ -11,11 +11,11 @@ from etils import epath
 from PIL import Image
 
 from relcirc_jax import diffusion
+from relcirc_jax.data import dataset
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules
-from relcirc_jax.data import dataset
 from relcirc_jax.text import tokenizer
 from relcirc_jax.train import state as train_state
 

@@ -107,6 +107,16 @@ def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices
         assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
 
 
+def test_remat_and_bfloat16_compute_train(reference, tmp_path):
+    config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 2, "train.remat": True,
+                                            "train.compute_dtype": "bfloat16"})
+    state = loop.train(config, str(tmp_path))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))  # params stay float32
+    expected = losses(reference[0])
+    for step, loss in losses(str(tmp_path)).items():
+        assert abs(loss - expected[step]) < 0.02 * expected[step], (step, loss, expected[step])
+
+
 def test_stop_and_resume_is_bitwise_identical(reference, tmp_path):
     loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))
     resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))

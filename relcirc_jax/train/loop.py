@@ -73,6 +73,9 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
          writer: MetricWriter) -> train_state.TrainState:
     config = experiment.config
     total = config.train.num_steps
+    if start >= total:
+        logging.info("The checkpoint of step %d already reaches train.num_steps=%d; nothing to train.", start, total)
+        return state
     step_fn = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
         experiment.abstract_state, experiment.state_sh, _global_batch(config, experiment.mesh, start),
@@ -90,7 +93,7 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
         saving = done % config.checkpoint.every_steps == 0 or done == total or preempted
-        if saving or done % config.log.every_steps == 0:
+        if saving or periodic.due(done) or done % config.log.every_steps == 0:
             _check_finite(pending, experiment)
             writer.scalars(done, _window_metrics(pending))
             progress.update(done, metrics["loss"], metrics["grad_norm"])
@@ -143,6 +146,10 @@ class _PeriodicSampling:
         self.grid_captions = sampling.fixed_prompts(config)
         self.eval_captions = evaluate.eval_captions(config)
         self._samplers = {}  # batch size -> Sampler, compiled on first use
+
+    def due(self, step: int) -> bool:
+        config = self.experiment.config
+        return step % config.sample.every_steps == 0 or step % config.eval.every_steps == 0
 
     def __call__(self, state: train_state.TrainState, step: int, writer: MetricWriter) -> None:
         config = self.experiment.config

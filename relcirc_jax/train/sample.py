@@ -24,15 +24,13 @@ class Sampler:
     """Generates uint8 images for captions in fixed-size, batch-sharded chunks (one compiled function per run).
 
     The starting noise of the i-th caption is a function of (seed, i) alone, so the same captions give the same images
-    whatever the chunk size or the mesh.
+    whatever the chunk size or the mesh. Single-process: inputs go in as host numpy arrays and images come back whole.
     """
 
     def __init__(self, model_cfg: dit.DiTConfig, conditioner, mesh: jax.sharding.Mesh, param_sh, *, cfg_scale: float,
                  num_steps: int, solver: str, batch_size: int, seed: int):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = math.ceil(batch_size / shards) * shards
-        self.mesh = mesh
-        self.model_cfg = model_cfg
         batch_sh = sharding_rules.batch_sharding(mesh)
         self._generate = jax.jit(
             _generate_fn(model_cfg, conditioner, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver, seed=seed),

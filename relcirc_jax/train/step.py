@@ -28,7 +28,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
     """
     model = dit.DiT(model_cfg)
     schedule = learning_rate(config)
-    dropout, decay, seed = config.train.caption_dropout, config.train.ema_decay, config.seed
+    dropout, seed = config.train.caption_dropout, config.seed
 
     def loss_fn(params, batch, text, text_mask, key):
         drop_key, loss_key = jax.random.split(key)
@@ -45,11 +45,18 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, text, text_mask, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(params=params, opt_state=opt_state, ema_params=ema.ema_update(state.ema_params, params, decay),
-                               step=state.step + 1)
+        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
+                               ema_params=ema.ema_update(state.ema_params, params, ema_decay(config, state.step)))
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
 
     return train_step
+
+
+def ema_decay(config: ml_collections.ConfigDict, step: jax.Array):
+    """train.ema_decay, or its warm-up min(ema_decay, (1+step)/(10+step)) when train.ema_warmup."""
+    if config.train.ema_warmup:
+        return ema.warmup_decay(step, config.train.ema_decay)
+    return config.train.ema_decay
 
 
 def drop_captions(params, text, text_mask, key, rate: float):

@@ -1,7 +1,8 @@
 """minilm text encoder + DiT-b. All logic is in relcirc_jax/config.py.
 
 Launch: python -m relcirc_jax.main --config=configs/minilm_dit_b.py --workdir=workdirs/minilm_dit_b
-Full run (no suffix): not in the paper; expect colour and shape near the RTE model, relation between RTE-nopos and T5; a few hours on one H100-class GPU for 40k steps at batch 256 (estimated from FLOPs, not measured).
+Full run (no suffix): not in the paper; expect colour and shape near the RTE model, relation between RTE-nopos and T5;
+  a few hours on one H100-class GPU for 40k steps at batch 256 (estimated from FLOPs, not measured).
 CPU run (":cpu" suffix): about an hour on a 2-core CPU, but only ~200 steps of DiT-B: a pipeline check, not a result.
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """

@@ -1,7 +1,8 @@
 """minilm text encoder + DiT-mini. All logic is in relcirc_jax/config.py.
 
 Launch: python -m relcirc_jax.main --config=configs/minilm_dit_mini.py --workdir=workdirs/minilm_dit_mini
-Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); about an hour on one GPU (estimate).
+Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); about an
+  hour on one GPU (estimate).
 CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """

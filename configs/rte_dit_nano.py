@@ -1,7 +1,8 @@
 """rte text encoder + DiT-nano. All logic is in relcirc_jax/config.py.
 
 Launch: python -m relcirc_jax.main --config=configs/rte_dit_nano.py --workdir=workdirs/rte_dit_nano
-Full run (no suffix): colour and shape well learned, relation only about 5 % (paper: nano RTE fails at relations); under an hour on one GPU (estimate).
+Full run (no suffix): colour and shape well learned, relation only about 5 % (paper: nano RTE fails at relations);
+  under an hour on one GPU (estimate).
 CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """

@@ -1,7 +1,8 @@
 """t5 text encoder + DiT-micro. All logic is in relcirc_jax/config.py.
 
 Launch: python -m relcirc_jax.main --config=configs/t5_dit_micro.py --workdir=workdirs/t5_dit_micro
-Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); under an hour on one GPU (estimate).
+Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); under an
+  hour on one GPU (estimate).
 CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 T5 needs a local T5-v1.1-XXL directory: add --config.text.t5_path=/path/to/t5-v1_1-xxl (nothing is downloaded).

@@ -1,24 +1,25 @@
 """The one training recipe behind every configs/*.py file, its run-size variants and its validation.
 
-The paper's recipe (Wang et al. 2026, following PixArt-alpha): AdamW lr 1e-4, weight decay 3e-2, eps 1e-10, 500 linear
-warm-up steps then constant, gradient clipping at global norm 0.01, batch 256, EMA of the weights (decay 0.9999, PixArt's
-`ema_rate`) used for sampling, caption dropout 0.1 so one model also gives the unconditional prediction for CFG; sampling
-with DPM-Solver++ (2M) 14 steps and CFG 4.5. The paper does not state its number of training steps; 40k steps at batch
-256 is our default for a full run.
+The paper's recipe (Wang et al. 2026, following PixArt-alpha): AdamW lr 1e-4, weight decay 3e-2, eps 1e-10, 500
+linear warm-up steps then constant, gradient clipping at global norm 0.01, batch 256, EMA of the weights (decay 0.9999,
+PixArt's `ema_rate`) used for sampling, caption dropout 0.1 so one model also gives the unconditional prediction for
+CFG; sampling with DPM-Solver++ (2M) 14 steps and CFG 4.5. The paper does not state its number of training steps; 40k
+steps at batch 256 is our default for a full run.
 
 Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:cpu`):
 
 * ``None`` - the paper's recipe, for a GPU/TPU.
-* ``cpu`` - a run that learns on a 2-core CPU in about an hour. Measured: a micro train step takes ~4 s at batch 256 and
-  ~0.9 s at batch 64, so the wall-clock cost per image is about the same and smaller batches buy 4x more optimizer steps,
-  which is what a short run needs. Hence batch 64, a larger lr (5e-4, AdamW at batch 64 is stable there for these small
-  DiTs; 1e-3 risks loss spikes without the paper's clip), 200 warm-up steps, gradient clipping at 1.0 (the paper's 0.01
-  clips essentially every step, i.e. it turns AdamW into sign-like normalised steps scaled down by the lr - fine over
-  hundreds of thousands of steps, too slow for a few thousand) and EMA decay 0.999 with a warm-up (decay
+* ``cpu`` - a run that learns on a 2-core CPU in about an hour. Measured: a micro train step takes ~4 s at batch 256
+  and ~0.9 s at batch 64, so the wall-clock cost per image is about the same and smaller batches buy 4x more optimizer
+  steps, which is what a short run needs. Hence batch 64, a larger lr (5e-4, AdamW at batch 64 is stable there for
+  these small DiTs; 1e-3 risks loss spikes without the paper's clip), 200 warm-up steps, gradient clipping at 1.0 (the
+  paper's 0.01 clips essentially every step, i.e. it turns AdamW into sign-like normalised steps scaled down by the lr -
+  fine over hundreds of thousands of steps, too slow for a few thousand) and EMA decay 0.999 with a warm-up (decay
   min(0.999, (1+step)/(10+step)), so the EMA used by the periodic evaluations is not stuck near the random init: a
   constant 0.999 still weighs the init by 40% at step 900). The step count is the time budget divided by the
   per-size step time at batch 64 (`CPU_STEP_SECONDS`).
-* ``quick`` - the ``cpu`` recipe with a quarter of the time budget (about 15 minutes): colours and shapes, little relation.
+* ``quick`` - the ``cpu`` recipe with a quarter of the time budget (about 15 minutes): colours and shapes, little
+  relation.
 * ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 8 prompts. For tests and for checking a set-up.
 """
 import importlib.util

@@ -67,7 +67,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     experiment = train_state.build_experiment(config, workdir)
     step, state = train_state.restore_or_fail(experiment, workdir)
     captions = eval_captions(config)
-    scores = score_captions(sampling.make_sampler(experiment, config.eval.batch_size), state.ema_params, experiment.tables, captions)
+    sampler = sampling.make_sampler(experiment, config.eval.batch_size)
+    scores = score_captions(sampler, state.ema_params, experiment.tables, captions)
     table = {"step": step, **accuracy_table(scores, captions)}
     workdir = epath.Path(workdir)
     (workdir / "eval.json").write_text(json.dumps(table, indent=2))

@@ -1,4 +1,4 @@
-"""Prompts -> images with the EMA weights: one jitted, batch-sharded call (text embedding, CFG, DPM-Solver++), plus grids."""
+"""Prompts -> images: one jitted, batch-sharded call (text embedding, CFG, DPM-Solver++), plus image grids."""
 import math
 from typing import Callable, Sequence
 
@@ -71,7 +71,8 @@ def _generate_fn(model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num
             return model.apply({"params": params}, x, t, txt, msk)
 
         eps_fn = guidance.cfg_eps_fn(model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale)
-        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), image_shape))(noise_id)
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
+        noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
         x0 = diffusion.sample(eps_fn, noise, solver=solver, num_steps=num_steps)
         return to_uint8(x0[..., :model_cfg.in_channels])
 

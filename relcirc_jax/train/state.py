@@ -99,8 +99,9 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
     model_cfg = model_config(config, caption_channels=conditioner.dim)
     tx = optimizer(config)
     abstract, shardings = state_shardings(model_cfg, tx, mesh, config.seed)
-    checkpointer = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints", save_every=config.checkpoint.every_steps,
-                                           keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    checkpointer = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints",
+                                           save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                                           async_save=config.checkpoint.async_save)
     return Experiment(config, mesh, conditioner, tables, model_cfg, tx, with_shardings(abstract, shardings), shardings,
                       checkpointer)
 

@@ -1,4 +1,4 @@
-"""One training step (caption dropout -> diffusion loss -> AdamW -> EMA), compiled ahead of time with explicit shardings."""
+"""One training step (caption dropout -> diffusion loss -> AdamW -> EMA), compiled ahead of time with shardings."""
 import time
 from typing import Callable
 

@@ -133,7 +133,8 @@ def main():
         results["sizes"][size] = row
         print(f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s "
               f"({row['jax_step_s']:.2f} s/step, compile {row['jax_compile_s']:.1f} s) | "
-              f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | x{row['speedup_vs_torch']:.2f} | "
+              f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | "
+              f"x{row['speedup_vs_torch']:.2f} | "
               f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
               f"{100 * row['fraction_of_peak']:.0f}% of matmul peak", flush=True)
     print(json.dumps(results))

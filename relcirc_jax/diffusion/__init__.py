@@ -1,14 +1,17 @@
 """relcirc_jax.diffusion: the DDPM schedule, the training loss, ODE samplers and classifier-free guidance."""
 from relcirc_jax.diffusion.guidance import cfg_eps_fn
+from relcirc_jax.diffusion.parameterization import PREDICTIONS, eps_fn_from
 from relcirc_jax.diffusion.losses import diffusion_loss, eps_prediction_loss, q_sample, sample_timesteps
 from relcirc_jax.diffusion.samplers import SOLVERS, sample, sample_trajectory
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 
 __all__ = [
+    "PREDICTIONS",
     "SOLVERS",
     "Schedule",
     "cfg_eps_fn",
     "diffusion_loss",
+    "eps_fn_from",
     "eps_prediction_loss",
     "linear_schedule",
     "q_sample",

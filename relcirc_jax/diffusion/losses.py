@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relcirc_jax.diffusion import parameterization
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -84,12 +85,15 @@ def vlb_term(
 
 
 def diffusion_loss(
-    eps_fn: EpsFn, x0: jax.Array, key: jax.Array, *, learn_sigma: bool = False, schedule: Schedule | None = None
+    eps_fn: EpsFn, x0: jax.Array, key: jax.Array, *, learn_sigma: bool = False, schedule: Schedule | None = None,
+    prediction: str = "eps",
 ) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for a batch x0 [B, ...]; eps_fn(x_t, t) gets t as float32 integer values [B].
 
-    aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+    `prediction` says what eps_fn's first C channels predict ("eps" or "v", see parameterization.py); the MSE is
+    taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
     """
+    parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
     t_key, noise_key = jax.random.split(key)
     t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
@@ -104,10 +108,13 @@ def diffusion_loss(
             f"eps_fn returned {out.shape[-1]} channels but learn_sigma={learn_sigma} with {channels}-channel images "
             f"needs {expected}; set learn_sigma to match the model's output channels."
         )
+    abar = _per_example(schedule.alphas_cumprod, t, x0)
+    target = parameterization.training_target(prediction, x0.astype(jnp.float32), noise, abar)
     if not learn_sigma:
-        mse = eps_prediction_loss(out, noise)
+        mse = eps_prediction_loss(out, target)
         return mse, {"mse": mse}
-    eps, v = out[..., :channels], out[..., channels:]
-    mse = eps_prediction_loss(eps, noise)
+    pred, v = out[..., :channels], out[..., channels:]
+    mse = eps_prediction_loss(pred, target)
+    eps = parameterization.to_eps(prediction, pred, x_t, abar)
     vb = jnp.mean(vlb_term(jax.lax.stop_gradient(eps), v, x0.astype(jnp.float32), x_t, t, schedule))
     return mse + vb, {"mse": mse, "vb": vb}

@@ -70,6 +70,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.model.patch_size = 8
     c.model.mlp_ratio = 4.0
     c.model.learn_sigma = False
+    c.model.prediction = "eps"  # PixArt's; ":cpu" trains "v" (see diffusion/parameterization.py)
 
     c.text = ml_collections.ConfigDict()
     c.text.encoder = encoder
@@ -133,6 +134,7 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     c.train.grad_clip = 1.0
     c.train.ema_decay = 0.999
     c.train.ema_warmup = True
+    c.model.prediction = "v"  # eps-prediction in pixel space needs far longer to sample cleanly
     c.train.num_steps = max(100, int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100)
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25

@@ -41,6 +41,7 @@ class DiTConfig:
     caption_channels: int = 4096
     max_text_len: int = 20
     learn_sigma: bool = False
+    prediction: str = "eps"  # what the first out_channels mean: "eps" (PixArt) or "v"; see diffusion/parameterization.py
     dtype: str = "float32"
     remat: bool = False
 
@@ -52,6 +53,8 @@ class DiTConfig:
             problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.hidden_size % 4:
             problems.append(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
+        if self.prediction not in ("eps", "v"):
+            problems.append(f"prediction {self.prediction!r} is not one of ('eps', 'v')")
         if self.dtype not in COMPUTE_DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
         for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",

@@ -70,7 +70,8 @@ def _generate_fn(model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num
         def model_fn(x, t, txt, msk):
             return model.apply({"params": params}, x, t, txt, msk)
 
-        eps_fn = guidance.cfg_eps_fn(model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale)
+        guided = guidance.cfg_eps_fn(model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale)
+        eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
         noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
         x0 = diffusion.sample(eps_fn, noise, solver=solver, num_steps=num_steps)

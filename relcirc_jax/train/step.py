@@ -37,7 +37,8 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
         def eps_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, text, text_mask)
 
-        return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma)
+        return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma,
+                                        prediction=model_cfg.prediction)
 
     def train_step(state: TrainState, batch, tables):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STEP_STREAM), state.step)

@@ -1,7 +1,8 @@
 """Benchmark: scene generation throughput (sample centres with the overlap rule + render), numpy on the CPU.
 
-Target: >= 20,000 images/s at 64 px. Also measured: the same with every layout drawn for a given (random) relation.
-The last line of output is one JSON object with the figures.
+Target: >= 20,000 images/s at 64 px. Also measured: the same with every layout drawn for a given (random) relation,
+and the wall time of a whole training batch (dataset.train_batch: specs, captions, layouts, render, [-1, 1] floats)
+at the trainer's batch sizes, which must stay far below a train step. The last line of output is one JSON object.
 
     python benchmarks/bench_data.py [--size 64] [--batch 1024] [--batches 20]
 """
@@ -11,7 +12,7 @@ import time
 
 import numpy as np
 
-from relcirc_jax.data import scenes
+from relcirc_jax.data import dataset, scenes
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES
 
 
@@ -41,6 +42,16 @@ def main():
         figures[key] = round(args.batch * args.batches / seconds)
         print(f"{args.batches} batches of {args.batch} scenes at {args.size} px"
               f"{' for given relations' if given_relation else ''}: {seconds:.2f} s, {figures[key]:,} images/s")
+    for batch in (64, 256):
+        dataset.train_batch(0, 0, global_batch=batch, size=args.size, radius=radius)  # warm the caption tables
+        times = []
+        for step in range(1, args.batches + 1):
+            start = time.perf_counter()
+            dataset.train_batch(0, step, global_batch=batch, size=args.size, radius=radius)
+            times.append(time.perf_counter() - start)
+        figures[f"train_batch_{batch}_ms"] = round(float(np.median(times)) * 1e3, 2)
+        print(f"dataset.train_batch(global_batch={batch}) at {args.size} px: "
+              f"{figures[f'train_batch_{batch}_ms']:.1f} ms median")
     print(json.dumps(figures))
 
 

@@ -4,7 +4,6 @@ from typing import Sequence
 
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 
 from relcirc_jax import evaluation
@@ -63,7 +62,8 @@ def markdown_table(table: dict, step: int) -> str:
 
 
 def run_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Evaluates the latest checkpoint of `workdir`: writes eval.json and eval.md there and returns the table."""
+    """Evaluates the latest checkpoint of `workdir`: writes eval.json and eval.md there, prints the markdown table and
+    returns the table."""
     experiment = train_state.build_experiment(config, workdir)
     step, state = train_state.restore_or_fail(experiment, workdir)
     captions = eval_captions(config)
@@ -72,7 +72,8 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     table = {"step": step, **accuracy_table(scores, captions)}
     workdir = epath.Path(workdir)
     (workdir / "eval.json").write_text(json.dumps(table, indent=2))
-    (workdir / "eval.md").write_text(markdown_table(table, step))
-    logging.info("Evaluated step %d: %s", step, table["overall"])
+    markdown = markdown_table(table, step)
+    (workdir / "eval.md").write_text(markdown)
+    print(markdown, flush=True)
     experiment.checkpointer.close()
     return table

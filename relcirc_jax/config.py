@@ -60,6 +60,8 @@ def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collectio
 def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Persistent XLA compilation cache (local path or gs://...) shared by reruns and by all hosts of a job; None = off.
+    c.compilation_cache_dir = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     c.model.size = size

@@ -2,10 +2,15 @@
 
 Modes: train (or resume), sample (PNG grid + .npz from the latest checkpoint), evaluate (eval.json + eval.md for the
 latest checkpoint), analyze (not implemented yet). Override any config value with --config.train.lr=3e-4 etc.
+
+Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command on every host with --distributed
+(cluster auto-detection by jax.distributed.initialize), or give --coordinator_address, --num_processes and
+--process_id explicitly (e.g. several processes on one machine). See launch/README.md.
 """
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from relcirc_jax import config as config_lib
@@ -16,6 +21,11 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rte_d
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, samples, eval tables.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run.")
 flags.DEFINE_multi_string("prompt", None, "--mode=sample: a caption to sample (repeatable); default the fixed grid.")
+flags.DEFINE_bool("distributed", False, "Join a multi-process job via jax.distributed.initialize(), auto-detecting "
+                  "the cluster (Cloud TPU, SLURM, Open MPI) for any of the three flags below left unset.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes in the job (implies --distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -24,6 +34,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass options as --name=value.")
     config, workdir = FLAGS.config, FLAGS.workdir
+    join_distributed_job()
+    apply_runtime_options(config)
     if FLAGS.mode == "train":
         from relcirc_jax.train import loop
         loop.train(config, workdir)
@@ -36,6 +48,28 @@ def main(argv):
     else:
         raise NotImplementedError("--mode=analyze is not implemented yet; the circuit analyses live in "
                                   "relcirc_jax.analysis and will get their CLI mode later.")
+
+
+def join_distributed_job() -> None:
+    """Calls jax.distributed.initialize() when the flags ask for a multi-process job; must run before any JAX work."""
+    explicit = {name: FLAGS[name].value for name in ("coordinator_address", "num_processes", "process_id")}
+    given = {name: value for name, value in explicit.items() if value is not None}
+    if not (FLAGS.distributed or given):
+        return
+    if given and len(given) < len(explicit) and not FLAGS.distributed:
+        missing = sorted(set(explicit) - set(given))
+        raise app.UsageError(f"Got --{' --'.join(sorted(given))} but not --{' --'.join(missing)}. Fix: pass all three "
+                             "of --coordinator_address, --num_processes and --process_id, or add --distributed to "
+                             "auto-detect the missing ones on a TPU pod or SLURM.")
+    jax.distributed.initialize(**given)
+    if jax.process_index() != 0:  # one progress log for the job, not one per host; warnings still show everywhere
+        logging.set_verbosity(logging.WARNING)
+
+
+def apply_runtime_options(config) -> None:
+    """JAX settings that come from the config: the persistent compilation cache directory (local or gs://)."""
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
 
 
 def parse_flags(argv):

@@ -1,0 +1,92 @@
+"""Multi-process training on localhost: 2 processes x 2 CPU devices joined by jax.distributed.initialize (gloo CPU
+collectives) train and checkpoint, then 1 process x 4 devices resumes to the end; the loss curve must equal an
+uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from relcirc_jax import main as cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIRST_STEPS, TOTAL_STEPS = 3, 6
+TIMEOUT_SECONDS = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
+    """A CLI training process of the micro :smoke config on `local_devices` fake CPU devices (no sampling/evals)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
+    command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_micro.py:smoke",
+               f"--workdir={workdir}", f"--config.train.num_steps={num_steps}", "--config.checkpoint.every_steps=3",
+               "--config.sample.every_steps=1000", "--config.eval.every_steps=1000",
+               f"--config.compilation_cache_dir={cache_dir}", *distributed_flags]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process) -> str:
+    _, stderr = process.communicate(timeout=TIMEOUT_SECONDS)
+    assert process.returncode == 0, stderr[-4000:]
+    return stderr
+
+
+def loss_rows(workdir) -> list[tuple[int, float]]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Workdirs of the two-process-then-resumed run and of the reference, the stderr of processes 0 and 1 of the
+    two-process phase, what that phase left behind, and the compilation cache directory."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    resumed, reference = str(tmp_path_factory.mktemp("resumed")), str(tmp_path_factory.mktemp("reference"))
+    coordinator = f"--coordinator_address=localhost:{free_port()}"
+    workers = [start(resumed, cache, FIRST_STEPS, 2, coordinator, "--num_processes=2", f"--process_id={i}")
+               for i in range(2)]
+    single = start(reference, cache, TOTAL_STEPS, 4)  # meanwhile; it also puts the 4-device step into the cache
+    stderrs = [finish(p) for p in workers]
+    finish(single)
+    first_phase = {"rows": loss_rows(resumed), "checkpoints": sorted(os.listdir(os.path.join(resumed, "checkpoints")))}
+    finish(start(resumed, cache, TOTAL_STEPS, 4))
+    return dict(resumed=resumed, reference=reference, stderrs=stderrs, first_phase=first_phase, cache=cache)
+
+
+def test_two_processes_form_one_four_device_mesh_and_only_process_0_writes(runs):
+    (stderr0, stderr1), first_phase = runs["stderrs"], runs["first_phase"]
+    assert "on mesh {'data': 4, 'fsdp': 1, 'model': 1}" in stderr0
+    assert "step 3/3" in stderr0 and "step 3/3" not in stderr1  # process 1 logs warnings only
+    assert [step for step, _ in first_phase["rows"]] == [1, 2, 3]  # one metrics row per step: process 0's
+    assert first_phase["checkpoints"] == ["3"]
+
+
+def test_resume_on_one_process_matches_an_uninterrupted_run(runs):
+    expected, got = dict(loss_rows(runs["reference"])), dict(loss_rows(runs["resumed"]))
+    assert sorted(got) == sorted(expected) == list(range(1, TOTAL_STEPS + 1))
+    for step, loss in got.items():
+        assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
+
+
+def test_config_compilation_cache_dir_is_used(runs):
+    assert os.listdir(runs["cache"])
+
+
+def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", f"--config={REPO}/configs/rte_dit_nano.py:smoke", f"--workdir={tmp_path}",
+               "--coordinator_address=localhost:1234"])
+    try:
+        with pytest.raises(cli.app.UsageError, match="but not --num_processes --process_id. Fix: pass all three"):
+            cli.join_distributed_job()
+    finally:
+        cli.FLAGS.unparse_flags()

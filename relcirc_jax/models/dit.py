@@ -153,22 +153,38 @@ def scaled_normal(axis_size_index: int):
     return init
 
 
+class PatchProjection(nn.Module):
+    """Stride-p, kernel-p conv as one matmul over flattened patches: [B, H, W, C] -> [B, N, D].
+
+    Same parameters as the diffusers conv (kernel [p, p, C, D] HWIO, bias [D]) and the same values; for
+    non-overlapping patches a reshape + matmul avoids XLA's CPU convolution (forward + kernel gradient a little faster).
+    """
+
+    features: int
+    patch_size: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        p, (batch, height, width, channels) = self.patch_size, x.shape
+        fan_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
+        kernel = self.param("kernel", partitioned(fan_init, (None, None, None, "embed")),
+                            (p, p, channels, self.features))
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("embed",)), (self.features,))
+        patches = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
+        patches = patches.reshape(batch, (height // p) * (width // p), p * p * channels).astype(self.dtype)
+        return patches @ kernel.reshape(p * p * channels, self.features).astype(self.dtype) + bias.astype(self.dtype)
+
+
 class PatchEmbed(nn.Module):
-    """Conv patchify + fixed 2D sin-cos position embedding -> [B, N, D]."""
+    """Patchify projection + fixed 2D sin-cos position embedding -> [B, N, D]."""
 
     config: DiTConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        fan_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
-        tokens = nn.Conv(
-            cfg.hidden_size, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size, cfg.patch_size),
-            padding="VALID", dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-            kernel_init=partitioned(fan_init, (None, None, None, "embed")),
-            bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)), name="proj",
-        )(x.astype(cfg.compute_dtype))
-        tokens = tokens.reshape(tokens.shape[0], -1, cfg.hidden_size)
+        tokens = PatchProjection(cfg.hidden_size, cfg.patch_size, cfg.compute_dtype, name="proj")(x)
         pos = sincos_2d_position_embedding(cfg.hidden_size, cfg.grid_size, cfg.pos_interpolation_scale)
         return (tokens.astype(jnp.float32) + pos[None]).astype(cfg.compute_dtype)
 

@@ -289,7 +289,12 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """PixArt-alpha DiT: (x [B,H,W,C], t [B], text [B,L,Dc], text_mask [B,L]) -> [B,H,W,C_out] float32."""
+    """PixArt-alpha DiT: (x [B,H,W,C], t [B], text [B,L,Dc], text_mask [B,L]) -> [B,H,W,C_out] float32.
+
+    `null_caption_rows` [B] bool (training's caption dropout) replaces those examples' captions by the learned null
+    caption. The swap happens after the caption projection, which acts per token, so it equals projecting the
+    swapped captions while the null caption's gradient costs one [L, Dc] projection instead of a [B, L, Dc] one.
+    """
 
     config: DiTConfig
     capture: tuple[str, ...] = ()
@@ -312,27 +317,32 @@ class DiT(nn.Module):
                                  f"{(cfg.depth, cfg.num_heads)}.")
 
     @nn.compact
-    def __call__(self, x, t, text, text_mask, *, self_head_mask=None, cross_head_mask=None):
+    def __call__(self, x, t, text, text_mask, *, self_head_mask=None, cross_head_mask=None, null_caption_rows=None):
         cfg, dtype = self.config, self.config.compute_dtype
         self._check_inputs(x, text, text_mask, {"self_head_mask": self_head_mask, "cross_head_mask": cross_head_mask})
         batch = x.shape[0]
         # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
-        self.param("y_embedding", partitioned(scaled_normal(1), (None, "caption")),
-                   (cfg.max_text_len, cfg.caption_channels))
+        null_text = self.param("y_embedding", partitioned(scaled_normal(1), (None, "caption")),
+                               (cfg.max_text_len, cfg.caption_channels))
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
         t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(
             jnp.broadcast_to(jnp.asarray(t), (batch,)))
         gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
-        caption = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype,
-                              name="caption_projection")(text.astype(dtype))
+        caption_projection = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype,
+                                         name="caption_projection")
+        caption = caption_projection(text.astype(dtype))
+        text_mask = text_mask.astype(bool)
+        if null_caption_rows is not None:
+            caption = jnp.where(null_caption_rows[:, None, None], caption_projection(null_text.astype(dtype)), caption)
+            text_mask = text_mask | null_caption_rows[:, None]  # the null caption has no padding
         if "hook_caption" in self.capture:
             self.sow("intermediates", "hook_caption", caption)
 
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for layer in range(cfg.depth):
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
-            h = block(h, t6, caption, text_mask.astype(bool),
+            h = block(h, t6, caption, text_mask,
                       None if self_head_mask is None else self_head_mask[layer],
                       None if cross_head_mask is None else cross_head_mask[layer])
 

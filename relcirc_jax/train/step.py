@@ -3,7 +3,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -32,10 +31,11 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
 
     def loss_fn(params, batch, text, text_mask, key):
         drop_key, loss_key = jax.random.split(key)
-        text, text_mask = drop_captions(params, text, text_mask, drop_key, dropout)
+        # Caption dropout for classifier-free guidance: these examples see the model's learned null caption.
+        null_caption_rows = jax.random.bernoulli(drop_key, dropout, (text.shape[0],))
 
         def eps_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, text, text_mask)
+            return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
 
         return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma,
                                         prediction=model_cfg.prediction)
@@ -58,15 +58,6 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array):
     if config.train.ema_warmup:
         return ema.warmup_decay(step, config.train.ema_decay)
     return config.train.ema_decay
-
-
-def drop_captions(params, text, text_mask, key, rate: float):
-    """Replaces each example's caption by the model's null caption with probability `rate` (for CFG)."""
-    null_text, null_mask = dit.null_caption(params, text.shape[0])
-    drop = jax.random.bernoulli(key, rate, (text.shape[0],))
-    text = jnp.where(drop[:, None, None], null_text.astype(text.dtype), text)
-    text_mask = jnp.where(drop[:, None], null_mask, text_mask)
-    return text, text_mask
 
 
 def compile_train_step(train_step: Callable, abstract_state, state_sh, batch, tables, mesh: jax.sharding.Mesh):

@@ -1,15 +1,19 @@
 """Multi-process training on localhost: 2 processes x 2 CPU devices joined by jax.distributed.initialize (gloo CPU
 collectives) train and checkpoint, then 1 process x 4 devices resumes to the end; the loss curve must equal an
-uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags."""
+uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags and the host<->global batch
+helpers (in this process, on the 8 fake devices of conftest)."""
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from relcirc_jax import main as cli
+from relcirc_jax.parallel import make_mesh, shared_to_global, to_host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST_STEPS, TOTAL_STEPS = 3, 6
@@ -90,3 +94,13 @@ def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
             cli.join_distributed_job()
     finally:
         cli.FLAGS.unparse_flags()
+
+
+def test_shared_batch_goes_to_the_devices_and_back_whole():
+    mesh = make_mesh({"data": 4, "fsdp": 2, "model": 1})
+    batch = {"ids": np.arange(16 * 3, dtype=np.int32).reshape(16, 3), "noise_id": np.arange(16, dtype=np.int32)}
+    placed = shared_to_global(batch, mesh)
+    assert placed["ids"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    assert {shard.data.shape for shard in placed["ids"].addressable_shards} == {(2, 3)}
+    for key, value in batch.items():
+        np.testing.assert_array_equal(to_host(placed[key]), value)

@@ -1,6 +1,8 @@
 """Metric output: TensorBoard event files (workdir/tb) plus one JSON row per call in workdir/metrics.jsonl.
 
-Only the primary process (usually process 0) writes; the others get a writer that does nothing.
+Only the primary process (usually process 0) writes; the others get a writer that does nothing. The workdir may be a
+cloud path (gs://...): every file goes through etils.epath, and TensorBoard's writer handles gs:// itself (it needs
+the google-cloud-storage package there).
 """
 from __future__ import annotations
 
@@ -32,9 +34,7 @@ class MetricWriter:
             if name != "step":
                 self._tb.add_scalar(name, value, row["step"])
         self._tb.flush()
-        with (self.workdir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+        _append_line(self.workdir / "metrics.jsonl", json.dumps(row))
 
     def image(self, step: int, name: str, image: np.ndarray) -> None:
         """`image` is uint8 [H, W, 3]; also saved as workdir/samples/{name}_{step:08d}.png."""
@@ -61,3 +61,13 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def _append_line(path: epath.Path, line: str) -> None:
+    """Appends `line` to a local file; cloud objects cannot be appended to, so there the file is rewritten whole."""
+    if "://" not in str(path):
+        with path.open("a") as f:
+            f.write(line + "\n")
+        return
+    previous = path.read_text() if path.exists() else ""
+    path.write_text(previous + line + "\n")

@@ -3,15 +3,17 @@
 For each DiT size: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW, EMA) on one
 fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same size (in_channels 3, sample_size 64,
 patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, using all CPU
-cores. Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of this machine's measured
-f32 matmul peak (a 2048x2048 jnp matmul). Data generation is not timed (see bench_data.py).
-The last line of output is one JSON object with the figures.
+cores. The two steps run alternately (JAX, torch, JAX, ...) and each time is the median over the rounds, so the
+ratio holds on a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from
+XLA's cost analysis and the achieved FLOP/s as a fraction of this machine's measured f32 matmul peak (a 2048x2048 jnp
+matmul). Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
 """
 import argparse
 import json
 import os
+import statistics
 import time
 
 import jax
@@ -44,8 +46,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def jax_train(size: str, batch_size: int, steps: int, workdir: str) -> dict:
-    """Images/s and FLOPs of our compiled train step for DiT-`size` at `batch_size`."""
+def jax_train(size: str, batch_size: int, workdir: str) -> dict:
+    """Our compiled train step for DiT-`size` at `batch_size`: a `step()` to time, its FLOPs, compile time."""
     config = base_config("rte", size)
     config.train.batch_size = batch_size
     experiment = train_state.build_experiment(config, workdir)
@@ -57,23 +59,21 @@ def jax_train(size: str, batch_size: int, steps: int, workdir: str) -> dict:
         experiment.abstract_state, experiment.state_sh, batch, experiment.tables, experiment.mesh)
     compile_s = time.perf_counter() - start
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
-    state = init(experiment.model_cfg, experiment.tx, 0)
-    state, metrics = compiled(state, batch, experiment.tables)  # warm-up
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch, experiment.tables)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - start) / steps
+    carry = {"state": init(experiment.model_cfg, experiment.tx, 0)}
+
+    def step():
+        carry["state"], metrics = compiled(carry["state"], batch, experiment.tables)
+        jax.block_until_ready((carry["state"], metrics))
+
     experiment.checkpointer.close()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"images_per_s": batch_size / step_s, "step_s": step_s, "compile_s": compile_s,
-            "flops_per_step": float(cost["flops"]), "model_cfg": experiment.model_cfg}
+    return {"step": step, "compile_s": compile_s, "flops_per_step": float(cost["flops"]),
+            "model_cfg": experiment.model_cfg}
 
 
-def torch_train(model_cfg, batch_size: int, steps: int) -> dict:
-    """Images/s of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA."""
+def torch_train(model_cfg, batch_size: int):
+    """A `step()` of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA."""
     torch.manual_seed(0)
     model = PixArtTransformer2DModel(**diffusers_config(model_cfg)).train()
     ema = [p.detach().clone() for p in model.parameters()]
@@ -99,18 +99,24 @@ def torch_train(model_cfg, batch_size: int, steps: int) -> dict:
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.9999)
 
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
+    return step
+
+
+def alternating_step_seconds(steps: dict, rounds: int) -> dict:
+    """Median seconds per step of each callable, run alternately for `rounds` rounds after one warm-up each."""
+    for step in steps.values():
         step()
-    step_s = (time.perf_counter() - start) / steps
-    return {"images_per_s": batch_size / step_s, "step_s": step_s}
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_seconds(step))
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="nano,micro,mini,b")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (after one warm-up)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batch_b", type=int, default=32, help="batch for DiT-B (CPU memory and time)")
     parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
@@ -122,21 +128,22 @@ def main():
     results = {"matmul_peak_gflops": peak / 1e9, "devices": len(jax.devices()), "sizes": {}}
     for size in args.sizes.split(","):
         batch_size = args.batch_b if size == "b" else args.batch
-        ours = jax_train(size, batch_size, args.steps, args.workdir)
-        theirs = torch_train(ours.pop("model_cfg"), batch_size, args.steps)
-        achieved = ours["flops_per_step"] / ours["step_s"]
-        row = {"batch": batch_size, "jax_images_per_s": ours["images_per_s"], "jax_step_s": ours["step_s"],
-               "jax_compile_s": ours["compile_s"], "torch_images_per_s": theirs["images_per_s"],
-               "torch_step_s": theirs["step_s"], "speedup_vs_torch": ours["images_per_s"] / theirs["images_per_s"],
+        ours = jax_train(size, batch_size, args.workdir)
+        theirs = torch_train(ours["model_cfg"], batch_size)
+        seconds = alternating_step_seconds({"jax": ours["step"], "torch": theirs}, args.steps)
+        achieved = ours["flops_per_step"] / seconds["jax"]
+        row = {"batch": batch_size, "jax_images_per_s": batch_size / seconds["jax"], "jax_step_s": seconds["jax"],
+               "jax_compile_s": ours["compile_s"], "torch_images_per_s": batch_size / seconds["torch"],
+               "torch_step_s": seconds["torch"], "speedup_vs_torch": seconds["torch"] / seconds["jax"],
                "gflops_per_step": ours["flops_per_step"] / 1e9, "achieved_gflops": achieved / 1e9,
-               "fraction_of_peak": achieved / peak}
+               "fraction_of_peak": achieved / peak, "load_average_1min": os.getloadavg()[0]}
         results["sizes"][size] = row
         print(f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s "
               f"({row['jax_step_s']:.2f} s/step, compile {row['jax_compile_s']:.1f} s) | "
               f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | "
               f"x{row['speedup_vs_torch']:.2f} | "
               f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
-              f"{100 * row['fraction_of_peak']:.0f}% of matmul peak", flush=True)
+              f"{100 * row['fraction_of_peak']:.0f}% of matmul peak | load {row['load_average_1min']:.1f}", flush=True)
     print(json.dumps(results))
 
 

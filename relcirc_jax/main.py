@@ -61,7 +61,11 @@ def join_distributed_job() -> None:
         raise app.UsageError(f"Got --{' --'.join(sorted(given))} but not --{' --'.join(missing)}. Fix: pass all three "
                              "of --coordinator_address, --num_processes and --process_id, or add --distributed to "
                              "auto-detect the missing ones on a TPU pod or SLURM.")
-    jax.distributed.initialize(**given)
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as error:  # jax names the one value it could neither detect nor was given
+        raise app.UsageError(f"--distributed found no cluster to join ({error}). Fix: run under a TPU pod, SLURM or "
+                             "Open MPI, or pass --coordinator_address, --num_processes and --process_id.") from error
     if jax.process_index() != 0:  # one progress log for the job, not one per host; warnings still show everywhere
         logging.set_verbosity(logging.WARNING)
 

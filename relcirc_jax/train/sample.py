@@ -16,6 +16,7 @@ from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules
+from relcirc_jax.parallel.host_data import shared_to_global, to_host
 from relcirc_jax.text import tokenizer
 from relcirc_jax.train import state as train_state
 
@@ -24,13 +25,15 @@ class Sampler:
     """Generates uint8 images for captions in fixed-size, batch-sharded chunks (one compiled function per run).
 
     The starting noise of the i-th caption is a function of (seed, i) alone, so the same captions give the same images
-    whatever the chunk size or the mesh. Single-process: inputs go in as host numpy arrays and images come back whole.
+    whatever the chunk size or the mesh. Every process passes the same captions; inputs are spread over the mesh's
+    devices (also across processes) and every process gets all images back.
     """
 
     def __init__(self, model_cfg: dit.DiTConfig, conditioner, mesh: jax.sharding.Mesh, param_sh, *, cfg_scale: float,
                  num_steps: int, solver: str, batch_size: int, seed: int):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = math.ceil(batch_size / shards) * shards
+        self._mesh = mesh
         batch_sh = sharding_rules.batch_sharding(mesh)
         self._generate = jax.jit(
             _generate_fn(model_cfg, conditioner, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver, seed=seed),
@@ -45,9 +48,9 @@ class Sampler:
         batch["noise_id"] = np.arange(len(padded), dtype=np.int32)
         chunks = []
         for start in range(0, len(padded), self.batch_size):
-            chunk = {k: v[start:start + self.batch_size] for k, v in batch.items()}
+            chunk = shared_to_global({k: v[start:start + self.batch_size] for k, v in batch.items()}, self._mesh)
             noise_id = chunk.pop("noise_id")
-            chunks.append(np.asarray(self._generate(params, chunk, tables, noise_id)))
+            chunks.append(to_host(self._generate(params, chunk, tables, noise_id)))
         return np.concatenate(chunks)[:len(captions)]
 
 

@@ -5,7 +5,6 @@ Captions are tokenized by the checkpoint's own fast tokenizer (padded / truncate
 included, as PixArt does for T5). Token roles are ids into prompts.ROLES taken from parse(caption).roles via the fast
 tokenizer's word_ids(); padding is role 0 ("pad") and special tokens ([CLS], [SEP], </s>) get SPECIAL_ROLE (-1).
 """
-import glob
 import hashlib
 import os
 import time
@@ -15,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from etils import epath
 
 from relcirc_jax.data import prompts
 from relcirc_jax.text import bert, hf_loading, t5
@@ -117,20 +117,23 @@ def _fingerprint(name: str, family: str, checkpoint_dir: str, captions: Sequence
     return digest.hexdigest()[:16]
 
 
-def cache_path(workdir: str, name: str, fingerprint: str) -> str:
-    return os.path.join(workdir, "text_cache", f"{name}-{fingerprint}.npz")
+def cache_path(workdir, name: str, fingerprint: str) -> epath.Path:
+    """workdir/text_cache/{name}-{fingerprint}.npz (local or gs://)."""
+    return epath.Path(workdir) / "text_cache" / f"{name}-{fingerprint}.npz"
 
 
-def _save(path: str, table: TextTable) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "wb") as f:
+def _save(path: epath.Path, table: TextTable) -> None:
+    if jax.process_index() != 0:  # every process computed the same table; one writes it
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / (path.name + ".partial")
+    with partial.open("wb") as f:
         np.savez(f, **table._asdict())
-    os.replace(partial, path)  # a crash mid-write never leaves a truncated table under the real name
+    partial.rename(path)  # a crash mid-write never leaves a truncated table under the real name
 
 
-def _load(path: str) -> TextTable:
-    with np.load(path) as data:
+def _load(path: epath.Path) -> TextTable:
+    with path.open("rb") as f, np.load(f) as data:
         return TextTable(**{field: data[field] for field in TextTable._fields})
 
 
@@ -158,11 +161,11 @@ def cached_text_table(name: str, family: str, checkpoint_dir: str, captions: Seq
         return compute()
     fingerprint = _fingerprint(name, family, checkpoint_dir, captions, max_len, param_dtype)
     path = cache_path(workdir, name, fingerprint)
-    if os.path.isfile(path):
+    if path.exists():
         logging.info("%s: text table cache hit %s", name, path)
         return _load(path)
-    stale = sorted(glob.glob(cache_path(workdir, name, "*")))
-    reason = f"fingerprint changed (found {[os.path.basename(p) for p in stale]})" if stale else "no cached table"
+    stale = sorted(p.name for p in path.parent.glob(f"{name}-*.npz")) if path.parent.exists() else []
+    reason = f"fingerprint changed (found {stale})" if stale else "no cached table"
     logging.info("%s: %s; computing %d captions into %s", name, reason, len(captions), path)
     table = compute()
     _save(path, table)

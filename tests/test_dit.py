@@ -185,3 +185,16 @@ def test_null_caption(params):
     assert text.shape == (3, 5, 16) and mask.shape == (3, 5) and bool(mask.all())
     np.testing.assert_array_equal(text[2], params["y_embedding"])
     np.testing.assert_array_equal(null_caption({"params": params}, 1)[0][0], params["y_embedding"])
+
+
+def test_null_caption_rows_equal_feeding_the_null_caption(params, inputs):
+    """Training's caption dropout swaps projected rows; that must equal projecting the swapped captions."""
+    x, t, text, mask = inputs
+    rows = jnp.array([True, False])
+    null_text, null_mask = null_caption(params, 2)
+    swapped_text = jnp.where(rows[:, None, None], null_text, text)
+    swapped_mask = jnp.where(rows[:, None], null_mask, mask)
+    expected = DiT(CONFIG).apply({"params": params}, x, t, swapped_text, swapped_mask)
+    got = DiT(CONFIG).apply({"params": params}, x, t, text, mask, null_caption_rows=rows)
+    assert_close(got, expected)
+    assert not np.allclose(got[0], DiT(CONFIG).apply({"params": params}, x, t, text, mask)[0], atol=1e-3)

@@ -3,7 +3,8 @@
 Launch: python -m relcirc_jax.main --config=configs/rte_dit_nano.py --workdir=workdirs/rte_dit_nano
 Full run (no suffix): colour and shape well learned, relation only about 5 % (paper: nano RTE fails at relations);
   under an hour on one GPU (estimate).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
+CPU run (":cpu" suffix): about an hour on a 2-core CPU; measured for rte micro: colour ~90 %, shape ~33 %, relation
+  ~2 % (README "Current results").
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """
 from relcirc_jax.config import base_config

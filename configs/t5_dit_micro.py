@@ -3,7 +3,8 @@
 Launch: python -m relcirc_jax.main --config=configs/t5_dit_micro.py --workdir=workdirs/t5_dit_micro
 Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); under an
   hour on one GPU (estimate).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU; learns colour and shape first, relations only partly.
+CPU run (":cpu" suffix): about an hour on a 2-core CPU; measured for rte micro: colour ~90 %, shape ~33 %, relation
+  ~2 % (README "Current results").
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 T5 needs a local T5-v1.1-XXL directory: add --config.text.t5_path=/path/to/t5-v1_1-xxl (nothing is downloaded).
 """

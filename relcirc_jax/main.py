@@ -1,7 +1,7 @@
 """Command-line entry: python -m relcirc_jax.main --config=configs/rte_dit_micro.py:cpu --workdir=DIR --mode=train.
 
-Modes: train (or resume), sample (PNG grid + .npz from the latest checkpoint), evaluate (eval.json + eval.md for the
-latest checkpoint), analyze (not implemented yet). Override any config value with --config.train.lr=3e-4 etc.
+Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json + eval.md for the
+latest or --step checkpoint), analyze (not implemented yet). Override any config value with --config.train.lr=3e-4 etc.
 
 Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command on every host with --distributed
 (cluster auto-detection by jax.distributed.initialize), or give --coordinator_address, --num_processes and
@@ -21,6 +21,7 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rte_d
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, samples, eval tables.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run.")
 flags.DEFINE_multi_string("prompt", None, "--mode=sample: a caption to sample (repeatable); default the fixed grid.")
+flags.DEFINE_integer("step", None, "--mode=sample/evaluate: the checkpoint step to use (default: the latest).")
 flags.DEFINE_bool("distributed", False, "Join a multi-process job via jax.distributed.initialize(), auto-detecting "
                   "the cluster (Cloud TPU, SLURM, Open MPI) for any of the three flags below left unset.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (implies --distributed).")
@@ -41,10 +42,10 @@ def main(argv):
         loop.train(config, workdir)
     elif FLAGS.mode == "sample":
         from relcirc_jax.train import sample
-        sample.run_sample(config, workdir, FLAGS.prompt)
+        sample.run_sample(config, workdir, FLAGS.prompt, FLAGS.step)
     elif FLAGS.mode == "evaluate":
         from relcirc_jax.train import evaluate
-        evaluate.run_evaluate(config, workdir)
+        evaluate.run_evaluate(config, workdir, FLAGS.step)
     else:
         raise NotImplementedError("--mode=analyze is not implemented yet; the circuit analyses live in "
                                   "relcirc_jax.analysis and will get their CLI mode later.")

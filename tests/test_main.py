@@ -46,6 +46,13 @@ def test_evaluate_writes_accuracy_tables(trained):
     assert "| all | 8 |" in markdown and "spatial_relationship" in markdown
 
 
+def test_evaluate_an_earlier_step_and_a_missing_step(trained):
+    run_cli(trained, "evaluate", "--step=2")
+    assert json.loads((trained / "eval.json").read_text())["step"] == 2
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 3 .*available steps: \[2, 4\]"):
+        run_cli(trained, "evaluate", "--step=3")
+
+
 @pytest.mark.parametrize("mode", ["sample", "evaluate"])
 def test_missing_checkpoint_says_train_first(tmp_path, mode):
     with pytest.raises(FileNotFoundError, match=f"No checkpoint in {tmp_path}.*Train first"):

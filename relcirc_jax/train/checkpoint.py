@@ -59,9 +59,8 @@ class Checkpointer:
         """
         errors = []
         for step in sorted(self._manager.all_steps(), reverse=True):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
             try:
-                restored = self._manager.restore(step, args=args)
+                restored = self._manager.restore(step, args=_restore_args(abstract_state))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint must fall back, not crash
                 logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
                                 step, self.directory, type(error).__name__, error)
@@ -76,6 +75,15 @@ class Checkpointer:
                                "Fix: restore with the abstract state of the run that wrote them, or move the "
                                "directory aside to start a fresh run.")
         return None
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """(state, meta) of exactly checkpoint `step` (no fallback: asking for a step means wanting that one)."""
+        steps = sorted(self._manager.all_steps())
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; available steps: {steps}. "
+                                    "Fix: pass one of them, or leave the step out for the latest.")
+        restored = self._manager.restore(step, args=_restore_args(abstract_state))
+        return restored.state, restored.meta
 
     def _move_aside(self, step: int) -> None:
         """Renames an unreadable step directory so new saves at that step are possible and nothing is lost."""
@@ -97,3 +105,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _restore_args(abstract_state: Any) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())

@@ -61,11 +61,11 @@ def markdown_table(table: dict, step: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
-    """Evaluates the latest checkpoint of `workdir`: writes eval.json and eval.md there, prints the markdown table and
+def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict:
+    """Evaluates checkpoint `step` (default the latest) of `workdir`: writes eval.json and eval.md there, prints the markdown table and
     returns the table."""
     experiment = train_state.build_experiment(config, workdir)
-    step, state = train_state.restore_or_fail(experiment, workdir)
+    step, state = train_state.restore_or_fail(experiment, workdir, step)
     captions = eval_captions(config)
     sampler = sampling.make_sampler(experiment, config.eval.batch_size)
     scores = score_captions(sampler, state.ema_params, experiment.tables, captions)

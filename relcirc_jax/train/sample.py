@@ -114,15 +114,17 @@ def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:
     return [captions[i] for i in picks]
 
 
-def run_sample(config: ml_collections.ConfigDict, workdir, captions: Sequence[str] | None = None) -> epath.Path:
-    """Samples `captions` (default: the fixed prompts) from the latest checkpoint of `workdir` with EMA weights.
+def run_sample(config: ml_collections.ConfigDict, workdir, captions: Sequence[str] | None = None,
+               step: int | None = None) -> epath.Path:
+    """Samples `captions` (default: the fixed prompts) from checkpoint `step` (default the latest) of `workdir` with
+    EMA weights.
 
     Writes samples/sample_{step}.png (a grid) and samples/sample_{step}.npz (images uint8, captions); returns the
     .npz path.
     """
     captions = list(captions) if captions else fixed_prompts(config)
     experiment = train_state.build_experiment(config, workdir)
-    step, state = train_state.restore_or_fail(experiment, workdir)
+    step, state = train_state.restore_or_fail(experiment, workdir, step)
     images = make_sampler(experiment, len(captions))(state.ema_params, experiment.tables, captions)
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)

@@ -106,8 +106,10 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
                       checkpointer)
 
 
-def restore_or_fail(experiment: Experiment, workdir) -> tuple[int, TrainState]:
-    """(step, state) of the latest checkpoint; a clear error when the workdir has none."""
+def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:
+    """(step, state) of checkpoint `step` (default the latest); a clear error when the workdir has none."""
+    if step is not None and experiment.checkpointer.latest_step() is not None:
+        return step, experiment.checkpointer.restore(step, experiment.abstract_state)[0]
     restored = experiment.checkpointer.restore_latest(experiment.abstract_state)
     if restored is None:
         raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}. Train first: python -m "

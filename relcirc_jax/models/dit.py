@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relcirc_jax.diffusion.parameterization import PREDICTIONS
 from relcirc_jax.models.attention import ATTENTION_HOOKS, MultiHeadAttention, logical_dense, partitioned
 
 DIT_SIZES = {"b": (768, 12, 12), "mini": (384, 6, 6), "micro": (192, 6, 3), "nano": (192, 3, 3)}
@@ -53,8 +54,8 @@ class DiTConfig:
             problems.append(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.hidden_size % 4:
             problems.append(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
-        if self.prediction not in ("eps", "v"):
-            problems.append(f"prediction {self.prediction!r} is not one of ('eps', 'v')")
+        if self.prediction not in PREDICTIONS:
+            problems.append(f"prediction {self.prediction!r} is not one of {PREDICTIONS}")
         if self.dtype not in COMPUTE_DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
         for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",

@@ -10,14 +10,16 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
 
 * ``None`` - the paper's recipe, for a GPU/TPU.
 * ``cpu`` - a run that learns on a 2-core CPU in about an hour. Measured: a micro train step takes ~4 s at batch 256
-  and ~0.9 s at batch 64, so the wall-clock cost per image is about the same and smaller batches buy 4x more optimizer
-  steps, which is what a short run needs. Hence batch 64, a larger lr (5e-4, AdamW at batch 64 is stable there for
-  these small DiTs; 1e-3 risks loss spikes without the paper's clip), 200 warm-up steps, gradient clipping at 1.0 (the
-  paper's 0.01 clips essentially every step, i.e. it turns AdamW into sign-like normalised steps scaled down by the lr -
-  fine over hundreds of thousands of steps, too slow for a few thousand) and EMA decay 0.999 with a warm-up (decay
-  min(0.999, (1+step)/(10+step)), so the EMA used by the periodic evaluations is not stuck near the random init: a
-  constant 0.999 still weighs the init by 40% at step 900). The step count is the time budget divided by the
-  per-size step time at batch 64 (`CPU_STEP_SECONDS`).
+  and ~0.98 s at batch 64, so the wall-clock cost per image is about the same and smaller batches buy 4x more optimizer
+  steps, which is what a short run needs. Hence batch 64, a larger lr (5e-4; 1e-3 and 2e-4 learned no faster in a sweep
+  at this step budget), 200 warm-up steps, gradient clipping at 1.0 (the paper's 0.01 clips essentially every step,
+  i.e. it turns AdamW into sign-like normalised steps scaled down by the lr - fine over hundreds of thousands of steps,
+  too slow for a few thousand) and EMA decay 0.999 with a warm-up (decay min(0.999, (1+step)/(10+step)), so the EMA
+  used by the periodic evaluations is not stuck near the random init). Two departures from PixArt, both measured
+  (README "Current results"): the network predicts x0 (an eps- or v-DiT on 8x8x3 pixel patches draws patch-sized noise
+  texture; see diffusion/parameterization.py), and training timesteps are logit-normal around t = 500 (SD3's
+  sampling; more of the training goes to the mid noise levels where layout and shape are decided). The step count is
+  the time budget divided by the per-size step time at batch 64 (`CPU_STEP_SECONDS`).
 * ``quick`` - the ``cpu`` recipe with a quarter of the time budget (about 15 minutes): colours and shapes, little
   relation.
 * ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 8 prompts. For tests and for checking a set-up.
@@ -37,7 +39,7 @@ VARIANTS = (None, "cpu", "quick", "smoke")
 MESH_AXES = ("data", "fsdp", "model")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Rough seconds per train step at batch 64 on a 2-core CPU (micro measured, others scaled by FLOPs).
-CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.5, "b": 12.0}
+CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.98, "mini": 2.5, "b": 12.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
 
 
@@ -72,7 +74,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.model.patch_size = 8
     c.model.mlp_ratio = 4.0
     c.model.learn_sigma = False
-    c.model.prediction = "eps"  # PixArt's; ":cpu" trains "v" (see diffusion/parameterization.py)
+    c.model.prediction = "eps"  # PixArt's; ":cpu" trains "x0" (see diffusion/parameterization.py)
 
     c.text = ml_collections.ConfigDict()
     c.text.encoder = encoder
@@ -99,6 +101,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.9999
     c.train.ema_warmup = False  # True: decay min(ema_decay, (1+step)/(10+step)) so early EMAs are not stuck at init
     c.train.caption_dropout = 0.1
+    # Training timesteps: None = uniform (PixArt); a float m = logit-normal, t/1000 = sigmoid(N(m, t_logit_std)).
+    c.train.t_logit_mean = config_dict.placeholder(float)
+    c.train.t_logit_std = 1.0
     c.train.remat = False
     c.train.compute_dtype = "float32"
 
@@ -136,7 +141,8 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     c.train.grad_clip = 1.0
     c.train.ema_decay = 0.999
     c.train.ema_warmup = True
-    c.model.prediction = "v"  # eps-prediction in pixel space needs far longer to sample cleanly
+    c.model.prediction = "x0"
+    c.train.t_logit_mean = 0.0
     c.train.num_steps = max(100, int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100)
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25
@@ -196,7 +202,7 @@ def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_cou
                 "sample.num_prompts"):
         if _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be >= 1.")
-    for key in ("train.lr", "train.grad_clip", "train.adam_eps"):
+    for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
         if not _get(c, key) > 0:
             problems.append(f"{key}={_get(c, key)} must be > 0.")
     if c.train.warmup_steps < 0 or c.train.weight_decay < 0:

@@ -41,7 +41,9 @@ def test_paper_recipe_and_cpu_variant():
     assert (paper.train.lr, paper.train.weight_decay, paper.train.adam_eps) == (1e-4, 3e-2, 1e-10)
     assert (paper.train.warmup_steps, paper.train.grad_clip, paper.train.batch_size) == (500, 0.01, 256)
     assert (paper.eval.num_steps, paper.eval.cfg_scale, paper.eval.num_prompts) == (14, 4.5, 288)
-    assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.9 < 3600
+    assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.98 < 3600
+    assert (paper.model.prediction, paper.train.t_logit_mean) == ("eps", None)  # PixArt: eps, uniform timesteps
+    assert (cpu.model.prediction, cpu.train.t_logit_mean) == ("x0", 0.0)
 
 
 def test_bad_values_raise_one_error_naming_each():
@@ -49,12 +51,14 @@ def test_bad_values_raise_one_error_naming_each():
     config.train.batch_size = 12
     config.train.num_steps = -3
     config.text.encoder = "clip"
+    config.train.t_logit_std = 0.0
     with pytest.raises(ValueError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
     assert "train.batch_size=12 is not divisible by the data-parallel size data*fsdp=8" in message
     assert "train.num_steps=-3 must be >= 1" in message
     assert "text.encoder='clip' is unknown" in message
+    assert "train.t_logit_std=0.0 must be > 0" in message
 
 
 def test_batch_must_split_over_processes_and_mesh_must_fit():

@@ -1,4 +1,5 @@
-"""v-prediction: training target and sampling vs diffusers (prediction_type="v_prediction") on the same closed form."""
+"""v- and x0-prediction: training targets, and sampling vs diffusers (prediction_type "v_prediction" / "sample") driven
+by the same closed form read as that prediction."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,18 +39,26 @@ def test_v_loss_is_zero_for_the_oracle_v():
     loss, _ = diffusion_loss(lambda x_t, tt: v, x0, key, prediction="v")
     assert float(loss) < 1e-10
     with pytest.raises(ValueError, match="prediction type"):
-        diffusion_loss(lambda x_t, tt: v, x0, key, prediction="x0")
+        diffusion_loss(lambda x_t, tt: v, x0, key, prediction="sample")
 
 
+def test_x0_loss_is_zero_for_the_oracle_x0_and_the_target_is_x0():
+    x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3))
+    loss, _ = diffusion_loss(lambda x_t, tt: x0, x0, jax.random.PRNGKey(1), prediction="x0")
+    assert float(loss) == 0.0
+    assert training_target("x0", x0, jnp.zeros_like(x0), jnp.full((8, 1, 1, 1), 0.5)) is x0
+
+
+@pytest.mark.parametrize("prediction,diffusers_name", [("v", "v_prediction"), ("x0", "sample")])
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim", "euler"])
-def test_v_model_samples_match_diffusers_v_prediction(solver):
+def test_model_samples_match_diffusers_prediction_type(solver, prediction, diffusers_name):
     noise = np.random.default_rng(3).normal(size=(2, 4, 4, 3)).astype(np.float32)
     scheduler = make_scheduler(solver)
-    scheduler = type(scheduler).from_config(scheduler.config, prediction_type="v_prediction")
+    scheduler = type(scheduler).from_config(scheduler.config, prediction_type=diffusers_name)
     scheduler.set_timesteps(14)
     x = torch.from_numpy(noise) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        v = eps_torch(scheduler.scale_model_input(x, t), t.to(torch.float32))  # the closed form, read as v
-        x = scheduler.step(v, t, x).prev_sample
-    ours = sample(eps_fn_from(eps_jax, "v"), jnp.asarray(noise), solver=solver, num_steps=14)
+        out = eps_torch(scheduler.scale_model_input(x, t), t.to(torch.float32))  # the closed form, read as `prediction`
+        x = scheduler.step(out, t, x).prev_sample
+    ours = sample(eps_fn_from(eps_jax, prediction), jnp.asarray(noise), solver=solver, num_steps=14)
     assert max_rel_error(ours, x.numpy()) <= 1e-5

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from diffusers import DDPMScheduler
 
@@ -67,6 +68,15 @@ def test_sample_timesteps_are_uniform_integers():
     assert t.dtype == jnp.int32 and t.shape == (50000,)
     assert int(t.min()) == 0 and int(t.max()) == 999
     assert float(t.mean()) == pytest.approx(499.5, rel=0.02)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-0.5, 0.7)])
+def test_logit_normal_timesteps_follow_the_logit_normal_quantiles(mean, std):
+    t = np.asarray(sample_timesteps(jax.random.key(2), 100_000, logit_normal=(mean, std)))
+    assert t.dtype == np.int32 and 0 <= t.min() and t.max() <= 999
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        boundary = 1000 / (1 + np.exp(-(mean + std * scipy.stats.norm.ppf(q))))  # independent closed form
+        assert np.mean(t < boundary) == pytest.approx(q, abs=0.01)
 
 
 def test_eps_prediction_loss_is_the_mean_over_all_dims():

@@ -22,9 +22,15 @@ def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
     return table[t].reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
-def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int = 1000) -> jax.Array:
-    """Uniform integer timesteps in [0, num_timesteps), int32 [batch]."""
-    return jax.random.randint(key, (batch,), 0, num_timesteps, dtype=jnp.int32)
+def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int = 1000,
+                     logit_normal: tuple[float, float] | None = None) -> jax.Array:
+    """Integer timesteps in [0, num_timesteps), int32 [batch]: uniform, or with `logit_normal=(mean, std)`
+    t = floor(num_timesteps * sigmoid(N(mean, std))) (SD3's logit-normal, over t / num_timesteps)."""
+    if logit_normal is None:
+        return jax.random.randint(key, (batch,), 0, num_timesteps, dtype=jnp.int32)
+    mean, std = logit_normal
+    u = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,)))
+    return jnp.minimum(jnp.floor(u * num_timesteps), num_timesteps - 1).astype(jnp.int32)
 
 
 def q_sample(x0: jax.Array, noise: jax.Array, t: jax.Array, schedule: Schedule) -> jax.Array:
@@ -86,17 +92,17 @@ def vlb_term(
 
 def diffusion_loss(
     eps_fn: EpsFn, x0: jax.Array, key: jax.Array, *, learn_sigma: bool = False, schedule: Schedule | None = None,
-    prediction: str = "eps",
+    prediction: str = "eps", timestep_logit_normal: tuple[float, float] | None = None,
 ) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for a batch x0 [B, ...]; eps_fn(x_t, t) gets t as float32 integer values [B].
 
-    `prediction` says what eps_fn's first C channels predict ("eps" or "v", see parameterization.py); the MSE is
+    `prediction` says what eps_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the MSE is
     taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
     """
     parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
     t_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps)
+    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps, timestep_logit_normal)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = q_sample(x0.astype(jnp.float32), noise, t, schedule)
     out = eps_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)

@@ -1,10 +1,14 @@
-"""What the network predicts: eps (PixArt's default) or v (Salimans & Ho 2022), and the conversion back to eps.
+"""What the network predicts: eps (PixArt's default), v (Salimans & Ho 2022) or x0, and the conversion back to eps.
 
 Samplers and guidance speak eps. In pixel space an eps-network must reproduce its 192-value input patch almost exactly
 at high noise, because x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) multiplies its error by up to 1/sqrt(abar_999) ~ 156;
 a short CPU run never gets there and samples saturate. v = sqrt(abar) eps - sqrt(1-abar) x0 is ~ -x0 at high noise and
-~ eps at low noise, so neither end amplifies errors. Identities used (x_t = sqrt(abar) x0 + sqrt(1-abar) eps):
-  eps = sqrt(abar) v + sqrt(1-abar) x_t.
+~ eps at low noise, so neither end amplifies errors, but like eps it asks the network to output full-dimensional noise.
+x0 asks only for the clean image, which lies on a low-dimensional manifold: with large pixel patches (a 192-value patch
+through a 192-wide DiT) that is the prediction that learns (Li & He 2025, "Back to Basics: Let Denoising Generative
+Models Denoise"); eps- and v-networks of that shape draw patch-sized noise texture. Identities used
+(x_t = sqrt(abar) x0 + sqrt(1-abar) eps):
+  eps = sqrt(abar) v + sqrt(1-abar) x_t;   eps = (x_t - sqrt(abar) x0) / sqrt(1-abar).
 """
 from typing import Callable
 
@@ -13,7 +17,7 @@ import jax.numpy as jnp
 
 from relcirc_jax.diffusion.schedules import NUM_TRAIN_TIMESTEPS, ve_sigmas
 
-PREDICTIONS = ("eps", "v")
+PREDICTIONS = ("eps", "v", "x0")
 
 
 def check_prediction(prediction: str) -> None:
@@ -29,10 +33,12 @@ def alphas_cumprod_at(t: jax.Array) -> jax.Array:
 
 
 def training_target(prediction: str, x0: jax.Array, noise: jax.Array, abar: jax.Array) -> jax.Array:
-    """The regression target for the network: noise, or v = sqrt(abar) noise - sqrt(1-abar) x0."""
+    """The regression target for the network: noise, v = sqrt(abar) noise - sqrt(1-abar) x0, or x0."""
     check_prediction(prediction)
     if prediction == "eps":
         return noise
+    if prediction == "x0":
+        return x0
     return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
 
 
@@ -41,6 +47,8 @@ def to_eps(prediction: str, out: jax.Array, x_t: jax.Array, abar: jax.Array) -> 
     check_prediction(prediction)
     if prediction == "eps":
         return out
+    if prediction == "x0":
+        return (x_t - jnp.sqrt(abar) * out) / jnp.sqrt(1.0 - abar)
     return jnp.sqrt(abar) * out + jnp.sqrt(1.0 - abar) * x_t
 
 

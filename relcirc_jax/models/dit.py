@@ -42,7 +42,7 @@ class DiTConfig:
     caption_channels: int = 4096
     max_text_len: int = 20
     learn_sigma: bool = False
-    prediction: str = "eps"  # what the first out_channels mean: "eps" (PixArt) or "v" (diffusion/parameterization.py)
+    prediction: str = "eps"  # what the first out_channels mean: "eps" (PixArt), "v" or "x0" (diffusion/parameterization.py)
     dtype: str = "float32"
     remat: bool = False
 

@@ -2,11 +2,12 @@
 
 For each DiT size: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW, EMA) on one
 fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same size (in_channels 3, sample_size 64,
-patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, using all CPU
-cores. The two steps run alternately (JAX, torch, JAX, ...) and each time is the median over the rounds, so the
-ratio holds on a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from
-XLA's cost analysis and the achieved FLOP/s as a fraction of this machine's measured f32 matmul peak (a 2048x2048 jnp
-matmul). Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
+patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, on the same
+hardware (all CPU cores, or the GPU when JAX runs on one). The two steps run alternately (JAX, torch, JAX, ...) and
+each time is the median over the rounds, so the ratio holds on a machine shared with other jobs (the 1-minute load
+average is reported). Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of the
+measured f32 matmul peak (one jnp matmul, 2048x2048 on a CPU, 8192x8192 on an accelerator, default precision).
+Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
 """
@@ -72,20 +73,26 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
             "model_cfg": experiment.model_cfg}
 
 
+def torch_device() -> str:
+    """The GPU when JAX runs on one (so both frameworks use the same accelerator), else the CPU."""
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_train(model_cfg, batch_size: int):
     """A `step()` of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA."""
     torch.manual_seed(0)
-    model = PixArtTransformer2DModel(**diffusers_config(model_cfg)).train()
+    device = torch_device()
+    model = PixArtTransformer2DModel(**diffusers_config(model_cfg)).to(device).train()
     ema = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=3e-2, eps=1e-10)
-    schedule = torch.from_numpy(alphas_cumprod()).float()
+    schedule = torch.from_numpy(alphas_cumprod()).float().to(device)
     size = model_cfg.image_size
-    x0 = torch.rand(batch_size, 3, size, size) * 2 - 1
-    text = torch.randn(batch_size, model_cfg.max_text_len, model_cfg.caption_channels) * 0.1
-    mask = torch.ones(batch_size, model_cfg.max_text_len, dtype=torch.long)
+    x0 = torch.rand(batch_size, 3, size, size, device=device) * 2 - 1
+    text = torch.randn(batch_size, model_cfg.max_text_len, model_cfg.caption_channels, device=device) * 0.1
+    mask = torch.ones(batch_size, model_cfg.max_text_len, dtype=torch.long, device=device)
 
     def step():
-        t = torch.randint(0, 1000, (batch_size,))
+        t = torch.randint(0, 1000, (batch_size,), device=device)
         noise = torch.randn_like(x0)
         a = schedule[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -98,6 +105,8 @@ def torch_train(model_cfg, batch_size: int):
         optimizer.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1 - 0.9999)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return step
 
@@ -122,10 +131,11 @@ def main():
     parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
-    peak = matmul_peak_flops()
-    print(f"devices: {jax.devices()}; torch threads {torch.get_num_threads()}; "
+    peak = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
+    print(f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); "
           f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    results = {"matmul_peak_gflops": peak / 1e9, "devices": len(jax.devices()), "sizes": {}}
+    results = {"matmul_peak_gflops": peak / 1e9, "backend": jax.default_backend(), "devices": len(jax.devices()),
+               "sizes": {}}
     for size in args.sizes.split(","):
         batch_size = args.batch_b if size == "b" else args.batch
         ours = jax_train(size, batch_size, args.workdir)

@@ -7,6 +7,7 @@ newest step is moved aside (renamed, never deleted) and the previous one is used
 """
 from __future__ import annotations
 
+import logging as logging_lib
 import time
 from typing import Any
 
@@ -24,12 +25,25 @@ def _absolute(path: epath.Path) -> epath.Path:
     return path if "://" in str(path) else path.resolve()
 
 
+def _drop_orbax_info(record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_orbax_info_logs() -> None:
+    """Hides Orbax's INFO lines (about 30 per checkpoint) so the progress lines stay readable; warnings still show."""
+    absl_logger = logging_lib.getLogger("absl")
+    if _drop_orbax_info not in absl_logger.filters:
+        absl_logger.addFilter(_drop_orbax_info)
+
+
 class Checkpointer:
-    """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...)."""
+    """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...). Creating one hides Orbax's
+    INFO log lines (`quiet_orbax_info_logs`) for every mode that reads or writes checkpoints."""
 
     def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}.")
+        quiet_orbax_info_logs()
         self.directory = _absolute(epath.Path(directory))
         policy = ocp.checkpoint_managers.AnySavePolicy([
             ocp.checkpoint_managers.FixedIntervalPolicy(save_every),

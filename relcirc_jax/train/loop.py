@@ -5,7 +5,6 @@ functions of (seed, s), and the state is restored exactly. A non-finite loss sto
 step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally.
 """
 import json
-import logging as logging_lib
 
 import jax
 import ml_collections
@@ -26,7 +25,6 @@ from relcirc_jax.train.progress import ProgressLogger
 def train(config: ml_collections.ConfigDict, workdir, *, devices=None) -> train_state.TrainState:
     """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the final state."""
     workdir = epath.Path(workdir)
-    quiet_orbax_info_logs()
     experiment = train_state.build_experiment(config, workdir, devices)
     write_config(config, workdir)
     state, start = _init_or_restore(experiment)
@@ -37,17 +35,6 @@ def train(config: ml_collections.ConfigDict, workdir, *, devices=None) -> train_
         experiment.checkpointer.wait()
         experiment.checkpointer.close()
         writer.close()
-
-
-def _drop_orbax_info(record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
-
-
-def quiet_orbax_info_logs() -> None:
-    """Hides Orbax's INFO lines (about 30 per checkpoint) so the progress lines stay readable; warnings still show."""
-    absl_logger = logging_lib.getLogger("absl")
-    if _drop_orbax_info not in absl_logger.filters:
-        absl_logger.addFilter(_drop_orbax_info)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:

@@ -28,6 +28,8 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
     model = dit.DiT(model_cfg)
     schedule = learning_rate(config)
     dropout, seed = config.train.caption_dropout, config.seed
+    logit_mean, logit_std = config.train.t_logit_mean, config.train.t_logit_std
+    timestep_logit_normal = None if logit_mean is None else (logit_mean, logit_std)
 
     def loss_fn(params, batch, text, text_mask, key):
         drop_key, loss_key = jax.random.split(key)
@@ -38,9 +40,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
             return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
 
         return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma,
-                                        prediction=model_cfg.prediction,
-                                        timestep_logit_normal=(None if config.train.t_logit_mean is None else
-                                                               (config.train.t_logit_mean, config.train.t_logit_std)))
+                                        prediction=model_cfg.prediction, timestep_logit_normal=timestep_logit_normal)
 
     def train_step(state: TrainState, batch, tables):
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STEP_STREAM), state.step)

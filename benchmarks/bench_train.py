@@ -3,13 +3,17 @@
 For each DiT size: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW, EMA) on one
 fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same size (in_channels 3, sample_size 64,
 patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, on the same
-hardware (all CPU cores, or the GPU when JAX runs on one). The two steps run alternately (JAX, torch, JAX, ...) and
-each time is the median over the rounds, so the ratio holds on a machine shared with other jobs (the 1-minute load
-average is reported). Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of the
+hardware (all CPU cores, or the GPU when JAX runs on one). The two frameworks take turns (two JAX steps, two torch
+steps, ...; only the second of each pair is timed) and each time is the median over the rounds, so the ratio holds on
+a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of the
 measured f32 matmul peak (one jnp matmul, 2048x2048 on a CPU, 8192x8192 on an accelerator, default precision).
 Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
+                                     [--cpu_devices 2]
+
+On a CPU, JAX runs data-parallel over `--cpu_devices` XLA devices that split the host (the `:cpu` configs'
+`parallel.cpu_devices`); XLA's cost analysis counts one device's share, so the FLOPs are scaled by the device count.
 """
 import argparse
 import json
@@ -69,7 +73,7 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     experiment.checkpointer.close()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"step": step, "compile_s": compile_s, "flops_per_step": float(cost["flops"]),
+    return {"step": step, "compile_s": compile_s, "flops_per_step": float(cost["flops"]) * experiment.mesh.size,
             "model_cfg": experiment.model_cfg}
 
 
@@ -112,12 +116,13 @@ def torch_train(model_cfg, batch_size: int):
 
 
 def alternating_step_seconds(steps: dict, rounds: int) -> dict:
-    """Median seconds per step of each callable, run alternately for `rounds` rounds after one warm-up each."""
-    for step in steps.values():
-        step()
+    """Median seconds per step of each callable over `rounds` rounds; in each round every callable runs one untimed
+    step and then one timed step, so a timed step never starts while the other framework's idle threads still spin
+    (measured: a JAX step right after a torch step takes up to 1.9x as long)."""
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            step()
             times[name].append(_seconds(step))
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
@@ -129,7 +134,9 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batch_b", type=int, default=32, help="batch for DiT-B (CPU memory and time)")
     parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
+    parser.add_argument("--cpu_devices", type=int, default=2, help="XLA devices the host CPU is split into")
     args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(os.cpu_count())
     peak = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
     print(f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); "

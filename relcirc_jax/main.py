@@ -35,8 +35,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass options as --name=value.")
     config, workdir = FLAGS.config, FLAGS.workdir
-    join_distributed_job()
     apply_runtime_options(config)
+    join_distributed_job()
     if FLAGS.mode == "train":
         from relcirc_jax.train import loop
         loop.train(config, workdir)
@@ -72,7 +72,17 @@ def join_distributed_job() -> None:
 
 
 def apply_runtime_options(config) -> None:
-    """JAX settings that come from the config: the persistent compilation cache directory (local or gs://)."""
+    """JAX settings that come from the config, applied before any JAX work: the CPU device split and the persistent
+    compilation cache directory (local or gs://)."""
+    cpu_devices = config.parallel.cpu_devices
+    if cpu_devices is not None and cpu_devices >= 1:  # validate_config reports a bad value
+        try:
+            jax.config.update("jax_num_cpu_devices", cpu_devices)
+        except RuntimeError as error:  # JAX already started in this process (e.g. main() called from a notebook)
+            if len(jax.devices("cpu")) != cpu_devices:
+                raise ValueError(f"parallel.cpu_devices={cpu_devices} cannot take effect: JAX already started with "
+                                 f"{len(jax.devices('cpu'))} CPU devices in this process. Fix: run relcirc_jax.main "
+                                 "in a fresh process, or leave parallel.cpu_devices=None.") from error
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
 

@@ -52,6 +52,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.train.num_steps = -3
     config.text.encoder = "clip"
     config.train.t_logit_std = 0.0
+    config.parallel.cpu_devices = 0
     with pytest.raises(ValueError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
@@ -59,6 +60,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "train.num_steps=-3 must be >= 1" in message
     assert "text.encoder='clip' is unknown" in message
     assert "train.t_logit_std=0.0 must be > 0" in message
+    assert "parallel.cpu_devices=0 must be >= 1" in message
 
 
 def test_batch_must_split_over_processes_and_mesh_must_fit():

@@ -10,6 +10,7 @@ import pytest
 from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
 
 from relcirc_jax import main as cli
+from relcirc_jax.config import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"--config={REPO}/configs/rte_dit_nano.py:smoke"
@@ -62,6 +63,25 @@ def test_missing_checkpoint_says_train_first(tmp_path, mode):
 def test_analyze_is_not_implemented_yet(tmp_path):
     with pytest.raises(NotImplementedError, match="--mode=analyze is not implemented yet"):
         run_cli(tmp_path, "analyze")
+
+
+def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):
+    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", CONFIG, f"--workdir={tmp_path}",
+                             "--config.parallel.cpu_devices=2", "--config.train.num_steps=2",
+                             "--config.eval.every_steps=1000", "--config.sample.every_steps=1000"],
+                            cwd=REPO, env={**os.environ, **compile_cache}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on mesh {'data': 2, 'fsdp': 1, 'model': 1}" in result.stderr  # conftest's XLA_FLAGS alone would give 8
+
+
+def test_cpu_devices_cannot_change_a_running_jax():
+    config = base_config("rte", "nano", "smoke")
+    config.parallel.cpu_devices = 8  # what JAX already runs with (conftest): nothing to change
+    cli.apply_runtime_options(config)
+    config.parallel.cpu_devices = 3
+    with pytest.raises(ValueError, match=r"parallel.cpu_devices=3 cannot take effect: JAX already started with 8 CPU "
+                                         r"devices.*fresh process"):
+        cli.apply_runtime_options(config)
 
 
 def test_unknown_override_key_fails_with_a_clear_message(tmp_path):

@@ -5,9 +5,10 @@ fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same 
 patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, on the same
 hardware (all CPU cores, or the GPU when JAX runs on one). The two frameworks take turns (two JAX steps, two torch
 steps, ...; only the second of each pair is timed) and each time is the median over the rounds, so the ratio holds on
-a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from XLA's cost analysis and the achieved FLOP/s as a fraction of the
-measured f32 matmul peak (one jnp matmul, 2048x2048 on a CPU, 8192x8192 on an accelerator, default precision).
-Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
+a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from XLA's cost
+analysis and the achieved FLOP/s as a fraction of the measured f32 matmul peak (one jnp matmul, 2048x2048 on a CPU,
+8192x8192 on an accelerator, default precision). Data generation is not timed (see bench_data.py). The last line of
+output is one JSON object with the figures.
 
     python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
                                      [--cpu_devices 2]

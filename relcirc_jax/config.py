@@ -40,7 +40,7 @@ SIZES = ("b", "mini", "micro", "nano")
 VARIANTS = (None, "cpu", "quick", "smoke")
 MESH_AXES = ("data", "fsdp", "model")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others scaled by FLOPs).
+# Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
 

@@ -20,6 +20,7 @@ setup(
         "tensorboardX>=2.6",
         "pillow>=10",
         "safetensors>=0.4",
+        "opencv-python-headless>=4.9",  # the paper's contour detector (evaluation.paper_detector)
     ],
     extras_require={
         # PyTorch oracles for the numerical tests; the CPU-only torch build keeps CUDA libraries out.

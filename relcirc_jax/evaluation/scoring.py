@@ -3,7 +3,7 @@
 Per image (bool): color (each named colour is present), shape (each named shape is present), exist_binding (an object
 of (colour1, shape1) and one of (colour2, shape2) exist), unique_binding (exactly one object matches each), spatial
 relationship (the 8-way rule of scenes.relation_index on the two bound objects' centres equals the caption's),
-spatial_relationship_loose (only the signs of dx, dy the relation names, each beyond a margin of size / 64 px) and
+spatial_relationship_loose (only the signs of dx, dy the relation names, each beyond the paper's margin of 5 px at 128 px) and
 overall (unique_binding and spatial_relationship). A colour left out of the caption (None) matches any colour.
 
 When both objects can match the same description ("circle above red circle"), the more specific one is bound first;
@@ -11,14 +11,13 @@ when they are described identically ("red circle above red circle"), either orde
 """
 import numpy as np
 
-from relcirc_jax.data.scenes import relation_index
+from relcirc_jax.data.scenes import direct_threshold, relation_index
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 from relcirc_jax.evaluation.detector import Detections, check_images, detect
 
 METRICS = ("color", "shape", "exist_binding", "unique_binding", "spatial_relationship",
            "spatial_relationship_loose", "overall")
 MAX_OBJECTS_PER_IMAGE = 8  # the largest ones; more means the image is garbage anyway
-LOOSE_MARGIN_AT_64 = 1.0
 # Sign of (dx, dy) each relation asks for in the loose test; 0 = unconstrained.
 _LOOSE_SIGNS = np.array([{"above": (0, -1), "below": (0, 1), "left": (-1, 0), "right": (1, 0),
                           "upper_left": (-1, -1), "upper_right": (1, -1), "lower_left": (-1, 1),
@@ -113,7 +112,7 @@ def score_detections(det: Detections, wanted: dict[str, np.ndarray], *, size: in
     same_description = (s1 == s2) & (c1 == c2)
     spatial = found & ((relation_index(xy, size=size) == relation)
                        | (same_description & (relation_index(xy[:, ::-1], size=size) == relation)))
-    signs, margin = _LOOSE_SIGNS[relation], LOOSE_MARGIN_AT_64 * size / 64
+    signs, margin = _LOOSE_SIGNS[relation], direct_threshold(size)
 
     def loose_holds(delta):
         return np.all((signs == 0) | (signs * delta > margin), axis=1)

@@ -40,6 +40,7 @@ SIZES = ("b", "mini", "micro", "nano")
 VARIANTS = (None, "cpu", "quick", "smoke")
 MESH_AXES = ("data", "fsdp", "model")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+NEGATIVES = ("empty_prompt", "learned_null")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
@@ -88,10 +89,13 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.image_size = 64
     c.data.radius = 8
-    c.data.caption_mix = "train"
+    c.data.task = "paper"  # data.dataset.TASKS: "paper" (the paper's scenes) or "balanced"
+    c.data.caption_mix = config_dict.placeholder(str)  # None = the task's own (data.dataset.CAPTION_MIXES)
+    # The paper trained on a fixed set of 10,000 scenes for 4,000 epochs; None = fresh scenes every step.
+    c.data.num_scenes = config_dict.FieldReference(10_000, field_type=int)
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 40_000
+    c.train.num_steps = 160_000  # 4,000 epochs of the 10,000 scenes at batch 256
     c.train.batch_size = 256
     c.train.lr = 1e-4
     c.train.warmup_steps = 500
@@ -125,9 +129,10 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 5000
-    c.eval.prompt_set = "all_combinations"
-    c.eval.num_prompts = 288
-    c.eval.batch_size = 288  # prompts per compiled sampling call (CFG doubles it inside)
+    c.eval.prompt_set = "paper_main"  # data.dataset.EVAL_SETS
+    c.eval.num_prompts = 96  # a fixed subset when fewer than the set holds
+    c.eval.images_per_prompt = 100  # the paper's protocol; each image has its own fixed noise seed
+    c.eval.batch_size = 384  # images per compiled sampling call (CFG doubles it inside)
     c.eval.cfg_scale = 4.5
     c.eval.num_steps = 14
     c.eval.solver = "dpmpp_2m"
@@ -136,6 +141,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict()
     c.sample.every_steps = 2000
     c.sample.num_prompts = 16
+    # The CFG negative: "empty_prompt" (the paper: the encoder's embedding of "") or "learned_null" (PixArt's learned
+    # null caption, the one caption dropout trains). Used by sampling and evaluation alike.
+    c.sample.negative = "empty_prompt"
     return c
 
 
@@ -153,10 +161,11 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     c.train.num_steps = max(100, int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100)
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25
+    c.data.num_scenes = None  # fresh scenes: a short run sees each scene about once either way
     c.eval.every_steps = c.train.num_steps // 4  # four evaluations: the learning curve, the last one at the end
     c.sample.every_steps = c.eval.every_steps
-    c.eval.num_prompts = 96
-    c.eval.batch_size = 96
+    c.eval.images_per_prompt = 4  # 96 prompts x 4 = 384 images per evaluation, ~20 s of sampling
+    c.eval.batch_size = 384
 
 
 def _apply_smoke(c: ml_collections.ConfigDict) -> None:
@@ -176,7 +185,9 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.sample.every_steps = 4
     c.sample.num_prompts = 8
     c.eval.every_steps = 4
+    c.data.num_scenes = 64  # the fixed-set path, small
     c.eval.num_prompts = 8
+    c.eval.images_per_prompt = 1
     c.eval.batch_size = 8  # = sample.num_prompts, so grids and evals share one compiled sampler
     c.eval.num_steps = 2
 
@@ -219,9 +230,31 @@ def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_cou
             problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
     if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
         problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
-    if not 1 <= c.eval.num_prompts <= 288 and c.eval.prompt_set == "all_combinations":
-        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, 288] for 'all_combinations'.")
+    problems += _data_and_eval_problems(c)
     problems += _mesh_problems(c, num_devices, process_count)
+    return problems
+
+
+def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
+    from relcirc_jax.data import dataset  # the data package is heavier than this module needs at import
+
+    problems = []
+    if c.data.task not in dataset.TASKS:
+        problems.append(f"data.task={c.data.task!r} is unknown; choose one of {dataset.TASKS}.")
+    if c.data.caption_mix is not None and c.data.caption_mix not in dataset.CAPTION_MIXES:
+        problems.append(f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
+                        f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own).")
+    if c.data.num_scenes is not None and c.data.num_scenes < 1:
+        problems.append(f"data.num_scenes={c.data.num_scenes} must be >= 1, or None for fresh scenes every step.")
+    if c.sample.negative not in NEGATIVES:
+        problems.append(f"sample.negative={c.sample.negative!r} is unknown; choose one of {NEGATIVES}.")
+    if c.eval.images_per_prompt < 1:
+        problems.append(f"eval.images_per_prompt={c.eval.images_per_prompt} must be >= 1.")
+    if c.eval.prompt_set not in dataset.EVAL_SETS:
+        problems.append(f"eval.prompt_set={c.eval.prompt_set!r} is unknown; choose one of {sorted(dataset.EVAL_SETS)}.")
+    elif not 1 <= c.eval.num_prompts <= len(dataset.eval_prompts(c.eval.prompt_set)):
+        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, "
+                        f"{len(dataset.eval_prompts(c.eval.prompt_set))}] for {c.eval.prompt_set!r}.")
     return problems
 
 

@@ -40,7 +40,11 @@ def test_paper_recipe_and_cpu_variant():
     paper, cpu = base_config("rte", "b"), base_config("rte", "micro", "cpu")
     assert (paper.train.lr, paper.train.weight_decay, paper.train.adam_eps) == (1e-4, 3e-2, 1e-10)
     assert (paper.train.warmup_steps, paper.train.grad_clip, paper.train.batch_size) == (500, 0.01, 256)
-    assert (paper.eval.num_steps, paper.eval.cfg_scale, paper.eval.num_prompts) == (14, 4.5, 288)
+    assert (paper.eval.num_steps, paper.eval.cfg_scale, paper.eval.num_prompts) == (14, 4.5, 96)
+    assert (paper.eval.prompt_set, paper.eval.images_per_prompt, paper.sample.negative) == (
+        "paper_main", 100, "empty_prompt")
+    assert (paper.data.task, paper.data.num_scenes, paper.train.num_steps) == ("paper", 10_000, 160_000)
+    assert (cpu.data.task, cpu.data.num_scenes) == ("paper", None)
     assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.98 < 3600
     assert (paper.model.prediction, paper.train.t_logit_mean) == ("eps", None)  # PixArt: eps, uniform timesteps
     assert (cpu.model.prediction, cpu.train.t_logit_mean) == ("x0", 0.0)

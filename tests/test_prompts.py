@@ -13,9 +13,9 @@ COLOR_CHOICES = COLORS + (None,)
 
 def _every_variant():
     for relation in RELATIONS:
-        for phrasing, filler in itertools.product(range(len(prompts.PHRASINGS[relation])), (False, True)):
+        for phrasing, template in itertools.product(range(len(prompts.PHRASINGS[relation])), prompts.TEMPLATES):
             for c1, s1, c2, s2 in itertools.product(COLOR_CHOICES, SHAPES, COLOR_CHOICES, SHAPES):
-                yield SceneSpec(s1, c1, relation, s2, c2), phrasing, filler
+                yield SceneSpec(s1, c1, relation, s2, c2), phrasing, template
 
 
 def test_paper_phrasings_canonical_first():
@@ -30,22 +30,38 @@ def test_canonical_and_variant_forms():
     assert prompts.caption(spec) == "blue triangle is to the upper left of red square"
     assert prompts.caption(spec, phrasing=2) == "blue triangle is diagonally up and left from red square"
     assert prompts.caption(spec._replace(color1=None)) == "triangle is to the upper left of red square"
-    assert prompts.caption(SceneSpec("square", "red", "above", "circle", "blue"), filler=True) == (
-        "the red square is above the blue circle"
-    )
+    spec = SceneSpec("square", "red", "upper_left", "circle", "blue")
+    expected = {  # the paper's robustness templates (generalization_profile_eval_cli)
+        "plain": "red square is to the upper left of blue circle",
+        "the_both": "the red square is to the upper left of the blue circle",
+        "the2": "red square is to the upper left of the blue circle",
+        "no_is": "red square to the upper left of blue circle",
+        "no_is_the2": "red square to the upper left of the blue circle",
+        "reversed": "to the upper left of blue circle is red square",
+    }
+    assert {name: prompts.caption(spec, template=name) for name in prompts.TEMPLATES} == expected
 
 
-def test_round_trip_every_phrasing_colour_optional_and_filler():
+def test_round_trip_every_phrasing_colour_optional_and_template():
     count = 0
-    for spec, phrasing, filler in _every_variant():
-        text = prompts.caption(spec, phrasing=phrasing, filler=filler)
+    for spec, phrasing, template in _every_variant():
+        text = prompts.caption(spec, phrasing=phrasing, template=template)
         parsed = prompts.parse(text)
-        assert parsed.spec == spec
-        assert prompts.caption(parsed.spec, phrasing=phrasing, filler=filler) == text
+        assert (parsed.spec, parsed.phrasing) == (spec, phrasing)
+        assert prompts.caption(parsed.spec, phrasing=phrasing, template=parsed.template) == text
         assert parsed.words == tuple(text.split()) and len(parsed.roles) == len(parsed.words)
         assert prompts.all_captions()[prompts.caption_index(text)] == text
         count += 1
-    assert count == len(prompts.all_captions()) == len(set(prompts.all_captions()))
+    assert count == len(prompts.all_captions()) == len(set(prompts.all_captions())) == 6 * 22 * 81
+    assert prompts.caption_index("") == prompts.EMPTY_CAPTION_INDEX == len(prompts.all_captions())
+
+
+def test_caption_indices_of_earlier_versions_are_kept():
+    # Cached text tables and datasets index captions: "plain" then "the_both" keep their version-1 positions.
+    assert prompts.caption_index("red triangle is above red triangle") == 0
+    # the_both block (after 22 phrasings x 81 plain captions), "below" phrasing 2 (after 3 + 2 phrasings of 81),
+    # colours/shapes (None, triangle, None, circle) = row 2 * 27 + 0 * 9 + 2 * 3 + 1 of the colour/shape product
+    assert prompts.caption_index("the triangle is lower than the circle") == 22 * 81 + 5 * 81 + 61
 
 
 def test_parse_is_case_and_whitespace_insensitive():
@@ -60,6 +76,12 @@ def test_roles_of_a_filler_caption():
         "filler", "color1", "shape1", "filler", "relation", "relation", "relation", "relation",
         "filler", "color2", "shape2",
     )
+
+
+def test_reversed_caption_keeps_the_subject_as_object_1():
+    parsed = prompts.parse("above blue square is red circle")
+    assert parsed.spec == SceneSpec("circle", "red", "above", "square", "blue") and parsed.template == "reversed"
+    assert parsed.roles == ("relation", "color2", "shape2", "filler", "color1", "shape1")
 
 
 def test_vocab_is_pad_then_sorted_grammar_words():
@@ -89,11 +111,11 @@ def test_unknown_word_error_names_word_and_vocabulary():
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("red square above blue circle", "exactly one 'is'"),
-        ("red is above blue circle", "before 'is'"),
-        ("red square is above and blue circle", "relation phrase"),
-        ("red square is above blue", "relation phrase"),
-        ("the red square is above blue circle", "before both objects or before neither"),
+        ("red square is is above blue circle", "at most one 'is'"),
+        ("red is above blue circle", "two shape words"),
+        ("red square is above and blue circle", "no template and relation phrase match"),
+        ("red square is above blue", "two shape words"),
+        ("the red square is above blue circle", "must read 'the <object1> is <relation phrase> the <object2>'"),
     ],
 )
 def test_malformed_caption_error_says_what_was_expected(text, expected):
@@ -112,7 +134,7 @@ def test_bad_spec_and_phrasing_rejected():
 
 
 def test_tokenizer_ids_and_roles_align_with_parse():
-    captions = [prompts.caption(s, phrasing=p, filler=f) for s, p, f in itertools.islice(_every_variant(), 0, None, 97)]
+    captions = [prompts.caption(s, phrasing=p, template=t) for s, p, t in itertools.islice(_every_variant(), 0, None, 97)]
     ids, mask = tokenizer.encode(captions)
     role_ids = tokenizer.roles(captions)
     assert ids.shape == mask.shape == role_ids.shape == (len(captions), tokenizer.MAX_LEN)

@@ -18,13 +18,14 @@ def _rel(dx, dy, size=64):
     (64, 0, -10, "above"), (64, 0, 10, "below"), (64, -10, 0, "left"), (64, 10, 0, "right"),
     (64, -10, -10, "upper_left"), (64, 10, -10, "upper_right"),
     (64, -10, 10, "lower_left"), (64, 10, 10, "lower_right"),
-    (64, 5.0, -10, "above"), (64, -5.0, 10, "below"), (64, 5.01, -10, "upper_right"), (64, -5.01, 10, "lower_left"),
-    (64, -10, 5.0, "left"), (64, 10, -5.0, "right"), (64, -10, 5.01, "lower_left"), (64, 10, -5.01, "upper_right"),
-    (64, 3, 2, "below"), (64, 3, -2, "above"),  # both within the threshold: the vertical rule decides first
+    # the paper's threshold: 5 px at 128 px, 2.5 px at 64 px
+    (64, 2.5, -10, "above"), (64, -2.5, 10, "below"), (64, 2.51, -10, "upper_right"), (64, -2.51, 10, "lower_left"),
+    (64, -10, 2.5, "left"), (64, 10, -2.5, "right"), (64, -10, 2.51, "lower_left"), (64, 10, -2.51, "upper_right"),
+    (64, 2, 1, "below"), (64, 2, -1, "above"),  # both within the threshold: the vertical rule decides first
     (64, 0, 0, "below"),
-    (128, 10.0, -20, "above"), (128, 10.5, -20, "upper_right"),
-    (128, -20, 10.0, "left"), (128, -20, -10.5, "upper_left"),
-    (128, 6, 30, "below"), (128, 30, 9, "right"),
+    (128, 5.0, -20, "above"), (128, 5.5, -20, "upper_right"),
+    (128, -20, 5.0, "left"), (128, -20, -5.5, "upper_left"),
+    (128, 3, 30, "below"), (128, 30, 4.5, "right"),
 ])
 def test_relation_rule_table(size, dx, dy, expected):
     assert _rel(dx, dy, size) == expected

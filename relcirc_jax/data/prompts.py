@@ -1,21 +1,28 @@
-"""The caption grammar of the relation scenes: phrasings per relation, caption <-> SceneSpec, word roles, vocabulary.
+"""The caption grammar of the relation scenes: phrasings, templates, caption <-> SceneSpec, word roles, vocabulary.
 
-Grammar (lower case, words separated by single spaces)::
+Grammar (lower case, words separated by single spaces): an object is "[colour] shape", and a caption is one of
+TEMPLATES, with PHRASE one of PHRASINGS[relation] (index 0 is the canonical phrasing):
 
-    caption := object "is" PHRASE object
-    object  := ["the"] [colour] shape          # "the" appears on both objects or on neither (filler variant)
+    plain       object1 is PHRASE object2              (the training captions, also the paper's)
+    the_both    the object1 is PHRASE the object2
+    the2        object1 is PHRASE the object2          (the paper's main evaluation prompts)
+    no_is       object1 PHRASE object2
+    no_is_the2  object1 PHRASE the object2
+    reversed    PHRASE object2 is object1              (object1 is still the subject of the relation)
 
-PHRASE is one of PHRASINGS[relation]; index 0 is the canonical phrasing. Every caption the grammar allows is in
-all_captions(), so caption_index() works for any caption parse() accepts.
+The last five are the paper's robustness templates besides "plain". Every caption the grammar allows is in
+all_captions(), so caption_index() works for any caption parse() accepts; the empty caption "" (the CFG negative of
+sample.negative="empty_prompt") has its own index EMPTY_CAPTION_INDEX just past them.
 
 Word roles (ROLES) group text tokens for the attention synopsis:
-  - colour / shape words of object 1 and object 2: "color1", "shape1", "color2", "shape2";
+  - colour / shape words of object 1 and object 2 (the subject and the reference of the relation, wherever they
+    stand in the caption): "color1", "shape1", "color2", "shape2";
   - every word of the relation phrase, function words included ("to", "the", "of", "and", "from"): "relation",
     because the phrase as a whole carries the relation and the "the" inside "to the left of" is not a filler;
   - "is" and the determiner "the" in front of an object: "filler".
 """
 import itertools
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 
@@ -31,6 +38,26 @@ PHRASINGS: dict[str, tuple[str, ...]] = {
 }
 assert tuple(PHRASINGS) == RELATIONS
 
+
+class Template(NamedTuple):
+    """How a caption arranges its two objects around the relation phrase."""
+
+    copula: bool  # "is" between the subject and the phrase ("reversed": between object 2 and object 1)
+    the1: bool  # "the" before object 1
+    the2: bool  # "the" before object 2
+    reversed: bool  # the phrase and object 2 come first
+
+
+# Order fixes caption indices: "plain" and "the_both" first keep the indices of the captions of earlier versions.
+TEMPLATES: dict[str, Template] = {
+    "plain": Template(copula=True, the1=False, the2=False, reversed=False),
+    "the_both": Template(copula=True, the1=True, the2=True, reversed=False),
+    "the2": Template(copula=True, the1=False, the2=True, reversed=False),
+    "no_is": Template(copula=False, the1=False, the2=False, reversed=False),
+    "no_is_the2": Template(copula=False, the1=False, the2=True, reversed=False),
+    "reversed": Template(copula=True, the1=False, the2=False, reversed=True),
+}
+
 ROLES = ("pad", "color1", "shape1", "relation", "color2", "shape2", "filler")
 PAD = "<pad>"
 _COPULA = "is"
@@ -42,19 +69,23 @@ VOCAB: tuple[str, ...] = (PAD,) + tuple(
     sorted(set(COLORS) | set(SHAPES) | {_COPULA, _DETERMINER} | {w for ps in PHRASINGS.values() for p in ps for w in p.split()})
 )
 _VOCAB_SET = frozenset(VOCAB[1:])
-_GRAMMAR = "'[the] [<colour>] <shape> is <relation phrase> [the] [<colour>] <shape>'"
+_GRAMMAR = ("'[the] <object1> [is] <relation phrase> [the] <object2>' as in TEMPLATES, or '<relation phrase> <object2> is "
+            "<object1>', with <object> = '[<colour>] <shape>'")
 _EXAMPLE = "'blue triangle is to the upper left of red square'"
 
 
 class Parsed(NamedTuple):
-    """A parsed caption: the scene it asks for, its words (lower case) and one role name (from ROLES) per word."""
+    """A parsed caption: the scene it asks for, its words (lower case), one role name (from ROLES) per word, and the
+    template and phrasing index it was written with."""
 
     spec: SceneSpec
     words: tuple[str, ...]
     roles: tuple[str, ...]
+    template: str
+    phrasing: int
 
 
-def _check_spec(spec: SceneSpec, phrasing: int) -> None:
+def _check_spec(spec: SceneSpec, phrasing: int, template: str) -> None:
     problems = [f"shape{k} {s!r} is not one of {SHAPES}" for k, s in ((1, spec.shape1), (2, spec.shape2)) if s not in SHAPES]
     problems += [
         f"color{k} {c!r} is not one of {COLORS} or None" for k, c in ((1, spec.color1), (2, spec.color2))
@@ -64,38 +95,31 @@ def _check_spec(spec: SceneSpec, phrasing: int) -> None:
         problems.append(f"relation {spec.relation!r} is not one of {RELATIONS}")
     elif not 0 <= phrasing < len(PHRASINGS[spec.relation]):
         problems.append(f"phrasing {phrasing} is out of range for {spec.relation!r} (0..{len(PHRASINGS[spec.relation]) - 1})")
+    if template not in TEMPLATES:
+        problems.append(f"template {template!r} is not one of {tuple(TEMPLATES)}")
     if problems:
         raise ValueError(f"Bad SceneSpec {tuple(spec)}: " + "; ".join(problems))
 
 
-def _object_words(color: Optional[str], shape: str, filler: bool) -> list[str]:
-    return ([_DETERMINER] if filler else []) + ([color] if color is not None else []) + [shape]
+def _object(color: Optional[str], shape: str, which: int, determiner: bool) -> list[tuple[str, str]]:
+    """(word, role) pairs of one object."""
+    return ([(_DETERMINER, "filler")] if determiner else []) + (
+        [(color, f"color{which}")] if color is not None else []) + [(shape, f"shape{which}")]
 
 
-def caption(spec: SceneSpec, *, phrasing: int = 0, filler: bool = False) -> str:
-    """The caption of `spec` with phrasing PHRASINGS[spec.relation][phrasing]; filler=True puts "the" before both objects."""
-    _check_spec(spec, phrasing)
-    words = (
-        _object_words(spec.color1, spec.shape1, filler)
-        + [_COPULA, PHRASINGS[spec.relation][phrasing]]
-        + _object_words(spec.color2, spec.shape2, filler)
-    )
-    return " ".join(words)
+def _words_and_roles(spec: SceneSpec, phrasing: int, template: str) -> list[tuple[str, str]]:
+    t = TEMPLATES[template]
+    first = _object(spec.color1, spec.shape1, 1, t.the1)
+    second = _object(spec.color2, spec.shape2, 2, t.the2)
+    phrase = [(w, "relation") for w in PHRASINGS[spec.relation][phrasing].split()]
+    copula = [(_COPULA, "filler")] if t.copula else []
+    return phrase + second + copula + first if t.reversed else first + copula + phrase + second
 
 
-def _parse_object(words: Sequence[str], which: int) -> Optional[tuple[Optional[str], str, bool, tuple[str, ...]]]:
-    """(colour, shape, has_determiner, roles) of one object's words, or None when they are not '[the] [colour] shape'."""
-    has_determiner = bool(words) and words[0] == _DETERMINER
-    rest = list(words[1:] if has_determiner else words)
-    if not rest or rest[-1] not in SHAPES or len(rest) > 2 or (len(rest) == 2 and rest[0] not in COLORS):
-        return None
-    color = rest[0] if len(rest) == 2 else None
-    roles = ("filler",) * has_determiner + (f"color{which}",) * (color is not None) + (f"shape{which}",)
-    return color, rest[-1], has_determiner, roles
-
-
-def _malformed(text: str, what: str) -> ValueError:
-    return ValueError(f"Caption {text!r} does not fit the grammar {_GRAMMAR} (e.g. {_EXAMPLE}): {what}")
+def caption(spec: SceneSpec, *, phrasing: int = 0, template: str = "plain") -> str:
+    """The caption of `spec` with phrasing PHRASINGS[spec.relation][phrasing], written with TEMPLATES[template]."""
+    _check_spec(spec, phrasing, template)
+    return " ".join(w for w, _ in _words_and_roles(spec, phrasing, template))
 
 
 def words_of(text: str) -> tuple[str, ...]:
@@ -107,59 +131,59 @@ def words_of(text: str) -> tuple[str, ...]:
     return words
 
 
+def _build_grammar() -> tuple[dict[str, int], list[Parsed]]:
+    """Every caption of the grammar -> its index, and the parse of each, in a fixed order."""
+    colors = COLORS + (None,)
+    index, parsed = {}, []
+    for template in TEMPLATES:
+        for relation in RELATIONS:
+            for phrasing in range(len(PHRASINGS[relation])):
+                for c1, s1, c2, s2 in itertools.product(colors, SHAPES, colors, SHAPES):
+                    spec = SceneSpec(s1, c1, relation, s2, c2)
+                    pairs = _words_and_roles(spec, phrasing, template)
+                    words = tuple(w for w, _ in pairs)
+                    index[" ".join(words)] = len(parsed)
+                    parsed.append(Parsed(spec, words, tuple(r for _, r in pairs), template, phrasing))
+    return index, parsed
+
+
+_CAPTION_INDEX, _PARSED = _build_grammar()
+EMPTY_CAPTION_INDEX = len(_PARSED)
+
+
+def _what_is_wrong(words: tuple[str, ...]) -> str:
+    """A hint for a caption that is not in the grammar."""
+    if words.count(_COPULA) > 1:
+        return f"expected at most one 'is', found {words.count(_COPULA)}"
+    if sum(w in SHAPES for w in words) != 2:
+        return f"expected exactly two shape words {SHAPES}, found {sum(w in SHAPES for w in words)}"
+    if words[:1] == (_DETERMINER,):
+        return "a caption that starts with 'the' must read 'the <object1> is <relation phrase> the <object2>'"
+    return "no template and relation phrase match these words"
+
+
 def parse(text: str) -> Parsed:
     """Parse a caption (case and whitespace insensitive); raises ValueError on unknown words or ungrammatical captions."""
     words = words_of(text)
-    if words.count(_COPULA) != 1:
-        raise _malformed(text, f"expected exactly one 'is', found {words.count(_COPULA)}")
-    split = words.index(_COPULA)
-    first = _parse_object(words[:split], 1)
-    if first is None:
-        raise _malformed(text, f"expected '[the] [<colour>] <shape>' before 'is', got {' '.join(words[:split])!r}")
-    after = words[split + 1:]
-    for relation, phrases in PHRASINGS.items():
-        for phrase in phrases:
-            phrase_words = tuple(phrase.split())
-            if after[: len(phrase_words)] != phrase_words:
-                continue
-            second = _parse_object(after[len(phrase_words):], 2)
-            if second is None:
-                continue
-            if first[2] != second[2]:
-                raise _malformed(text, "'the' must stand before both objects or before neither")
-            spec = SceneSpec(first[1], first[0], relation, second[1], second[0])
-            roles = first[3] + ("filler",) + ("relation",) * len(phrase_words) + second[3]
-            return Parsed(spec, words, roles)
-    raise _malformed(
-        text, f"expected a relation phrase then '[the] [<colour>] <shape>' after 'is', got {' '.join(after)!r}; "
-        f"phrases: {sorted(p for ps in PHRASINGS.values() for p in ps)}"
-    )
-
-
-def _caption_table() -> dict[str, int]:
-    colors = COLORS + (None,)
-    captions = (
-        caption(SceneSpec(s1, c1, relation, s2, c2), phrasing=phrasing, filler=filler)
-        for filler in (False, True)
-        for relation in RELATIONS
-        for phrasing in range(len(PHRASINGS[relation]))
-        for c1, s1, c2, s2 in itertools.product(colors, SHAPES, colors, SHAPES)
-    )
-    return {text: index for index, text in enumerate(captions)}
-
-
-_CAPTION_INDEX = _caption_table()
+    index = _CAPTION_INDEX.get(" ".join(words))
+    if index is None:
+        raise ValueError(f"Caption {text!r} does not fit the grammar (e.g. {_EXAMPLE}): {_what_is_wrong(words)}. "
+                         f"The grammar is {_GRAMMAR}; relation phrases: {sorted(p for ps in PHRASINGS.values() for p in ps)}")
+    return _PARSED[index]._replace(words=words)
 
 
 def all_captions() -> tuple[str, ...]:
-    """Every caption of the grammar (specs x phrasings x colour-optional x filler), in a fixed order."""
+    """Every caption of the grammar (templates x specs x phrasings x colour-optional), in a fixed order."""
     return tuple(_CAPTION_INDEX)
 
 
 def caption_index(text: str) -> int:
-    """Index of a caption in all_captions() (case and whitespace insensitive); ValueError if it is not a caption."""
-    index = _CAPTION_INDEX.get(" ".join(text.lower().split()))
+    """Index of a caption in all_captions() (case and whitespace insensitive), EMPTY_CAPTION_INDEX for "";
+    ValueError if it is not a caption."""
+    normalized = " ".join(text.lower().split())
+    if not normalized:
+        return EMPTY_CAPTION_INDEX
+    index = _CAPTION_INDEX.get(normalized)
     if index is None:
-        parse(text)  # raises the precise error; every parseable caption is in the table
-        raise AssertionError(f"parseable caption {text!r} missing from all_captions()")
+        parse(text)  # raises the precise error
     return index

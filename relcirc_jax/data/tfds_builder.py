@@ -34,11 +34,12 @@ _SPLIT_SEEDS = {"train": 0, "validation": 1}
 
 @dataclasses.dataclass
 class RelcircShapesConfig(tfds.core.BuilderConfig):
-    """Image size, object radius, caption mix and split sizes of one variant."""
+    """Image size, object radius, task, caption mix (None = the task's own) and split sizes of one variant."""
 
     size: int = 64
     radius: int = 8
-    caption_mix: str = "train"
+    task: str = "paper"
+    caption_mix: str | None = None
     num_train: int = 100_000
     num_validation: int = 10_000
 
@@ -53,8 +54,9 @@ def _png(image_uint8: np.ndarray) -> bytes:
 class RelcircShapes(tfds.core.GeneratorBasedBuilder):
     """Two coloured shapes on a gray canvas in one of 8 spatial relations, with a caption from the scene grammar."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": f"First release (VOCAB_VERSION {prompts.VOCAB_VERSION})."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": f"First release (VOCAB_VERSION {prompts.VOCAB_VERSION}).",
+                     "2.0.0": "The paper's task by default (dataset.TASKS); relation threshold 5 px at 128 px."}
     BUILDER_CONFIGS = [
         RelcircShapesConfig(name="64px", description="64x64 images, radius 8 (the paper's main setting)", size=64, radius=8),
         RelcircShapesConfig(name="128px", description="128x128 images, radius 16", size=128, radius=16),
@@ -88,7 +90,7 @@ class RelcircShapes(tfds.core.GeneratorBasedBuilder):
         for step in range(-(-num_examples // _GENERATION_BATCH)):
             batch = dataset.train_batch(
                 seed, step, global_batch=_GENERATION_BATCH, size=config.size, radius=config.radius,
-                caption_mix=config.caption_mix,
+                task=config.task, caption_mix=config.caption_mix,
             )
             images = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
             for i in range(min(_GENERATION_BATCH, num_examples - step * _GENERATION_BATCH)):

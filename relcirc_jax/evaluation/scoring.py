@@ -1,10 +1,14 @@
 """Score images against what their captions ask for, with the paper's per-image metrics, for a whole batch at once.
 
-Per image (bool): color (each named colour is present), shape (each named shape is present), exist_binding (an object
-of (colour1, shape1) and one of (colour2, shape2) exist), unique_binding (exactly one object matches each), spatial
-relationship (the 8-way rule of scenes.relation_index on the two bound objects' centres equals the caption's),
-spatial_relationship_loose (only the signs of dx, dy the relation names, each beyond the paper's margin of 5 px at 128 px) and
-overall (unique_binding and spatial_relationship). A colour left out of the caption (None) matches any colour.
+Per image (bool), as the paper defines them: color (each named colour is present), shape (each named shape is
+present), exist_binding (an object of (colour1, shape1) and one of (colour2, shape2) exist), unique_binding (exactly
+one object matches each description), spatial_relationship (strict: the 8-way rule of scenes.relation_index on the
+two bound objects' centres equals the caption's) and spatial_relationship_loose (only the signs of dx, dy the relation
+names, each beyond the paper's margin of 5 px at 128 px), both scored only when the binding is unique (so relation <=
+unique binding); overall = colour & shape & unique binding & strict relation, overall_loose the same with the loose
+relation. Beside them, spatial_relationship_ungated is the relation of the first objects that match each description
+even when more match (this project's earlier metric). A colour left out of the caption (None) matches any colour.
+The paper's table reports the loose relation in its "Spatial Relation" column (most likely; its code computes both).
 
 When both objects can match the same description ("circle above red circle"), the more specific one is bound first;
 when they are described identically ("red circle above red circle"), either order may satisfy the relation.
@@ -16,7 +20,10 @@ from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 from relcirc_jax.evaluation.detector import Detections, check_images, detect
 
 METRICS = ("color", "shape", "exist_binding", "unique_binding", "spatial_relationship",
-           "spatial_relationship_loose", "overall")
+           "spatial_relationship_loose", "overall", "overall_loose", "spatial_relationship_ungated")
+# The columns of the paper's main table (DESIGN §1 headline numbers) and the metric each corresponds to here.
+PAPER_COLUMNS = {"Color": "color", "Shape": "shape", "Unique Binding": "unique_binding",
+                 "Spatial Relation": "spatial_relationship_loose"}
 MAX_OBJECTS_PER_IMAGE = 8  # the largest ones; more means the image is garbage anyway
 # Sign of (dx, dy) each relation asks for in the loose test; 0 = unconstrained.
 _LOOSE_SIGNS = np.array([{"above": (0, -1), "below": (0, 1), "left": (-1, 0), "right": (1, 0),
@@ -24,24 +31,40 @@ _LOOSE_SIGNS = np.array([{"above": (0, -1), "below": (0, 1), "left": (-1, 0), "r
                           "lower_right": (1, 1)}[r] for r in RELATIONS])
 
 
-def score(images_uint8: np.ndarray, captions: list[str], *, radius: float | None = None) -> dict[str, np.ndarray]:
+DETECTORS = ("relcirc", "paper")
+
+
+def detect_with(detector: str, images_uint8: np.ndarray, *, radius: float | None = None) -> Detections:
+    """The objects found by `detector`: "relcirc" (detector.py, this project's; radius None -> size * 8 / 64) or
+    "paper" (paper_detector.py, the paper's OpenCV contour detector re-implemented; it ignores radius)."""
+    if detector == "relcirc":
+        return detect(images_uint8, radius=radius)
+    if detector == "paper":
+        from relcirc_jax.evaluation import paper_detector  # OpenCV is only loaded when asked for
+
+        return paper_detector.detect(images_uint8)
+    raise ValueError(f"Unknown detector {detector!r}; choose one of {DETECTORS}")
+
+
+def score(images_uint8: np.ndarray, captions: list[str], *, radius: float | None = None,
+          detector: str = "relcirc") -> dict[str, np.ndarray]:
     """score_specs on the scenes the captions describe (parsed with relcirc_jax.data.prompts.parse)."""
     from relcirc_jax.data.prompts import parse  # the caption grammar is optional for spec-level scoring
 
-    return score_specs(images_uint8, [parse(c).spec for c in captions], radius=radius)
+    return score_specs(images_uint8, [parse(c).spec for c in captions], radius=radius, detector=detector)
 
 
-def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *,
-                radius: float | None = None) -> dict[str, np.ndarray]:
+def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *, radius: float | None = None,
+                detector: str = "relcirc") -> dict[str, np.ndarray]:
     """Metrics per image: bool[N] for each name in METRICS, and centers float[N, 4] = (x1, y1, x2, y2) of the
-    bound objects (NaN where an object was not found). radius None -> size * 8 / 64."""
+    bound objects (NaN where an object was not found)."""
     images = check_images(images_uint8)
     if len(specs) != len(images):
         raise ValueError(f"got {len(images)} images but {len(specs)} specs/captions; pass one per image")
-    return score_detections(detect(images, radius=radius), _encode(specs), size=images.shape[1])
+    return score_detections(detect_with(detector, images, radius=radius), encode_specs(specs), size=images.shape[1])
 
 
-def _encode(specs: list[SceneSpec]) -> dict[str, np.ndarray]:
+def encode_specs(specs: list[SceneSpec]) -> dict[str, np.ndarray]:
     """SceneSpecs -> index arrays (colour -1 for None); raises on unknown names."""
     def index(names, value, what):
         if value is None and what == "color":
@@ -76,7 +99,7 @@ def _first(mask: np.ndarray) -> np.ndarray:
 
 
 def score_detections(det: Detections, wanted: dict[str, np.ndarray], *, size: int) -> dict[str, np.ndarray]:
-    """The metrics from detections and encoded specs (see _encode)."""
+    """The metrics from detections and encoded specs (see encode_specs)."""
     n = len(wanted["relation"])
     obj = _objects_per_image(det, n)
     valid = obj["valid"]
@@ -110,17 +133,19 @@ def score_detections(det: Detections, wanted: dict[str, np.ndarray], *, size: in
     xy = np.nan_to_num(centers).reshape(n, 2, 2)
     relation = wanted["relation"]
     same_description = (s1 == s2) & (c1 == c2)
-    spatial = found & ((relation_index(xy, size=size) == relation)
+    ungated = found & ((relation_index(xy, size=size) == relation)
                        | (same_description & (relation_index(xy[:, ::-1], size=size) == relation)))
     signs, margin = _LOOSE_SIGNS[relation], direct_threshold(size)
 
     def loose_holds(delta):
         return np.all((signs == 0) | (signs * delta > margin), axis=1)
 
-    loose = found & (loose_holds(xy[:, 0] - xy[:, 1]) | (same_description & loose_holds(xy[:, 1] - xy[:, 0])))
+    loose = unique & (loose_holds(xy[:, 0] - xy[:, 1]) | (same_description & loose_holds(xy[:, 1] - xy[:, 0])))
+    spatial = unique & ungated
 
     color = ((c1 < 0) | has("color", c1)) & ((c2 < 0) | has("color", c2))
     shape = has("shape", s1) & has("shape", s2)
+    parts = color & shape & unique
     return {"color": color, "shape": shape, "exist_binding": exist, "unique_binding": unique,
-            "spatial_relationship": spatial, "spatial_relationship_loose": loose, "overall": unique & spatial,
-            "centers": centers}
+            "spatial_relationship": spatial, "spatial_relationship_loose": loose, "overall": parts & spatial,
+            "overall_loose": parts & loose, "spatial_relationship_ungated": ungated, "centers": centers}

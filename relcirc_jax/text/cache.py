@@ -83,10 +83,10 @@ def _token_roles(word_ids: Sequence[Optional[int]], token_mask: Sequence[int], w
 
 
 def hf_tokenize(path: str, captions: Sequence[str], max_len: int = MAX_LEN) -> TokenizedCaptions:
-    """Tokenize grammatical captions with the fast tokenizer stored in the local checkpoint directory `path`."""
+    """Tokenize grammatical captions (or the empty caption) with the fast tokenizer stored in the local checkpoint directory `path`."""
     tokens = _fast_tokenizer(path)(list(captions), padding="max_length", truncation=True, max_length=max_len,
                                    return_tensors="np")
-    roles = [_token_roles(tokens.word_ids(i), tokens["attention_mask"][i], prompts.parse(c).roles)
+    roles = [_token_roles(tokens.word_ids(i), tokens["attention_mask"][i], prompts.parse(c).roles if c else ())
              for i, c in enumerate(captions)]
     return TokenizedCaptions(tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(bool),
                              np.asarray(roles, np.int8))

@@ -57,13 +57,14 @@ def make_text_conditioner(kind: str, *, seed: int = 0, dim: int = 4096, position
 
     rte / rte_nopos: word table from (seed, len(VOCAB), dim); position_scale multiplies the sinusoid (rte only; the
     paper's runs used rte.PAPER_POSITION_SCALE = 1/6). t5 / minilm: dim comes from the encoder (4096 for T5-XXL, 384
-    for MiniLM); the table over `captions` (default prompts.all_captions()) is cached under workdir/text_cache.
+    for MiniLM); the table over `captions` (default prompts.all_captions() and then the empty caption, the
+    row prompts.EMPTY_CAPTION_INDEX) is cached under workdir/text_cache.
     """
     if kind not in KINDS:
         raise ValueError(f"Unknown text encoder kind {kind!r}; choose one of {KINDS}")
     if kind in ("rte", "rte_nopos"):
         return _rte_conditioner(kind, seed, dim, position_scale)
-    captions = tuple(prompts.all_captions() if captions is None else captions)
+    captions = tuple(prompts.all_captions() + ("",) if captions is None else captions)
     if kind == "t5":
         if t5_path is None:
             raise ValueError(_T5_HELP)

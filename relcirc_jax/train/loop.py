@@ -97,8 +97,8 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
 def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
     local = dataset.train_batch(config.seed, step, global_batch=config.train.batch_size,
                                 process_index=jax.process_index(), process_count=jax.process_count(),
-                                size=config.data.image_size, radius=config.data.radius,
-                                caption_mix=config.data.caption_mix)
+                                size=config.data.image_size, radius=config.data.radius, task=config.data.task,
+                                caption_mix=config.data.caption_mix, num_scenes=config.data.num_scenes)
     return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)
 
 
@@ -145,9 +145,9 @@ class _PeriodicSampling:
                                                              self.grid_captions)
             writer.image(step, "samples", sampling.image_grid(images))
         if step % config.eval.every_steps == 0:
-            scores = evaluate.score_captions(self._sampler(config.eval.batch_size), state.ema_params,
-                                             self.experiment.tables, self.eval_captions)
-            accuracies = evaluate.summary(scores)
+            images = self._sampler(config.eval.batch_size)(state.ema_params, self.experiment.tables,
+                                                           self.eval_captions)
+            accuracies = evaluate.summary(evaluate.score_images(images, self.eval_captions)[0])
             writer.scalars(step, accuracies)
             logging.info("Eval at step %d: %s", step, {k: round(v, 3) for k, v in accuracies.items()})
 

@@ -30,13 +30,14 @@ class Sampler:
     """
 
     def __init__(self, model_cfg: dit.DiTConfig, conditioner, mesh: jax.sharding.Mesh, param_sh, *, cfg_scale: float,
-                 num_steps: int, solver: str, batch_size: int, seed: int):
+                 num_steps: int, solver: str, batch_size: int, seed: int, negative: str = "empty_prompt"):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = math.ceil(batch_size / shards) * shards
         self._mesh = mesh
         batch_sh = sharding_rules.batch_sharding(mesh)
         self._generate = jax.jit(
-            _generate_fn(model_cfg, conditioner, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver, seed=seed),
+            _generate_fn(model_cfg, conditioner, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver, seed=seed,
+                         negative=negative),
             in_shardings=(param_sh, batch_sh, sharding_rules.replicated(mesh), batch_sh),
             out_shardings=batch_sh)
 
@@ -61,14 +62,25 @@ def caption_batch(captions: Sequence[str]) -> dict[str, np.ndarray]:
     return {"ids": ids, "mask": mask, "caption_index": caption_index}
 
 
+def negative_caption(negative: str, conditioner, params, tables, batch: int) -> tuple[jax.Array, jax.Array]:
+    """The CFG negative ([B, L, D] text, [B, L] mask): the encoder's embedding of the empty caption ("empty_prompt",
+    the paper's choice) or the DiT's learned null caption ("learned_null", what caption dropout trains)."""
+    if negative == "learned_null":
+        return dit.null_caption(params, batch)
+    if negative != "empty_prompt":
+        raise ValueError(f"Unknown CFG negative {negative!r}; use 'empty_prompt' or 'learned_null'.")
+    text, mask = conditioner.embed(tables, {k: jnp.asarray(v) for k, v in caption_batch([""]).items()})
+    return jnp.broadcast_to(text, (batch,) + text.shape[1:]), jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
+
+
 def _generate_fn(model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num_steps: int, solver: str,
-                 seed: int) -> Callable:
+                 seed: int, negative: str) -> Callable:
     model = dit.DiT(model_cfg)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
 
     def generate(params, batch, tables, noise_id):
         text, text_mask = conditioner.embed(tables, batch)
-        null_text, null_mask = dit.null_caption(params, text.shape[0])
+        null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
 
         def model_fn(x, t, txt, msk):
             return model.apply({"params": params}, x, t, txt, msk)
@@ -104,12 +116,13 @@ def make_sampler(experiment: train_state.Experiment, batch_size: int) -> Sampler
     """A sampler with the eval settings (DPM-Solver++ 14 steps, CFG 4.5 by default) over the EMA params' shardings."""
     e = experiment.config.eval
     return Sampler(experiment.model_cfg, experiment.conditioner, experiment.mesh, experiment.state_sh.ema_params,
-                   cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, batch_size=batch_size, seed=e.seed)
+                   cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, batch_size=batch_size, seed=e.seed,
+                   negative=experiment.config.sample.negative)
 
 
 def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:
-    """sample.num_prompts captions spread evenly over the all_combinations set (the training-time sample grid)."""
-    captions = dataset.eval_prompts("all_combinations")
+    """sample.num_prompts captions spread evenly over the eval prompt set (the training-time sample grid)."""
+    captions = dataset.eval_prompts(config.eval.prompt_set)
     picks = np.linspace(0, len(captions) - 1, min(config.sample.num_prompts, len(captions))).round().astype(int)
     return [captions[i] for i in picks]
 

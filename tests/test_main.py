@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
 
+from PIL import Image
 from relcirc_jax import main as cli
 from relcirc_jax.config import base_config
+from relcirc_jax.evaluation import DETECTORS, METRICS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = f"--config={REPO}/configs/rte_dit_nano.py:smoke"
@@ -37,14 +39,27 @@ def test_train_then_sample_writes_grid_and_images(trained):
     assert (trained / "samples" / "sample_00000004.png").exists()
 
 
-def test_evaluate_writes_accuracy_tables(trained):
+def test_evaluate_writes_both_detectors_tables_and_what_it_judged(trained):
     run_cli(trained, "evaluate")
-    table = json.loads((trained / "eval.json").read_text())
-    assert table["step"] == 4 and table["num_prompts"] == 8
-    assert {"color", "shape", "unique_binding", "spatial_relationship", "overall"} <= set(table["overall"])
-    assert sum(row["n"] for row in table["per_relation"].values()) == 8
+    report = json.loads((trained / "eval.json").read_text())
+    assert (report["step"], report["prompt_set"], report["negative"]) == (4, "paper_main", "empty_prompt")
+    assert set(report["tables"]) == set(DETECTORS)
+    for table in report["tables"].values():
+        assert table["num_prompts"] == table["num_images"] == 8 and set(table["overall"]) == set(METRICS)
+        assert sum(row["n"] for row in table["per_relation"].values()) == 8
+    # the same sampler, seeds and prompts as the training run's periodic evaluation at step 4
+    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if "eval/overall" in line]
+    assert logged[-1]["step"] == 4
+    assert {m: logged[-1][f"eval/{m}"] for m in METRICS} == report["tables"]["relcirc"]["overall"]
     markdown = (trained / "eval.md").read_text()
-    assert "| all | 8 |" in markdown and "spatial_relationship" in markdown
+    assert "relcirc detector" in markdown and "paper detector" in markdown and "| all | 8 |" in markdown
+    assert "Spatial Relation = spatial_relationship_loose" in markdown
+    with np.load(trained / "eval_samples.npz") as judged:
+        assert judged["images"].shape == (8, 64, 64, 3) and len(judged["captions"]) == 8
+        assert judged["relcirc/overall"].dtype == bool and judged["paper/spatial_relationship"].shape == (8,)
+    for detector in DETECTORS:
+        grid = np.asarray(Image.open(trained / f"eval_grid_{detector}.png"))
+        assert grid.ndim == 3 and grid.std() > 10  # tiles with boxes and verdict banners, not a blank image
 
 
 def test_evaluate_an_earlier_step_and_a_missing_step(trained):

@@ -138,3 +138,11 @@ def test_bad_kinds_explained():
         conditioner.make_text_conditioner("clip")
     with pytest.raises(ValueError, match="cannot be downloaded"):
         conditioner.make_text_conditioner("t5")
+
+
+def test_empty_caption_row_for_the_cfg_negative():
+    # sample.negative="empty_prompt" reads the table row of "" (prompts.EMPTY_CAPTION_INDEX in the default table).
+    table = cache.cached_text_table("minilm", "bert", bert.minilm_dir(), ("", CAPTIONS[1]), None)
+    assert table.mask[0].sum() == 2  # [CLS] [SEP]
+    np.testing.assert_array_equal(table.roles[0, :2], [cache.SPECIAL_ROLE] * 2)
+    assert (table.roles[0, 2:] == 0).all() and np.isfinite(table.embeddings[0]).all()

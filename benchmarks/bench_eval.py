@@ -2,25 +2,35 @@
 
 Speed: images/s of score_specs (detect + score) on clean 64 px renders (target >= 2,000). Accuracy per size:
 overall-correct % on clean and on degraded renders (targets >= 99.5 and >= 98), and % of deliberately wrong captions
-(another relation, swapped colours, a wrong shape) wrongly accepted (target <= 1). The last line of output is one JSON
-object with all figures.
+(another relation, swapped colours, a wrong shape) wrongly accepted (target <= 1). Robustness on an independent
+renderer (tests/independent_scenes.py, the generator of tests/test_evaluator_independent.py: PIL, its own blur, cast
+and noise, each object's radius jittered +-20 %, triangles anchored at their centroid or bounding-box centre): % of
+true captions accepted (target >= 98) and % of each wrong kind (colours swapped, a shape replaced, the opposite
+relation; target <= 1) at 64 / 128 px x clean / degraded x anchor. The last line of output is one JSON object with
+all figures.
 
-    python benchmarks/bench_eval.py [--n 10000] [--n128 10000] [--seed 0]
+    python benchmarks/bench_eval.py [--n 10000] [--n128 10000] [--robust_n 1000] [--seed 0]
 """
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from relcirc_jax.evaluation import score_specs
 from relcirc_jax.evaluation.selfcheck import accuracy_report, random_scenes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import independent_scenes  # noqa: E402  (the test suite's independent renderer)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10000, help="scenes per accuracy check at 64 px")
     parser.add_argument("--n128", type=int, default=10000, help="scenes per accuracy check at 128 px")
+    parser.add_argument("--robust_n", type=int, default=1000, help="independent-renderer scenes per combo")
     parser.add_argument("--speed_n", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -37,6 +47,14 @@ def main():
         report = accuracy_report(n, size=size, seed=args.seed)
         print(f"{size} px, {n} scenes: " + ", ".join(f"{k} {v}" for k, v in report.items()))
         figures.update({f"{k}_{size}px": v for k, v in report.items()})
+
+    print(f"\nIndependent renderer, +-{independent_scenes.JITTER:.0%} radius jitter, {args.robust_n} scenes per row: "
+          "% of true captions accepted, % of wrong ones accepted")
+    kinds = independent_scenes.WRONG_KINDS
+    print(f"{'combo':26s} {'correct':>8s}" + "".join(f" {'wrong ' + kind:>15s}" for kind in kinds))
+    for combo, row in independent_scenes.robustness_report(args.robust_n, seed=args.seed).items():
+        print(f"{combo:26s} {row['correct_pct']:8.2f}" + "".join(f" {row[f'wrong_{k}_pct']:15.2f}" for k in kinds))
+        figures.update({f"independent_{combo}_{key}": value for key, value in row.items()})
     print(json.dumps(figures))
 
 

@@ -132,7 +132,7 @@ def _fill_small_holes(mask: np.ndarray, max_area: float) -> np.ndarray:
     holes, count = ndimage.label(~mask, structure=_IN_PLANE_CROSS)
     small = np.bincount(holes.reshape(-1), minlength=count + 1) < max_area
     small[0] = False
-    return mask | small[holes]
+    return mask | small[holes] if small.any() else mask  # clean renders have none: skip the gather
 
 
 def _pixel_coordinates(flat_index: np.ndarray, shape: tuple):

@@ -40,7 +40,8 @@ def test_minilm_table_roles_and_cache_hit_miss(tmp_path, monkeypatch):
     # Rows equal a direct encode of each caption.
     config, params = bert.load_minilm()
     direct = bert.bert_encode(config, params, table.ids, table.mask)
-    assert float(np.max(np.abs(np.asarray(direct) - table.embeddings))) <= 1e-5
+    # float32 rows of a batch of 3 vs a direct batch: ~1e-5 apart by batching alone, a wrong row is off by O(0.1)
+    np.testing.assert_allclose(table.embeddings, np.asarray(direct), rtol=0, atol=1e-4)
 
     # Roles follow the words: [CLS] blue triangle is to the upper left of red square [SEP] <pad>...
     role = {name: i for i, name in enumerate(prompts.ROLES)}

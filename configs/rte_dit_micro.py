@@ -1,11 +1,11 @@
 """rte text encoder + DiT-micro. All logic is in relcirc_jax/config.py.
 
 Launch: python -m relcirc_jax.main --config=configs/rte_dit_micro.py --workdir=workdirs/rte_dit_micro
-Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); 40k steps
-  at batch 256 take ~8 min of train steps on one H100 (21,857 img/s measured by benchmarks/bench_train.py; add sampling
+Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); 160k steps
+  at batch 256 take ~32 min of train steps on one H100 (21,857 img/s measured by benchmarks/bench_train.py; add sampling
   and evaluations).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU; measured for rte micro (3,600 steps, 51 min): colour 100 %,
-  shape 59 %, unique binding 28 %, relation 12 % (README "Current results").
+CPU run (":cpu" suffix): about an hour on a 2-core CPU (3,600 steps at 0.85 s; twice that on slower
+  machines); measured results in README "Current results".
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """
 from relcirc_jax.config import base_config

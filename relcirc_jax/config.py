@@ -253,9 +253,9 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"eval.images_per_prompt={c.eval.images_per_prompt} must be >= 1.")
     if c.eval.prompt_set not in dataset.EVAL_SETS:
         problems.append(f"eval.prompt_set={c.eval.prompt_set!r} is unknown; choose one of {sorted(dataset.EVAL_SETS)}.")
-    elif not 1 <= c.eval.num_prompts <= len(dataset.eval_prompts(c.eval.prompt_set)):
-        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, "
-                        f"{len(dataset.eval_prompts(c.eval.prompt_set))}] for {c.eval.prompt_set!r}.")
+    elif not 1 <= c.eval.num_prompts <= (available := len(dataset.eval_prompts(c.eval.prompt_set))):
+        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, {available}] for "
+                        f"{c.eval.prompt_set!r}.")
     return problems
 
 

@@ -11,6 +11,7 @@ from etils import epath
 from PIL import Image
 
 from relcirc_jax import diffusion
+from relcirc_jax.config import NEGATIVES
 from relcirc_jax.data import dataset
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
@@ -68,7 +69,7 @@ def negative_caption(negative: str, conditioner, params, tables, batch: int) -> 
     if negative == "learned_null":
         return dit.null_caption(params, batch)
     if negative != "empty_prompt":
-        raise ValueError(f"Unknown CFG negative {negative!r}; use 'empty_prompt' or 'learned_null'.")
+        raise ValueError(f"Unknown CFG negative {negative!r}; use one of {NEGATIVES}.")
     text, mask = conditioner.embed(tables, {k: jnp.asarray(v) for k, v in caption_batch([""]).items()})
     return jnp.broadcast_to(text, (batch,) + text.shape[1:]), jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
 

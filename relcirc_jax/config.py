@@ -112,6 +112,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.t_logit_mean = config_dict.placeholder(float)
     c.train.t_logit_std = 1.0
     c.train.remat = False
+    # Wall-clock minutes of one invocation (compilation, sampling and evaluations included) after which the run saves,
+    # samples and evaluates its last step and stops, before train.num_steps if need be; None = no budget.
+    c.train.time_budget_minutes = config_dict.placeholder(float)
     c.train.compute_dtype = "float32"
 
     c.parallel = ml_collections.ConfigDict()
@@ -160,6 +163,7 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     # Two data-parallel CPU devices overlap each other's serial ops: micro 0.86 vs 0.95 s/step at batch 64 on 2 cores.
     c.parallel.cpu_devices = 2
     c.train.num_steps = max(100, int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100)
+    c.train.time_budget_minutes = budget_seconds / 60  # so a slower machine ends on time, with fewer steps
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25
     c.data.num_scenes = None  # fresh scenes: a short run sees each scene about once either way
@@ -224,6 +228,8 @@ def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_cou
     for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
         if not _get(c, key) > 0:
             problems.append(f"{key}={_get(c, key)} must be > 0.")
+    if c.train.time_budget_minutes is not None and not c.train.time_budget_minutes > 0:
+        problems.append(f"train.time_budget_minutes={c.train.time_budget_minutes} must be > 0, or None for no budget.")
     if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
         problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
     for key in ("train.ema_decay", "train.caption_dropout"):

@@ -177,3 +177,15 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     step, state = train_state.restore_or_fail(experiment, str(tmp_path))
     experiment.checkpointer.close()
     assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_spent_time_budget_saves_samples_and_evaluates_the_last_step_then_stops(tmp_path, caplog):
+    config = smoke_config(**{"train.time_budget_minutes": 1e-9, "eval.every_steps": 1000, "sample.every_steps": 1000})
+    with caplog.at_level("WARNING"):
+        loop.train(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]  # log.every_steps=1: the budget is checked after each step
+    rows = metric_rows(str(tmp_path))
+    assert [row["step"] for row in rows if "loss" in row] == [1]
+    assert [row["step"] for row in rows if "eval/overall" in row] == [1]  # the curve ends with the model that was saved
+    assert os.listdir(tmp_path / "samples") == ["samples_00000001.png"]
+    assert "time_budget_minutes=1e-09 spent: saved and evaluated the checkpoint of step 1" in caplog.text

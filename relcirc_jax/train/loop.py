@@ -2,7 +2,8 @@
 
 A run is resumable at any checkpoint and bitwise reproducible: the data of step s and all randomness of the step are
 functions of (seed, s), and the state is restored exactly. A non-finite loss stops the run with an error naming the
-step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally.
+step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally; so
+does a spent `train.time_budget_minutes`, after sampling and evaluating the last step (the end of its learning curve).
 """
 import json
 
@@ -63,6 +64,7 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
     if start >= total:
         logging.info("The checkpoint of step %d already reaches train.num_steps=%d; nothing to train.", start, total)
         return state
+    budget = preemption.TimeBudget(config.train.time_budget_minutes)  # compilation counts: it is part of the wait
     step_fn = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
         experiment.abstract_state, experiment.state_sh, _global_batch(config, experiment.mesh, start),
@@ -71,25 +73,32 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
     periodic = _PeriodicSampling(experiment)
     stop = preemption.install_sigterm_handler()
     pending = []  # (step, device metrics) not yet checked for finiteness
-    logging.info("Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d.", config.model.size,
-                 sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, dict(experiment.mesh.shape), start, total,
-                 config.train.batch_size)
+    logging.info("Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
+                 config.model.size, sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+                 dict(experiment.mesh.shape), start, total, config.train.batch_size,
+                 "none" if config.train.time_budget_minutes is None else f"{config.train.time_budget_minutes:g} min")
     for step in range(start, total):
         state, metrics = step_fn(state, _global_batch(config, experiment.mesh, step), experiment.tables)
         done = step + 1
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
-        saving = done % config.checkpoint.every_steps == 0 or done == total or preempted
+        out_of_time = done % config.log.every_steps == 0 and budget.spent()  # a collective on several processes
+        saving = done % config.checkpoint.every_steps == 0 or done == total or preempted or out_of_time
         if saving or periodic.due(done) or done % config.log.every_steps == 0:
             _check_finite(pending, experiment)
             writer.scalars(done, _window_metrics(pending))
             progress.update(done, metrics["loss"], metrics["grad_norm"])
             pending = []
-        periodic(state, done, writer)
+        periodic(state, done, writer, final=out_of_time)
         if saving:
             experiment.checkpointer.save(done, state, _meta(config, done), force=True)
         if preempted:
             logging.warning("Preempted: saved the checkpoint of step %d; stopping.", done)
+            break
+        if out_of_time:
+            logging.warning("train.time_budget_minutes=%g spent: saved and evaluated the checkpoint of step %d; "
+                            "stopping before train.num_steps=%d (rerun to resume).",
+                            config.train.time_budget_minutes, done, total)
             break
     return state
 
@@ -138,13 +147,14 @@ class _PeriodicSampling:
         config = self.experiment.config
         return step % config.sample.every_steps == 0 or step % config.eval.every_steps == 0
 
-    def __call__(self, state: train_state.TrainState, step: int, writer: MetricWriter) -> None:
+    def __call__(self, state: train_state.TrainState, step: int, writer: MetricWriter, *, final: bool = False) -> None:
+        """Samples and evaluates when their steps come, or in any case when `final`."""
         config = self.experiment.config
-        if step % config.sample.every_steps == 0:
+        if step % config.sample.every_steps == 0 or final:
             images = self._sampler(len(self.grid_captions))(state.ema_params, self.experiment.tables,
                                                              self.grid_captions)
             writer.image(step, "samples", sampling.image_grid(images))
-        if step % config.eval.every_steps == 0:
+        if step % config.eval.every_steps == 0 or final:
             images = self._sampler(config.eval.batch_size)(state.ema_params, self.experiment.tables,
                                                            self.eval_captions)
             accuracies = evaluate.summary(evaluate.score_images(images, self.eval_captions)[0])

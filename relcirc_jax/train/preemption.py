@@ -1,13 +1,17 @@
-"""Preemption: a SIGTERM sets a flag; the training loop checks it, saves a checkpoint and exits 0.
+"""Early stops that keep the work: a SIGTERM (preemption) or a spent wall-clock budget; the loop saves and stops.
 
 On several processes each host may receive SIGTERM at a different step, so the stop decision goes through JAX's
-preemption sync point (set up by `jax.distributed.initialize`), which makes every host stop at the same step.
+preemption sync point (set up by `jax.distributed.initialize`), which makes every host stop at the same step; the time
+budget follows process 0's clock for the same reason.
 """
 from __future__ import annotations
 
 import signal
+import time
+from collections.abc import Callable
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -35,3 +39,22 @@ def install_sigterm_handler() -> PreemptionFlag:
     if jax.process_count() == 1:
         signal.signal(signal.SIGTERM, flag._on_sigterm)
     return flag
+
+
+class TimeBudget:
+    """`.spent()` turns True once `minutes` of wall time have passed since construction (None: never).
+
+    On several processes `.spent()` is a collective (process 0 decides), so every process must call it at the same steps.
+    """
+
+    def __init__(self, minutes: float | None, *, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._deadline = None if minutes is None else clock() + 60.0 * minutes
+
+    def spent(self) -> bool:
+        if self._deadline is None:
+            return False
+        spent = self._clock() >= self._deadline
+        if jax.process_count() > 1:
+            spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
+        return spent

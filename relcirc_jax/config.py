@@ -34,6 +34,7 @@ from typing import Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from relcirc_jax.errors import UserError
 from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
@@ -50,11 +51,11 @@ CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, samp
 def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """Returns the full config of a DiT `size` conditioned by text `encoder`, shrunk by the variant `arg`."""
     if encoder not in ENCODERS:
-        raise ValueError(f"Unknown text encoder {encoder!r}; choose one of {ENCODERS}.")
+        raise UserError(f"Unknown text encoder {encoder!r}; choose one of {ENCODERS}.")
     if size not in SIZES:
-        raise ValueError(f"Unknown DiT size {size!r}; choose one of {SIZES}.")
+        raise UserError(f"Unknown DiT size {size!r}; choose one of {SIZES}.")
     if arg not in VARIANTS:
-        raise ValueError(f"Unknown config variant {arg!r}; use one of 'cpu', 'quick', 'smoke' or no ':variant' suffix.")
+        raise UserError(f"Unknown config variant {arg!r}; use one of 'cpu', 'quick', 'smoke' or no ':variant' suffix.")
     config = _paper_recipe(encoder, size)
     if arg in ("cpu", "quick"):
         _apply_cpu(config, size, budget_seconds=CPU_BUDGET_SECONDS if arg == "cpu" else CPU_BUDGET_SECONDS // 4)
@@ -199,7 +200,7 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
                     process_count: int | None = None) -> None:
-    """Raises one ValueError listing every bad value of `config` (and how to fix it); returns None when all is well.
+    """Raises one UserError listing every bad value of `config` (and how to fix it); returns None when all is well.
 
     `num_devices`/`process_count` default to the current JAX runtime; they decide whether the batch splits evenly.
     """
@@ -208,8 +209,10 @@ def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | Non
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
     problems = _config_problems(config, num_devices, process_count)
+    if len(problems) == 1:
+        raise UserError(f"Invalid config: {problems[0]}")
     if problems:
-        raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+        raise UserError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
 def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
@@ -296,27 +299,56 @@ def _get(c: ml_collections.ConfigDict, dotted: str):
     return c
 
 
-def check_override_keys(argv: Sequence[str], flag_name: str = "config") -> None:
-    """Raises one ValueError naming every `--config.a.b=...` override in `argv` that the config file lacks.
-
-    ml_collections rejects such keys too, but with a bare `AttributeError: "'b'"`; this names the key and lists the
-    keys that do exist at that level. Does nothing when `argv` has no `--config=FILE[:variant]`.
-    """
+def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
+    """What is wrong with `--config=FILE[:variant]` in `argv` that absl would only report later or as a traceback:
+    the file is missing. None when it exists (or no --config is given)."""
     files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
-    overrides = [a[len(flag_name) + 3:].split("=", 1)[0] for a in argv if a.startswith(f"--{flag_name}.")]
-    if not files or not overrides:
-        return
+    if files and not os.path.isfile(files[-1].partition(":")[0]):
+        return (f"Config file {files[-1].partition(':')[0]!r} does not exist; pass e.g. "
+                "--config=configs/rte_dit_micro.py:cpu.")
+    return None
+
+
+def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str | None:
+    """One message for whatever made absl reject the config flags in `argv`, or None if none is found here.
+
+    Loads the config file again (only on this error path) and checks, in order: the file exists, the ':variant' is
+    known, every `--config.a.b=v` override names an existing key, and `v` parses as that key's type.
+    """
+    problem = config_file_problem(argv, flag_name)
+    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
+    if problem or not files:
+        return problem
     path, _, variant = files[-1].partition(":")
     spec = importlib.util.spec_from_file_location("_config_file", path)
-    if spec is None or not os.path.exists(path):
-        raise ValueError(f"Config file {path!r} does not exist; pass e.g. --config=configs/rte_dit_micro.py:cpu.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(variant or None)
-    problems = [_unknown_key_problem(config, key) for key in overrides]
+    try:
+        config = module.get_config(variant or None)
+    except UserError as error:
+        return str(error)
+    overrides = [a[len(flag_name) + 3:].split("=", 1) for a in argv if a.startswith(f"--{flag_name}.")]
+    problems = [_unknown_key_problem(config, key) or _override_type_problem(config, key, value)
+                for key, value in (o if len(o) == 2 else (o[0], None) for o in overrides)]
     problems = [p for p in problems if p]
-    if problems:
-        raise ValueError("Unknown config override(s):\n  - " + "\n  - ".join(problems))
+    return " ".join(problems) if problems else None
+
+
+def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value: str | None) -> str | None:
+    """`value` does not parse as the type of config key `dotted` (ml_collections keeps a key's type)."""
+    *parents, leaf = dotted.split(".")
+    node = _get(config, ".".join(parents)) if parents else config
+    expected = node.get_type(leaf)
+    parse = {float: float, int: int, bool: lambda v: {"true": 1, "false": 0, "1": 1, "0": 0}[v.lower()]}.get(expected)
+    kind = {float: "a float", int: "an int", bool: "a bool (true or false)"}.get(expected)
+    if value is None or parse is None:
+        return None
+    try:
+        parse(value)
+    except (ValueError, KeyError):
+        return (f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not "
+                f"{value!r}; fix the value.")
+    return None
 
 
 def _unknown_key_problem(config: ml_collections.ConfigDict, dotted: str) -> str | None:

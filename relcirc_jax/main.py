@@ -3,17 +3,24 @@
 Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json + eval.md for the
 latest or --step checkpoint), analyze (not implemented yet). Override any config value with --config.train.lr=3e-4 etc.
 
+Mistakes in the command (a missing config file, an unknown variant, key or value, a missing checkpoint, a workdir that is
+a file, a caption with an unknown word) end in one line naming the problem and the fix, exit status 2, before any slow
+work and without writing anything; --verbosity=1 adds the traceback.
+
 Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command on every host with --distributed
 (cluster auto-detection by jax.distributed.initialize), or give --coordinator_address, --num_processes and
 --process_id explicitly (e.g. several processes on one machine). See launch/README.md.
 """
+import os
 import sys
+from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from relcirc_jax import config as config_lib
+from relcirc_jax.errors import UserError
 
 MODES = ("train", "sample", "evaluate", "analyze")
 
@@ -35,6 +42,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass options as --name=value.")
     config, workdir = FLAGS.config, FLAGS.workdir
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
     apply_runtime_options(config)
     join_distributed_job()
     if FLAGS.mode == "train":
@@ -88,13 +97,33 @@ def apply_runtime_options(config) -> None:
 
 
 def parse_flags(argv):
-    """absl flag parsing, with a clear message for an unknown --config.* override key."""
+    """absl flag parsing; a bad --config (file, variant, override key or value) ends in one line (`fail`)."""
+    problem = config_lib.config_file_problem(argv)
+    if problem:
+        fail(problem)
     try:
-        config_lib.check_override_keys(argv)
-    except ValueError as error:
-        sys.exit(f"FATAL Flags parsing error: {error}")
-    return FLAGS(argv)
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, ValueError) as error:  # what absl and ml_collections raise for bad values
+        explained = config_lib.explain_config_flags(argv)
+        if explained is None and not isinstance(error, flags.Error):
+            raise
+        fail(explained or str(error))
+
+
+def main_or_fail(argv):
+    """`main`, with a UserError printed as its one line (`fail`) unless --verbosity asks for the traceback."""
+    try:
+        main(argv)
+    except UserError as error:
+        if FLAGS.verbosity >= 1:
+            raise
+        fail(str(error))
+
+
+def fail(message: str) -> NoReturn:
+    print(f"Error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    app.run(main_or_fail, flags_parser=parse_flags)

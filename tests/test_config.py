@@ -7,7 +7,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from relcirc_jax.config import ENCODERS, SIZES, base_config, check_override_keys, validate_config
+from relcirc_jax.errors import UserError
+from relcirc_jax.config import ENCODERS, SIZES, base_config, explain_config_flags, validate_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*_dit_*.py")))
@@ -57,7 +58,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.text.encoder = "clip"
     config.train.t_logit_std = 0.0
     config.parallel.cpu_devices = 0
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(UserError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
     assert "train.batch_size=12 is not divisible by the data-parallel size data*fsdp=8" in message
@@ -69,19 +70,19 @@ def test_bad_values_raise_one_error_naming_each():
 
 def test_batch_must_split_over_processes_and_mesh_must_fit():
     config = base_config("rte", "nano", "smoke")
-    with pytest.raises(ValueError, match="not divisible by the process count 3"):
+    with pytest.raises(UserError, match="not divisible by the process count 3"):
         validate_config(config, num_devices=1, process_count=3)
     config.parallel.mesh.fsdp = 3
-    with pytest.raises(ValueError, match="does not fit 8 devices"):
+    with pytest.raises(UserError, match="does not fit 8 devices"):
         validate_config(config, num_devices=8, process_count=1)
 
 
 def test_unknown_encoder_size_or_variant():
-    with pytest.raises(ValueError, match="Unknown text encoder 'clip'"):
+    with pytest.raises(UserError, match="Unknown text encoder 'clip'"):
         base_config("clip", "b")
-    with pytest.raises(ValueError, match="Unknown DiT size 'xl'"):
+    with pytest.raises(UserError, match="Unknown DiT size 'xl'"):
         base_config("rte", "xl")
-    with pytest.raises(ValueError, match="Unknown config variant 'gpu'"):
+    with pytest.raises(UserError, match="Unknown config variant 'gpu'"):
         base_config("rte", "b", "gpu")
 
 
@@ -93,13 +94,17 @@ def _parse_config_flag(*args):
     return values.config
 
 
-def test_overrides_and_unknown_override_key_message():
+def test_overrides_and_the_explanation_of_bad_override_keys_and_values():
     config = _parse_config_flag("--config.train.lr=0.003", "--config.model.depth=1")
     assert config.train.lr == 0.003 and config.model.depth == 1
     argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'rte_dit_nano.py')}:smoke", "--config.train.lr=1",
-            "--config.train.learning_rate=0.003", "--config.modle.depth=1"]
-    with pytest.raises(ValueError) as error:
-        check_override_keys(argv)
-    assert "--config.train.learning_rate: train has no key 'learning_rate'; its keys are [" in str(error.value)
-    assert "'lr'" in str(error.value)
-    assert "--config.modle.depth: the top level has no key 'modle'" in str(error.value)
+            "--config.train.learning_rate=0.003", "--config.modle.depth=1", "--config.model.depth=two",
+            "--config.checkpoint.async_save=maybe", "--config.checkpoint.async_save=false"]
+    message = explain_config_flags(argv)
+    assert "--config.train.learning_rate: train has no key 'learning_rate'; its keys are [" in message
+    assert "'lr'" in message
+    assert "--config.modle.depth: the top level has no key 'modle'" in message
+    assert "--config.model.depth=two: model.depth takes an int (e.g. 2), not 'two'" in message
+    assert "--config.checkpoint.async_save=maybe: checkpoint.async_save takes a bool" in message
+    assert message.count("--config.") == 4  # the good overrides (lr=1, async_save=false) are not named
+    assert explain_config_flags(argv[:2]) is None

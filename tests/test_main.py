@@ -1,5 +1,5 @@
-"""The command line: train, then sample and evaluate from the checkpoint; clear errors for a missing checkpoint, an
-unknown override key and the analyze mode."""
+"""The command line: train, then sample and evaluate from the checkpoint; every user mistake ends in one line that names
+it and the fix, before any slow work and without writing anything."""
 import json
 import os
 import subprocess
@@ -12,6 +12,7 @@ from test_train_loop import compile_cache  # noqa: F401 - module fixture: persis
 from PIL import Image
 from relcirc_jax import main as cli
 from relcirc_jax.config import base_config
+from relcirc_jax.errors import UserError
 from relcirc_jax.evaluation import DETECTORS, METRICS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,14 +66,15 @@ def test_evaluate_writes_both_detectors_tables_and_what_it_judged(trained):
 def test_evaluate_an_earlier_step_and_a_missing_step(trained):
     run_cli(trained, "evaluate", "--step=2")
     assert json.loads((trained / "eval.json").read_text())["step"] == 2
-    with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 3 .*available steps: \[2, 4\]"):
+    with pytest.raises(UserError, match=r"No checkpoint of step 3 .*available steps: \[2, 4\]"):
         run_cli(trained, "evaluate", "--step=3")
 
 
 @pytest.mark.parametrize("mode", ["sample", "evaluate"])
 def test_missing_checkpoint_says_train_first(tmp_path, mode):
-    with pytest.raises(FileNotFoundError, match=f"No checkpoint in {tmp_path}.*Train first"):
+    with pytest.raises(UserError, match=f"No checkpoint in {tmp_path}.*Train first"):
         run_cli(tmp_path, mode)
+    assert os.listdir(tmp_path) == []
 
 
 def test_analyze_is_not_implemented_yet(tmp_path):
@@ -99,8 +101,47 @@ def test_cpu_devices_cannot_change_a_running_jax():
         cli.apply_runtime_options(config)
 
 
-def test_unknown_override_key_fails_with_a_clear_message(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", CONFIG, f"--workdir={tmp_path}",
-                             "--config.train.learning_rate=0.1"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert "--config.train.learning_rate: train has no key 'learning_rate'" in result.stderr
+def _workdir_with_a_checkpoint_dir(path):
+    (path / "checkpoints" / "2").mkdir(parents=True)  # saved_steps reads names only: enough for --step checks
+    return path
+
+
+def _a_file(path):
+    path.write_text("not a directory")
+    return path
+
+
+# (case, workdir maker, arguments after --workdir, the words the one line must hold). Workdir makers get a fresh path.
+BAD_INPUTS = [
+    ("missing config file", None, ["--config=configs/nope.py"], "Config file 'configs/nope.py' does not exist"),
+    ("misspelt variant", None, [f"{CONFIG}x"], "Unknown config variant 'smokex'; use one of 'cpu', 'quick', 'smoke'"),
+    ("unknown key", None, [CONFIG, "--config.train.learning_rate=0.1"],
+     "--config.train.learning_rate: train has no key 'learning_rate'; its keys are ["),
+    ("wrong-typed value", None, [CONFIG, "--config.train.lr=fast"],
+     "--config.train.lr=fast: train.lr takes a float (e.g. 0.001), not 'fast'"),
+    ("invalid value", None, [CONFIG, "--config.train.lr=-1"], "Invalid config: train.lr=-1.0 must be > 0."),
+    ("unknown prompt word", None, [CONFIG, "--mode=sample", "--prompt=red hexagon is above blue square"],
+     "--prompt: Unknown word 'hexagon' in caption 'red hexagon is above blue square'; the vocabulary is"),
+    ("missing checkpoint", None, [CONFIG, "--mode=evaluate"], "No checkpoint in {workdir}/checkpoints. Train first"),
+    ("missing step", _workdir_with_a_checkpoint_dir, [CONFIG, "--mode=sample", "--step=3"],
+     "No checkpoint of step 3 in {workdir}/checkpoints; available steps: [2]. Fix: pass one of them to --step"),
+    ("workdir is a file", _a_file, [CONFIG], "--workdir={workdir} is a file, not a directory; pass a directory"),
+]
+
+
+@pytest.mark.parametrize("case, make_workdir, args, expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case, make_workdir, args, expected):
+    workdir = make_workdir(tmp_path / "w") if make_workdir else tmp_path / "w"
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--workdir={workdir}", *args], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr[-3000:]
+    assert result.stderr.startswith("Error: ") and expected.format(workdir=workdir) in result.stderr, result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_verbosity_shows_the_traceback_of_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--workdir={tmp_path}", CONFIG,
+                             "--mode=evaluate", "--verbosity=1"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "UserError: No checkpoint" in result.stderr

@@ -36,6 +36,14 @@ def quiet_orbax_info_logs() -> None:
         absl_logger.addFilter(_drop_orbax_info)
 
 
+def saved_steps(directory) -> list[int]:
+    """The committed checkpoint steps in `directory`, oldest first, read without creating anything (none: [])."""
+    directory = epath.Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(child.name) for child in directory.iterdir() if child.name.isdigit())
+
+
 class Checkpointer:
     """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...). Creating one hides Orbax's
     INFO log lines (`quiet_orbax_info_logs`) for every mode that reads or writes checkpoints."""

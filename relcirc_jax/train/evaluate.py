@@ -106,8 +106,9 @@ def _write_artifacts(workdir: epath.Path, images: np.ndarray, captions: Sequence
 def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict:
     """Evaluates checkpoint `step` (default the latest) of `workdir` with every detector: writes eval.json, eval.md,
     eval_samples.npz and eval_grid_*.png there, prints the markdown tables and returns {detector: table}."""
+    captions = eval_captions(config)
+    train_state.require_checkpoint(workdir, step)  # before anything slow, and creating nothing
     experiment = train_state.build_experiment(config, workdir)
-    captions = eval_captions(config)  # bad prompt sets fail before the restore
     step, state = train_state.restore_or_fail(experiment, workdir, step)
     sampler = sampling.make_sampler(experiment, config.eval.batch_size)
     images = sampler(state.ema_params, experiment.tables, captions)

@@ -15,6 +15,7 @@ from relcirc_jax.config import NEGATIVES
 from relcirc_jax.data import dataset
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
+from relcirc_jax.errors import UserError
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.host_data import shared_to_global, to_host
@@ -137,6 +138,11 @@ def run_sample(config: ml_collections.ConfigDict, workdir, captions: Sequence[st
     .npz path.
     """
     captions = list(captions) if captions else fixed_prompts(config)
+    try:
+        caption_batch(captions)
+    except ValueError as error:
+        raise UserError(f"--prompt: {error}") from error
+    train_state.require_checkpoint(workdir, step)  # before anything slow, and creating nothing
     experiment = train_state.build_experiment(config, workdir)
     step, state = train_state.restore_or_fail(experiment, workdir, step)
     images = make_sampler(experiment, len(captions))(state.ema_params, experiment.tables, captions)

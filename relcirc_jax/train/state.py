@@ -9,6 +9,7 @@ from etils import epath
 from flax import struct
 
 from relcirc_jax.config import validate_config
+from relcirc_jax.errors import UserError
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.mesh import make_mesh
@@ -106,13 +107,22 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
                       checkpointer)
 
 
+def require_checkpoint(workdir, step: int | None = None) -> None:
+    """UserError unless `workdir` holds checkpoint `step` (default: any); reads the directory, creates nothing."""
+    directory = epath.Path(workdir) / "checkpoints"
+    steps = checkpoint.saved_steps(directory)
+    if not steps:
+        raise UserError(f"No checkpoint in {directory}. Train first: python -m relcirc_jax.main --config=<the same "
+                        f"config> --workdir={workdir} --mode=train")
+    if step is not None and step not in steps:
+        raise UserError(f"No checkpoint of step {step} in {directory}; available steps: {steps}. Fix: pass one of "
+                        "them to --step, or leave it out for the latest.")
+
+
 def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:
-    """(step, state) of checkpoint `step` (default the latest); a clear error when the workdir has none."""
-    if step is not None and experiment.checkpointer.latest_step() is not None:
+    """(step, state) of checkpoint `step` (default the latest); a UserError when the workdir has none."""
+    require_checkpoint(workdir, step)
+    if step is not None:
         return step, experiment.checkpointer.restore(step, experiment.abstract_state)[0]
-    restored = experiment.checkpointer.restore_latest(experiment.abstract_state)
-    if restored is None:
-        raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}. Train first: python -m "
-                                f"relcirc_jax.main --config=<the same config> --workdir={workdir} --mode=train")
-    step, state, _ = restored
+    step, state, _ = experiment.checkpointer.restore_latest(experiment.abstract_state)
     return step, state

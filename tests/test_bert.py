@@ -9,8 +9,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from relcirc_jax.text import bert  # noqa: E402
 
@@ -39,7 +39,8 @@ def test_tiny_bert_matches_transformers(tmp_path):
 
 
 def test_minilm_sentence_embeddings_match_sentence_transformers():
-    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import sentence_transformers
+
     path = bert.minilm_dir()
     reference = sentence_transformers.SentenceTransformer(path, device="cpu")
     expected = reference.encode(CAPTIONS, convert_to_numpy=True)

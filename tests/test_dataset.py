@@ -210,7 +210,6 @@ def test_unknown_eval_set_lists_names():
 
 
 def test_tfds_builder_writes_the_pipeline_examples_in_order(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     from relcirc_jax.data import tfds_builder
 
     config = tfds_builder.RelcircShapesConfig(name="tiny", size=32, radius=4, num_train=5, num_validation=2)

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers  # noqa: E402
+import torch  # noqa: E402
 
 from safetensors.torch import save_file  # noqa: E402
 

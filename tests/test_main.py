@@ -40,6 +40,17 @@ def test_train_then_sample_writes_grid_and_images(trained):
     assert (trained / "samples" / "sample_00000004.png").exists()
 
 
+def test_two_sample_runs_draw_the_same_images(trained):
+    prompts = ["--prompt=red circle is above blue square", "--prompt=blue triangle is below red circle"]
+    images = []
+    for _ in range(2):
+        run_cli(trained, "sample", *prompts)
+        with np.load(trained / "samples" / "sample_00000004.npz") as data:
+            images.append(data["images"])
+    np.testing.assert_array_equal(images[0], images[1])
+    assert images[0].std() > 0  # not a constant image
+
+
 def test_evaluate_writes_both_detectors_tables_and_what_it_judged(trained):
     run_cli(trained, "evaluate")
     report = json.loads((trained / "eval.json").read_text())

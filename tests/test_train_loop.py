@@ -1,5 +1,6 @@
 """The training loop on 8 fake CPU devices with the tiny :smoke model: outputs, mesh invariance, bitwise resume (also
-after SIGKILL), and the non-finite-loss stop that keeps the last good checkpoint."""
+after SIGKILL, also mid async save), resume onto another mesh, the time budget, and the non-finite-loss stop that keeps
+the last good checkpoint."""
 import json
 import os
 import re
@@ -107,44 +108,81 @@ def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices
         assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
 
 
-def test_remat_and_bfloat16_compute_train(reference, tmp_path):
-    config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 2, "train.remat": True,
-                                            "train.compute_dtype": "bfloat16"})
-    state = loop.train(config, str(tmp_path))
-    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))  # params stay float32
-    expected = losses(reference[0])
-    for step, loss in losses(str(tmp_path)).items():
-        assert abs(loss - expected[step]) < 0.02 * expected[step], (step, loss, expected[step])
+def logged_steps(workdir):
+    return [row["step"] for row in metric_rows(workdir) if "loss" in row]
 
 
-def test_stop_and_resume_is_bitwise_identical(reference, tmp_path):
+def test_stop_and_resume_is_bitwise_identical(reference, tmp_path, caplog):
     loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))
-    resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
+    with caplog.at_level("INFO"):
+        resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
+    assert "Resumed from the checkpoint of step 2." in caplog.text
+    assert logged_steps(str(tmp_path)) == list(range(1, STEPS + 1))  # the resumed run trained steps 3.. only
     assert_states_bitwise_equal(resumed, reference[1])
     assert losses(str(tmp_path)) == losses(reference[0])
 
 
-def start_run_and_wait_for_first_checkpoint(workdir, env):
-    """A CLI training subprocess of the reference config, returned once its step-2 checkpoint is committed."""
+def start_run_and_wait(workdir, env, until, *overrides):
+    """A CLI training subprocess of the reference config (plus `overrides`), returned once `until(names in
+    workdir/checkpoints)` holds (polled every millisecond), or when it ended or 120 s passed."""
     command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
                f"--workdir={workdir}", f"--config.train.num_steps={STEPS}", "--config.eval.every_steps=1000",
-               "--config.sample.every_steps=1000"]
+               "--config.sample.every_steps=1000", *overrides]
     process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    first_checkpoint = os.path.join(workdir, "checkpoints", "2")
+    checkpoints = os.path.join(workdir, "checkpoints")
     deadline = time.monotonic() + 120
-    while not os.path.exists(first_checkpoint) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while process.poll() is None and time.monotonic() < deadline:
+        if until(os.listdir(checkpoints) if os.path.isdir(checkpoints) else []):
+            break
+        time.sleep(0.001)
     return process
 
 
-def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
+def start_run_and_wait_for_first_checkpoint(workdir, env):
+    """The reference run as a subprocess, returned once its step-2 checkpoint is committed."""
+    return start_run_and_wait(workdir, env, lambda names: "2" in names)
+
+
+def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache, caplog):
     process = start_run_and_wait_for_first_checkpoint(str(tmp_path), compile_cache)
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
+    logged_before = len(logged_steps(str(tmp_path)))
+    with caplog.at_level("INFO"):
+        restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
+    resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)\.", caplog.text).group(1))
+    assert resumed_from >= 2 and logged_steps(str(tmp_path))[logged_before:] == list(range(resumed_from + 1, STEPS + 1))
+    assert_states_bitwise_equal(restarted, reference[1])
+
+
+def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
+    # Orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when complete: kill while one exists.
+    process = start_run_and_wait(str(tmp_path), compile_cache, lambda names: any("tmp" in n for n in names),
+                                 "--config.checkpoint.async_save=true")
+    in_flight = [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
+    assert in_flight, "no save was in flight when the run was killed"
     restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     assert_states_bitwise_equal(restarted, reference[1])
+
+
+def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_path):
+    loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))  # data=8
+    config = smoke_config(**NO_SAMPLING)
+    config.parallel.mesh.update({"data": 2, "fsdp": 4, "model": 1})
+    resumed = loop.train(config, str(tmp_path))
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves((resumed.params, resumed.opt_state))]
+    assert sum("fsdp" in spec for spec in specs) >= 10
+    assert logged_steps(str(tmp_path)) == list(range(1, STEPS + 1))
+    expected = losses(reference[0])
+    for step, loss in losses(str(tmp_path)).items():
+        assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
+    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(reference[1].params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
 def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compile_cache):
@@ -158,18 +196,19 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compi
     assert_states_bitwise_equal(resumed, reference[1])
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("bad_step", [3, 4], ids=["between saves", "on a save step"])
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad_step):
     clean_batch = dataset.train_batch
 
     def poisoned_batch(seed, step, **kwargs):
         batch = clean_batch(seed, step, **kwargs)
-        if step == 2:  # the batch of the 3rd update
+        if step == bad_step - 1:  # the batch of update number `bad_step`
             batch["image"][0, 0, 0, 0] = np.nan
         return batch
 
     monkeypatch.setattr(loop.dataset, "train_batch", poisoned_batch)
-    config = smoke_config(**NO_SAMPLING)
-    with pytest.raises(FloatingPointError, match=r"Non-finite training loss nan .* at step 3\. .*last good "
+    config = smoke_config(**NO_SAMPLING)  # saves every 2 steps
+    with pytest.raises(FloatingPointError, match=rf"Non-finite training loss nan .* at step {bad_step}\. .*last good "
                                                  r"checkpoint \(step 2\)"):
         loop.train(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]

@@ -35,8 +35,10 @@ def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> di
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 to train.lr over train.warmup_steps, then constant (PixArt's schedule)."""
-    return optax.warmup_constant_schedule(0.0, config.train.lr, max(config.train.warmup_steps, 1))
+    """Linear warm-up from 0 to train.lr over train.warmup_steps, then constant (PixArt's schedule); 0 = no warm-up."""
+    if config.train.warmup_steps == 0:
+        return optax.constant_schedule(config.train.lr)
+    return optax.warmup_constant_schedule(0.0, config.train.lr, config.train.warmup_steps)
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

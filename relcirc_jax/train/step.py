@@ -18,16 +18,10 @@ STEP_BATCH_KEYS = ("image", "ids", "mask", "caption_index")
 _STEP_STREAM = 1  # fold-in tag separating the per-step random stream from parameter initialisation
 
 
-def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig, conditioner,
-                    tx: optax.GradientTransformation) -> Callable:
-    """train_step(state, batch, tables) -> (new state, {"loss", "grad_norm", "lr"}).
-
-    All randomness (caption dropout, timesteps, noise) comes from (config.seed, state.step), so a resumed or rerun
-    step is bitwise the same, and it does not depend on how the batch is sharded.
-    """
+def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig) -> Callable:
+    """loss_fn(params, batch, text, text_mask, key) -> (loss, aux): caption dropout, then the diffusion loss."""
     model = dit.DiT(model_cfg)
-    schedule = learning_rate(config)
-    dropout, seed = config.train.caption_dropout, config.seed
+    dropout = config.train.caption_dropout
     logit_mean, logit_std = config.train.t_logit_mean, config.train.t_logit_std
     timestep_logit_normal = None if logit_mean is None else (logit_mean, logit_std)
 
@@ -42,9 +36,27 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
         return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma,
                                         prediction=model_cfg.prediction, timestep_logit_normal=timestep_logit_normal)
 
+    return loss_fn
+
+
+def step_key(seed: int, step: jax.Array) -> jax.Array:
+    """The PRNG key of all randomness of update `step` (caption dropout, timesteps, noise)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STEP_STREAM), step)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig, conditioner,
+                    tx: optax.GradientTransformation) -> Callable:
+    """train_step(state, batch, tables) -> (new state, {"loss", "grad_norm", "lr"}).
+
+    All randomness comes from step_key(config.seed, state.step), so a resumed or rerun step is bitwise the same, and it
+    does not depend on how the batch is sharded.
+    """
+    loss_fn = make_loss_fn(config, model_cfg)
+    schedule = learning_rate(config)
+
     def train_step(state: TrainState, batch, tables):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STEP_STREAM), state.step)
         text, text_mask = conditioner.embed(tables, batch)
+        key = step_key(config.seed, state.step)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, text, text_mask, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

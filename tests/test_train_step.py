@@ -1,0 +1,109 @@
+"""One training step against a hand computation (clipping, AdamW, EMA), caption dropout reaching the learned null
+caption, remat gradients, and bfloat16 compute over steps that really update the weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from relcirc_jax.config import base_config
+from relcirc_jax.train import loop
+from relcirc_jax.train import state as train_state
+from relcirc_jax.train import step as train_step
+
+
+def _config(**train):
+    config = base_config("rte", "nano", "smoke")
+    config.train.update({"warmup_steps": 0, "lr": 1e-3, "adam_eps": 1e-6, **train})  # constant lr from step 0
+    return config
+
+
+def _setup(tmp_path, config):
+    """(experiment, initial state, batch of step 0) on one device."""
+    experiment = train_state.build_experiment(config, tmp_path, devices=jax.devices()[:1])
+    experiment.checkpointer.close()
+    state = train_state.init_state(experiment.model_cfg, experiment.tx, config.seed)
+    return experiment, state, loop._global_batch(config, experiment.mesh, 0)
+
+
+def _gradients(experiment, params, batch, step=0):
+    """d loss / d params of update `step`, computed outside the train step."""
+    config = experiment.config
+    text, mask = experiment.conditioner.embed(experiment.tables, batch)
+    loss_fn = train_step.make_loss_fn(config, experiment.model_cfg)
+    key = train_step.step_key(config.seed, jnp.int32(step))
+    return jax.jit(jax.grad(lambda p: loss_fn(p, batch, text, mask, key)[0]))(params)
+
+
+def _step_fn(experiment):
+    return jax.jit(train_step.make_train_step(experiment.config, experiment.model_cfg, experiment.conditioner,
+                                              experiment.tx))
+
+
+def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_path):
+    # Two steps: at init the zero-initialised output layer stops most gradients; the second step has them all.
+    config = _config(grad_clip=0.05, weight_decay=0.1)  # a clip that bites: the smoke model's grad norm is ~0.5
+    experiment, state, _ = _setup(tmp_path, config)
+    t, step_fn = config.train, _step_fn(experiment)
+    params = initial = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
+    ema, m, v = params, jax.tree.map(np.zeros_like, params), jax.tree.map(np.zeros_like, params)
+    for k in (1, 2):  # by hand: global-norm clipping, Adam moments with bias correction, decoupled weight decay, EMA
+        batch = loop._global_batch(config, experiment.mesh, k - 1)
+        grads = _gradients(experiment, state.params, batch, step=k - 1)
+        norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(grads)))
+        state, metrics = step_fn(state, batch, experiment.tables)
+        assert abs(float(metrics["grad_norm"]) - norm) <= 1e-4 * norm and norm > t.grad_clip
+        g = jax.tree.map(lambda x: np.asarray(x, np.float64) * min(1.0, t.grad_clip / norm), grads)
+        m = jax.tree.map(lambda m_, g_: t.adam_b1 * m_ + (1 - t.adam_b1) * g_, m, g)
+        v = jax.tree.map(lambda v_, g_: t.adam_b2 * v_ + (1 - t.adam_b2) * g_ ** 2, v, g)
+        params = jax.tree.map(lambda p, m_, v_: p - t.lr * (m_ / (1 - t.adam_b1 ** k) / (
+            np.sqrt(v_ / (1 - t.adam_b2 ** k)) + t.adam_eps) + t.weight_decay * p), params, m, v)
+        ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1 - t.ema_decay) * p, ema, params)  # no EMA warm-up
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3 * t.lr)
+    for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3 * t.lr)
+    moved = np.concatenate([np.abs(np.asarray(a) - b).ravel()
+                            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))])
+    assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_caption_dropout_is_what_trains_the_null_caption(tmp_path, dropout):
+    config = _config(caption_dropout=dropout)
+    experiment, state, batch = _setup(tmp_path, config)
+    step_fn = _step_fn(experiment)
+    for _ in range(3):  # zero-initialised output layers (final, cross-attention's) block the caption's gradient at init
+        state, _ = step_fn(state, batch, experiment.tables)
+    null_grad = np.asarray(_gradients(experiment, state.params, batch, step=3)["y_embedding"])
+    if dropout:
+        assert np.abs(null_grad).max() > 0.0  # some rows of this batch saw the null caption (tiny this early)
+    else:
+        assert np.abs(null_grad).max() == 0.0
+
+
+def test_remat_gradients_equal_plain_gradients(tmp_path):
+    experiment, state, batch = _setup(tmp_path / "plain", _config())
+    remat_experiment, _, _ = _setup(tmp_path / "remat", _config(remat=True))
+    plain = _gradients(experiment, state.params, batch)
+    remat = _gradients(remat_experiment, state.params, batch)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(plain))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
+
+
+def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        experiment, state, _ = _setup(tmp_path / dtype, _config(compute_dtype=dtype))
+        step = _step_fn(experiment)
+        initial, losses = state.params, []
+        for s in range(4):
+            state, metrics = step(state, loop._global_batch(experiment.config, experiment.mesh, s), experiment.tables)
+            losses.append(float(metrics["loss"]))
+        runs[dtype] = (losses, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, initial))
+        assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))  # f32 master weights
+    (f32_losses, f32_moves), (bf16_losses, bf16_moves) = runs["float32"], runs["bfloat16"]
+    np.testing.assert_allclose(bf16_losses, f32_losses, rtol=0.03)
+    a, b = (np.concatenate([x.ravel() for x in jax.tree.leaves(m)]) for m in (f32_moves, bf16_moves))
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert np.abs(b).mean() > 4e-4 and cosine > 0.9, (np.abs(b).mean(), cosine)  # moved, as the float32 run did

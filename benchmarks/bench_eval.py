@@ -12,6 +12,7 @@ all figures.
 
     python benchmarks/bench_eval.py [--n 10000] [--n128 10000] [--robust_n 1000] [--seed 0]
 """
+
 import argparse
 import json
 import sys
@@ -43,8 +44,9 @@ def main():
         start = time.perf_counter()
         score_specs(images, specs, detector=detector)
         speed[detector] = args.speed_n / (time.perf_counter() - start)
-        print(f"score_specs (detector={detector}) on {args.speed_n} clean 64 px images: "
-              f"{speed[detector]:,.0f} images/s")
+        print(
+            f"score_specs (detector={detector}) on {args.speed_n} clean 64 px images: {speed[detector]:,.0f} images/s"
+        )
     print(f"this project's evaluator is {speed['relcirc'] / speed['paper']:.2f}x the paper's detector's speed")
 
     figures = {"images_per_s": round(speed["relcirc"]), "paper_detector_images_per_s": round(speed["paper"])}
@@ -53,8 +55,10 @@ def main():
         print(f"{size} px, {n} scenes: " + ", ".join(f"{k} {v}" for k, v in report.items()))
         figures.update({f"{k}_{size}px": v for k, v in report.items()})
 
-    print(f"\nIndependent renderer, +-{independent_scenes.JITTER:.0%} radius jitter, {args.robust_n} scenes per row: "
-          "% of true captions accepted, % of wrong ones accepted")
+    print(
+        f"\nIndependent renderer, +-{independent_scenes.JITTER:.0%} radius jitter, {args.robust_n} scenes per row: "
+        "% of true captions accepted, % of wrong ones accepted"
+    )
     kinds = independent_scenes.WRONG_KINDS
     print(f"{'combo':26s} {'correct':>8s}" + "".join(f" {'wrong ' + kind:>15s}" for kind in kinds))
     for combo, row in independent_scenes.robustness_report(args.robust_n, seed=args.seed).items():

@@ -7,12 +7,12 @@ The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_sample.py [--batch 256] [--torch_batch 16] [--steps 14] [--cfg 4.5]
 """
+
 import argparse
 import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
@@ -22,9 +22,19 @@ from relcirc_jax.models.convert import diffusers_config, flax_to_diffusers
 from relcirc_jax.models.dit import DiT, dit_config, init_params, null_caption
 
 # PixArt-alpha/PixArt-XL-2-512x512's scheduler config (see relcirc_jax/diffusion/samplers.py).
-PIXART_SCHEDULER = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                        algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
-                        timestep_spacing="linspace", steps_offset=0, prediction_type="epsilon")
+PIXART_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule="linear",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    timestep_spacing="linspace",
+    steps_offset=0,
+    prediction_type="epsilon",
+)
 
 
 def random_inputs(config, batch, seed=0):
@@ -68,9 +78,13 @@ def torch_sample(model, noise, text, mask, null_text, num_steps, scale):
     channels = noise.shape[-1]
     with torch.no_grad():
         for t in scheduler.timesteps:
-            out = model(torch.cat([x, x]), encoder_hidden_states=captions, timestep=t.expand(2 * len(x)),
-                        encoder_attention_mask=caption_mask,
-                        added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+            out = model(
+                torch.cat([x, x]),
+                encoder_hidden_states=captions,
+                timestep=t.expand(2 * len(x)),
+                encoder_attention_mask=caption_mask,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample
             uncond, cond = out[:, :channels].chunk(2)
             x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
     return x.permute(0, 2, 3, 1).numpy()
@@ -96,8 +110,10 @@ def main():
     start = time.perf_counter()
     images = np.asarray(jax.block_until_ready(compiled(*inputs)))
     jax_s = time.perf_counter() - start
-    print(f"jax  ({jax.devices()[0].platform}, batch {args.batch}): compile {compile_s:.1f} s, "
-          f"sample {jax_s:.1f} s, {args.batch / jax_s:.2f} images/s")
+    print(
+        f"jax  ({jax.devices()[0].platform}, batch {args.batch}): compile {compile_s:.1f} s, "
+        f"sample {jax_s:.1f} s, {args.batch / jax_s:.2f} images/s"
+    )
 
     n = min(args.torch_batch, args.batch)
     model = torch_model(config, params)
@@ -108,16 +124,31 @@ def main():
     torch_s = time.perf_counter() - start
     max_diff = float(np.abs(images[:n] - reference).max())
     relative_diff = max_diff / float(np.abs(reference).max())
-    print(f"diffusers (torch CPU, {torch.get_num_threads()} threads, batch {n}): sample {torch_s:.1f} s, "
-          f"{n / torch_s:.2f} images/s; max |jax - diffusers| = {max_diff:.2e} "
-          f"({relative_diff:.1e} of the largest pixel; random weights give unbounded images)")
-    print(json.dumps(dict(
-        model="micro", solver="dpmpp_2m", steps=args.steps, cfg=args.cfg, platform=jax.devices()[0].platform,
-        jax_batch=args.batch, jax_compile_s=round(compile_s, 2), jax_sample_s=round(jax_s, 2),
-        jax_images_per_s=round(args.batch / jax_s, 3), torch_batch=n, torch_sample_s=round(torch_s, 2),
-        torch_images_per_s=round(n / torch_s, 3), max_abs_diff_vs_diffusers=max_diff,
-        max_rel_diff_vs_diffusers=relative_diff,
-    )))
+    print(
+        f"diffusers (torch CPU, {torch.get_num_threads()} threads, batch {n}): sample {torch_s:.1f} s, "
+        f"{n / torch_s:.2f} images/s; max |jax - diffusers| = {max_diff:.2e} "
+        f"({relative_diff:.1e} of the largest pixel; random weights give unbounded images)"
+    )
+    print(
+        json.dumps(
+            dict(
+                model="micro",
+                solver="dpmpp_2m",
+                steps=args.steps,
+                cfg=args.cfg,
+                platform=jax.devices()[0].platform,
+                jax_batch=args.batch,
+                jax_compile_s=round(compile_s, 2),
+                jax_sample_s=round(jax_s, 2),
+                jax_images_per_s=round(args.batch / jax_s, 3),
+                torch_batch=n,
+                torch_sample_s=round(torch_s, 2),
+                torch_images_per_s=round(n / torch_s, 3),
+                max_abs_diff_vs_diffusers=max_diff,
+                max_rel_diff_vs_diffusers=relative_diff,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

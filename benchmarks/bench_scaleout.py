@@ -8,6 +8,7 @@ device holds all of it. The last line of output is one JSON object with the figu
 
     python benchmarks/bench_scaleout.py [--sizes nano,micro,mini,b] [--batch 256] [--remat]
 """
+
 import argparse
 import json
 import tempfile
@@ -30,20 +31,33 @@ def step_figures(size: str, batch: int, remat: bool) -> dict:
         experiment = train_state.build_experiment(config, workdir, devices=jax.devices()[:1])
         experiment.checkpointer.close()
     image = config.data.image_size
-    batch_shapes = {"image": jax.ShapeDtypeStruct((batch, image, image, 3), "float32"),
-                    "ids": jax.ShapeDtypeStruct((batch, 20), "int32"), "mask": jax.ShapeDtypeStruct((batch, 20), bool),
-                    "caption_index": jax.ShapeDtypeStruct((batch,), "int32")}
+    batch_shapes = {
+        "image": jax.ShapeDtypeStruct((batch, image, image, 3), "float32"),
+        "ids": jax.ShapeDtypeStruct((batch, 20), "int32"),
+        "mask": jax.ShapeDtypeStruct((batch, 20), bool),
+        "caption_index": jax.ShapeDtypeStruct((batch,), "int32"),
+    }
     compiled = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state, experiment.state_sh, batch_shapes, experiment.tables, experiment.mesh)
+        experiment.abstract_state,
+        experiment.state_sh,
+        batch_shapes,
+        experiment.tables,
+        experiment.mesh,
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = sum(leaf.size for leaf in jax.tree.leaves(experiment.abstract_state.params))
     flops = float(cost["flops"])
-    return {"size": size, "params_m": params / 1e6, "state_gb": params * STATE_BYTES_PER_PARAM / 1e9,
-            "activations_gb": compiled.memory_analysis().temp_size_in_bytes / 1e9, "gflops_per_step": flops / 1e9,
-            "ms_per_step_at_100tflops": 1e3 * flops / SUSTAINED_FLOPS,
-            "images_per_s_per_device_at_100tflops": batch * SUSTAINED_FLOPS / flops}
+    return {
+        "size": size,
+        "params_m": params / 1e6,
+        "state_gb": params * STATE_BYTES_PER_PARAM / 1e9,
+        "activations_gb": compiled.memory_analysis().temp_size_in_bytes / 1e9,
+        "gflops_per_step": flops / 1e9,
+        "ms_per_step_at_100tflops": 1e3 * flops / SUSTAINED_FLOPS,
+        "images_per_s_per_device_at_100tflops": batch * SUSTAINED_FLOPS / flops,
+    }
 
 
 def main():
@@ -54,11 +68,15 @@ def main():
     args = parser.parse_args()
     rows = [step_figures(size, args.batch, args.remat) for size in args.sizes.split(",")]
     print(f"per device, batch {args.batch}{' with remat' if args.remat else ''}:")
-    print(f"{'size':>5} {'params':>8} {'state':>9} {'activ.':>9} {'GFLOP/step':>11} {'ms@100TF':>9} {'img/s@100TF':>12}")
+    print(
+        f"{'size':>5} {'params':>8} {'state':>9} {'activ.':>9} {'GFLOP/step':>11} {'ms@100TF':>9} {'img/s@100TF':>12}"
+    )
     for r in rows:
-        print(f"{r['size']:>5} {r['params_m']:7.1f}M {r['state_gb']:8.3f}G {r['activations_gb']:8.2f}G "
-              f"{r['gflops_per_step']:11.0f} {r['ms_per_step_at_100tflops']:9.1f} "
-              f"{r['images_per_s_per_device_at_100tflops']:12.0f}")
+        print(
+            f"{r['size']:>5} {r['params_m']:7.1f}M {r['state_gb']:8.3f}G {r['activations_gb']:8.2f}G "
+            f"{r['gflops_per_step']:11.0f} {r['ms_per_step_at_100tflops']:9.1f} "
+            f"{r['images_per_s_per_device_at_100tflops']:12.0f}"
+        )
     print(json.dumps({"batch_per_device": args.batch, "remat": args.remat, "rows": rows}))
 
 

@@ -16,6 +16,7 @@ output is one JSON object with the figures.
 On a CPU, JAX runs data-parallel over `--cpu_devices` XLA devices that split the host (the `:cpu` configs'
 `parallel.cpu_devices`); XLA's cost analysis counts one device's share, so the FLOPs are scaled by the device count.
 """
+
 import argparse
 import json
 import os
@@ -24,7 +25,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from diffusers import PixArtTransformer2DModel
 
@@ -43,7 +43,7 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
     best = min(_seconds(lambda: matmul(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _seconds(fn) -> float:
@@ -62,7 +62,12 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     start = time.perf_counter()
     compiled = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state, experiment.state_sh, batch, experiment.tables, experiment.mesh)
+        experiment.abstract_state,
+        experiment.state_sh,
+        batch,
+        experiment.tables,
+        experiment.mesh,
+    )
     compile_s = time.perf_counter() - start
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
     carry = {"state": init(experiment.model_cfg, experiment.tx, 0)}
@@ -74,8 +79,12 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     experiment.checkpointer.close()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"step": step, "compile_s": compile_s, "flops_per_step": float(cost["flops"]) * experiment.mesh.size,
-            "model_cfg": experiment.model_cfg}
+    return {
+        "step": step,
+        "compile_s": compile_s,
+        "flops_per_step": float(cost["flops"]) * experiment.mesh.size,
+        "model_cfg": experiment.model_cfg,
+    }
 
 
 def torch_device() -> str:
@@ -101,8 +110,13 @@ def torch_train(model_cfg, batch_size: int):
         noise = torch.randn_like(x0)
         a = schedule[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        out = model(x_t, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        out = model(
+            x_t,
+            encoder_hidden_states=text,
+            encoder_attention_mask=mask,
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
         loss = torch.nn.functional.mse_loss(out, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -140,28 +154,45 @@ def main():
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(os.cpu_count())
     peak = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
-    print(f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); "
-          f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s")
-    results = {"matmul_peak_gflops": peak / 1e9, "backend": jax.default_backend(), "devices": len(jax.devices()),
-               "sizes": {}}
+    print(
+        f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); "
+        f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    results = {
+        "matmul_peak_gflops": peak / 1e9,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "sizes": {},
+    }
     for size in args.sizes.split(","):
         batch_size = args.batch_b if size == "b" else args.batch
         ours = jax_train(size, batch_size, args.workdir)
         theirs = torch_train(ours["model_cfg"], batch_size)
         seconds = alternating_step_seconds({"jax": ours["step"], "torch": theirs}, args.steps)
         achieved = ours["flops_per_step"] / seconds["jax"]
-        row = {"batch": batch_size, "jax_images_per_s": batch_size / seconds["jax"], "jax_step_s": seconds["jax"],
-               "jax_compile_s": ours["compile_s"], "torch_images_per_s": batch_size / seconds["torch"],
-               "torch_step_s": seconds["torch"], "speedup_vs_torch": seconds["torch"] / seconds["jax"],
-               "gflops_per_step": ours["flops_per_step"] / 1e9, "achieved_gflops": achieved / 1e9,
-               "fraction_of_peak": achieved / peak, "load_average_1min": os.getloadavg()[0]}
+        row = {
+            "batch": batch_size,
+            "jax_images_per_s": batch_size / seconds["jax"],
+            "jax_step_s": seconds["jax"],
+            "jax_compile_s": ours["compile_s"],
+            "torch_images_per_s": batch_size / seconds["torch"],
+            "torch_step_s": seconds["torch"],
+            "speedup_vs_torch": seconds["torch"] / seconds["jax"],
+            "gflops_per_step": ours["flops_per_step"] / 1e9,
+            "achieved_gflops": achieved / 1e9,
+            "fraction_of_peak": achieved / peak,
+            "load_average_1min": os.getloadavg()[0],
+        }
         results["sizes"][size] = row
-        print(f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s "
-              f"({row['jax_step_s']:.2f} s/step, compile {row['jax_compile_s']:.1f} s) | "
-              f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | "
-              f"x{row['speedup_vs_torch']:.2f} | "
-              f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
-              f"{100 * row['fraction_of_peak']:.0f}% of matmul peak | load {row['load_average_1min']:.1f}", flush=True)
+        print(
+            f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s "
+            f"({row['jax_step_s']:.2f} s/step, compile {row['jax_compile_s']:.1f} s) | "
+            f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | "
+            f"x{row['speedup_vs_torch']:.2f} | "
+            f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
+            f"{100 * row['fraction_of_peak']:.0f}% of matmul peak | load {row['load_average_1min']:.1f}",
+            flush=True,
+        )
     print(json.dumps(results))
 
 

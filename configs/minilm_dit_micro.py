@@ -8,6 +8,7 @@ CPU run (":cpu" suffix): about an hour on a 2-core CPU (3,600 steps at 0.85 s; t
   machines); measured results in README "Current results".
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """
+
 from relcirc_jax.config import base_config
 
 

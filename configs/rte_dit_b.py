@@ -7,6 +7,7 @@ Full run (no suffix): colour/shape/unique-binding/relation about 99/96/90/86 % (
 CPU run (":cpu" suffix): about an hour on a 2-core CPU, but only ~300 steps of DiT-B: a pipeline check, not a result.
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 """
+
 from relcirc_jax.config import base_config
 
 

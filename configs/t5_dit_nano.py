@@ -9,6 +9,7 @@ CPU run (":cpu" suffix): about an hour on a 2-core CPU (3,600 steps at 0.85 s; t
 Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
 T5 needs a local T5-v1.1-XXL directory: add --config.text.t5_path=/path/to/t5-v1_1-xxl (nothing is downloaded).
 """
+
 from relcirc_jax.config import base_config
 
 

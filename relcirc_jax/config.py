@@ -27,6 +27,7 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
   relation.
 * ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 8 prompts. For tests and for checking a set-up.
 """
+
 import importlib.util
 import os
 from typing import Sequence
@@ -198,8 +199,13 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.eval.num_steps = 2
 
 
-def validate_config(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    process_count: int | None = None, check_mesh: bool = True) -> None:
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    process_count: int | None = None,
+    check_mesh: bool = True,
+) -> None:
     """Raises one UserError listing every bad value of `config` (and how to fix it); returns None when all is well.
 
     `num_devices`/`process_count` default to the current JAX runtime; they decide whether the batch splits evenly.
@@ -226,9 +232,19 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"model.size={c.model.size!r} is unknown; choose one of {SIZES}.")
     if c.train.compute_dtype not in COMPUTE_DTYPES:
         problems.append(f"train.compute_dtype={c.train.compute_dtype!r} is unknown; choose one of {COMPUTE_DTYPES}.")
-    for key in ("train.num_steps", "train.batch_size", "checkpoint.every_steps", "checkpoint.keep", "log.every_steps",
-                "eval.every_steps", "eval.num_prompts", "eval.batch_size", "eval.num_steps", "sample.every_steps",
-                "sample.num_prompts"):
+    for key in (
+        "train.num_steps",
+        "train.batch_size",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "log.every_steps",
+        "eval.every_steps",
+        "eval.num_prompts",
+        "eval.batch_size",
+        "eval.num_steps",
+        "sample.every_steps",
+        "sample.num_prompts",
+    ):
         if _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be >= 1.")
     for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
@@ -254,8 +270,10 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
     if c.data.task not in dataset.TASKS:
         problems.append(f"data.task={c.data.task!r} is unknown; choose one of {dataset.TASKS}.")
     if c.data.caption_mix is not None and c.data.caption_mix not in dataset.CAPTION_MIXES:
-        problems.append(f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
-                        f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own).")
+        problems.append(
+            f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
+            f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own)."
+        )
     if c.data.num_scenes is not None and c.data.num_scenes < 1:
         problems.append(f"data.num_scenes={c.data.num_scenes} must be >= 1, or None for fresh scenes every step.")
     if c.sample.negative not in NEGATIVES:
@@ -265,8 +283,7 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
     if c.eval.prompt_set not in dataset.EVAL_SETS:
         problems.append(f"eval.prompt_set={c.eval.prompt_set!r} is unknown; choose one of {sorted(dataset.EVAL_SETS)}.")
     elif not 1 <= c.eval.num_prompts <= (available := len(dataset.eval_prompts(c.eval.prompt_set))):
-        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, {available}] for "
-                        f"{c.eval.prompt_set!r}.")
+        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, {available}] for {c.eval.prompt_set!r}.")
     return problems
 
 
@@ -281,17 +298,23 @@ def _mesh_problems(c: ml_collections.ConfigDict, num_devices: int, process_count
         fixed *= s if s != -1 else 1
     fits = num_devices % fixed == 0 if -1 in sizes else fixed == num_devices
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or not fits:
-        return [f"parallel.mesh={mesh} does not fit {num_devices} devices: sizes must be >= 1 and multiply to the "
-                f"device count, or one of them (usually data) is -1 = the devices the others leave over."]
+        return [
+            f"parallel.mesh={mesh} does not fit {num_devices} devices: sizes must be >= 1 and multiply to the "
+            f"device count, or one of them (usually data) is -1 = the devices the others leave over."
+        ]
     resolved = dict(zip(MESH_AXES, [s if s != -1 else num_devices // fixed for s in sizes]))
     batch_shards = resolved["data"] * resolved["fsdp"]
     problems = []
     if c.train.batch_size % batch_shards:
-        problems.append(f"train.batch_size={c.train.batch_size} is not divisible by the data-parallel size "
-                        f"data*fsdp={batch_shards}; pick a multiple of {batch_shards}.")
+        problems.append(
+            f"train.batch_size={c.train.batch_size} is not divisible by the data-parallel size "
+            f"data*fsdp={batch_shards}; pick a multiple of {batch_shards}."
+        )
     if c.train.batch_size % process_count:
-        problems.append(f"train.batch_size={c.train.batch_size} is not divisible by the process count "
-                        f"{process_count}; pick a multiple of {process_count}.")
+        problems.append(
+            f"train.batch_size={c.train.batch_size} is not divisible by the process count "
+            f"{process_count}; pick a multiple of {process_count}."
+        )
     return problems
 
 
@@ -306,8 +329,10 @@ def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str |
     the file is missing. None when it exists (or no --config is given)."""
     files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
     if files and not os.path.isfile(files[-1].partition(":")[0]):
-        return (f"Config file {files[-1].partition(':')[0]!r} does not exist; pass e.g. "
-                "--config=configs/rte_dit_micro.py:cpu.")
+        return (
+            f"Config file {files[-1].partition(':')[0]!r} does not exist; pass e.g. "
+            "--config=configs/rte_dit_micro.py:cpu."
+        )
     return None
 
 
@@ -329,9 +354,11 @@ def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str 
         config = module.get_config(variant or None)
     except UserError as error:
         return str(error)
-    overrides = [a[len(flag_name) + 3:].split("=", 1) for a in argv if a.startswith(f"--{flag_name}.")]
-    problems = [_unknown_key_problem(config, key) or _override_type_problem(config, key, value)
-                for key, value in (o if len(o) == 2 else (o[0], None) for o in overrides)]
+    overrides = [a[len(flag_name) + 3 :].split("=", 1) for a in argv if a.startswith(f"--{flag_name}.")]
+    problems = [
+        _unknown_key_problem(config, key) or _override_type_problem(config, key, value)
+        for key, value in (o if len(o) == 2 else (o[0], None) for o in overrides)
+    ]
     problems = [p for p in problems if p]
     return " ".join(problems) if problems else None
 
@@ -348,8 +375,7 @@ def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value
     try:
         parse(value)
     except (ValueError, KeyError):
-        return (f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not "
-                f"{value!r}; fix the value.")
+        return f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not {value!r}; fix the value."
     return None
 
 

@@ -1,16 +1,18 @@
 """Command-line entry: python -m relcirc_jax.main --config=configs/rte_dit_micro.py:cpu --workdir=DIR --mode=train.
 
-Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json + eval.md for the
-latest or --step checkpoint), analyze (not implemented yet). Override any config value with --config.train.lr=3e-4 etc.
+Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json +
+eval.md for the latest or --step checkpoint), analyze (not implemented yet). Override any config value with
+--config.train.lr=3e-4 etc.
 
-Mistakes in the command (a missing config file, an unknown variant, key or value, a missing checkpoint, a workdir that is
-a file, a caption with an unknown word) end in one line naming the problem and the fix, exit status 2, before any slow
-work and without writing anything; --verbosity=1 adds the traceback.
+Mistakes in the command (a missing config file, an unknown variant, key or value, a missing checkpoint, a workdir
+that is a file, a caption with an unknown word) end in one line naming the problem and the fix, exit status 2,
+before any slow work and without writing anything; --verbosity=1 adds the traceback.
 
 Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command on every host with --distributed
 (cluster auto-detection by jax.distributed.initialize), or give --coordinator_address, --num_processes and
 --process_id explicitly (e.g. several processes on one machine). See launch/README.md.
 """
+
 import os
 import sys
 from typing import NoReturn
@@ -29,8 +31,12 @@ flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metric
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run.")
 flags.DEFINE_multi_string("prompt", None, "--mode=sample: a caption to sample (repeatable); default the fixed grid.")
 flags.DEFINE_integer("step", None, "--mode=sample/evaluate: the checkpoint step to use (default: the latest).")
-flags.DEFINE_bool("distributed", False, "Join a multi-process job via jax.distributed.initialize(), auto-detecting "
-                  "the cluster (Cloud TPU, SLURM, Open MPI) for any of the three flags below left unset.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process job via jax.distributed.initialize(), auto-detecting "
+    "the cluster (Cloud TPU, SLURM, Open MPI) for any of the three flags below left unset.",
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the job (implies --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
@@ -49,16 +55,21 @@ def main(argv):
     join_distributed_job()
     if FLAGS.mode == "train":
         from relcirc_jax.train import loop
+
         loop.train(config, workdir)
     elif FLAGS.mode == "sample":
         from relcirc_jax.train import sample
+
         sample.run_sample(config, workdir, FLAGS.prompt, FLAGS.step)
     elif FLAGS.mode == "evaluate":
         from relcirc_jax.train import evaluate
+
         evaluate.run_evaluate(config, workdir, FLAGS.step)
     else:
-        raise NotImplementedError("--mode=analyze is not implemented yet; the circuit analyses live in "
-                                  "relcirc_jax.analysis and will get their CLI mode later.")
+        raise NotImplementedError(
+            "--mode=analyze is not implemented yet; the circuit analyses live in "
+            "relcirc_jax.analysis and will get their CLI mode later."
+        )
 
 
 def join_distributed_job() -> None:
@@ -69,14 +80,18 @@ def join_distributed_job() -> None:
         return
     if given and len(given) < len(explicit) and not FLAGS.distributed:
         missing = sorted(set(explicit) - set(given))
-        raise app.UsageError(f"Got --{' --'.join(sorted(given))} but not --{' --'.join(missing)}. Fix: pass all three "
-                             "of --coordinator_address, --num_processes and --process_id, or add --distributed to "
-                             "auto-detect the missing ones on a TPU pod or SLURM.")
+        raise app.UsageError(
+            f"Got --{' --'.join(sorted(given))} but not --{' --'.join(missing)}. Fix: pass all three "
+            "of --coordinator_address, --num_processes and --process_id, or add --distributed to "
+            "auto-detect the missing ones on a TPU pod or SLURM."
+        )
     try:
         jax.distributed.initialize(**given)
     except ValueError as error:  # jax names the one value it could neither detect nor was given
-        raise app.UsageError(f"--distributed found no cluster to join ({error}). Fix: run under a TPU pod, SLURM or "
-                             "Open MPI, or pass --coordinator_address, --num_processes and --process_id.") from error
+        raise app.UsageError(
+            f"--distributed found no cluster to join ({error}). Fix: run under a TPU pod, SLURM or "
+            "Open MPI, or pass --coordinator_address, --num_processes and --process_id."
+        ) from error
     if jax.process_index() != 0:  # one progress log for the job, not one per host; warnings still show everywhere
         logging.set_verbosity(logging.WARNING)
 
@@ -90,9 +105,11 @@ def apply_runtime_options(config) -> None:
             jax.config.update("jax_num_cpu_devices", cpu_devices)
         except RuntimeError as error:  # JAX already started in this process (e.g. main() called from a notebook)
             if len(jax.devices("cpu")) != cpu_devices:
-                raise ValueError(f"parallel.cpu_devices={cpu_devices} cannot take effect: JAX already started with "
-                                 f"{len(jax.devices('cpu'))} CPU devices in this process. Fix: run relcirc_jax.main "
-                                 "in a fresh process, or leave parallel.cpu_devices=None.") from error
+                raise ValueError(
+                    f"parallel.cpu_devices={cpu_devices} cannot take effect: JAX already started with "
+                    f"{len(jax.devices('cpu'))} CPU devices in this process. Fix: run relcirc_jax.main "
+                    "in a fresh process, or leave parallel.cpu_devices=None."
+                ) from error
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
 

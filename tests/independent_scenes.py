@@ -13,6 +13,7 @@ colour cast (x U(0.9, 1.1)) and additive Gaussian noise (sigma 0.05 * 255).
 
 Used by tests/test_evaluator_independent.py and benchmarks/bench_eval.py (robustness_report).
 """
+
 import functools
 
 import numpy as np
@@ -26,8 +27,16 @@ SUPERSAMPLE = 4
 JITTER = 0.2  # each object's radius is nominal * U(1 - JITTER, 1 + JITTER)
 ANCHORS = ("centroid", "bbox")
 WRONG_KINDS = ("colors", "shape", "relation")
-OPPOSITE = {"above": "below", "below": "above", "left": "right", "right": "left", "upper_left": "lower_right",
-            "lower_right": "upper_left", "upper_right": "lower_left", "lower_left": "upper_right"}
+OPPOSITE = {
+    "above": "below",
+    "below": "above",
+    "left": "right",
+    "right": "left",
+    "upper_left": "lower_right",
+    "lower_right": "upper_left",
+    "upper_right": "lower_left",
+    "lower_left": "upper_right",
+}
 NOISE_SIGMA = 0.05 * 255
 MAX_CAST = 0.1
 _SQRT3 = np.sqrt(3.0)
@@ -73,8 +82,12 @@ def sample_layouts(rng: np.random.Generator, n: int, *, size: int, jitter: float
         xy = rng.uniform(r[:, None] + 1, size - r[:, None] - 1, (2, 2))
         boxes = [_extent(SHAPES[s], *p, rr, anchor) for s, p, rr in zip(shape, xy, r)]
         inside = all(b[:2].min() >= 1 and b[2:].max() <= size - 1 for b in boxes)
-        apart = (boxes[0][2] <= boxes[1][0] or boxes[1][2] <= boxes[0][0]
-                 or boxes[0][3] <= boxes[1][1] or boxes[1][3] <= boxes[0][1])
+        apart = (
+            boxes[0][2] <= boxes[1][0]
+            or boxes[1][2] <= boxes[0][0]
+            or boxes[0][3] <= boxes[1][1]
+            or boxes[1][3] <= boxes[0][1]
+        )
         if inside and apart:
             shapes[done], colors[done], anchors[done], radii[done] = shape, color, xy, r
             done += 1
@@ -96,8 +109,9 @@ def render(shapes, colors, anchors, radii, *, size: int, anchor: str = "bbox"):
             vertices, ellipse = _outline(SHAPES[shapes[i, k]], *anchors[i, k], radii[i, k], anchor)
             # PIL fills whole superpixels and truncates float coordinates: pass the integer superpixel indices.
             points = np.rint(vertices * SUPERSAMPLE - 0.5).astype(int)
-            (draw.ellipse if ellipse else draw.polygon)([tuple(p) for p in points.tolist()],
-                                                        fill=COLOR_RGB[COLORS[colors[i, k]]])
+            (draw.ellipse if ellipse else draw.polygon)(
+                [tuple(p) for p in points.tolist()], fill=COLOR_RGB[COLORS[colors[i, k]]]
+            )
             corners.append(np.concatenate([points.min(0) - 2, points.max(0) + 3]))
         for k, (left, top, right, bottom) in enumerate(corners):  # the filled superpixels, near the vertices
             patch = np.asarray(canvas.crop((left, top, right, bottom)))
@@ -121,8 +135,10 @@ def degrade(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def true_specs(shapes, colors, centers, *, size: int) -> list[SceneSpec]:
     """The caption each scene truly shows: object 1 relative to object 2, relation from bounding-box centres."""
     relation = relation_index(centers, size=size)
-    return [SceneSpec(SHAPES[s1], COLORS[c1], RELATIONS[rel], SHAPES[s2], COLORS[c2])
-            for (s1, s2), (c1, c2), rel in zip(shapes, colors, relation)]
+    return [
+        SceneSpec(SHAPES[s1], COLORS[c1], RELATIONS[rel], SHAPES[s2], COLORS[c2])
+        for (s1, s2), (c1, c2), rel in zip(shapes, colors, relation)
+    ]
 
 
 def wrong_spec(rng: np.random.Generator, spec: SceneSpec, kind: str) -> SceneSpec:
@@ -178,8 +194,12 @@ def touching_pairs(rng: np.random.Generator, n: int, *, size: int, low: float = 
     share a shape. Returns shapes, colours, anchors and radii as sample_layouts does. The anchors are the true
     bounding-box centres here (render's measured centres need the two objects to differ in colour)."""
     nominal = size * 8 / 64
-    shapes = np.array([np.repeat(rng.integers(len(SHAPES)), 2) if rng.random() < 0.5
-                       else rng.permutation(len(SHAPES))[:2] for _ in range(n)])
+    shapes = np.array(
+        [
+            np.repeat(rng.integers(len(SHAPES)), 2) if rng.random() < 0.5 else rng.permutation(len(SHAPES))[:2]
+            for _ in range(n)
+        ]
+    )
     radii = nominal * rng.uniform(low, high, (n, 2))
     anchors = np.zeros((n, 2, 2))
     for i in range(n):
@@ -199,6 +219,9 @@ COMBOS = [(size, degraded, anchor) for size in (64, 128) for degraded in (False,
 def robustness_report(n: int = 300, seed: int = 0, jitter: float = JITTER) -> dict[str, dict]:
     """robustness() for all 8 combos of size {64, 128} x {clean, degraded} x triangle anchor, keyed like
     '64px_clean_centroid'."""
-    return {f"{size}px_{'degraded' if degraded else 'clean'}_{anchor}":
-            robustness(seed, n, size=size, degraded=degraded, anchor=anchor, jitter=jitter)
-            for size, degraded, anchor in COMBOS}
+    return {
+        f"{size}px_{'degraded' if degraded else 'clean'}_{anchor}": robustness(
+            seed, n, size=size, degraded=degraded, anchor=anchor, jitter=jitter
+        )
+        for size, degraded, anchor in COMBOS
+    }

@@ -1,11 +1,19 @@
 """evaluation.annotate: boxes in the right place and colour, verdict banner colours, shapes, errors."""
+
 import numpy as np
 import pytest
 
 from relcirc_jax.data.spec import COLORS, SHAPES
 from relcirc_jax.evaluation import detect, score_specs, selfcheck
-from relcirc_jax.evaluation.annotate import (BOX_RGB, FAIL_RGB, MISSING_RGB, PASS_RGB, VERDICT_TAGS, annotate,
-                                             banner_height)
+from relcirc_jax.evaluation.annotate import (
+    BOX_RGB,
+    FAIL_RGB,
+    MISSING_RGB,
+    PASS_RGB,
+    VERDICT_TAGS,
+    annotate,
+    banner_height,
+)
 from relcirc_jax.evaluation.detector import Detections
 
 SIZE, SCALE = 64, 4
@@ -13,8 +21,14 @@ _ALL_PASS = {key: np.array([True]) for _, key in VERDICT_TAGS} | {"overall": np.
 
 
 def _one(color: int, x: float = 20.0, y: float = 30.0) -> Detections:
-    return Detections(np.array([0]), np.array([color]), np.array([SHAPES.index("circle")]), np.array([x]),
-                      np.array([y]), np.array([200.0]))
+    return Detections(
+        np.array([0]),
+        np.array([color]),
+        np.array([SHAPES.index("circle")]),
+        np.array([x]),
+        np.array([y]),
+        np.array([200.0]),
+    )
 
 
 def _gray(n: int = 1) -> np.ndarray:
@@ -30,7 +44,7 @@ def test_shape_dtype_and_the_box_around_a_known_object():
     for row, col in [(y, x - half), (y, x + half), (y - half, x), (y + half, x), (y, x)]:  # 4 sides and the cross
         assert tuple(out[0, int(row), int(col)]) == yellow, (row, col)
     assert tuple(out[0, y, x - 5 * SCALE]) == (128, 128, 128)  # inside the box, off the cross: the image
-    assert (out[1, :SIZE * SCALE] == 128).all()  # the other image has no detections
+    assert (out[1, : SIZE * SCALE] == 128).all()  # the other image has no detections
 
 
 @pytest.mark.parametrize("color", [COLORS.index("blue"), -1])
@@ -40,7 +54,7 @@ def test_box_colour_follows_the_object_colour(color):
 
 
 def _banner_pixels(verdicts: dict) -> np.ndarray:
-    return annotate(_gray(), _one(0), verdicts, scale=SCALE)[0, SIZE * SCALE:].reshape(-1, 3)
+    return annotate(_gray(), _one(0), verdicts, scale=SCALE)[0, SIZE * SCALE :].reshape(-1, 3)
 
 
 def _count(pixels: np.ndarray, rgb: tuple) -> int:

@@ -1,5 +1,6 @@
 """The CFG negative of sampling (sample.negative): the encoder's embedding of the empty caption, as the paper samples,
 or the DiT's learned null caption, as caption dropout trains it."""
+
 import jax
 import numpy as np
 import pytest

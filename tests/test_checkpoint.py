@@ -1,12 +1,12 @@
 """Checkpointer: bitwise roundtrip, save interval, keep-N, restore onto another mesh, corrupt latest -> fallback,
 and SIGKILL during an asynchronous save -> the previous checkpoint still restores."""
+
 import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,10 @@ from relcirc_jax.train.checkpoint import Checkpointer
 def _state(mesh, offset=0):
     data = NamedSharding(mesh, P("data"))
     return {
-        "params": {"w": jax.device_put(jnp.arange(32, dtype=jnp.float32).reshape(16, 2) / 7 + offset, data),
-                   "b": jax.device_put(jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16), data)},
+        "params": {
+            "w": jax.device_put(jnp.arange(32, dtype=jnp.float32).reshape(16, 2) / 7 + offset, data),
+            "b": jax.device_put(jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16), data),
+        },
         "opt": {"count": jnp.int32(3 + offset)},
         "rng": jax.random.key_data(jax.random.key(offset)),
         "step": jnp.int32(offset),
@@ -37,7 +39,9 @@ def _abstract(state, sharding_for):
 def _assert_bitwise_equal(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8))
+        np.testing.assert_array_equal(
+            np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8)
+        )
 
 
 def test_roundtrip_is_bitwise_and_returns_meta(tmp_path):

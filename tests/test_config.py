@@ -1,4 +1,5 @@
 """Config files load and validate in every variant; bad values and unknown override keys give clear messages."""
+
 import glob
 import importlib.util
 import os
@@ -43,7 +44,10 @@ def test_paper_recipe_and_cpu_variant():
     assert (paper.train.warmup_steps, paper.train.grad_clip, paper.train.batch_size) == (500, 0.01, 256)
     assert (paper.eval.num_steps, paper.eval.cfg_scale, paper.eval.num_prompts) == (14, 4.5, 96)
     assert (paper.eval.prompt_set, paper.eval.images_per_prompt, paper.sample.negative) == (
-        "paper_main", 100, "empty_prompt")
+        "paper_main",
+        100,
+        "empty_prompt",
+    )
     assert (paper.data.task, paper.data.num_scenes, paper.train.num_steps) == ("paper", 10_000, 160_000)
     assert (cpu.data.task, cpu.data.num_scenes) == ("paper", None)
     assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.98 < 3600
@@ -97,9 +101,16 @@ def _parse_config_flag(*args):
 def test_overrides_and_the_explanation_of_bad_override_keys_and_values():
     config = _parse_config_flag("--config.train.lr=0.003", "--config.model.depth=1")
     assert config.train.lr == 0.003 and config.model.depth == 1
-    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'rte_dit_nano.py')}:smoke", "--config.train.lr=1",
-            "--config.train.learning_rate=0.003", "--config.modle.depth=1", "--config.model.depth=two",
-            "--config.checkpoint.async_save=maybe", "--config.checkpoint.async_save=false"]
+    argv = [
+        "prog",
+        f"--config={os.path.join(REPO, 'configs', 'rte_dit_nano.py')}:smoke",
+        "--config.train.lr=1",
+        "--config.train.learning_rate=0.003",
+        "--config.modle.depth=1",
+        "--config.model.depth=two",
+        "--config.checkpoint.async_save=maybe",
+        "--config.checkpoint.async_save=false",
+    ]
     message = explain_config_flags(argv)
     assert "--config.train.learning_rate: train has no key 'learning_rate'; its keys are [" in message
     assert "'lr'" in message

@@ -1,4 +1,5 @@
 """Training batches (dataset.train_batch): determinism across process counts, agreement with specs; eval prompt sets."""
+
 import importlib
 import sys
 
@@ -26,9 +27,15 @@ def batch():
 
 def test_keys_shapes_dtypes_and_ranges(batch):
     expected = {
-        "image": ((GLOBAL, 64, 64, 3), np.float32), "ids": ((GLOBAL, 20), np.int32), "mask": ((GLOBAL, 20), np.bool_),
-        "roles": ((GLOBAL, 20), np.int8), "caption_index": ((GLOBAL,), np.int32), "shape_idx": ((GLOBAL, 2), np.int32),
-        "color_idx": ((GLOBAL, 2), np.int32), "relation": ((GLOBAL,), np.int32), "centers": ((GLOBAL, 2, 2), np.float32),
+        "image": ((GLOBAL, 64, 64, 3), np.float32),
+        "ids": ((GLOBAL, 20), np.int32),
+        "mask": ((GLOBAL, 20), np.bool_),
+        "roles": ((GLOBAL, 20), np.int8),
+        "caption_index": ((GLOBAL,), np.int32),
+        "shape_idx": ((GLOBAL, 2), np.int32),
+        "color_idx": ((GLOBAL, 2), np.int32),
+        "relation": ((GLOBAL,), np.int32),
+        "centers": ((GLOBAL, 2, 2), np.float32),
     }
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
@@ -114,8 +121,10 @@ def test_paper_caption_mix_keeps_each_colour_with_probability_half_and_uniform_p
 
 def test_fixed_scene_set_epochs_are_permutations_and_deterministic():
     num_scenes, batch_size = 100, 16
-    steps = [dataset.train_batch(2, step, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes)
-             for step in range(2 * num_scenes // batch_size + 1)]
+    steps = [
+        dataset.train_batch(2, step, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes)
+        for step in range(2 * num_scenes // batch_size + 1)
+    ]
     stream = {k: np.concatenate([b[k] for b in steps]) for k in steps[0]}
     key = lambda i: (stream["caption_index"][i], *stream["centers"][i].ravel())  # noqa: E731
     first, second = [{key(i) for i in range(e * num_scenes, (e + 1) * num_scenes)} for e in range(2)]
@@ -123,8 +132,12 @@ def test_fixed_scene_set_epochs_are_permutations_and_deterministic():
     assert [key(i) for i in range(10)] != [key(num_scenes + i) for i in range(10)]  # in a new order
     again = dataset.train_batch(2, 7, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes)
     _assert_batches_equal(again, steps[7])  # a resumed run at step 7 sees exactly the same batch
-    halves = [dataset.train_batch(2, 7, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes,
-                                  process_index=i, process_count=2) for i in range(2)]
+    halves = [
+        dataset.train_batch(
+            2, 7, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes, process_index=i, process_count=2
+        )
+        for i in range(2)
+    ]
     _assert_batches_equal({k: np.concatenate([h[k] for h in halves]) for k in again}, again)
     other_seed = dataset.train_batch(3, 0, global_batch=batch_size, size=32, radius=4, num_scenes=num_scenes)
     assert not np.array_equal(other_seed["centers"], steps[0]["centers"])
@@ -134,8 +147,10 @@ def test_train_mix_varies_phrasing_and_colours_but_never_uses_filler():
     many = dataset.train_batch(0, 0, global_batch=256, size=32, radius=4, task="balanced")
     parsed = [prompts.parse(prompts.all_captions()[i]) for i in many["caption_index"]]
     assert "the" not in {p.words[0] for p in parsed}
-    canonical = [" ".join(w for w, r in zip(p.words, p.roles) if r == "relation") == prompts.PHRASINGS[p.spec.relation][0]
-                 for p in parsed]
+    canonical = [
+        " ".join(w for w, r in zip(p.words, p.roles) if r == "relation") == prompts.PHRASINGS[p.spec.relation][0]
+        for p in parsed
+    ]
     assert 0.45 < np.mean(canonical) < 0.75
     colour_optional = np.mean([p.spec.color1 is None or p.spec.color2 is None for p in parsed])
     assert 0.1 < colour_optional < 0.3
@@ -157,7 +172,10 @@ def test_with_filler_mix_uses_filler_on_about_half():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(global_batch=10, process_count=4), "global_batch \\(10\\) must be a positive multiple of process_count \\(4\\)"),
+        (
+            dict(global_batch=10, process_count=4),
+            "global_batch \\(10\\) must be a positive multiple of process_count \\(4\\)",
+        ),
         (dict(global_batch=8, process_index=2, process_count=2), "process_index \\(2\\)"),
         (dict(global_batch=8, caption_mix="fancy"), "Unknown caption_mix 'fancy'.*canonical.*train"),
         (dict(global_batch=8, task="fancy"), "Unknown task 'fancy'.*paper.*balanced"),
@@ -171,8 +189,13 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 def test_eval_prompt_sets_sizes_uniqueness_and_membership():
     sizes = {name: len(dataset.eval_prompts(name)) for name in dataset.EVAL_SETS}
-    assert sizes == {"paper_main": 96, "paper_robustness": 6 * 264, "all_combinations": 288, "phrasing": 36 * 14,
-                     "filler": 288}
+    assert sizes == {
+        "paper_main": 96,
+        "paper_robustness": 6 * 264,
+        "all_combinations": 288,
+        "phrasing": 36 * 14,
+        "filler": 288,
+    }
     every = set(prompts.all_captions())
     for name in sizes:
         captions = dataset.eval_prompts(name)
@@ -188,10 +211,14 @@ def test_eval_prompt_sets_sizes_uniqueness_and_membership():
 def test_paper_prompt_sets():
     main = dataset.eval_prompts()
     assert main == dataset.eval_prompts("paper_main")
-    assert main[:6] == ["red square is above the blue triangle", "red square is below the blue triangle",
-                        "red square is to the left of the blue triangle", "red square is to the right of the blue triangle",
-                        "red square is above and to the left of the blue triangle",
-                        "red square is above and to the right of the blue triangle"]
+    assert main[:6] == [
+        "red square is above the blue triangle",
+        "red square is below the blue triangle",
+        "red square is to the left of the blue triangle",
+        "red square is to the right of the blue triangle",
+        "red square is above and to the left of the blue triangle",
+        "red square is above and to the right of the blue triangle",
+    ]
     assert main[-1] == "blue circle is below and to the right of the red triangle"
     specs = [prompts.parse(c).spec for c in main]
     assert len(set(specs)) == 96 and all(s.shape1 != s.shape2 and {s.color1, s.color2} == set(COLORS) for s in specs)

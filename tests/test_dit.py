@@ -1,4 +1,5 @@
 """DiT unit tests: configs, capture points, head masks (incl. vmap screens), bf16, remat, sharding annotations."""
+
 import functools
 
 import flax.linen as nn
@@ -8,10 +9,27 @@ import numpy as np
 import pytest
 
 from relcirc_jax.models.dit import (
-    DIT_SIZES, DiT, DiTConfig, dit_config, hook_names, init_params, logical_specs, null_caption, run_with_cache)
+    DIT_SIZES,
+    DiT,
+    DiTConfig,
+    dit_config,
+    hook_names,
+    init_params,
+    logical_specs,
+    null_caption,
+    run_with_cache,
+)
 
-CONFIG = DiTConfig(image_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2,
-                   caption_channels=16, max_text_len=5)
+CONFIG = DiTConfig(
+    image_size=16,
+    patch_size=4,
+    in_channels=3,
+    hidden_size=32,
+    depth=2,
+    num_heads=2,
+    caption_channels=16,
+    max_text_len=5,
+)
 
 
 def _noisy(params, seed=0):
@@ -37,8 +55,9 @@ def inputs():
 
 @functools.partial(jax.jit, static_argnames="config")
 def _forward(params, inputs, config, self_head_mask, cross_head_mask):
-    return DiT(config).apply({"params": params}, *inputs, self_head_mask=self_head_mask,
-                             cross_head_mask=cross_head_mask)
+    return DiT(config).apply(
+        {"params": params}, *inputs, self_head_mask=self_head_mask, cross_head_mask=cross_head_mask
+    )
 
 
 def assert_close(actual, desired):
@@ -52,7 +71,11 @@ def _apply(params, inputs, config=CONFIG, self_head_mask=None, cross_head_mask=N
 
 def test_sizes_and_config_errors():
     assert {k: (c.hidden_size, c.depth, c.num_heads) for k, c in ((k, dit_config(k)) for k in DIT_SIZES)} == {
-        "b": (768, 12, 12), "mini": (384, 6, 6), "micro": (192, 6, 3), "nano": (192, 3, 3)}
+        "b": (768, 12, 12),
+        "mini": (384, 6, 6),
+        "micro": (192, 6, 3),
+        "nano": (192, 3, 3),
+    }
     assert dit_config("nano", image_size=128, patch_size=16).grid_size == 8
     with pytest.raises(ValueError, match="b.*micro.*mini.*nano"):
         dit_config("huge")
@@ -81,18 +104,31 @@ def test_output_shape_and_learn_sigma(inputs):
 
 
 def test_capture_names_shapes_and_absence(params, inputs):
-    names = ["hook_caption", "blocks.0.hook_resid_pre", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_q",
-             "blocks.1.cross_attn.hook_pattern", "blocks.1.cross_attn.hook_k", "blocks.1.cross_attn.hook_z",
-             "blocks.0.hook_resid_mid", "blocks.1.hook_resid_post"]
+    names = [
+        "hook_caption",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.attn.hook_pattern",
+        "blocks.1.attn.hook_q",
+        "blocks.1.cross_attn.hook_pattern",
+        "blocks.1.cross_attn.hook_k",
+        "blocks.1.cross_attn.hook_z",
+        "blocks.0.hook_resid_mid",
+        "blocks.1.hook_resid_post",
+    ]
     out, cache = run_with_cache(DiT(CONFIG), params, *inputs, names)
     assert list(cache) == names
     shapes = {name: cache[name].shape for name in names}
     assert shapes == {
-        "hook_caption": (2, 5, 32), "blocks.0.hook_resid_pre": (2, 16, 32),
+        "hook_caption": (2, 5, 32),
+        "blocks.0.hook_resid_pre": (2, 16, 32),
         "blocks.0.attn.hook_pattern": (2, 2, 16, 16),
-        "blocks.1.attn.hook_q": (2, 16, 2, 16), "blocks.1.cross_attn.hook_pattern": (2, 2, 16, 5),
-        "blocks.1.cross_attn.hook_k": (2, 5, 2, 16), "blocks.1.cross_attn.hook_z": (2, 16, 2, 16),
-        "blocks.0.hook_resid_mid": (2, 16, 32), "blocks.1.hook_resid_post": (2, 16, 32)}
+        "blocks.1.attn.hook_q": (2, 16, 2, 16),
+        "blocks.1.cross_attn.hook_pattern": (2, 2, 16, 5),
+        "blocks.1.cross_attn.hook_k": (2, 5, 2, 16),
+        "blocks.1.cross_attn.hook_z": (2, 16, 2, 16),
+        "blocks.0.hook_resid_mid": (2, 16, 32),
+        "blocks.1.hook_resid_post": (2, 16, 32),
+    }
     assert_close(out, _apply(params, inputs))
     pattern = cache["blocks.1.cross_attn.hook_pattern"]
     np.testing.assert_allclose(pattern.sum(-1), 1.0, atol=1e-5)

@@ -1,26 +1,39 @@
 """Oracle test: our Flax DiT equals diffusers' PixArtTransformer2DModel (torch CPU) on the same saved weights."""
-import numpy as np
-import pytest
 
 import diffusers  # noqa: E402
+import numpy as np
+import pytest
 import torch  # noqa: E402
-
 from safetensors.torch import save_file  # noqa: E402
 
 from relcirc_jax.models.convert import (  # noqa: E402
-    diffusers_config, diffusers_to_flax, flax_to_diffusers, load_pixart_checkpoint)
+    diffusers_config,
+    diffusers_to_flax,
+    flax_to_diffusers,
+    load_pixart_checkpoint,
+)
 from relcirc_jax.models.dit import DiT, DiTConfig  # noqa: E402
 
 TOLERANCE = 1e-4
 # A latent-like grid (sample 8, patch 2, learned sigma) and our pixel-space layouts (64 px / patch 8 and
 # 128 px / patch 16 -> 8x8 tokens; 128 px also checks the position-embedding interpolation_scale 2).
 TINY_CONFIGS = {
-    "latent_8_p2": DiTConfig(image_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                             caption_channels=16, learn_sigma=True),
-    "pixel_64_p8": DiTConfig(image_size=64, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2,
-                             caption_channels=16),
-    "pixel_128_p16": DiTConfig(image_size=128, patch_size=16, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                               caption_channels=16),
+    "latent_8_p2": DiTConfig(
+        image_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        caption_channels=16,
+        learn_sigma=True,
+    ),
+    "pixel_64_p8": DiTConfig(
+        image_size=64, patch_size=8, in_channels=3, hidden_size=32, depth=2, num_heads=2, caption_channels=16
+    ),
+    "pixel_128_p16": DiTConfig(
+        image_size=128, patch_size=16, in_channels=3, hidden_size=32, depth=1, num_heads=2, caption_channels=16
+    ),
 }
 
 
@@ -44,9 +57,13 @@ def _inputs(config: DiTConfig, seed: int = 1):
 
 def _torch_forward(model, x, t, text, mask) -> np.ndarray:
     with torch.no_grad():
-        out = model(torch.from_numpy(x).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(text),
-                    timestep=torch.from_numpy(t), encoder_attention_mask=torch.from_numpy(mask).long(),
-                    added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        out = model(
+            torch.from_numpy(x).permute(0, 3, 1, 2),
+            encoder_hidden_states=torch.from_numpy(text),
+            timestep=torch.from_numpy(t),
+            encoder_attention_mask=torch.from_numpy(mask).long(),
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        ).sample
     return out.permute(0, 2, 3, 1).numpy()
 
 
@@ -74,8 +91,11 @@ def test_padding_tokens_are_ignored(tmp_path):
     garbage = text.copy()
     garbage[0, 3:] = 100.0  # padded positions of the first caption
     model = DiT(config)
-    np.testing.assert_allclose(model.apply({"params": params}, x, t, text, mask),
-                               model.apply({"params": params}, x, t, garbage, mask), atol=1e-6)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, x, t, text, mask),
+        model.apply({"params": params}, x, t, garbage, mask),
+        atol=1e-6,
+    )
 
 
 def test_round_trip_and_single_file(tmp_path):
@@ -88,8 +108,7 @@ def test_round_trip_and_single_file(tmp_path):
         np.testing.assert_array_equal(back[key], value, err_msg=key)
 
     file = tmp_path / "weights.safetensors"
-    save_file({k: torch.tensor(v) for k, v in flax_to_diffusers(params, include_null_caption=True).items()},
-              str(file))
+    save_file({k: torch.tensor(v) for k, v in flax_to_diffusers(params, include_null_caption=True).items()}, str(file))
     with pytest.raises(ValueError, match="num_heads"):
         load_pixart_checkpoint(str(file))
     loaded_config, loaded = load_pixart_checkpoint(str(file), num_heads=2, image_size=8, max_text_len=20)

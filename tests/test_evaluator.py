@@ -1,5 +1,6 @@
 """Evaluator: accuracy bounds on fresh clean / degraded renders and wrong captions (small seeded samples), metric
 definitions on hand-made scenes, caption parsing, and clear errors on bad input."""
+
 import numpy as np
 import pytest
 
@@ -22,8 +23,13 @@ def _scene(objects, size=64):
     """One image with the given (shape, colour, x, y) objects, drawn in order (later ones on top)."""
     image = np.full((size, size, 3), 128, np.uint8)
     for shape, color, x, y in objects:
-        layer = scenes.render(np.array([[SHAPES.index(shape)] * 2]), np.array([[COLORS.index(color)] * 2]),
-                              np.array([[[x, y], [x, y]]], np.float32), size=size, radius=size / 8)[0]
+        layer = scenes.render(
+            np.array([[SHAPES.index(shape)] * 2]),
+            np.array([[COLORS.index(color)] * 2]),
+            np.array([[[x, y], [x, y]]], np.float32),
+            size=size,
+            radius=size / 8,
+        )[0]
         drawn = np.any(layer != 128, axis=-1)
         image[drawn] = layer[drawn]
     return image[None]
@@ -91,8 +97,10 @@ def test_touching_same_colour_objects_are_split():
 
 def test_score_parses_captions():
     image = _scene([("circle", "red", 15, 15), ("square", "blue", 45, 40)])
-    out = score(np.repeat(image, 2, 0), ["red circle is to the upper left of blue square",
-                                         "blue square is to the upper left of red circle"])
+    out = score(
+        np.repeat(image, 2, 0),
+        ["red circle is to the upper left of blue square", "blue square is to the upper left of red circle"],
+    )
     assert set(METRICS) <= set(out) and out["centers"].shape == (2, 4)
     np.testing.assert_array_equal(out["overall"], [True, False])
 

@@ -9,19 +9,21 @@ to be: the truth centres sit on a 1/8 px grid, so |dx| or |dy| lands exactly on 
 layouts, and those go either way; measured on 1,500 scenes per 64 px combo and 600 per 128 px combo (seed 11), the
 evaluator missed 0-0.4 % of true captions, every miss within 1/8 px of a threshold, far inside the 2 % allowed.
 """
+
+import independent_scenes as ind
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-import independent_scenes as ind
-from relcirc_jax.data.spec import COLORS, SHAPES
+from relcirc_jax.data.spec import SHAPES
 from relcirc_jax.evaluation import detect
 
 N_SCENES = 300  # per combo; fixed seeds keep every figure deterministic
 
 
-@pytest.mark.parametrize("size,degraded,anchor", ind.COMBOS,
-                         ids=[f"{s}px-{'degraded' if d else 'clean'}-{a}" for s, d, a in ind.COMBOS])
+@pytest.mark.parametrize(
+    "size,degraded,anchor", ind.COMBOS, ids=[f"{s}px-{'degraded' if d else 'clean'}-{a}" for s, d, a in ind.COMBOS]
+)
 def test_correct_captions_accepted_and_wrong_ones_rejected(size, degraded, anchor):
     report = ind.robustness(0, N_SCENES, size=size, degraded=degraded, anchor=anchor)
     assert report["correct_pct"] >= 98.0, report
@@ -39,9 +41,14 @@ def test_renderer_truth_is_the_bounding_box_centre():
         for anchor in ind.ANCHORS:
             x, y = rng.uniform(20, 44, 2)
             r = 8 * rng.uniform(0.8, 1.2)
-            images, centers = ind.render(np.array([[SHAPES.index(shape), (SHAPES.index(shape) + 1) % 3]]),
-                                         np.array([[0, 1]]), np.array([[[x, y], [5.0, 5.0]]]),
-                                         np.array([[r, 2.0]]), size=64, anchor=anchor)
+            images, centers = ind.render(
+                np.array([[SHAPES.index(shape), (SHAPES.index(shape) + 1) % 3]]),
+                np.array([[0, 1]]),
+                np.array([[[x, y], [5.0, 5.0]]]),
+                np.array([[r, 2.0]]),
+                size=64,
+                anchor=anchor,
+            )
             canvas = Image.new("L", (big, big))  # the same object alone, as a coverage map
             vertices, ellipse = ind._outline(shape, x, y, r, anchor)
             points = [tuple(p) for p in np.rint(vertices * ind.SUPERSAMPLE - 0.5).astype(int).tolist()]

@@ -1,5 +1,6 @@
 """The command line: train, then sample and evaluate from the checkpoint; every user mistake ends in one line that names
 it and the fix, before any slow work and without writing anything."""
+
 import json
 import os
 import subprocess
@@ -7,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
 
-from PIL import Image
 from relcirc_jax import main as cli
 from relcirc_jax.config import base_config
 from relcirc_jax.errors import UserError
@@ -60,7 +61,9 @@ def test_evaluate_writes_both_detectors_tables_and_what_it_judged(trained):
         assert table["num_prompts"] == table["num_images"] == 8 and set(table["overall"]) == set(METRICS)
         assert sum(row["n"] for row in table["per_relation"].values()) == 8
     # the same sampler, seeds and prompts as the training run's periodic evaluation at step 4
-    logged = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if "eval/overall" in line]
+    logged = [
+        json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines() if "eval/overall" in line
+    ]
     assert logged[-1]["step"] == 4
     assert {m: logged[-1][f"eval/{m}"] for m in METRICS} == report["tables"]["relcirc"]["overall"]
     markdown = (trained / "eval.md").read_text()
@@ -93,11 +96,24 @@ def test_analyze_is_not_implemented_yet(tmp_path):
         run_cli(tmp_path, "analyze")
 
 
-def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):
-    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", CONFIG, f"--workdir={tmp_path}",
-                             "--config.parallel.cpu_devices=2", "--config.train.num_steps=2",
-                             "--config.eval.every_steps=1000", "--config.sample.every_steps=1000"],
-                            cwd=REPO, env={**os.environ, **compile_cache}, capture_output=True, text=True)
+def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):  # noqa: F811 (the fixture)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relcirc_jax.main",
+            CONFIG,
+            f"--workdir={tmp_path}",
+            "--config.parallel.cpu_devices=2",
+            "--config.train.num_steps=2",
+            "--config.eval.every_steps=1000",
+            "--config.sample.every_steps=1000",
+        ],
+        cwd=REPO,
+        env={**os.environ, **compile_cache},
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on mesh {'data': 2, 'fsdp': 1, 'model': 1}" in result.stderr  # conftest's XLA_FLAGS alone would give 8
 
@@ -107,8 +123,11 @@ def test_cpu_devices_cannot_change_a_running_jax():
     config.parallel.cpu_devices = 8  # what JAX already runs with (conftest): nothing to change
     cli.apply_runtime_options(config)
     config.parallel.cpu_devices = 3
-    with pytest.raises(ValueError, match=r"parallel.cpu_devices=3 cannot take effect: JAX already started with 8 CPU "
-                                         r"devices.*fresh process"):
+    with pytest.raises(
+        ValueError,
+        match=r"parallel.cpu_devices=3 cannot take effect: JAX already started with 8 CPU "
+        r"devices.*fresh process",
+    ):
         cli.apply_runtime_options(config)
 
 
@@ -126,16 +145,32 @@ def _a_file(path):
 BAD_INPUTS = [
     ("missing config file", None, ["--config=configs/nope.py"], "Config file 'configs/nope.py' does not exist"),
     ("misspelt variant", None, [f"{CONFIG}x"], "Unknown config variant 'smokex'; use one of 'cpu', 'quick', 'smoke'"),
-    ("unknown key", None, [CONFIG, "--config.train.learning_rate=0.1"],
-     "--config.train.learning_rate: train has no key 'learning_rate'; its keys are ["),
-    ("wrong-typed value", None, [CONFIG, "--config.train.lr=fast"],
-     "--config.train.lr=fast: train.lr takes a float (e.g. 0.001), not 'fast'"),
+    (
+        "unknown key",
+        None,
+        [CONFIG, "--config.train.learning_rate=0.1"],
+        "--config.train.learning_rate: train has no key 'learning_rate'; its keys are [",
+    ),
+    (
+        "wrong-typed value",
+        None,
+        [CONFIG, "--config.train.lr=fast"],
+        "--config.train.lr=fast: train.lr takes a float (e.g. 0.001), not 'fast'",
+    ),
     ("invalid value", None, [CONFIG, "--config.train.lr=-1"], "Invalid config: train.lr=-1.0 must be > 0."),
-    ("unknown prompt word", None, [CONFIG, "--mode=sample", "--prompt=red hexagon is above blue square"],
-     "--prompt: Unknown word 'hexagon' in caption 'red hexagon is above blue square'; the vocabulary is"),
+    (
+        "unknown prompt word",
+        None,
+        [CONFIG, "--mode=sample", "--prompt=red hexagon is above blue square"],
+        "--prompt: Unknown word 'hexagon' in caption 'red hexagon is above blue square'; the vocabulary is",
+    ),
     ("missing checkpoint", None, [CONFIG, "--mode=evaluate"], "No checkpoint in {workdir}/checkpoints. Train first"),
-    ("missing step", _workdir_with_a_checkpoint_dir, [CONFIG, "--mode=sample", "--step=3"],
-     "No checkpoint of step 3 in {workdir}/checkpoints; available steps: [2]. Fix: pass one of them to --step"),
+    (
+        "missing step",
+        _workdir_with_a_checkpoint_dir,
+        [CONFIG, "--mode=sample", "--step=3"],
+        "No checkpoint of step 3 in {workdir}/checkpoints; available steps: [2]. Fix: pass one of them to --step",
+    ),
     ("workdir is a file", _a_file, [CONFIG], "--workdir={workdir} is a file, not a directory; pass a directory"),
 ]
 
@@ -145,8 +180,13 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case, make_
     workdir = make_workdir(tmp_path / "w") if make_workdir else tmp_path / "w"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for TPUs
-    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--workdir={workdir}", *args], cwd=REPO,
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "relcirc_jax.main", f"--workdir={workdir}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr[-3000:]
     assert result.stderr.startswith("Error: ") and expected.format(workdir=workdir) in result.stderr, result.stderr
@@ -154,6 +194,10 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case, make_
 
 
 def test_verbosity_shows_the_traceback_of_a_user_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--workdir={tmp_path}", CONFIG,
-                             "--mode=evaluate", "--verbosity=1"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "relcirc_jax.main", f"--workdir={tmp_path}", CONFIG, "--mode=evaluate", "--verbosity=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr and "UserError: No checkpoint" in result.stderr

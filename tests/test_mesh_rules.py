@@ -1,4 +1,5 @@
 """Mesh specs, logical-axis rules -> real parameter shardings, and per-host batch assembly on 8 fake CPU devices."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,15 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from relcirc_jax.parallel import (DEFAULT_RULES, batch_sharding, logical_to_mesh_sharding, make_mesh, param_shardings,
-                                  replicated, to_global)
+from relcirc_jax.parallel import (
+    DEFAULT_RULES,
+    batch_sharding,
+    logical_to_mesh_sharding,
+    make_mesh,
+    param_shardings,
+    replicated,
+    to_global,
+)
 
 
 def test_make_mesh_fills_the_remaining_devices():
@@ -30,13 +38,16 @@ def test_make_mesh_on_a_subset_of_devices():
     assert set(mesh.devices.flat) == set(jax.devices()[:4])
 
 
-@pytest.mark.parametrize("spec, problem", [
-    ({"data": 3, "fsdp": 1, "model": 1}, "not to the device count"),
-    ({"data": -1, "fsdp": 3}, "does not divide the device count"),
-    ({"data": -1, "fsdp": -1}, "more than one axis is -1"),
-    ({"data": -1, "tensor": 2}, "unknown axis name"),
-    ({"data": 0, "fsdp": -1}, "positive integers"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ({"data": 3, "fsdp": 1, "model": 1}, "not to the device count"),
+        ({"data": -1, "fsdp": 3}, "does not divide the device count"),
+        ({"data": -1, "fsdp": -1}, "more than one axis is -1"),
+        ({"data": -1, "tensor": 2}, "unknown axis name"),
+        ({"data": 0, "fsdp": -1}, "positive integers"),
+    ],
+)
 def test_impossible_mesh_spec_names_spec_device_count_and_fix(spec, problem):
     with pytest.raises(ValueError) as err:
         make_mesh(spec)
@@ -50,7 +61,8 @@ class ToyBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = lambda feats, names, name: nn.Dense(
-            feats, name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names))
+            feats, name=name, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+        )
         h = dense(32, ("embed", "mlp"), "fc1")(x)
         h = dense(16, ("mlp", "embed"), "fc2")(h)
         h = dense(6, ("embed", "heads"), "odd_heads")(h)  # 6 heads: the model axis (2) divides, fsdp (2) divides 16

@@ -1,4 +1,5 @@
 """MetricWriter (JSONL + TensorBoard readback), ProgressLogger line format, EMA update and the SIGTERM flag."""
+
 import json
 import os
 import signal

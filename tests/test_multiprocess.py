@@ -2,6 +2,7 @@
 collectives) train and checkpoint, then 1 process x 4 devices resumes to the end; the loss curve must equal an
 uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags and the host<->global batch
 helpers (in this process, on the 8 fake devices of conftest)."""
+
 import json
 import os
 import socket
@@ -29,12 +30,20 @@ def free_port() -> int:
 def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
     """A CLI training process of the micro :smoke config on `local_devices` fake CPU devices, with a checkpoint, a
     sample grid and an evaluation every 3 steps."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
-    command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_micro.py:smoke",
-               f"--workdir={workdir}", f"--config.train.num_steps={num_steps}", "--config.checkpoint.every_steps=3",
-               "--config.sample.every_steps=3", "--config.eval.every_steps=3",
-               f"--config.compilation_cache_dir={cache_dir}", *distributed_flags]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
+    command = [
+        sys.executable,
+        "-m",
+        "relcirc_jax.main",
+        f"--config={REPO}/configs/rte_dit_micro.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={num_steps}",
+        "--config.checkpoint.every_steps=3",
+        "--config.sample.every_steps=3",
+        "--config.eval.every_steps=3",
+        f"--config.compilation_cache_dir={cache_dir}",
+        *distributed_flags,
+    ]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -61,13 +70,17 @@ def runs(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("jax_cache"))
     resumed, reference = str(tmp_path_factory.mktemp("resumed")), str(tmp_path_factory.mktemp("reference"))
     coordinator = f"--coordinator_address=localhost:{free_port()}"
-    workers = [start(resumed, cache, FIRST_STEPS, 2, coordinator, "--num_processes=2", f"--process_id={i}")
-               for i in range(2)]
+    workers = [
+        start(resumed, cache, FIRST_STEPS, 2, coordinator, "--num_processes=2", f"--process_id={i}") for i in range(2)
+    ]
     single = start(reference, cache, TOTAL_STEPS, 4)  # meanwhile; it also puts the 4-device step into the cache
     stderrs = [finish(p) for p in workers]
     finish(single)
-    first_phase = {"rows": loss_rows(resumed), "checkpoints": sorted(os.listdir(os.path.join(resumed, "checkpoints"))),
-                   "samples": sorted(os.listdir(os.path.join(resumed, "samples")))}
+    first_phase = {
+        "rows": loss_rows(resumed),
+        "checkpoints": sorted(os.listdir(os.path.join(resumed, "checkpoints"))),
+        "samples": sorted(os.listdir(os.path.join(resumed, "samples"))),
+    }
     finish(start(resumed, cache, TOTAL_STEPS, 4))
     return dict(resumed=resumed, reference=reference, stderrs=stderrs, first_phase=first_phase, cache=cache)
 
@@ -100,8 +113,14 @@ def test_config_compilation_cache_dir_is_used(runs):
 
 def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
     cli.FLAGS.unparse_flags()
-    cli.FLAGS(["main", f"--config={REPO}/configs/rte_dit_nano.py:smoke", f"--workdir={tmp_path}",
-               "--coordinator_address=localhost:1234"])
+    cli.FLAGS(
+        [
+            "main",
+            f"--config={REPO}/configs/rte_dit_nano.py:smoke",
+            f"--workdir={tmp_path}",
+            "--coordinator_address=localhost:1234",
+        ]
+    )
     try:
         with pytest.raises(cli.app.UsageError, match="but not --num_processes --process_id. Fix: pass all three"):
             cli.join_distributed_job()
@@ -111,9 +130,21 @@ def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
 
 def test_distributed_without_a_cluster_fails_with_the_fix(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORDINATOR"))}
-    result = subprocess.run([sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
-                             f"--workdir={tmp_path}", "--distributed"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=TIMEOUT_SECONDS)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relcirc_jax.main",
+            f"--config={REPO}/configs/rte_dit_nano.py:smoke",
+            f"--workdir={tmp_path}",
+            "--distributed",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+    )
     assert result.returncode != 0
     assert "--distributed found no cluster to join" in result.stderr and "pass --coordinator_address" in result.stderr
 

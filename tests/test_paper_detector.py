@@ -1,4 +1,5 @@
 """The paper's contour detector (evaluation.paper_detector) on fresh renders and on hand-drawn odd objects."""
+
 import cv2
 import numpy as np
 import pytest
@@ -44,8 +45,7 @@ def _match(det, shape_idx, color_idx, centers):
 def test_finds_both_objects_in_scenes_without_overlap(size, seed):
     images, shape_idx, color_idx, centers = _scenes(seed, 400, size)
     apart = scenes.overlap_fraction(shape_idx, centers, radius=size / 8) == 0  # the occluded ones lose pixels
-    found, errors = _match(paper_detector.detect(images[apart]), shape_idx[apart], color_idx[apart],
-                              centers[apart])
+    found, errors = _match(paper_detector.detect(images[apart]), shape_idx[apart], color_idx[apart], centers[apart])
     # Measured on these seeds: 370/372 (99.5 %) at 128 px, 368/374 (98.4 %) at 64 px; the misses are same-colour
     # objects close enough that their > 180 masks touch (8-connected) and merge into one contour.
     assert found.mean() >= 0.95, found.mean()
@@ -65,8 +65,12 @@ def test_neither_colour_and_unknown_shape_get_minus_one():
     cv2.circle(image[0], (100, 100), 16, (255, 0, 255), thickness=cv2.FILLED)  # magenta: R and B masks
     det = paper_detector.detect(image)
     found = sorted(zip(det.x.astype(int).tolist(), det.y.astype(int).tolist(), det.color.tolist(), det.shape.tolist()))
-    assert found == sorted([(26, 26, -1, _SQUARE)] + [(90, 30, -1, _CIRCLE)] * 3
-                           + [(40, 88, COLORS.index("red"), -1)] + [(100, 100, -1, _CIRCLE)] * 2)
+    assert found == sorted(
+        [(26, 26, -1, _SQUARE)]
+        + [(90, 30, -1, _CIRCLE)] * 3
+        + [(40, 88, COLORS.index("red"), -1)]
+        + [(100, 100, -1, _CIRCLE)] * 2
+    )
 
 
 def test_minus_one_codes_match_no_caption_colour_or_shape_but_none_matches_any_colour():

@@ -1,17 +1,17 @@
 """v- and x0-prediction: training targets, and sampling vs diffusers (prediction_type "v_prediction" / "sample") driven
 by the same closed form read as that prediction."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from test_samplers_vs_diffusers import PIXART_SCHEDULER_CONFIG, eps_jax, eps_torch, make_scheduler, max_rel_error
 
 from relcirc_jax.diffusion import diffusion_loss, eps_fn_from, sample
 from relcirc_jax.diffusion.parameterization import training_target
 from relcirc_jax.diffusion.schedules import alphas_cumprod
-from test_samplers_vs_diffusers import (
-    PIXART_SCHEDULER_CONFIG, eps_jax, eps_torch, make_scheduler, max_rel_error)
 
 
 def test_v_target_matches_diffusers_get_velocity():
@@ -19,12 +19,21 @@ def test_v_target_matches_diffusers_get_velocity():
     x0 = rng.normal(size=(6, 4, 4, 3)).astype(np.float32)
     noise = rng.normal(size=x0.shape).astype(np.float32)
     t = np.array([0, 1, 250, 500, 998, 999])
-    expected = DDPMScheduler(**{k: PIXART_SCHEDULER_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end",
-                                                                       "beta_schedule")}).get_velocity(
-        torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    expected = (
+        DDPMScheduler(
+            **{
+                k: PIXART_SCHEDULER_CONFIG[k]
+                for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+            }
+        )
+        .get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
+        .numpy()
+    )
     abar = alphas_cumprod()[t].reshape(-1, 1, 1, 1)
     ours = training_target("v", jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(abar, jnp.float32))
-    np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)  # diffusers computes sqrt(1-abar) in float32
+    np.testing.assert_allclose(
+        np.asarray(ours), expected, rtol=1e-5, atol=1e-5
+    )  # diffusers computes sqrt(1-abar) in float32
 
 
 def test_v_loss_is_zero_for_the_oracle_v():

@@ -1,4 +1,5 @@
 """Caption grammar (prompts.py) and word tokenizer (text/tokenizer.py): round trips, roles, vocabulary, errors."""
+
 import itertools
 
 import numpy as np
@@ -19,7 +20,11 @@ def _every_variant():
 
 
 def test_paper_phrasings_canonical_first():
-    assert prompts.PHRASINGS["upper_left"] == ("to the upper left of", "above and to the left of", "diagonally up and left from")
+    assert prompts.PHRASINGS["upper_left"] == (
+        "to the upper left of",
+        "above and to the left of",
+        "diagonally up and left from",
+    )
     assert prompts.PHRASINGS["above"] == ("above", "directly above", "higher than")
     assert prompts.PHRASINGS["left"] == ("to the left of", "left of")
     assert tuple(prompts.PHRASINGS) == RELATIONS
@@ -67,14 +72,25 @@ def test_caption_indices_of_earlier_versions_are_kept():
 def test_parse_is_case_and_whitespace_insensitive():
     parsed = prompts.parse("  The BLUE triangle\tis above and to the left of   the red Square ")
     assert parsed.spec == SceneSpec("triangle", "blue", "upper_left", "square", "red")
-    assert prompts.caption_index(" Blue Triangle is ABOVE red square") == prompts.caption_index("blue triangle is above red square")
+    assert prompts.caption_index(" Blue Triangle is ABOVE red square") == prompts.caption_index(
+        "blue triangle is above red square"
+    )
 
 
 def test_roles_of_a_filler_caption():
     parsed = prompts.parse("the blue triangle is to the left of the red square")
     assert parsed.roles == (
-        "filler", "color1", "shape1", "filler", "relation", "relation", "relation", "relation",
-        "filler", "color2", "shape2",
+        "filler",
+        "color1",
+        "shape1",
+        "filler",
+        "relation",
+        "relation",
+        "relation",
+        "relation",
+        "filler",
+        "color2",
+        "shape2",
     )
 
 
@@ -94,8 +110,30 @@ def test_vocab_version_1_is_frozen():
     # Random text embeddings are indexed by VOCAB: a change here must come with a VOCAB_VERSION bump.
     assert prompts.VOCAB_VERSION == 1
     assert prompts.VOCAB == (
-        "<pad>", "above", "and", "below", "blue", "circle", "diagonally", "directly", "down", "from", "higher", "is",
-        "left", "lower", "of", "red", "right", "square", "than", "the", "to", "triangle", "up", "upper",
+        "<pad>",
+        "above",
+        "and",
+        "below",
+        "blue",
+        "circle",
+        "diagonally",
+        "directly",
+        "down",
+        "from",
+        "higher",
+        "is",
+        "left",
+        "lower",
+        "of",
+        "red",
+        "right",
+        "square",
+        "than",
+        "the",
+        "to",
+        "triangle",
+        "up",
+        "upper",
     )
 
 
@@ -134,7 +172,9 @@ def test_bad_spec_and_phrasing_rejected():
 
 
 def test_tokenizer_ids_and_roles_align_with_parse():
-    captions = [prompts.caption(s, phrasing=p, template=t) for s, p, t in itertools.islice(_every_variant(), 0, None, 97)]
+    captions = [
+        prompts.caption(s, phrasing=p, template=t) for s, p, t in itertools.islice(_every_variant(), 0, None, 97)
+    ]
     ids, mask = tokenizer.encode(captions)
     role_ids = tokenizer.roles(captions)
     assert ids.shape == mask.shape == role_ids.shape == (len(captions), tokenizer.MAX_LEN)

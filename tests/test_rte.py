@@ -1,4 +1,5 @@
 """Random text embeddings: deterministic word tables, the sinusoidal position encoding on/off, padding handling."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

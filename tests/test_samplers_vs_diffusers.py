@@ -1,4 +1,5 @@
 """Samplers vs diffusers' schedulers (torch CPU) driven by the same closed-form eps function; CFG; sampler API."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,9 +87,7 @@ def noise():
 # Stock diffusers (float32 abar) for the step counts we use. With 1 step, DDIM and Euler evaluate only t = 0,
 # where diffusers' float32 1 - abar loses ~1e-4 relative precision (Euler-1 then differs by 8e-5), so the
 # float64_schedule variant checks the same algorithms on one shared schedule, 1 step included.
-@pytest.mark.parametrize(
-    "num_steps, float64_schedule", [(14, False), (50, False), (1, True), (14, True), (50, True)]
-)
+@pytest.mark.parametrize("num_steps, float64_schedule", [(14, False), (50, False), (1, True), (14, True), (50, True)])
 @pytest.mark.parametrize("solver", ["dpmpp_2m", "ddim", "euler"])
 def test_trajectory_matches_diffusers(solver, num_steps, float64_schedule, noise):
     expected_t, expected_samples = diffusers_trajectory(solver, noise, num_steps, float64_schedule=float64_schedule)

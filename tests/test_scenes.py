@@ -1,5 +1,6 @@
 """Scene renderer: the relation rule table, shape geometry (checked against PIL drawing), colours, the overlap rule,
 sampling for a given relation, and clear errors on bad input."""
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
@@ -14,19 +15,37 @@ def _rel(dx, dy, size=64):
     return RELATIONS[scenes.relation_index(centers, size=size)[0]]
 
 
-@pytest.mark.parametrize("size,dx,dy,expected", [
-    (64, 0, -10, "above"), (64, 0, 10, "below"), (64, -10, 0, "left"), (64, 10, 0, "right"),
-    (64, -10, -10, "upper_left"), (64, 10, -10, "upper_right"),
-    (64, -10, 10, "lower_left"), (64, 10, 10, "lower_right"),
-    # the paper's threshold: 5 px at 128 px, 2.5 px at 64 px
-    (64, 2.5, -10, "above"), (64, -2.5, 10, "below"), (64, 2.51, -10, "upper_right"), (64, -2.51, 10, "lower_left"),
-    (64, -10, 2.5, "left"), (64, 10, -2.5, "right"), (64, -10, 2.51, "lower_left"), (64, 10, -2.51, "upper_right"),
-    (64, 2, 1, "below"), (64, 2, -1, "above"),  # both within the threshold: the vertical rule decides first
-    (64, 0, 0, "below"),
-    (128, 5.0, -20, "above"), (128, 5.5, -20, "upper_right"),
-    (128, -20, 5.0, "left"), (128, -20, -5.5, "upper_left"),
-    (128, 3, 30, "below"), (128, 30, 4.5, "right"),
-])
+@pytest.mark.parametrize(
+    "size,dx,dy,expected",
+    [
+        (64, 0, -10, "above"),
+        (64, 0, 10, "below"),
+        (64, -10, 0, "left"),
+        (64, 10, 0, "right"),
+        (64, -10, -10, "upper_left"),
+        (64, 10, -10, "upper_right"),
+        (64, -10, 10, "lower_left"),
+        (64, 10, 10, "lower_right"),
+        # the paper's threshold: 5 px at 128 px, 2.5 px at 64 px
+        (64, 2.5, -10, "above"),
+        (64, -2.5, 10, "below"),
+        (64, 2.51, -10, "upper_right"),
+        (64, -2.51, 10, "lower_left"),
+        (64, -10, 2.5, "left"),
+        (64, 10, -2.5, "right"),
+        (64, -10, 2.51, "lower_left"),
+        (64, 10, -2.51, "upper_right"),
+        (64, 2, 1, "below"),
+        (64, 2, -1, "above"),  # both within the threshold: the vertical rule decides first
+        (64, 0, 0, "below"),
+        (128, 5.0, -20, "above"),
+        (128, 5.5, -20, "upper_right"),
+        (128, -20, 5.0, "left"),
+        (128, -20, -5.5, "upper_left"),
+        (128, 3, 30, "below"),
+        (128, 30, 4.5, "right"),
+    ],
+)
 def test_relation_rule_table(size, dx, dy, expected):
     assert _rel(dx, dy, size) == expected
 

@@ -1,4 +1,5 @@
 """Schedule tables vs diffusers' DDPMScheduler, q_sample statistics, the eps/VLB loss on toy cases."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,5 +1,6 @@
 """The paper's metric definitions (scoring.py) on detections made by hand: the unique-binding gate on both relation
 forms, overall and overall_loose, the loose margin, and the columns that map onto the paper's table."""
+
 import numpy as np
 import pytest
 
@@ -9,8 +10,11 @@ from relcirc_jax.evaluation import METRICS, PAPER_COLUMNS, Detections, encode_sp
 
 def _detections(objects_per_image):
     """Detections from [[(colour, shape, x, y), ...] per image]."""
-    rows = [(i, COLORS.index(c), SHAPES.index(s), x, y) for i, objects in enumerate(objects_per_image)
-            for c, s, x, y in objects]
+    rows = [
+        (i, COLORS.index(c), SHAPES.index(s), x, y)
+        for i, objects in enumerate(objects_per_image)
+        for c, s, x, y in objects
+    ]
     image, color, shape, x, y = (np.array(v) for v in zip(*rows))
     return Detections(image, color, shape, x.astype(float), y.astype(float), np.full(len(rows), 100))
 

@@ -1,4 +1,5 @@
 """Flax T5 v1.1 encoder vs transformers' T5EncoderModel (torch CPU, float32) on a tiny random checkpoint."""
+
 import json
 import os
 
@@ -6,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -18,8 +18,16 @@ TOLERANCE = 1e-4
 def _tiny_t5() -> "transformers.T5EncoderModel":
     torch.manual_seed(0)
     config = transformers.T5Config(
-        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-        relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.0,
+        vocab_size=100,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        dropout_rate=0.0,
         tie_word_embeddings=False,
     )
     model = transformers.T5EncoderModel(config).eval()
@@ -41,7 +49,9 @@ def _inputs():
 def _max_error(model, path) -> float:
     ids, mask = _inputs()
     with torch.no_grad():
-        expected = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state.numpy()
+        expected = model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).last_hidden_state.numpy()
     config, params = t5.load_t5_encoder(str(path))
     got = jax.jit(lambda p, i, m: t5.t5_encode(config, p, i, m))(params, ids.astype(np.int32), mask.astype(bool))
     return float(np.max(np.abs(np.asarray(got) - expected)))
@@ -83,8 +93,9 @@ def test_bfloat16_checkpoint_loads_exactly(tmp_path):
 
 def test_decoder_weights_ignored_and_bfloat16(tmp_path):
     torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
-                                   feed_forward_proj="gated-gelu")
+    config = transformers.T5Config(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"
+    )
     transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path)
     loaded_config, params = t5.load_t5_encoder(str(tmp_path), dtype=jnp.bfloat16)
     assert set(params) == {"embed_tokens", "relative_attention_bias", "final_norm", "block_0"}

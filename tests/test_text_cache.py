@@ -1,4 +1,5 @@
 """Cached frozen-encoder tables (hit / miss / fingerprint, token roles) and the TextConditioner interface."""
+
 import os
 import shutil
 
@@ -13,8 +14,11 @@ import pytest  # noqa: E402
 from relcirc_jax.data import prompts  # noqa: E402
 from relcirc_jax.text import bert, cache, conditioner, rte, tokenizer  # noqa: E402
 
-CAPTIONS = ("blue triangle is to the upper left of red square", "circle is above square",
-            "the red circle is below the blue square")
+CAPTIONS = (
+    "blue triangle is to the upper left of red square",
+    "circle is above square",
+    "the red circle is below the blue square",
+)
 
 
 def _batch(indices):
@@ -42,10 +46,13 @@ def test_minilm_table_roles_and_cache_hit_miss(tmp_path, monkeypatch):
 
     # Roles follow the words: [CLS] blue triangle is to the upper left of red square [SEP] <pad>...
     role = {name: i for i, name in enumerate(prompts.ROLES)}
-    expected = [cache.SPECIAL_ROLE, role["color1"], role["shape1"], role["filler"]] + [role["relation"]] * 5 + [
-        role["color2"], role["shape2"], cache.SPECIAL_ROLE]
+    expected = (
+        [cache.SPECIAL_ROLE, role["color1"], role["shape1"], role["filler"]]
+        + [role["relation"]] * 5
+        + [role["color2"], role["shape2"], cache.SPECIAL_ROLE]
+    )
     np.testing.assert_array_equal(table.roles[0, : len(expected)], expected)
-    assert (table.roles[0, len(expected):] == role["pad"]).all() and table.mask[0].sum() == len(expected)
+    assert (table.roles[0, len(expected) :] == role["pad"]).all() and table.mask[0].sum() == len(expected)
 
     # Hit: nothing is recomputed.
     monkeypatch.setattr(cache, "compute_text_table", lambda *a, **k: pytest.fail("recomputed on a cache hit"))
@@ -60,20 +67,25 @@ def test_minilm_table_roles_and_cache_hit_miss(tmp_path, monkeypatch):
 
 def test_t5_style_sentencepiece_roles(tmp_path):
     """Metaspace tokens, a lone '▁' piece and '</s>' get the roles of their words (word_ids of the fast tokenizer)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     pieces = ["<pad>", "</s>", "<unk>", "▁", "▁blue", "tri", "angle", "▁is", "▁above", "▁square"]
     backend = Tokenizer(models.Unigram([(p, -float(len(p))) for p in pieces], unk_id=2))
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    transformers.T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                 extra_ids=0).save_pretrained(tmp_path)
+    transformers.T5TokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0
+    ).save_pretrained(tmp_path)
     tokens = cache.hf_tokenize(str(tmp_path), ["blue triangle is above square"], max_len=10)
     np.testing.assert_array_equal(tokens.ids[0, :8], [4, 3, 5, 6, 7, 8, 9, 1])  # blue _ tri angle is above square </s>
     role = {name: i for i, name in enumerate(prompts.ROLES)}
-    np.testing.assert_array_equal(tokens.roles[0], [role["color1"]] + [role["shape1"]] * 3 + [
-        role["filler"], role["relation"], role["shape2"], cache.SPECIAL_ROLE, role["pad"], role["pad"]])
+    np.testing.assert_array_equal(
+        tokens.roles[0],
+        [role["color1"]]
+        + [role["shape1"]] * 3
+        + [role["filler"], role["relation"], role["shape2"], cache.SPECIAL_ROLE, role["pad"], role["pad"]],
+    )
 
 
 def test_fingerprint_follows_the_checkpoint(tmp_path):
@@ -118,8 +130,9 @@ def test_t5_conditioner_from_a_local_checkpoint(tmp_path):
 
     checkpoint = tmp_path / "tiny_t5"
     torch.manual_seed(0)
-    config = transformers.T5Config(vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
-                                   feed_forward_proj="gated-gelu")
+    config = transformers.T5Config(
+        vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"
+    )
     transformers.T5EncoderModel(config).save_pretrained(checkpoint)
     with pytest.raises(FileNotFoundError, match="No tokenizer"):
         conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), captions=CAPTIONS)

@@ -1,6 +1,7 @@
 """The training loop on 8 fake CPU devices with the tiny :smoke model: outputs, mesh invariance, bitwise resume (also
 after SIGKILL, also mid async save), resume onto another mesh, the time budget, and the non-finite-loss stop that keeps
 the last good checkpoint."""
+
 import json
 import os
 import re
@@ -26,8 +27,11 @@ NO_SAMPLING = {"eval.every_steps": 1000, "sample.every_steps": 1000}  # keeps ru
 
 # Runs in this file compile the same few programs again and again; a persistent compilation cache turns each repeat
 # from ~10 s into ~1 s on a busy 2-core machine (same executables, so results are unchanged).
-CACHE_OPTIONS = {"jax_compilation_cache_dir": None, "jax_persistent_cache_min_compile_time_secs": 0,
-                 "jax_persistent_cache_min_entry_size_bytes": 0}
+CACHE_OPTIONS = {
+    "jax_compilation_cache_dir": None,
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,8 +98,9 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_samples_and_eval(refe
     assert int(state.step) == STEPS
 
 
-@pytest.mark.parametrize("mesh,num_devices", [({"data": -1, "fsdp": 1, "model": 1}, 1),
-                                              ({"data": 4, "fsdp": 2, "model": 1}, 8)])
+@pytest.mark.parametrize(
+    "mesh,num_devices", [({"data": -1, "fsdp": 1, "model": 1}, 1), ({"data": 4, "fsdp": 2, "model": 1}, 8)]
+)
 def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices):
     config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 3})
     config.parallel.mesh.update(mesh)
@@ -125,11 +130,20 @@ def test_stop_and_resume_is_bitwise_identical(reference, tmp_path, caplog):
 def start_run_and_wait(workdir, env, until, *overrides):
     """A CLI training subprocess of the reference config (plus `overrides`), returned once `until(names in
     workdir/checkpoints)` holds (polled every millisecond), or when it ended or 120 s passed."""
-    command = [sys.executable, "-m", "relcirc_jax.main", f"--config={REPO}/configs/rte_dit_nano.py:smoke",
-               f"--workdir={workdir}", f"--config.train.num_steps={STEPS}", "--config.eval.every_steps=1000",
-               "--config.sample.every_steps=1000", *overrides]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "relcirc_jax.main",
+        f"--config={REPO}/configs/rte_dit_nano.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.train.num_steps={STEPS}",
+        "--config.eval.every_steps=1000",
+        "--config.sample.every_steps=1000",
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     checkpoints = os.path.join(workdir, "checkpoints")
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
@@ -159,8 +173,12 @@ def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, 
 
 def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
     # Orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when complete: kill while one exists.
-    process = start_run_and_wait(str(tmp_path), compile_cache, lambda names: any("tmp" in n for n in names),
-                                 "--config.checkpoint.async_save=true")
+    process = start_run_and_wait(
+        str(tmp_path),
+        compile_cache,
+        lambda names: any("tmp" in n for n in names),
+        "--config.checkpoint.async_save=true",
+    )
     in_flight = [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
@@ -208,8 +226,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
     monkeypatch.setattr(loop.dataset, "train_batch", poisoned_batch)
     config = smoke_config(**NO_SAMPLING)  # saves every 2 steps
-    with pytest.raises(FloatingPointError, match=rf"Non-finite training loss nan .* at step {bad_step}\. .*last good "
-                                                 r"checkpoint \(step 2\)"):
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"Non-finite training loss nan .* at step {bad_step}\. .*last good "
+        r"checkpoint \(step 2\)",
+    ):
         loop.train(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     experiment = train_state.build_experiment(config, str(tmp_path))

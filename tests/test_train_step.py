@@ -1,5 +1,6 @@
 """One training step against a hand computation (clipping, AdamW, EMA), caption dropout reaching the learned null
 caption, remat gradients, and bfloat16 compute over steps that really update the weights."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,9 @@ def _gradients(experiment, params, batch, step=0):
 
 
 def _step_fn(experiment):
-    return jax.jit(train_step.make_train_step(experiment.config, experiment.model_cfg, experiment.conditioner,
-                                              experiment.tx))
+    return jax.jit(
+        train_step.make_train_step(experiment.config, experiment.model_cfg, experiment.conditioner, experiment.tx)
+    )
 
 
 def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_path):
@@ -54,16 +56,25 @@ def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_pat
         assert abs(float(metrics["grad_norm"]) - norm) <= 1e-4 * norm and norm > t.grad_clip
         g = jax.tree.map(lambda x: np.asarray(x, np.float64) * min(1.0, t.grad_clip / norm), grads)
         m = jax.tree.map(lambda m_, g_: t.adam_b1 * m_ + (1 - t.adam_b1) * g_, m, g)
-        v = jax.tree.map(lambda v_, g_: t.adam_b2 * v_ + (1 - t.adam_b2) * g_ ** 2, v, g)
-        params = jax.tree.map(lambda p, m_, v_: p - t.lr * (m_ / (1 - t.adam_b1 ** k) / (
-            np.sqrt(v_ / (1 - t.adam_b2 ** k)) + t.adam_eps) + t.weight_decay * p), params, m, v)
+        v = jax.tree.map(lambda v_, g_: t.adam_b2 * v_ + (1 - t.adam_b2) * g_**2, v, g)
+        params = jax.tree.map(
+            lambda p, m_, v_: (
+                p
+                - t.lr
+                * (m_ / (1 - t.adam_b1**k) / (np.sqrt(v_ / (1 - t.adam_b2**k)) + t.adam_eps) + t.weight_decay * p)
+            ),
+            params,
+            m,
+            v,
+        )
         ema = jax.tree.map(lambda e, p: t.ema_decay * e + (1 - t.ema_decay) * p, ema, params)  # no EMA warm-up
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3 * t.lr)
     for got, want in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
         np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-3 * t.lr)
-    moved = np.concatenate([np.abs(np.asarray(a) - b).ravel()
-                            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))])
+    moved = np.concatenate(
+        [np.abs(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))]
+    )
     assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
 
 

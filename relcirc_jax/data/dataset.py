@@ -22,6 +22,7 @@ in epochs, each in its own permutation of (seed, epoch): example i of step s is 
 stream. Either way an example is a pure function of (seed, step, i), so any process_count sees the same global batch
 and a resumed run sees the same data. A process draws only what its slice needs and renders only its slice.
 """
+
 import functools
 import itertools
 from typing import NamedTuple
@@ -64,11 +65,27 @@ def _caption_lookup() -> np.ndarray:
     """int32[template, relation, phrasing, color1, shape1, color2, shape2] -> caption index (-1 = no such phrasing);
     template 0 is "plain", 1 "the_both"."""
     colors = COLORS + (None,)
-    lookup = np.full((len(_WORDING_TEMPLATES), len(RELATIONS), _NUM_PHRASINGS.max(), len(colors), len(SHAPES),
-                      len(colors), len(SHAPES)), -1, np.int32)
+    lookup = np.full(
+        (
+            len(_WORDING_TEMPLATES),
+            len(RELATIONS),
+            _NUM_PHRASINGS.max(),
+            len(colors),
+            len(SHAPES),
+            len(colors),
+            len(SHAPES),
+        ),
+        -1,
+        np.int32,
+    )
     for f, r, p, c1, s1, c2, s2 in itertools.product(
-        range(len(_WORDING_TEMPLATES)), range(len(RELATIONS)), range(_NUM_PHRASINGS.max()), range(len(colors)),
-        range(len(SHAPES)), range(len(colors)), range(len(SHAPES)),
+        range(len(_WORDING_TEMPLATES)),
+        range(len(RELATIONS)),
+        range(_NUM_PHRASINGS.max()),
+        range(len(colors)),
+        range(len(SHAPES)),
+        range(len(colors)),
+        range(len(SHAPES)),
     ):
         if p < _NUM_PHRASINGS[r]:
             spec = SceneSpec(SHAPES[s1], colors[c1], RELATIONS[r], SHAPES[s2], colors[c2])
@@ -106,8 +123,9 @@ def _draw_caption_index(rng: np.random.Generator, drawn: dict[str, np.ndarray], 
     caption_colors = np.where(np.stack([drop & 1, drop & 2], axis=1) > 0, _NO_COLOR, drawn["color_idx"])
     filler = (rng.random(n) < mix.p_filler).astype(np.int64)
     shape_idx = drawn["shape_idx"]
-    return _caption_lookup()[filler, relation, phrasing, caption_colors[:, 0], shape_idx[:, 0], caption_colors[:, 1],
-                             shape_idx[:, 1]]
+    return _caption_lookup()[
+        filler, relation, phrasing, caption_colors[:, 0], shape_idx[:, 0], caption_colors[:, 1], shape_idx[:, 1]
+    ]
 
 
 def _draw_chunk(rng: np.random.Generator, task: str, mix: CaptionMix, size: int, radius: int) -> dict[str, np.ndarray]:
@@ -117,14 +135,16 @@ def _draw_chunk(rng: np.random.Generator, task: str, mix: CaptionMix, size: int,
 
 
 def _concat_rows(chunks: list[dict], offset: int, count: int) -> dict[str, np.ndarray]:
-    return {key: np.concatenate([c[key] for c in chunks])[offset: offset + count] for key in chunks[0]}
+    return {key: np.concatenate([c[key] for c in chunks])[offset : offset + count] for key in chunks[0]}
 
 
 @functools.lru_cache(maxsize=4)
 def _fixed_set(seed: int, num_scenes: int, task: str, mix: str, size: int, radius: int) -> dict[str, np.ndarray]:
     """The fixed scene set: scene j is row j % CHUNK of chunk j // CHUNK, drawn from (seed, chunk)."""
-    chunks = [_draw_chunk(np.random.default_rng([seed, _FIXED_SET_STREAM, k]), task, CAPTION_MIXES[mix], size, radius)
-              for k in range((num_scenes - 1) // CHUNK + 1)]
+    chunks = [
+        _draw_chunk(np.random.default_rng([seed, _FIXED_SET_STREAM, k]), task, CAPTION_MIXES[mix], size, radius)
+        for k in range((num_scenes - 1) // CHUNK + 1)
+    ]
     fixed = _concat_rows(chunks, 0, num_scenes)
     for array in fixed.values():
         array.flags.writeable = False
@@ -160,15 +180,25 @@ def _check_args(seed, step, global_batch, process_index, process_count, task, ca
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}")
     if caption_mix is not None and caption_mix not in CAPTION_MIXES:
-        raise ValueError(f"Unknown caption_mix {caption_mix!r}; choose one of {sorted(CAPTION_MIXES)} or None for "
-                         "the task's own")
+        raise ValueError(
+            f"Unknown caption_mix {caption_mix!r}; choose one of {sorted(CAPTION_MIXES)} or None for the task's own"
+        )
     if num_scenes is not None and num_scenes < 1:
         raise ValueError(f"num_scenes ({num_scenes}) must be >= 1, or None for fresh scenes every step")
 
 
 def train_batch(
-    seed: int, step: int, *, global_batch: int, process_index: int = 0, process_count: int = 1, size: int = 64,
-    radius: int = 8, task: str = "paper", caption_mix: str | None = None, num_scenes: int | None = None,
+    seed: int,
+    step: int,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    size: int = 64,
+    radius: int = 8,
+    task: str = "paper",
+    caption_mix: str | None = None,
+    num_scenes: int | None = None,
 ) -> dict[str, np.ndarray]:
     """This process's slice (global_batch // process_count examples) of the global batch at (seed, step).
 
@@ -181,8 +211,10 @@ def train_batch(
     per_process = global_batch // process_count
     start, stop = process_index * per_process, (process_index + 1) * per_process
     if num_scenes is None:
-        chunks = [_draw_chunk(np.random.default_rng([seed, step, k]), task, CAPTION_MIXES[mix], size, radius)
-                  for k in range(start // CHUNK, (stop - 1) // CHUNK + 1)]
+        chunks = [
+            _draw_chunk(np.random.default_rng([seed, step, k]), task, CAPTION_MIXES[mix], size, radius)
+            for k in range(start // CHUNK, (stop - 1) // CHUNK + 1)
+        ]
         drawn = _concat_rows(chunks, start - (start // CHUNK) * CHUNK, per_process)
     else:
         fixed = _fixed_set(seed, num_scenes, task, mix, size, radius)
@@ -218,9 +250,12 @@ def _paper_specs() -> list[SceneSpec]:
     """The paper's evaluation scenes, in its order: one red and one blue object (either first), two different
     shapes, in the order square, triangle, circle."""
     shapes = ("square", "triangle", "circle")
-    return [SceneSpec(s1, c1, relation, s2, c2)
-            for c1, c2 in itertools.permutations(COLORS, 2) for s1, s2 in itertools.permutations(shapes, 2)
-            for relation in RELATIONS]
+    return [
+        SceneSpec(s1, c1, relation, s2, c2)
+        for c1, c2 in itertools.permutations(COLORS, 2)
+        for s1, s2 in itertools.permutations(shapes, 2)
+        for relation in RELATIONS
+    ]
 
 
 def _paper_main_caption(spec: SceneSpec) -> str:
@@ -237,13 +272,18 @@ EVAL_SETS = {
     "paper_main": lambda: [_paper_main_caption(s) for s in _paper_specs()],
     # the paper's robustness study: 6 templates x 264 prompts (2 colour orders x 6 shape pairs x 22 phrasings)
     "paper_robustness": lambda: [
-        prompts.caption(spec, phrasing=p, template=template) for template in PAPER_ROBUSTNESS_TEMPLATES
-        for spec in _paper_specs() for p in range(len(prompts.PHRASINGS[spec.relation]))],
+        prompts.caption(spec, phrasing=p, template=template)
+        for template in PAPER_ROBUSTNESS_TEMPLATES
+        for spec in _paper_specs()
+        for p in range(len(prompts.PHRASINGS[spec.relation]))
+    ],
     # every (color1, shape1, relation, color2, shape2) with the canonical phrasing: 2*3*8*2*3 = 288
     "all_combinations": lambda: [prompts.caption(s) for s in _full_color_specs()],
     # the same combinations with each non-canonical phrasing
     "phrasing": lambda: [
-        prompts.caption(s, phrasing=p) for s in _full_color_specs() for p in range(1, len(prompts.PHRASINGS[s.relation]))
+        prompts.caption(s, phrasing=p)
+        for s in _full_color_specs()
+        for p in range(1, len(prompts.PHRASINGS[s.relation]))
     ],
     # the canonical captions with filler words ("the red square is above the blue circle")
     "filler": lambda: [prompts.caption(s, template="the_both") for s in _full_color_specs()],

@@ -21,6 +21,7 @@ Word roles (ROLES) group text tokens for the attention synopsis:
     because the phrase as a whole carries the relation and the "the" inside "to the left of" is not a filler;
   - "is" and the determiner "the" in front of an object: "filler".
 """
+
 import itertools
 from typing import NamedTuple, Optional
 
@@ -66,11 +67,18 @@ _DETERMINER = "the"
 # Bump VOCAB_VERSION whenever VOCAB changes: random text embeddings and cached encoder tables are indexed by it.
 VOCAB_VERSION = 1
 VOCAB: tuple[str, ...] = (PAD,) + tuple(
-    sorted(set(COLORS) | set(SHAPES) | {_COPULA, _DETERMINER} | {w for ps in PHRASINGS.values() for p in ps for w in p.split()})
+    sorted(
+        set(COLORS)
+        | set(SHAPES)
+        | {_COPULA, _DETERMINER}
+        | {w for ps in PHRASINGS.values() for p in ps for w in p.split()}
+    )
 )
 _VOCAB_SET = frozenset(VOCAB[1:])
-_GRAMMAR = ("'[the] <object1> [is] <relation phrase> [the] <object2>' as in TEMPLATES, or '<relation phrase> <object2> is "
-            "<object1>', with <object> = '[<colour>] <shape>'")
+_GRAMMAR = (
+    "'[the] <object1> [is] <relation phrase> [the] <object2>' as in TEMPLATES, or '<relation phrase> <object2> is "
+    "<object1>', with <object> = '[<colour>] <shape>'"
+)
 _EXAMPLE = "'blue triangle is to the upper left of red square'"
 
 
@@ -86,15 +94,20 @@ class Parsed(NamedTuple):
 
 
 def _check_spec(spec: SceneSpec, phrasing: int, template: str) -> None:
-    problems = [f"shape{k} {s!r} is not one of {SHAPES}" for k, s in ((1, spec.shape1), (2, spec.shape2)) if s not in SHAPES]
+    problems = [
+        f"shape{k} {s!r} is not one of {SHAPES}" for k, s in ((1, spec.shape1), (2, spec.shape2)) if s not in SHAPES
+    ]
     problems += [
-        f"color{k} {c!r} is not one of {COLORS} or None" for k, c in ((1, spec.color1), (2, spec.color2))
+        f"color{k} {c!r} is not one of {COLORS} or None"
+        for k, c in ((1, spec.color1), (2, spec.color2))
         if c is not None and c not in COLORS
     ]
     if spec.relation not in PHRASINGS:
         problems.append(f"relation {spec.relation!r} is not one of {RELATIONS}")
     elif not 0 <= phrasing < len(PHRASINGS[spec.relation]):
-        problems.append(f"phrasing {phrasing} is out of range for {spec.relation!r} (0..{len(PHRASINGS[spec.relation]) - 1})")
+        problems.append(
+            f"phrasing {phrasing} is out of range for {spec.relation!r} (0..{len(PHRASINGS[spec.relation]) - 1})"
+        )
     if template not in TEMPLATES:
         problems.append(f"template {template!r} is not one of {tuple(TEMPLATES)}")
     if problems:
@@ -103,8 +116,11 @@ def _check_spec(spec: SceneSpec, phrasing: int, template: str) -> None:
 
 def _object(color: Optional[str], shape: str, which: int, determiner: bool) -> list[tuple[str, str]]:
     """(word, role) pairs of one object."""
-    return ([(_DETERMINER, "filler")] if determiner else []) + (
-        [(color, f"color{which}")] if color is not None else []) + [(shape, f"shape{which}")]
+    return (
+        ([(_DETERMINER, "filler")] if determiner else [])
+        + ([(color, f"color{which}")] if color is not None else [])
+        + [(shape, f"shape{which}")]
+    )
 
 
 def _words_and_roles(spec: SceneSpec, phrasing: int, template: str) -> list[tuple[str, str]]:
@@ -163,12 +179,14 @@ def _what_is_wrong(words: tuple[str, ...]) -> str:
 
 
 def parse(text: str) -> Parsed:
-    """Parse a caption (case and whitespace insensitive); raises ValueError on unknown words or ungrammatical captions."""
+    """Parse a caption (case and whitespace insensitive); ValueError on unknown words or ungrammatical captions."""
     words = words_of(text)
     index = _CAPTION_INDEX.get(" ".join(words))
     if index is None:
-        raise ValueError(f"Caption {text!r} does not fit the grammar (e.g. {_EXAMPLE}): {_what_is_wrong(words)}. "
-                         f"The grammar is {_GRAMMAR}; relation phrases: {sorted(p for ps in PHRASINGS.values() for p in ps)}")
+        raise ValueError(
+            f"Caption {text!r} does not fit the grammar (e.g. {_EXAMPLE}): {_what_is_wrong(words)}. "
+            f"The grammar is {_GRAMMAR}; relation phrases: {sorted(p for ps in PHRASINGS.values() for p in ps)}"
+        )
     return _PARSED[index]._replace(words=words)
 
 

@@ -6,6 +6,7 @@ centre of its bounding box [c - r, c + r]: a circle of radius r, a square of sid
 on top of object 1. sample_centers (the "balanced" task) rejects layouts whose overlap exceeds 5 % of the smaller
 object's area; the paper's task places both centres uniformly and lets objects overlap.
 """
+
 import numpy as np
 
 from relcirc_jax.data.spec import BACKGROUND_RGB, COLOR_RGB, COLORS, RELATIONS, SHAPES
@@ -38,8 +39,9 @@ def relation_index(centers: np.ndarray, *, size: int = 64) -> np.ndarray:
     t = direct_threshold(size)
     up, leftward = dy < 0, dx < 0
     diagonal = 4 + 2 * (~up) + (~leftward)  # upper_left, upper_right, lower_left, lower_right
-    return np.where(np.abs(dx) <= t, np.where(up, 0, 1),
-                    np.where(np.abs(dy) <= t, np.where(leftward, 2, 3), diagonal)).astype(np.int64)
+    return np.where(
+        np.abs(dx) <= t, np.where(up, 0, 1), np.where(np.abs(dy) <= t, np.where(leftward, 2, 3), diagonal)
+    ).astype(np.int64)
 
 
 def shape_area(shape_idx: np.ndarray, radius: float) -> np.ndarray:
@@ -82,8 +84,9 @@ def _check_objects(shape_idx, centers=None):
     if centers is not None:
         centers = np.asarray(centers, np.float32)
         if centers.shape != (shape_idx.shape[0], 2, 2) or not np.isfinite(centers).all():
-            raise ValueError(f"centers must be finite floats of shape {(shape_idx.shape[0], 2, 2)}, "
-                             f"got {centers.shape}")
+            raise ValueError(
+                f"centers must be finite floats of shape {(shape_idx.shape[0], 2, 2)}, got {centers.shape}"
+            )
     return shape_idx, centers
 
 
@@ -106,8 +109,14 @@ def overlap_fraction(shape_idx: np.ndarray, centers: np.ndarray, *, radius: floa
     return frac
 
 
-def sample_centers(rng: np.random.Generator, shape_idx: np.ndarray, *, size: int = 64, radius: float = 8,
-                   relation_idx: np.ndarray | None = None) -> np.ndarray:
+def sample_centers(
+    rng: np.random.Generator,
+    shape_idx: np.ndarray,
+    *,
+    size: int = 64,
+    radius: float = 8,
+    relation_idx: np.ndarray | None = None,
+) -> np.ndarray:
     """Centres uniform in [r+1, size-r-1]^2 per object, resampled until overlap <= 5 % (and the relation matches).
 
     Rejection sampling keeps the layout distribution uniform conditioned on the relation; it loops over rounds on the
@@ -118,7 +127,8 @@ def sample_centers(rng: np.random.Generator, shape_idx: np.ndarray, *, size: int
     if relation_idx is not None:
         relation_idx = np.asarray(relation_idx)
         if relation_idx.shape != (n,) or not 0 <= relation_idx.min(initial=0) <= relation_idx.max(initial=0) < len(
-                RELATIONS):
+            RELATIONS
+        ):
             raise ValueError(f"relation_idx must be ints in [0, {len(RELATIONS)}) of shape ({n},)")
     lo, hi = radius + 1, size - radius - 1
     if hi <= lo:
@@ -172,13 +182,17 @@ def object_masks(shape_idx: np.ndarray, centers: np.ndarray, *, size: int = 64, 
     return masks.reshape(shape_idx.shape[0], 2, size, size)
 
 
-def render(shape_idx: np.ndarray, color_idx: np.ndarray, centers: np.ndarray, *, size: int = 64,
-           radius: float = 8) -> np.ndarray:
+def render(
+    shape_idx: np.ndarray, color_idx: np.ndarray, centers: np.ndarray, *, size: int = 64, radius: float = 8
+) -> np.ndarray:
     """uint8[N, size, size, 3] scenes: gray canvas, object 1, then object 2 on top."""
     shape_idx, centers = _check_objects(shape_idx, centers)
     color_idx = np.asarray(color_idx)
-    if color_idx.shape != shape_idx.shape or not np.issubdtype(color_idx.dtype, np.integer) or (
-            color_idx.size and (color_idx.min() < 0 or color_idx.max() >= len(COLORS))):
+    if (
+        color_idx.shape != shape_idx.shape
+        or not np.issubdtype(color_idx.dtype, np.integer)
+        or (color_idx.size and (color_idx.min() < 0 or color_idx.max() >= len(COLORS)))
+    ):
         raise ValueError(f"color_idx must be integers in [0, {len(COLORS)}) of shape {shape_idx.shape}")
     n = shape_idx.shape[0]
     canvas = np.empty((n, size * size * 3), np.uint8)

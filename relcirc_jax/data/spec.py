@@ -1,4 +1,5 @@
 """The scene vocabulary shared by renderer, captions, evaluator and analyses: shapes, colours, relations, SceneSpec."""
+
 from typing import NamedTuple, Optional
 
 SHAPES = ("triangle", "circle", "square")

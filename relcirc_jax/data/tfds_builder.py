@@ -12,6 +12,7 @@ Importing this module registers the builder; nothing else in relcirc_jax imports
 Record k of a split is example k % 256 of dataset.train_batch(seed, k // 256, global_batch=256, ...) with the
 split's seed (train 0, validation 1), so the files hold exactly what the on-the-fly pipeline produces, in order.
 """
+
 import dataclasses
 import io
 
@@ -55,25 +56,31 @@ class RelcircShapes(tfds.core.GeneratorBasedBuilder):
     """Two coloured shapes on a gray canvas in one of 8 spatial relations, with a caption from the scene grammar."""
 
     VERSION = tfds.core.Version("2.0.0")
-    RELEASE_NOTES = {"1.0.0": f"First release (VOCAB_VERSION {prompts.VOCAB_VERSION}).",
-                     "2.0.0": "The paper's task by default (dataset.TASKS); relation threshold 5 px at 128 px."}
+    RELEASE_NOTES = {
+        "1.0.0": f"First release (VOCAB_VERSION {prompts.VOCAB_VERSION}).",
+        "2.0.0": "The paper's task by default (dataset.TASKS); relation threshold 5 px at 128 px.",
+    }
     BUILDER_CONFIGS = [
-        RelcircShapesConfig(name="64px", description="64x64 images, radius 8 (the paper's main setting)", size=64, radius=8),
+        RelcircShapesConfig(
+            name="64px", description="64x64 images, radius 8 (the paper's main setting)", size=64, radius=8
+        ),
         RelcircShapesConfig(name="128px", description="128x128 images, radius 16", size=128, radius=16),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = self.builder_config.size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(size, size, 3)),
-                "caption": tfds.features.Text(),
-                "caption_index": np.int32,
-                "relation": tfds.features.ClassLabel(names=RELATIONS),
-                "shape_idx": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                "color_idx": tfds.features.Tensor(shape=(2,), dtype=np.int32),
-                "centers": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(size, size, 3)),
+                    "caption": tfds.features.Text(),
+                    "caption_index": np.int32,
+                    "relation": tfds.features.ClassLabel(names=RELATIONS),
+                    "shape_idx": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "color_idx": tfds.features.Tensor(shape=(2,), dtype=np.int32),
+                    "centers": tfds.features.Tensor(shape=(2, 2), dtype=np.float32),
+                }
+            ),
             supervised_keys=("caption", "image"),
             disable_shuffling=True,  # files keep the pipeline's order
         )
@@ -89,17 +96,25 @@ class RelcircShapes(tfds.core.GeneratorBasedBuilder):
         captions = prompts.all_captions()
         for step in range(-(-num_examples // _GENERATION_BATCH)):
             batch = dataset.train_batch(
-                seed, step, global_batch=_GENERATION_BATCH, size=config.size, radius=config.radius,
-                task=config.task, caption_mix=config.caption_mix,
+                seed,
+                step,
+                global_batch=_GENERATION_BATCH,
+                size=config.size,
+                radius=config.radius,
+                task=config.task,
+                caption_mix=config.caption_mix,
             )
             images = np.rint((batch["image"] + 1.0) * 127.5).astype(np.uint8)
             for i in range(min(_GENERATION_BATCH, num_examples - step * _GENERATION_BATCH)):
-                yield step * _GENERATION_BATCH + i, {
-                    "image": _png(images[i]),
-                    "caption": captions[batch["caption_index"][i]],
-                    "caption_index": batch["caption_index"][i],
-                    "relation": batch["relation"][i],
-                    "shape_idx": batch["shape_idx"][i],
-                    "color_idx": batch["color_idx"][i],
-                    "centers": batch["centers"][i],
-                }
+                yield (
+                    step * _GENERATION_BATCH + i,
+                    {
+                        "image": _png(images[i]),
+                        "caption": captions[batch["caption_index"][i]],
+                        "caption_index": batch["caption_index"][i],
+                        "relation": batch["relation"][i],
+                        "shape_idx": batch["shape_idx"][i],
+                        "color_idx": batch["color_idx"][i],
+                        "centers": batch["centers"][i],
+                    },
+                )

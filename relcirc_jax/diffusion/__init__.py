@@ -1,7 +1,8 @@
 """relcirc_jax.diffusion: the DDPM schedule, the training loss, ODE samplers and classifier-free guidance."""
+
 from relcirc_jax.diffusion.guidance import cfg_eps_fn
-from relcirc_jax.diffusion.parameterization import PREDICTIONS, eps_fn_from
 from relcirc_jax.diffusion.losses import diffusion_loss, eps_prediction_loss, q_sample, sample_timesteps
+from relcirc_jax.diffusion.parameterization import PREDICTIONS, eps_fn_from
 from relcirc_jax.diffusion.samplers import SOLVERS, sample, sample_trajectory
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 

@@ -4,6 +4,7 @@ eps = uncond + scale * (cond - uncond). With a learned-sigma model (2C output ch
 channels (eps) are guided and the conditional half's variance channels are passed through, as PixArt does;
 the samplers read only the first C.
 """
+
 from typing import Callable
 
 import jax

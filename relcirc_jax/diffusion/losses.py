@@ -5,6 +5,7 @@ eps and an interpolation value v in [-1, 1] between log(beta_t) and the clipped 
 "learned_range", which PixArt uses). As in IDDPM, the VLB term sees a stop-gradient copy of eps, so it trains
 only the variance and the MSE alone trains the mean. Images are channel-last in [-1, 1].
 """
+
 from typing import Callable
 
 import jax
@@ -22,8 +23,9 @@ def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
     return table[t].reshape(t.shape + (1,) * (like.ndim - t.ndim))
 
 
-def sample_timesteps(key: jax.Array, batch: int, num_timesteps: int = 1000,
-                     logit_normal: tuple[float, float] | None = None) -> jax.Array:
+def sample_timesteps(
+    key: jax.Array, batch: int, num_timesteps: int = 1000, logit_normal: tuple[float, float] | None = None
+) -> jax.Array:
     """Integer timesteps in [0, num_timesteps), int32 [batch]: uniform, or with `logit_normal=(mean, std)`
     t = floor(num_timesteps * sigmoid(N(mean, std))) (SD3's logit-normal, over t / num_timesteps)."""
     if logit_normal is None:
@@ -91,8 +93,14 @@ def vlb_term(
 
 
 def diffusion_loss(
-    eps_fn: EpsFn, x0: jax.Array, key: jax.Array, *, learn_sigma: bool = False, schedule: Schedule | None = None,
-    prediction: str = "eps", timestep_logit_normal: tuple[float, float] | None = None,
+    eps_fn: EpsFn,
+    x0: jax.Array,
+    key: jax.Array,
+    *,
+    learn_sigma: bool = False,
+    schedule: Schedule | None = None,
+    prediction: str = "eps",
+    timestep_logit_normal: tuple[float, float] | None = None,
 ) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for a batch x0 [B, ...]; eps_fn(x_t, t) gets t as float32 integer values [B].
 

@@ -10,6 +10,7 @@ Models Denoise"); eps- and v-networks of that shape draw patch-sized noise textu
 (x_t = sqrt(abar) x0 + sqrt(1-abar) eps):
   eps = sqrt(abar) v + sqrt(1-abar) x_t;   eps = (x_t - sqrt(abar) x0) / sqrt(1-abar).
 """
+
 from typing import Callable
 
 import jax
@@ -27,8 +28,9 @@ def check_prediction(prediction: str) -> None:
 
 def alphas_cumprod_at(t: jax.Array) -> jax.Array:
     """abar at (possibly fractional) timesteps, interpolating the noise level sigma linearly in t like diffusers."""
-    sigma = jnp.interp(t.astype(jnp.float32), jnp.arange(NUM_TRAIN_TIMESTEPS, dtype=jnp.float32),
-                       jnp.asarray(ve_sigmas(), jnp.float32))
+    sigma = jnp.interp(
+        t.astype(jnp.float32), jnp.arange(NUM_TRAIN_TIMESTEPS, dtype=jnp.float32), jnp.asarray(ve_sigmas(), jnp.float32)
+    )
     return 1.0 / (1.0 + sigma**2)
 
 

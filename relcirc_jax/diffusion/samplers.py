@@ -25,6 +25,7 @@ computes it in float32. With float32 sampling maths both ways, tests/test_sample
 intermediate sample within ~1.5e-6 (relative to the largest value) of stock diffusers for 14 and 50 steps; only
 a 1-step DDIM/Euler run (which evaluates t = 0 alone, where float32 1 - abar keeps ~4 digits) differs by ~1e-4.
 """
+
 from typing import Callable, NamedTuple
 
 import jax

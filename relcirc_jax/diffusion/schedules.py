@@ -5,6 +5,7 @@ Conventions (VP diffusion): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with
   alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t),
 and the variance-exploding noise level that diffusers' schedulers call "sigma" is sqrt((1 - abar_t) / abar_t).
 """
+
 from typing import NamedTuple
 
 import jax

@@ -9,6 +9,7 @@ annotate(images, detections, verdicts) -> uint8 images, one per input, for eyeba
   C colour, S shape, B unique binding, R strict relation, L loose relation, then a tick / cross for overall.
 Pure numpy and PIL (its built-in bitmap font, drawn small and enlarged, so nothing is downloaded).
 """
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -16,8 +17,13 @@ from relcirc_jax.data.spec import COLORS, SHAPES
 from relcirc_jax.evaluation.detector import Detections, check_images
 
 # Banner tags: (letter, key of the verdicts dict, as score_specs / score_detections return them).
-VERDICT_TAGS = (("C", "color"), ("S", "shape"), ("B", "unique_binding"), ("R", "spatial_relationship"),
-                ("L", "spatial_relationship_loose"))
+VERDICT_TAGS = (
+    ("C", "color"),
+    ("S", "shape"),
+    ("B", "unique_binding"),
+    ("R", "spatial_relationship"),
+    ("L", "spatial_relationship_loose"),
+)
 OVERALL = "overall"
 PASS_RGB, FAIL_RGB, MISSING_RGB = (0, 150, 0), (200, 0, 0), (70, 70, 70)
 BANNER_RGB = (0, 0, 0)
@@ -37,8 +43,9 @@ def banner_height(scale: int) -> int:
     return _BANNER_AT_ZOOM_1 * zoom_for(scale)
 
 
-def annotate(images_uint8: np.ndarray, det: Detections, verdicts: dict, *, scale: int = 4,
-             radius: float | None = None) -> np.ndarray:
+def annotate(
+    images_uint8: np.ndarray, det: Detections, verdicts: dict, *, scale: int = 4, radius: float | None = None
+) -> np.ndarray:
     """uint8[N, S * scale + banner_height(scale), S * scale, 3]: the annotated images (see the module docstring).
 
     det: detections over this batch (det.image indexes it); verdicts: bool[N] per name in VERDICT_TAGS and OVERALL
@@ -57,8 +64,8 @@ def annotate(images_uint8: np.ndarray, det: Detections, verdicts: dict, *, scale
     big = images.repeat(scale, axis=1).repeat(scale, axis=2)
     out = np.empty((n, size * scale + banner_height(scale), size * scale, 3), np.uint8)
     for i in range(n):
-        out[i, :size * scale] = _draw_objects(big[i], det, i, scale, radius, zoom)
-        out[i, size * scale:] = _banner({key: value[i] for key, value in shown.items()}, size * scale, zoom)
+        out[i, : size * scale] = _draw_objects(big[i], det, i, scale, radius, zoom)
+        out[i, size * scale :] = _banner({key: value[i] for key, value in shown.items()}, size * scale, zoom)
     return out
 
 
@@ -128,7 +135,7 @@ def _tag(text: str, fg: tuple, bg: tuple, zoom: int, pad: int = 1) -> np.ndarray
     ImageDraw.Draw(mask).text((2, 0), text, font=_font(), fill=255)
     ink = np.asarray(mask) > 127
     rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    ink = np.pad(ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1], pad)
+    ink = np.pad(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], pad)
     tag = np.where(ink[..., None], np.array(fg, np.uint8), np.array(bg, np.uint8))
     return tag.repeat(zoom, axis=0).repeat(zoom, axis=1)
 
@@ -137,4 +144,4 @@ def _paste(target: np.ndarray, patch: np.ndarray, top: int, left: int) -> None:
     """target[top:, left:] = patch, shifted to lie inside target (in place)."""
     top = min(max(top, 0), target.shape[0] - patch.shape[0])
     left = min(max(left, 0), target.shape[1] - patch.shape[1])
-    target[top:top + patch.shape[0], left:left + patch.shape[1]] = patch
+    target[top : top + patch.shape[0], left : left + patch.shape[1]] = patch

@@ -3,6 +3,7 @@
 Blur (Gaussian, sigma = size / 64 px), a +-20 % per-image, per-channel colour cast, additive Gaussian noise
 (sigma 0.05 on the [0, 1] scale) and JPEG-like speckles: small random-coloured 1-3 px square blocks.
 """
+
 import numpy as np
 from scipy import ndimage
 
@@ -31,14 +32,14 @@ def degrade(images_uint8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _add_speckles(images: np.ndarray, rng: np.random.Generator) -> None:
     """Paint square blocks of side 1..3 px in uniform random colours, in place."""
     n, h, w, _ = images.shape
-    per_image = max(1, round(SPECKLES_PER_64PX_IMAGE * h * w / 64 ** 2))
+    per_image = max(1, round(SPECKLES_PER_64PX_IMAGE * h * w / 64**2))
     count = n * per_image
     image = np.repeat(np.arange(n), per_image)
     side = rng.integers(1, MAX_SPECKLE_PX + 1, size=count)
     top = rng.integers(0, h - MAX_SPECKLE_PX + 1, size=count)
     left = rng.integers(0, w - MAX_SPECKLE_PX + 1, size=count)
     color = rng.integers(0, 256, size=(count, 3), dtype=np.uint8)
-    dy, dx = np.divmod(np.arange(MAX_SPECKLE_PX ** 2), MAX_SPECKLE_PX)
+    dy, dx = np.divmod(np.arange(MAX_SPECKLE_PX**2), MAX_SPECKLE_PX)
     inside = (dy[None] < side[:, None]) & (dx[None] < side[:, None])  # [count, 9]
     which, cell = np.nonzero(inside)
     images[image[which], top[which] + dy[cell], left[which] + dx[cell]] = color[which]

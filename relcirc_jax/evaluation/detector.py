@@ -21,6 +21,7 @@ and run on a thread per core):
    blob's own mask area A (unlike the mass, the area does not shrink when noise, clipping or a paler colour lower
    the coverage; measured bias of the triangle centre within 0.08 px, clean or degraded, at 64 and 128 px).
 """
+
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -44,8 +45,10 @@ _TRIANGLE = SHAPES.index("triangle")
 _PROTOTYPES = np.array([{"triangle": (-0.52, 0.8), "circle": (0.0, 0.675), "square": (0.0, 0.99)}[s] for s in SHAPES])
 _FEATURE_SCALE = np.array([0.25, 0.15])
 _CHUNK = 256
-_EMPTY = {key: np.zeros(0, np.int64 if key in ("image", "color") else np.float64)
-          for key in ("image", "color", "area", "width", "height", "mass", "x", "y", "skew", "cornerness")}
+_EMPTY = {
+    key: np.zeros(0, np.int64 if key in ("image", "color") else np.float64)
+    for key in ("image", "color", "area", "width", "height", "mass", "x", "y", "skew", "cornerness")
+}
 
 
 class Detections(NamedTuple):
@@ -63,8 +66,10 @@ def check_images(images_uint8: np.ndarray) -> np.ndarray:
     """Validate a batch of square RGB uint8 images; returns it as an ndarray."""
     images = np.asarray(images_uint8)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError("images must be square RGB uint8 of shape [N, size, size, 3], got "
-                         f"{images.dtype}{list(images.shape)}; convert floats with (x * 255).round().astype(np.uint8)")
+        raise ValueError(
+            "images must be square RGB uint8 of shape [N, size, size, 3], got "
+            f"{images.dtype}{list(images.shape)}; convert floats with (x * 255).round().astype(np.uint8)"
+        )
     return images
 
 
@@ -99,7 +104,7 @@ def detect(images_uint8: np.ndarray, *, radius: float | None = None) -> Detectio
 
     def chunk_blobs(start):
         found = []
-        for color, cover in enumerate(color_coverage(images[start:start + _CHUNK])):
+        for color, cover in enumerate(color_coverage(images[start : start + _CHUNK])):
             blobs = _color_blobs(cover, radius, ring, max_extent)
             blobs["image"] += start
             blobs["color"] = np.full(len(blobs["mass"]), color)
@@ -121,13 +126,16 @@ def detect(images_uint8: np.ndarray, *, radius: float | None = None) -> Detectio
 def _color_blobs(cover: np.ndarray, radius: float, ring: int, max_extent: float) -> dict:
     """Objects of one colour, coverage [N, H, W]: label the mask, split merged pairs, drop speckles, then measure
     hard area and bounding box on the mask and coverage-weighted moments on the mask grown by `ring` px."""
-    min_area = MIN_AREA_PER_R2 * radius ** 2
+    min_area = MIN_AREA_PER_R2 * radius**2
     labels, count = ndimage.label(_fill_small_holes(cover > MASK_THRESHOLD, min_area), structure=_IN_PLANE_CROSS)
     hard = _mask_stats(labels, count)
     extent = np.maximum(hard["width"], hard["height"])
     for index in np.flatnonzero((hard["area"] >= min_area) & (extent > max_extent)):
-        crop = labels[hard["image"][index], hard["top"][index]:hard["top"][index] + hard["height"][index],
-                      hard["left"][index]:hard["left"][index] + hard["width"][index]]
+        crop = labels[
+            hard["image"][index],
+            hard["top"][index] : hard["top"][index] + hard["height"][index],
+            hard["left"][index] : hard["left"][index] + hard["width"][index],
+        ]
         count = _split_blob(crop, index + 1, count + 1, radius)
     if count > len(hard["area"]):
         hard = _mask_stats(labels, count)
@@ -166,8 +174,14 @@ def _mask_stats(labels: np.ndarray, count: int) -> dict:
     bottom, right = extreme(np.maximum, row, -1), extreme(np.maximum, col, -1)
     owner = np.zeros(count, np.int64)
     owner[label] = image
-    return {"image": owner, "area": np.bincount(label, minlength=count), "top": top, "left": left,
-            "height": bottom - top + 1, "width": right - left + 1}
+    return {
+        "image": owner,
+        "area": np.bincount(label, minlength=count),
+        "top": top,
+        "left": left,
+        "height": bottom - top + 1,
+        "width": right - left + 1,
+    }
 
 
 def _grow(labels: np.ndarray, ring: int) -> np.ndarray:
@@ -201,7 +215,7 @@ def _soft_stats(labels: np.ndarray, grown: np.ndarray, cover: np.ndarray, count:
     u, v = col + 0.5 - x[label], row + 0.5 - y[label]
     uu, vv = u * u, v * v
     u2, v2 = np.maximum(mean(uu), 1e-9), np.maximum(mean(vv), 1e-9)
-    return {"mass": mass, "x": x, "y": y, "skew": mean(vv * v) / v2 ** 1.5, "cornerness": mean(uu * vv) / (u2 * v2)}
+    return {"mass": mass, "x": x, "y": y, "skew": mean(vv * v) / v2**1.5, "cornerness": mean(uu * vv) / (u2 * v2)}
 
 
 def _split_blob(crop_labels: np.ndarray, label: int, new_label: int, radius: float) -> int:

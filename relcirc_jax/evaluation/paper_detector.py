@@ -30,6 +30,7 @@ Known blind spots (kept on purpose: this is the paper's detector):
   it is reported as is, as in the paper;
 - the area is cv2.contourArea (polygon through boundary pixel centres), smaller than the pixel count.
 """
+
 import cv2
 import numpy as np
 
@@ -55,28 +56,44 @@ def detect(images_uint8: np.ndarray) -> Detections:
     images = check_images(images_uint8)
     size = images.shape[1]
     scale = size / PAPER_SIZE
-    min_area = MIN_AREA_AT_128 * scale ** 2
+    min_area = MIN_AREA_AT_128 * scale**2
     square_tolerance = SQUARE_TOLERANCE_AT_128 * scale
     masks = (images > CHANNEL_THRESHOLD).view(np.uint8)  # 0/1, all images and channels at once
     rows = []  # (image, color, shape, x, y, area)
     for index, image in enumerate(images):
         for channel in range(3):
-            contours, _ = cv2.findContours(np.ascontiguousarray(masks[index, :, :, channel]), cv2.RETR_EXTERNAL,
-                                           cv2.CHAIN_APPROX_SIMPLE)
+            contours, _ = cv2.findContours(
+                np.ascontiguousarray(masks[index, :, :, channel]), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            )
             for contour in contours:
                 area = cv2.contourArea(contour)
                 if area < min_area:
                     continue
                 x, y, w, h = cv2.boundingRect(contour)
                 vertices = len(cv2.approxPolyDP(contour, APPROX_EPSILON * cv2.arcLength(contour, True), True))
-                rows.append((index, _color(image, contour, x, y, w, h), _shape(vertices, w, h, square_tolerance),
-                             x + w // 2, y + h // 2, area))
+                rows.append(
+                    (
+                        index,
+                        _color(image, contour, x, y, w, h),
+                        _shape(vertices, w, h, square_tolerance),
+                        x + w // 2,
+                        y + h // 2,
+                        area,
+                    )
+                )
     if not rows:
-        return Detections(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0),
-                          np.zeros(0), np.zeros(0))
+        return Detections(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        )
     image, color, shape, x, y, area = (np.array(column) for column in zip(*rows))
-    return Detections(image.astype(np.int64), color.astype(np.int64), shape.astype(np.int64),
-                      x.astype(np.float64), y.astype(np.float64), area.astype(np.float64))
+    return Detections(
+        image.astype(np.int64),
+        color.astype(np.int64),
+        shape.astype(np.int64),
+        x.astype(np.float64),
+        y.astype(np.float64),
+        area.astype(np.float64),
+    )
 
 
 def _shape(vertices: int, w: int, h: int, square_tolerance: float) -> int:
@@ -92,7 +109,7 @@ def _color(image: np.ndarray, contour: np.ndarray, x: int, y: int, w: int, h: in
     """COLORS index of the mean RGB inside the filled contour (drawn on its bounding-rect crop), or -1."""
     inside = np.zeros((h, w), np.uint8)
     cv2.drawContours(inside, [contour], -1, 1, thickness=cv2.FILLED, offset=(-x, -y))
-    r, g, b = image[y:y + h, x:x + w][inside.view(bool)].mean(axis=0)
+    r, g, b = image[y : y + h, x : x + w][inside.view(bool)].mean(axis=0)
     if r > COLOR_HIGH and g < COLOR_LOW and b < COLOR_LOW:
         return _RED
     if b > COLOR_HIGH and r < COLOR_LOW and g < COLOR_LOW:

@@ -13,22 +13,48 @@ The paper's table reports the loose relation in its "Spatial Relation" column (m
 When both objects can match the same description ("circle above red circle"), the more specific one is bound first;
 when they are described identically ("red circle above red circle"), either order may satisfy the relation.
 """
+
 import numpy as np
 
 from relcirc_jax.data.scenes import direct_threshold, relation_index
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 from relcirc_jax.evaluation.detector import Detections, check_images, detect
 
-METRICS = ("color", "shape", "exist_binding", "unique_binding", "spatial_relationship",
-           "spatial_relationship_loose", "overall", "overall_loose", "spatial_relationship_ungated")
+METRICS = (
+    "color",
+    "shape",
+    "exist_binding",
+    "unique_binding",
+    "spatial_relationship",
+    "spatial_relationship_loose",
+    "overall",
+    "overall_loose",
+    "spatial_relationship_ungated",
+)
 # The columns of the paper's main table (DESIGN §1 headline numbers) and the metric each corresponds to here.
-PAPER_COLUMNS = {"Color": "color", "Shape": "shape", "Unique Binding": "unique_binding",
-                 "Spatial Relation": "spatial_relationship_loose"}
+PAPER_COLUMNS = {
+    "Color": "color",
+    "Shape": "shape",
+    "Unique Binding": "unique_binding",
+    "Spatial Relation": "spatial_relationship_loose",
+}
 MAX_OBJECTS_PER_IMAGE = 8  # the largest ones; more means the image is garbage anyway
 # Sign of (dx, dy) each relation asks for in the loose test; 0 = unconstrained.
-_LOOSE_SIGNS = np.array([{"above": (0, -1), "below": (0, 1), "left": (-1, 0), "right": (1, 0),
-                          "upper_left": (-1, -1), "upper_right": (1, -1), "lower_left": (-1, 1),
-                          "lower_right": (1, 1)}[r] for r in RELATIONS])
+_LOOSE_SIGNS = np.array(
+    [
+        {
+            "above": (0, -1),
+            "below": (0, 1),
+            "left": (-1, 0),
+            "right": (1, 0),
+            "upper_left": (-1, -1),
+            "upper_right": (1, -1),
+            "lower_left": (-1, 1),
+            "lower_right": (1, 1),
+        }[r]
+        for r in RELATIONS
+    ]
+)
 
 
 DETECTORS = ("relcirc", "paper")
@@ -46,16 +72,18 @@ def detect_with(detector: str, images_uint8: np.ndarray, *, radius: float | None
     raise ValueError(f"Unknown detector {detector!r}; choose one of {DETECTORS}")
 
 
-def score(images_uint8: np.ndarray, captions: list[str], *, radius: float | None = None,
-          detector: str = "relcirc") -> dict[str, np.ndarray]:
+def score(
+    images_uint8: np.ndarray, captions: list[str], *, radius: float | None = None, detector: str = "relcirc"
+) -> dict[str, np.ndarray]:
     """score_specs on the scenes the captions describe (parsed with relcirc_jax.data.prompts.parse)."""
     from relcirc_jax.data.prompts import parse  # the caption grammar is optional for spec-level scoring
 
     return score_specs(images_uint8, [parse(c).spec for c in captions], radius=radius, detector=detector)
 
 
-def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *, radius: float | None = None,
-                detector: str = "relcirc") -> dict[str, np.ndarray]:
+def score_specs(
+    images_uint8: np.ndarray, specs: list[SceneSpec], *, radius: float | None = None, detector: str = "relcirc"
+) -> dict[str, np.ndarray]:
     """Metrics per image: bool[N] for each name in METRICS, and centers float[N, 4] = (x1, y1, x2, y2) of the
     bound objects (NaN where an object was not found)."""
     images = check_images(images_uint8)
@@ -66,6 +94,7 @@ def score_specs(images_uint8: np.ndarray, specs: list[SceneSpec], *, radius: flo
 
 def encode_specs(specs: list[SceneSpec]) -> dict[str, np.ndarray]:
     """SceneSpecs -> index arrays (colour -1 for None); raises on unknown names."""
+
     def index(names, value, what):
         if value is None and what == "color":
             return -1
@@ -74,8 +103,10 @@ def encode_specs(specs: list[SceneSpec]) -> dict[str, np.ndarray]:
         return names.index(value)
 
     fields = {"shape1": SHAPES, "color1": COLORS, "relation": RELATIONS, "shape2": SHAPES, "color2": COLORS}
-    return {field: np.array([index(names, getattr(SceneSpec(*s), field), field.rstrip("12")) for s in specs], np.int64)
-            for field, names in fields.items()}
+    return {
+        field: np.array([index(names, getattr(SceneSpec(*s), field), field.rstrip("12")) for s in specs], np.int64)
+        for field, names in fields.items()
+    }
 
 
 def _objects_per_image(det: Detections, n: int) -> dict[str, np.ndarray]:
@@ -133,8 +164,10 @@ def score_detections(det: Detections, wanted: dict[str, np.ndarray], *, size: in
     xy = np.nan_to_num(centers).reshape(n, 2, 2)
     relation = wanted["relation"]
     same_description = (s1 == s2) & (c1 == c2)
-    ungated = found & ((relation_index(xy, size=size) == relation)
-                       | (same_description & (relation_index(xy[:, ::-1], size=size) == relation)))
+    ungated = found & (
+        (relation_index(xy, size=size) == relation)
+        | (same_description & (relation_index(xy[:, ::-1], size=size) == relation))
+    )
     signs, margin = _LOOSE_SIGNS[relation], direct_threshold(size)
 
     def loose_holds(delta):
@@ -146,6 +179,15 @@ def score_detections(det: Detections, wanted: dict[str, np.ndarray], *, size: in
     color = ((c1 < 0) | has("color", c1)) & ((c2 < 0) | has("color", c2))
     shape = has("shape", s1) & has("shape", s2)
     parts = color & shape & unique
-    return {"color": color, "shape": shape, "exist_binding": exist, "unique_binding": unique,
-            "spatial_relationship": spatial, "spatial_relationship_loose": loose, "overall": parts & spatial,
-            "overall_loose": parts & loose, "spatial_relationship_ungated": ungated, "centers": centers}
+    return {
+        "color": color,
+        "shape": shape,
+        "exist_binding": exist,
+        "unique_binding": unique,
+        "spatial_relationship": spatial,
+        "spatial_relationship_loose": loose,
+        "overall": parts & spatial,
+        "overall_loose": parts & loose,
+        "spatial_relationship_ungated": ungated,
+        "centers": centers,
+    }

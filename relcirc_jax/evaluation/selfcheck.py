@@ -1,6 +1,7 @@
 """Measure the evaluator on fresh renders: accuracy on true captions (clean and degraded) and false acceptance of
 deliberately wrong ones. Used by tests (small seeded samples) and benchmarks/bench_eval.py (the reported figures).
 """
+
 import numpy as np
 
 from relcirc_jax.data import scenes
@@ -9,8 +10,16 @@ from relcirc_jax.evaluation.degrade import degrade
 from relcirc_jax.evaluation.scoring import score_specs
 
 WRONG_KINDS = ("relation", "colors", "shape")
-CONVERSE = {"above": "below", "below": "above", "left": "right", "right": "left", "upper_left": "lower_right",
-            "lower_right": "upper_left", "upper_right": "lower_left", "lower_left": "upper_right"}
+CONVERSE = {
+    "above": "below",
+    "below": "above",
+    "left": "right",
+    "right": "left",
+    "upper_left": "lower_right",
+    "lower_right": "upper_left",
+    "upper_right": "lower_left",
+    "lower_left": "upper_right",
+}
 
 
 def random_scenes(rng: np.random.Generator, n: int, *, size: int = 64, radius: float = 8):
@@ -19,8 +28,10 @@ def random_scenes(rng: np.random.Generator, n: int, *, size: int = 64, radius: f
     color_idx = rng.integers(0, len(COLORS), (n, 2))
     centers = scenes.sample_centers(rng, shape_idx, size=size, radius=radius)
     relation = scenes.relation_index(centers, size=size)
-    specs = [SceneSpec(SHAPES[s1], COLORS[c1], RELATIONS[r], SHAPES[s2], COLORS[c2])
-             for (s1, s2), (c1, c2), r in zip(shape_idx, color_idx, relation)]
+    specs = [
+        SceneSpec(SHAPES[s1], COLORS[c1], RELATIONS[r], SHAPES[s2], COLORS[c2])
+        for (s1, s2), (c1, c2), r in zip(shape_idx, color_idx, relation)
+    ]
     return scenes.render(shape_idx, color_idx, centers, size=size, radius=radius), specs
 
 
@@ -51,8 +62,10 @@ def accuracy_report(n: int, *, size: int = 64, radius: float | None = None, seed
     radius = size * 8 / 64 if radius is None else radius
     rng = np.random.default_rng(seed)
     images, specs = random_scenes(rng, n, size=size, radius=radius)
-    report = {"clean_overall_pct": score_specs(images, specs, radius=radius)["overall"].mean() * 100,
-              "degraded_overall_pct": score_specs(degrade(images, rng), specs, radius=radius)["overall"].mean() * 100}
+    report = {
+        "clean_overall_pct": score_specs(images, specs, radius=radius)["overall"].mean() * 100,
+        "degraded_overall_pct": score_specs(degrade(images, rng), specs, radius=radius)["overall"].mean() * 100,
+    }
     for kind in WRONG_KINDS:
         wrong = [wrong_spec(rng, s, kind) for s in specs]
         report[f"wrong_{kind}_accepted_pct"] = score_specs(images, wrong, radius=radius)["overall"].mean() * 100

@@ -4,6 +4,7 @@ Parameter names follow diffusers' `Attention` (to_q, to_k, to_v, to_out_0) so ch
 Capture points (`hook_q`, `hook_k`, `hook_v`, `hook_pattern`, `hook_z`) are sown into the "intermediates"
 collection under their full hook name, and only when that name is in `capture` (decided at trace time).
 """
+
 from typing import Any
 
 import flax.linen as nn
@@ -17,8 +18,13 @@ def partitioned(init, axes: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, axes)
 
 
-def logical_dense(features: int, axes: tuple[str | None, str | None], dtype: Any, name: str,
-                  kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
+def logical_dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    dtype: Any,
+    name: str,
+    kernel_init=nn.initializers.xavier_uniform(),
+) -> nn.Dense:
     """A Dense layer (float32 params, `dtype` compute) with logical axes on kernel and bias.
 
     The default kernel init is xavier-uniform, as PixArt initialises its linear layers.

@@ -11,6 +11,7 @@ leaf "weight" -> "kernel". Examples:
 The PixArt null caption `y_embedding` [max_text_len, caption_channels] has no diffusers counterpart: it is read
 when the state dict has it and otherwise left at its initial value.
 """
+
 import json
 import math
 import os
@@ -32,14 +33,32 @@ WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
 
 # PixArtTransformer2DModel.__init__ defaults, for config.json files that omit a key.
 _DIFFUSERS_DEFAULTS = dict(
-    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-    cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2, activation_fn="gelu-approximate",
-    norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=None,
-    use_additional_conditions=None, caption_channels=None, attention_type="default",
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    cross_attention_dim=1152,
+    attention_bias=True,
+    sample_size=128,
+    patch_size=2,
+    activation_fn="gelu-approximate",
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=None,
+    use_additional_conditions=None,
+    caption_channels=None,
+    attention_type="default",
 )
 # Settings our DiT implements; anything else in a checkpoint's config is refused.
-_REQUIRED = dict(activation_fn="gelu-approximate", norm_type="ada_norm_single", norm_elementwise_affine=False,
-                 attention_bias=True, attention_type="default")
+_REQUIRED = dict(
+    activation_fn="gelu-approximate",
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    attention_bias=True,
+    attention_type="default",
+)
 
 
 def diffusers_to_flax_path(name: str) -> tuple[str, ...]:
@@ -102,19 +121,24 @@ def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax
     if missing or unexpected:
         raise ValueError(
             f"State dict does not fit {config}: missing keys {missing}; unexpected keys {unexpected}. "
-            "Check that the checkpoint is a PixArtTransformer2DModel with these sizes (no size/aspect conditions).")
+            "Check that the checkpoint is a PixArtTransformer2DModel with these sizes (no size/aspect conditions)."
+        )
     flat = {}
     for name, path in expected.items():
         array = _torch_to_flax_layout(_to_numpy(state_dict[name]), path)
         if array.shape != shapes[path]:
-            raise ValueError(f"Parameter {name!r} has shape {array.shape} after conversion; the config needs "
-                             f"{shapes[path]}. The checkpoint and the config disagree on sizes.")
+            raise ValueError(
+                f"Parameter {name!r} has shape {array.shape} after conversion; the config needs "
+                f"{shapes[path]}. The checkpoint and the config disagree on sizes."
+            )
         flat[path] = array
     if NULL_CAPTION in state_dict:
         flat[(NULL_CAPTION,)] = _to_numpy(state_dict[NULL_CAPTION])
         if flat[(NULL_CAPTION,)].shape != shapes[(NULL_CAPTION,)]:
-            raise ValueError(f"y_embedding has shape {flat[(NULL_CAPTION,)].shape}; config needs "
-                             f"{shapes[(NULL_CAPTION,)]} (max_text_len, caption_channels).")
+            raise ValueError(
+                f"y_embedding has shape {flat[(NULL_CAPTION,)].shape}; config needs "
+                f"{shapes[(NULL_CAPTION,)]} (max_text_len, caption_channels)."
+            )
     else:
         key = jax.random.key(0) if rng is None else rng
         flat[(NULL_CAPTION,)] = np.asarray(scaled_normal(1)(key, shapes[(NULL_CAPTION,)]))
@@ -124,8 +148,11 @@ def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax
 def flax_to_diffusers(params: Mapping, include_null_caption: bool = False) -> dict[str, np.ndarray]:
     """Flax params -> diffusers state dict (numpy, torch layouts); the null caption only when asked for."""
     flat = traverse_util.flatten_dict(dict(params))
-    return {flax_path_to_diffusers(path): _flax_to_torch_layout(np.asarray(value, np.float32), path)
-            for path, value in flat.items() if include_null_caption or path != (NULL_CAPTION,)}
+    return {
+        flax_path_to_diffusers(path): _flax_to_torch_layout(np.asarray(value, np.float32), path)
+        for path, value in flat.items()
+        if include_null_caption or path != (NULL_CAPTION,)
+    }
 
 
 def dit_config_from_diffusers(diffusers_config: Mapping[str, Any], **overrides) -> DiTConfig:
@@ -145,17 +172,26 @@ def dit_config_from_diffusers(diffusers_config: Mapping[str, Any], **overrides) 
         problems.append(f"norm_eps={cfg['norm_eps']} (need 1e-6)")
     if cfg["use_additional_conditions"] or (cfg["use_additional_conditions"] is None and cfg["sample_size"] == 128):
         problems.append("use_additional_conditions is on (resolution/aspect conditions are not implemented)")
-    fields = dict(image_size=cfg["sample_size"], patch_size=cfg["patch_size"], in_channels=in_channels,
-                  hidden_size=hidden, depth=cfg["num_layers"], num_heads=cfg["num_attention_heads"],
-                  caption_channels=cfg["caption_channels"] or 0, learn_sigma=out_channels != in_channels)
+    fields = dict(
+        image_size=cfg["sample_size"],
+        patch_size=cfg["patch_size"],
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=cfg["num_layers"],
+        num_heads=cfg["num_attention_heads"],
+        caption_channels=cfg["caption_channels"] or 0,
+        learn_sigma=out_channels != in_channels,
+    )
     fields.update(overrides)
     scale = cfg["interpolation_scale"]
     if problems:
         raise ValueError("Unsupported PixArt config: " + "; ".join(problems) + ".")
     config = DiTConfig(**fields)
     if scale is not None and scale != config.pos_interpolation_scale:
-        raise ValueError(f"Unsupported PixArt config: interpolation_scale={scale} (our DiT uses "
-                         f"max(sample_size // 64, 1) = {config.pos_interpolation_scale}).")
+        raise ValueError(
+            f"Unsupported PixArt config: interpolation_scale={scale} (our DiT uses "
+            f"max(sample_size // 64, 1) = {config.pos_interpolation_scale})."
+        )
     return config
 
 
@@ -163,12 +199,24 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     """Keyword arguments for diffusers.PixArtTransformer2DModel that build the same network as `config`."""
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' PixArt MLP is 4x wide; mlp_ratio={config.mlp_ratio} cannot be exported.")
-    return dict(num_attention_heads=config.num_heads, attention_head_dim=config.head_dim,
-                in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
-                cross_attention_dim=config.hidden_size, sample_size=config.image_size, patch_size=config.patch_size,
-                caption_channels=config.caption_channels, use_additional_conditions=False,
-                interpolation_scale=config.pos_interpolation_scale, norm_eps=1e-6, norm_elementwise_affine=False,
-                norm_type="ada_norm_single", activation_fn="gelu-approximate", attention_bias=True)
+    return dict(
+        num_attention_heads=config.num_heads,
+        attention_head_dim=config.head_dim,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        cross_attention_dim=config.hidden_size,
+        sample_size=config.image_size,
+        patch_size=config.patch_size,
+        caption_channels=config.caption_channels,
+        use_additional_conditions=False,
+        interpolation_scale=config.pos_interpolation_scale,
+        norm_eps=1e-6,
+        norm_elementwise_affine=False,
+        norm_type="ada_norm_single",
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+    )
 
 
 def _weight_files(directory: str) -> list[str]:
@@ -179,8 +227,10 @@ def _weight_files(directory: str) -> list[str]:
     if os.path.isfile(index):
         with open(index) as f:
             return [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    raise FileNotFoundError(f"No {WEIGHT_FILE} (or its .index.json) in {directory!r}; found "
-                            f"{sorted(os.listdir(directory))}. Save the transformer with diffusers save_pretrained.")
+    raise FileNotFoundError(
+        f"No {WEIGHT_FILE} (or its .index.json) in {directory!r}; found "
+        f"{sorted(os.listdir(directory))}. Save the transformer with diffusers save_pretrained."
+    )
 
 
 def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
@@ -195,15 +245,21 @@ def _config_from_shapes(state: Mapping[str, np.ndarray], overrides: dict) -> DiT
     """For a bare .safetensors file: sizes from tensor shapes; heads and image size must come from overrides."""
     needed = [name for name in ("num_heads", "image_size") if name not in overrides]
     if needed:
-        raise ValueError(f"A bare .safetensors file has no config.json; pass {needed} as keyword overrides "
-                         "(the weights do not determine them).")
+        raise ValueError(
+            f"A bare .safetensors file has no config.json; pass {needed} as keyword overrides "
+            "(the weights do not determine them)."
+        )
     hidden, in_channels, patch, _ = state["pos_embed.proj.weight"].shape
     out_channels = state["proj_out.weight"].shape[0] // (patch * patch)
-    fields = dict(patch_size=patch, in_channels=in_channels, hidden_size=hidden,
-                  depth=len({key.split(".")[1] for key in state if key.startswith("transformer_blocks.")}),
-                  mlp_ratio=state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
-                  caption_channels=state["caption_projection.linear_1.weight"].shape[1],
-                  learn_sigma=out_channels != in_channels)
+    fields = dict(
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=len({key.split(".")[1] for key in state if key.startswith("transformer_blocks.")}),
+        mlp_ratio=state["transformer_blocks.0.ff.net.0.proj.weight"].shape[0] / hidden,
+        caption_channels=state["caption_projection.linear_1.weight"].shape[1],
+        learn_sigma=out_channels != in_channels,
+    )
     return DiTConfig(**{**fields, **overrides})
 
 

@@ -9,6 +9,7 @@ ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads]), so a s
 Every parameter carries logical sharding axis names ("embed", "heads", "mlp", "caption", "adaln", "table",
 "patch"); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
 """
+
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -42,7 +43,9 @@ class DiTConfig:
     caption_channels: int = 4096
     max_text_len: int = 20
     learn_sigma: bool = False
-    prediction: str = "eps"  # what the first out_channels mean: "eps" (PixArt), "v" or "x0" (diffusion/parameterization.py)
+    prediction: str = (
+        "eps"  # what the first out_channels mean: "eps" (PixArt), "v" or "x0" (diffusion/parameterization.py)
+    )
     dtype: str = "float32"
     remat: bool = False
 
@@ -58,8 +61,16 @@ class DiTConfig:
             problems.append(f"prediction {self.prediction!r} is not one of {PREDICTIONS}")
         if self.dtype not in COMPUTE_DTYPES:
             problems.append(f"dtype {self.dtype!r} is not one of {COMPUTE_DTYPES}")
-        for name in ("image_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-                     "caption_channels", "max_text_len"):
+        for name in (
+            "image_size",
+            "patch_size",
+            "in_channels",
+            "hidden_size",
+            "depth",
+            "num_heads",
+            "caption_channels",
+            "max_text_len",
+        ):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
@@ -131,8 +142,9 @@ def sincos_2d_position_embedding(dim: int, grid_size: int, interpolation_scale: 
     """Fixed [grid*grid, dim] embedding of a row-major token grid: first half encodes the column, second the row."""
     positions = np.arange(grid_size, dtype=np.float32) / interpolation_scale
     columns, rows = np.meshgrid(positions, positions, indexing="xy")
-    return np.concatenate([_sincos_1d(dim // 2, columns.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))],
-                          axis=1).astype(np.float32)
+    return np.concatenate(
+        [_sincos_1d(dim // 2, columns.reshape(-1)), _sincos_1d(dim // 2, rows.reshape(-1))], axis=1
+    ).astype(np.float32)
 
 
 def layer_norm(x: jnp.ndarray) -> jnp.ndarray:
@@ -149,8 +161,10 @@ def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndar
 
 def scaled_normal(axis_size_index: int):
     """N(0, 1/n) with n = shape[axis_size_index], PixArt's init for scale-shift tables and the null caption."""
+
     def init(key, shape, dtype=jnp.float32):
         return jax.random.normal(key, shape, dtype) / math.sqrt(shape[axis_size_index])
+
     return init
 
 
@@ -169,8 +183,9 @@ class PatchProjection(nn.Module):
     def __call__(self, x):
         p, (batch, height, width, channels) = self.patch_size, x.shape
         fan_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
-        kernel = self.param("kernel", partitioned(fan_init, (None, None, None, "embed")),
-                            (p, p, channels, self.features))
+        kernel = self.param(
+            "kernel", partitioned(fan_init, (None, None, None, "embed")), (p, p, channels, self.features)
+        )
         bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("embed",)), (self.features,))
         patches = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, (height // p) * (width // p), p * p * channels).astype(self.dtype)
@@ -227,8 +242,9 @@ class AdaLayerNormSingle(nn.Module):
     @nn.compact
     def __call__(self, t):
         embedded = CombinedTimestepEmbedding(self.hidden, self.dtype, name="emb")(t)
-        linear = logical_dense(6 * self.hidden, ("embed", "adaln"), self.dtype, "linear",
-                               kernel_init=nn.initializers.normal(0.02))
+        linear = logical_dense(
+            6 * self.hidden, ("embed", "adaln"), self.dtype, "linear", kernel_init=nn.initializers.normal(0.02)
+        )
         return linear(nn.silu(embedded)).astype(jnp.float32), embedded.astype(jnp.float32)
 
 
@@ -279,8 +295,9 @@ class DiTBlock(nn.Module):
         h = (h + gate_msa * attn_out).astype(dtype)
         self._record("hook_resid_mid", h)
 
-        attn2 = MultiHeadAttention(**attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True,
-                                   name="attn2")
+        attn2 = MultiHeadAttention(
+            **attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True, name="attn2"
+        )
         h = h + attn2(h, context=caption, key_mask=caption_mask, head_mask=cross_head_mask)
 
         ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
@@ -304,18 +321,24 @@ class DiT(nn.Module):
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT input x has shape {x.shape}; expected [B, {expected[0]}, {expected[1]}, "
-                             f"{expected[2]}] (NHWC) for this config.")
+            raise ValueError(
+                f"DiT input x has shape {x.shape}; expected [B, {expected[0]}, {expected[1]}, "
+                f"{expected[2]}] (NHWC) for this config."
+            )
         if text.ndim != 3 or text.shape[-1] != cfg.caption_channels:
-            raise ValueError(f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] "
-                             "(caption_channels of the config).")
+            raise ValueError(
+                f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] "
+                "(caption_channels of the config)."
+            )
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} "
-                             "(one flag per caption token).")
+            raise ValueError(
+                f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} (one flag per caption token)."
+            )
         for name, mask in head_masks.items():
             if mask is not None and tuple(mask.shape) != (cfg.depth, cfg.num_heads):
-                raise ValueError(f"{name} has shape {mask.shape}; expected [depth, heads] = "
-                                 f"{(cfg.depth, cfg.num_heads)}.")
+                raise ValueError(
+                    f"{name} has shape {mask.shape}; expected [depth, heads] = {(cfg.depth, cfg.num_heads)}."
+                )
 
     @nn.compact
     def __call__(self, x, t, text, text_mask, *, self_head_mask=None, cross_head_mask=None, null_caption_rows=None):
@@ -323,15 +346,18 @@ class DiT(nn.Module):
         self._check_inputs(x, text, text_mask, {"self_head_mask": self_head_mask, "cross_head_mask": cross_head_mask})
         batch = x.shape[0]
         # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
-        null_text = self.param("y_embedding", partitioned(scaled_normal(1), (None, "caption")),
-                               (cfg.max_text_len, cfg.caption_channels))
+        null_text = self.param(
+            "y_embedding", partitioned(scaled_normal(1), (None, "caption")), (cfg.max_text_len, cfg.caption_channels)
+        )
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
         t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(
-            jnp.broadcast_to(jnp.asarray(t), (batch,)))
+            jnp.broadcast_to(jnp.asarray(t), (batch,))
+        )
         gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
-        caption_projection = TwoLayerMLP(cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype,
-                                         name="caption_projection")
+        caption_projection = TwoLayerMLP(
+            cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype, name="caption_projection"
+        )
         caption = caption_projection(text.astype(dtype))
         text_mask = text_mask.astype(bool)
         if null_caption_rows is not None:
@@ -343,16 +369,22 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for layer in range(cfg.depth):
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
-            h = block(h, t6, caption, text_mask,
-                      None if self_head_mask is None else self_head_mask[layer],
-                      None if cross_head_mask is None else cross_head_mask[layer])
+            h = block(
+                h,
+                t6,
+                caption,
+                text_mask,
+                None if self_head_mask is None else self_head_mask[layer],
+                None if cross_head_mask is None else cross_head_mask[layer],
+            )
 
         table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (2, cfg.hidden_size))
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
         h = modulate(h, shift, scale).astype(dtype)
         patch_features = cfg.patch_size * cfg.patch_size * cfg.out_channels
-        proj_out = logical_dense(patch_features, ("embed", "patch"), dtype, "proj_out",
-                                 kernel_init=nn.initializers.zeros_init())
+        proj_out = logical_dense(
+            patch_features, ("embed", "patch"), dtype, "proj_out", kernel_init=nn.initializers.zeros_init()
+        )
         h = proj_out(h)
         return unpatchify(h.astype(jnp.float32), cfg)
 
@@ -365,10 +397,12 @@ def unpatchify(tokens: jnp.ndarray, config: DiTConfig) -> jnp.ndarray:
 
 
 def example_inputs(config: DiTConfig, batch: int = 1):
-    return (jnp.zeros((batch, config.image_size, config.image_size, config.in_channels), jnp.float32),
-            jnp.zeros((batch,), jnp.float32),
-            jnp.zeros((batch, config.max_text_len, config.caption_channels), jnp.float32),
-            jnp.ones((batch, config.max_text_len), bool))
+    return (
+        jnp.zeros((batch, config.image_size, config.image_size, config.in_channels), jnp.float32),
+        jnp.zeros((batch,), jnp.float32),
+        jnp.zeros((batch, config.max_text_len, config.caption_channels), jnp.float32),
+        jnp.ones((batch, config.max_text_len), bool),
+    )
 
 
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:
@@ -404,8 +438,9 @@ def run_with_cache(model: DiT, params: Mapping, x, t, text, text_mask, names: Se
     if unknown:
         raise ValueError(f"Unknown hook names {unknown}; valid names are: {valid}")
     capturing = DiT(model.config, capture=tuple(names))
-    out, state = capturing.apply({"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"],
-                                 **kwargs)
+    out, state = capturing.apply(
+        {"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"], **kwargs
+    )
     cache = {}
     _collect_sown(state["intermediates"], cache)
     return out, {name: cache[name] for name in names}

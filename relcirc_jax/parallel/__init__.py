@@ -3,10 +3,28 @@
 Version notes (jax 0.10.2): `jax.make_mesh` defaults to `AxisType.Explicit`, so `make_mesh` passes `AxisType.Auto`
 (what Linen and jit-with-shardings expect); the mesh context is `jax.set_mesh` (`jax.sharding.use_mesh` is gone).
 """
+
 from relcirc_jax.parallel.host_data import shared_to_global, to_global, to_host
 from relcirc_jax.parallel.mesh import AXIS_NAMES, make_mesh
-from relcirc_jax.parallel.rules import (DEFAULT_RULES, batch_sharding, logical_to_mesh_sharding, logical_to_mesh_spec,
-                                        param_shardings, replicated)
+from relcirc_jax.parallel.rules import (
+    DEFAULT_RULES,
+    batch_sharding,
+    logical_to_mesh_sharding,
+    logical_to_mesh_spec,
+    param_shardings,
+    replicated,
+)
 
-__all__ = ["AXIS_NAMES", "DEFAULT_RULES", "batch_sharding", "logical_to_mesh_sharding", "logical_to_mesh_spec",
-           "make_mesh", "param_shardings", "replicated", "shared_to_global", "to_global", "to_host"]
+__all__ = [
+    "AXIS_NAMES",
+    "DEFAULT_RULES",
+    "batch_sharding",
+    "logical_to_mesh_sharding",
+    "logical_to_mesh_spec",
+    "make_mesh",
+    "param_shardings",
+    "replicated",
+    "shared_to_global",
+    "to_global",
+    "to_host",
+]

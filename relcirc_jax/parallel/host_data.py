@@ -4,6 +4,7 @@
 holds whole (e.g. the captions to sample); `to_host` brings a sharded result back whole to every process. All three
 work the same with one process or many.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,11 @@ def _to_global_array(key: str, local: np.ndarray, sharding: NamedSharding, shard
         raise ValueError(f"Batch entry {key!r} is a scalar; every entry needs a leading batch dimension.")
     global_batch = local.shape[0] * jax.process_count()
     if global_batch % shards:
-        raise ValueError(f"Batch entry {key!r} has local shape {local.shape}, so the global batch is {global_batch}, "
-                         f"which does not split over the {shards} data*fsdp shards. "
-                         f"Fix: make the global batch size a multiple of {shards}.")
+        raise ValueError(
+            f"Batch entry {key!r} has local shape {local.shape}, so the global batch is {global_batch}, "
+            f"which does not split over the {shards} data*fsdp shards. "
+            f"Fix: make the global batch size a multiple of {shards}."
+        )
     global_shape = (global_batch, *local.shape[1:])
     return jax.make_array_from_process_local_data(sharding, local, global_shape)
 
@@ -42,8 +45,10 @@ def _to_global_array(key: str, local: np.ndarray, sharding: NamedSharding, shard
 def shared_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Batch-sharded global arrays from a batch that every process holds in full (each device takes its rows)."""
     sharding = batch_sharding(mesh)
-    return {key: jax.make_array_from_callback(np.shape(value), sharding, lambda index, v=value: np.asarray(v)[index])
-            for key, value in batch.items()}
+    return {
+        key: jax.make_array_from_callback(np.shape(value), sharding, lambda index, v=value: np.asarray(v)[index])
+        for key, value in batch.items()
+    }
 
 
 def to_host(array: jax.Array) -> np.ndarray:

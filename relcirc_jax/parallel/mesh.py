@@ -3,6 +3,7 @@
 The mesh always has the axes ("data", "fsdp", "model") in that order, with `AxisType.Auto` so Linen code and
 `jax.jit(..., in_shardings=..., out_shardings=...)` decide the partitioning from explicit `NamedSharding`s.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,10 +42,14 @@ def _resolve_shape(spec: dict[str, int], device_count: int) -> tuple[int, ...]:
     fixed = math.prod(s for s in sizes if s != FILL)
     if fills == 1:
         if device_count % fixed:
-            raise fail(f"the fixed axes multiply to {fixed}, which does not divide the device count",
-                       f"make the fixed axis sizes multiply to a divisor of {device_count}")
+            raise fail(
+                f"the fixed axes multiply to {fixed}, which does not divide the device count",
+                f"make the fixed axis sizes multiply to a divisor of {device_count}",
+            )
         sizes[sizes.index(FILL)] = device_count // fixed
     elif fixed != device_count:
-        raise fail(f"the axis sizes multiply to {fixed}, not to the device count",
-                   f"make them multiply to {device_count}, or set one axis (usually data) to -1")
+        raise fail(
+            f"the axis sizes multiply to {fixed}, not to the device count",
+            f"make them multiply to {device_count}, or set one axis (usually data) to -1",
+        )
     return tuple(sizes)

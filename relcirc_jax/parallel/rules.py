@@ -3,6 +3,7 @@
 The DiT annotates its parameters with `flax.linen.with_logical_partitioning` using the names below; this module turns
 those logical `PartitionSpec`s into `NamedSharding`s on a concrete mesh.
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,10 @@ def _mesh_axes_for(logical_name: str | None, rules: Rules) -> MeshAxes:
         if name == logical_name:
             return mesh_axes
     known = [name for name, _ in rules]
-    raise ValueError(f"Logical axis name {logical_name!r} has no sharding rule (rules cover {known}). "
-                     f"Fix: add ({logical_name!r}, <mesh axis or None>) to the rules.")
+    raise ValueError(
+        f"Logical axis name {logical_name!r} has no sharding rule (rules cover {known}). "
+        f"Fix: add ({logical_name!r}, <mesh axis or None>) to the rules."
+    )
 
 
 def logical_to_mesh_spec(logical_spec: P, rules: Rules = DEFAULT_RULES) -> P:
@@ -55,8 +58,9 @@ def logical_to_mesh_spec(logical_spec: P, rules: Rules = DEFAULT_RULES) -> P:
 
 def logical_to_mesh_sharding(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
     """Pytree of logical PartitionSpecs -> pytree of NamedShardings on `mesh` (no shape checks)."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_mesh_spec(spec, rules)),
-                        logical_specs, is_leaf=_is_spec)
+    return jax.tree.map(
+        lambda spec: NamedSharding(mesh, logical_to_mesh_spec(spec, rules)), logical_specs, is_leaf=_is_spec
+    )
 
 
 def _axes_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
@@ -68,14 +72,17 @@ def _axes_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
 
 def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str) -> P:
     if len(mesh_spec) > len(shape):
-        raise ValueError(f"Parameter {path} has shape {shape} but its logical spec {mesh_spec} names "
-                         f"{len(mesh_spec)} axes. Fix: give the annotation one name per dimension.")
+        raise ValueError(
+            f"Parameter {path} has shape {shape} but its logical spec {mesh_spec} names "
+            f"{len(mesh_spec)} axes. Fix: give the annotation one name per dimension."
+        )
     fitted = []
     for dim, mesh_axes in zip(shape, mesh_spec):
         size = _axes_size(mesh, mesh_axes)
         if dim % size:
-            log.debug("Replicating dim of size %d of %s: mesh axes %s (size %d) do not divide it.",
-                      dim, path, mesh_axes, size)
+            log.debug(
+                "Replicating dim of size %d of %s: mesh axes %s (size %d) do not divide it.", dim, path, mesh_axes, size
+            )
             mesh_axes = None
         fitted.append(mesh_axes)
     return P(*fitted)
@@ -88,6 +95,7 @@ def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules:
     Works for a whole train state: optax states built inside `jax.eval_shape` keep Flax's logical boxes, so
     `boxed = jax.eval_shape(init_state, ...)`; `param_shardings(nn.unbox(boxed), nn.get_partition_spec(boxed), mesh)`.
     """
+
     def sharding(path, spec: P, leaf) -> NamedSharding:
         mesh_spec = logical_to_mesh_spec(spec, rules)
         return NamedSharding(mesh, _fitting_spec(tuple(leaf.shape), mesh_spec, mesh, jax.tree_util.keystr(path)))

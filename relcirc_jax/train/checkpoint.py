@@ -5,6 +5,7 @@ every `save_every` steps (or when forced, or at a preemption sync point). Restor
 shardings of the abstract state it is given, so a run may resume on another mesh or device count. An unreadable
 newest step is moved aside (renamed, never deleted) and the previous one is used.
 """
+
 from __future__ import annotations
 
 import logging as logging_lib
@@ -53,12 +54,15 @@ class Checkpointer:
             raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}.")
         quiet_orbax_info_logs()
         self.directory = _absolute(epath.Path(directory))
-        policy = ocp.checkpoint_managers.AnySavePolicy([
-            ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-            ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-        ])
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               save_decision_policy=policy, create=True)
+        policy = ocp.checkpoint_managers.AnySavePolicy(
+            [
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, save_decision_policy=policy, create=True
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
@@ -84,8 +88,13 @@ class Checkpointer:
             try:
                 restored = self._manager.restore(step, args=_restore_args(abstract_state))
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint must fall back, not crash
-                logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
-                                step, self.directory, type(error).__name__, error)
+                logging.warning(
+                    "Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
+                    step,
+                    self.directory,
+                    type(error).__name__,
+                    error,
+                )
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
                 continue
             for bad_step in sorted(self._manager.all_steps()):
@@ -93,17 +102,21 @@ class Checkpointer:
                     self._move_aside(bad_step)
             return step, restored.state, restored.meta
         if errors:
-            raise RuntimeError(f"No checkpoint in {self.directory} could be restored ({'; '.join(errors)}). "
-                               "Fix: restore with the abstract state of the run that wrote them, or move the "
-                               "directory aside to start a fresh run.")
+            raise RuntimeError(
+                f"No checkpoint in {self.directory} could be restored ({'; '.join(errors)}). "
+                "Fix: restore with the abstract state of the run that wrote them, or move the "
+                "directory aside to start a fresh run."
+            )
         return None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """(state, meta) of exactly checkpoint `step` (no fallback: asking for a step means wanting that one)."""
         steps = sorted(self._manager.all_steps())
         if step not in steps:
-            raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; available steps: {steps}. "
-                                    "Fix: pass one of them, or leave the step out for the latest.")
+            raise FileNotFoundError(
+                f"No checkpoint of step {step} in {self.directory}; available steps: {steps}. "
+                "Fix: pass one of them, or leave the step out for the latest."
+            )
         restored = self._manager.restore(step, args=_restore_args(abstract_state))
         return restored.state, restored.meta
 
@@ -116,8 +129,13 @@ class Checkpointer:
                 source.rename(target)
                 logging.warning("Moved unreadable checkpoint %s to %s.", source, target)
             except OSError as error:  # e.g. a store without directory renames: leave it, saves resume after it
-                logging.warning("Could not move unreadable checkpoint %s aside (%s); new saves up to step %d will "
-                                "be skipped. Fix: move it by hand.", source, error, step)
+                logging.warning(
+                    "Could not move unreadable checkpoint %s aside (%s); new saves up to step %d will "
+                    "be skipped. Fix: move it by hand.",
+                    source,
+                    error,
+                    step,
+                )
         multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
         self._manager.reload()
 

@@ -1,4 +1,5 @@
 """Exponential moving average of parameters (the weights used for sampling)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 
 def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
     """Returns decay * ema + (1 - decay) * params, leaf by leaf, in the EMA's dtypes; jittable."""
+
     def update(ema, param):
         return (decay * ema + (1.0 - decay) * param.astype(ema.dtype)).astype(ema.dtype)
 

@@ -1,11 +1,12 @@
 """Accuracy of a model on a fixed eval prompt set: sample with EMA weights, score with the detectors, tabulate.
 
 The protocol is the paper's by default: the 96 `paper_main` prompts, eval.images_per_prompt images each (the paper:
-100), each image from its own fixed noise seed, DPM-Solver++ 14 steps, CFG 4.5 against sample.negative. `--mode=evaluate`
-scores every image with this project's detector and with the paper's (evaluation.DETECTORS), prints both tables and
-writes what it judged: the images, captions and per-image verdicts (.npz) and a grid of the first images with the
-detected objects and verdicts drawn on them (PNG).
+100), each image from its own fixed noise seed, DPM-Solver++ 14 steps, CFG 4.5 against sample.negative.
+`--mode=evaluate` scores every image with this project's detector and with the paper's (evaluation.DETECTORS),
+prints both tables and writes what it judged: the images, captions and per-image verdicts (.npz) and a grid of the
+first images with the detected objects and verdicts drawn on them (PNG).
 """
+
 import json
 from typing import Sequence
 
@@ -31,7 +32,7 @@ def eval_prompt_list(config: ml_collections.ConfigDict) -> list[str]:
     captions = dataset.eval_prompts(config.eval.prompt_set)
     if config.eval.num_prompts >= len(captions):
         return captions
-    keep = np.random.default_rng(_SUBSET_SEED).permutation(len(captions))[:config.eval.num_prompts]
+    keep = np.random.default_rng(_SUBSET_SEED).permutation(len(captions))[: config.eval.num_prompts]
     return [captions[i] for i in sorted(keep)]
 
 
@@ -55,17 +56,23 @@ def summary(scores: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _mean_rows(scores: dict[str, np.ndarray], groups: np.ndarray, names: Sequence[str]) -> dict:
-    return {name: {"n": int((groups == name).sum()), **{m: float(scores[m][groups == name].mean()) for m in METRICS}}
-            for name in names if (groups == name).any()}
+    return {
+        name: {"n": int((groups == name).sum()), **{m: float(scores[m][groups == name].mean()) for m in METRICS}}
+        for name in names
+        if (groups == name).any()
+    }
 
 
 def accuracy_table(scores: dict[str, np.ndarray], captions: Sequence[str]) -> dict:
     """{"num_images", "num_prompts", "overall": {metric: acc}, "per_relation": {relation: {metric: acc, "n"}},
     "per_template": {...} (only when the captions use several templates)}."""
     parsed = [prompt_grammar.parse(c) for c in captions]
-    table = {"num_images": len(captions), "num_prompts": len(set(captions)),
-             "overall": {m: float(scores[m].mean()) for m in METRICS},
-             "per_relation": _mean_rows(scores, np.array([p.spec.relation for p in parsed]), RELATIONS)}
+    table = {
+        "num_images": len(captions),
+        "num_prompts": len(set(captions)),
+        "overall": {m: float(scores[m].mean()) for m in METRICS},
+        "per_relation": _mean_rows(scores, np.array([p.spec.relation for p in parsed]), RELATIONS),
+    }
     templates = np.array([p.template for p in parsed])
     if len(set(templates)) > 1:
         table["per_template"] = _mean_rows(scores, templates, tuple(prompt_grammar.TEMPLATES))
@@ -74,16 +81,23 @@ def accuracy_table(scores: dict[str, np.ndarray], captions: Sequence[str]) -> di
 
 def markdown_table(table: dict, step: int, detector: str = "relcirc") -> str:
     """The accuracy table as Markdown: one row for all images, one per relation (and template), accuracies in %."""
-    lines = [f"# Accuracy at step {step}, {detector} detector ({table['num_prompts']} prompts, "
-             f"{table['num_images']} images)", "",
-             "| images | n | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    lines = [
+        f"# Accuracy at step {step}, {detector} detector ({table['num_prompts']} prompts, "
+        f"{table['num_images']} images)",
+        "",
+        "| images | n | " + " | ".join(METRICS) + " |",
+        "|---" * (len(METRICS) + 2) + "|",
+    ]
     rows = [("all", {"n": table["num_images"], **table["overall"]})]
     rows += list(table["per_relation"].items()) + list(table.get("per_template", {}).items())
     for name, row in rows:
         lines.append(f"| {name} | {row['n']} | " + " | ".join(f"{100 * row[m]:.1f}" for m in METRICS) + " |")
     paper = ", ".join(f"{column} = {metric}" for column, metric in PAPER_COLUMNS.items())
-    lines += ["", f"Comparable with the paper's main table (DESIGN §1): {paper}; relation columns count only images "
-              "whose binding is unique; overall needs colour, shape, unique binding and the strict relation."]
+    lines += [
+        "",
+        f"Comparable with the paper's main table (DESIGN §1): {paper}; relation columns count only images "
+        "whose binding is unique; overall needs colour, shape, unique binding and the strict relation.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +130,12 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = 
     judged = {detector: score_images(images, captions, detector) for detector in evaluation.DETECTORS}
     tables = {detector: {"step": step, **accuracy_table(scores, captions)} for detector, (scores, _) in judged.items()}
     workdir = epath.Path(workdir)
-    (workdir / "eval.json").write_text(json.dumps({"step": step, "prompt_set": config.eval.prompt_set,
-                                                   "negative": config.sample.negative, "tables": tables}, indent=2))
+    (workdir / "eval.json").write_text(
+        json.dumps(
+            {"step": step, "prompt_set": config.eval.prompt_set, "negative": config.sample.negative, "tables": tables},
+            indent=2,
+        )
+    )
     markdown = "\n".join(markdown_table(table, step, detector) for detector, table in tables.items())
     (workdir / "eval.md").write_text(markdown)
     _write_artifacts(workdir, images, captions, judged)

@@ -5,6 +5,7 @@ functions of (seed, s), and the state is restored exactly. A non-finite loss sto
 step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally; so
 does a spent `train.time_budget_minutes`, after sampling and evaluating the last step (the end of its learning curve).
 """
+
 import json
 
 import jax
@@ -57,8 +58,9 @@ def _init_or_restore(experiment: train_state.Experiment) -> tuple[train_state.Tr
     return init(experiment.model_cfg, experiment.tx, experiment.config.seed), 0
 
 
-def _run(experiment: train_state.Experiment, state: train_state.TrainState, start: int,
-         writer: MetricWriter) -> train_state.TrainState:
+def _run(
+    experiment: train_state.Experiment, state: train_state.TrainState, start: int, writer: MetricWriter
+) -> train_state.TrainState:
     config = experiment.config
     total = config.train.num_steps
     if start >= total:
@@ -67,16 +69,26 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
     budget = preemption.TimeBudget(config.train.time_budget_minutes)  # compilation counts: it is part of the wait
     step_fn = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state, experiment.state_sh, _global_batch(config, experiment.mesh, start),
-        experiment.tables, experiment.mesh)
+        experiment.abstract_state,
+        experiment.state_sh,
+        _global_batch(config, experiment.mesh, start),
+        experiment.tables,
+        experiment.mesh,
+    )
     progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps)
     periodic = _PeriodicSampling(experiment)
     stop = preemption.install_sigterm_handler()
     pending = []  # (step, device metrics) not yet checked for finiteness
-    logging.info("Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
-                 config.model.size, sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-                 dict(experiment.mesh.shape), start, total, config.train.batch_size,
-                 "none" if config.train.time_budget_minutes is None else f"{config.train.time_budget_minutes:g} min")
+    logging.info(
+        "Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
+        config.model.size,
+        sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+        dict(experiment.mesh.shape),
+        start,
+        total,
+        config.train.batch_size,
+        "none" if config.train.time_budget_minutes is None else f"{config.train.time_budget_minutes:g} min",
+    )
     for step in range(start, total):
         state, metrics = step_fn(state, _global_batch(config, experiment.mesh, step), experiment.tables)
         done = step + 1
@@ -96,18 +108,30 @@ def _run(experiment: train_state.Experiment, state: train_state.TrainState, star
             logging.warning("Preempted: saved the checkpoint of step %d; stopping.", done)
             break
         if out_of_time:
-            logging.warning("train.time_budget_minutes=%g spent: saved and evaluated the checkpoint of step %d; "
-                            "stopping before train.num_steps=%d (rerun to resume).",
-                            config.train.time_budget_minutes, done, total)
+            logging.warning(
+                "train.time_budget_minutes=%g spent: saved and evaluated the checkpoint of step %d; "
+                "stopping before train.num_steps=%d (rerun to resume).",
+                config.train.time_budget_minutes,
+                done,
+                total,
+            )
             break
     return state
 
 
 def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
-    local = dataset.train_batch(config.seed, step, global_batch=config.train.batch_size,
-                                process_index=jax.process_index(), process_count=jax.process_count(),
-                                size=config.data.image_size, radius=config.data.radius, task=config.data.task,
-                                caption_mix=config.data.caption_mix, num_scenes=config.data.num_scenes)
+    local = dataset.train_batch(
+        config.seed,
+        step,
+        global_batch=config.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        size=config.data.image_size,
+        radius=config.data.radius,
+        task=config.data.task,
+        caption_mix=config.data.caption_mix,
+        num_scenes=config.data.num_scenes,
+    )
     return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)
 
 
@@ -119,14 +143,18 @@ def _check_finite(pending: list, experiment: train_state.Experiment) -> None:
                 f"Non-finite training loss {loss} (grad norm {grad_norm}) at step {step}. The run stopped without "
                 f"saving this state; the last good checkpoint (step {experiment.checkpointer.latest_step()}) in "
                 f"{experiment.checkpointer.directory} is intact. Fix: lower train.lr or tighten train.grad_clip, "
-                "then rerun to resume from it.")
+                "then rerun to resume from it."
+            )
 
 
 def _window_metrics(pending: list) -> dict[str, float]:
     """Loss averaged over the steps since the last log; grad norm and lr of the last step."""
     last = pending[-1][1]
-    return {"loss": float(np.mean([float(m["loss"]) for _, m in pending])), "grad_norm": float(last["grad_norm"]),
-            "lr": float(last["lr"])}
+    return {
+        "loss": float(np.mean([float(m["loss"]) for _, m in pending])),
+        "grad_norm": float(last["grad_norm"]),
+        "lr": float(last["lr"]),
+    }
 
 
 def _meta(config: ml_collections.ConfigDict, step: int) -> dict:
@@ -151,12 +179,12 @@ class _PeriodicSampling:
         """Samples and evaluates when their steps come, or in any case when `final`."""
         config = self.experiment.config
         if step % config.sample.every_steps == 0 or final:
-            images = self._sampler(len(self.grid_captions))(state.ema_params, self.experiment.tables,
-                                                             self.grid_captions)
+            images = self._sampler(len(self.grid_captions))(
+                state.ema_params, self.experiment.tables, self.grid_captions
+            )
             writer.image(step, "samples", sampling.image_grid(images))
         if step % config.eval.every_steps == 0 or final:
-            images = self._sampler(config.eval.batch_size)(state.ema_params, self.experiment.tables,
-                                                           self.eval_captions)
+            images = self._sampler(config.eval.batch_size)(state.ema_params, self.experiment.tables, self.eval_captions)
             accuracies = evaluate.summary(evaluate.score_images(images, self.eval_captions)[0])
             writer.scalars(step, accuracies)
             logging.info("Eval at step %d: %s", step, {k: round(v, 3) for k, v in accuracies.items()})

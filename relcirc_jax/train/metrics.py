@@ -4,6 +4,7 @@ Only the primary process (usually process 0) writes; the others get a writer tha
 cloud path (gs://...): every file goes through etils.epath, and TensorBoard's writer handles gs:// itself (it needs
 the google-cloud-storage package there).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ class MetricWriter:
         self._tb = None
         if is_primary:
             from tensorboardX import SummaryWriter  # imported here so non-primary hosts need not touch TB
+
             self.workdir.mkdir(parents=True, exist_ok=True)
             self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
 
@@ -42,8 +44,10 @@ class MetricWriter:
             return
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"Image {name!r} must be uint8 [H, W, 3], got {image.dtype} {image.shape}. "
-                             "Fix: convert with np.clip(x * 255, 0, 255).astype(np.uint8).")
+            raise ValueError(
+                f"Image {name!r} must be uint8 [H, W, 3], got {image.dtype} {image.shape}. "
+                "Fix: convert with np.clip(x * 255, 0, 255).astype(np.uint8)."
+            )
         self._tb.add_image(name, image, int(step), dataformats="HWC")
         self._tb.flush()
         samples = self.workdir / "samples"

@@ -4,6 +4,7 @@ On several processes each host may receive SIGTERM at a different step, so the s
 preemption sync point (set up by `jax.distributed.initialize`), which makes every host stop at the same step; the time
 budget follows process 0's clock for the same reason.
 """
+
 from __future__ import annotations
 
 import signal
@@ -44,7 +45,7 @@ def install_sigterm_handler() -> PreemptionFlag:
 class TimeBudget:
     """`.spent()` turns True once `minutes` of wall time have passed since construction (None: never).
 
-    On several processes `.spent()` is a collective (process 0 decides), so every process must call it at the same steps.
+    On several processes `.spent()` is a collective (process 0 decides): every process must call it at the same steps.
     """
 
     def __init__(self, minutes: float | None, *, clock: Callable[[], float] = time.monotonic):

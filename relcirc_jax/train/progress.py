@@ -1,4 +1,5 @@
 """One human-readable progress line per log step: loss, grad-norm, throughput, step time and ETA."""
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ class ProgressLogger:
     Loss and grad-norm may be device arrays: they are only converted (and so synchronised) on log steps.
     """
 
-    def __init__(self, total_steps: int, global_batch: int, log_every: int, *,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, total_steps: int, global_batch: int, log_every: int, *, clock: Callable[[], float] = time.monotonic
+    ):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}.")
         self.total_steps = total_steps

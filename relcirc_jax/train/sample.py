@@ -1,4 +1,5 @@
 """Prompts -> images: one jitted, batch-sharded call (text embedding, CFG, DPM-Solver++), plus image grids."""
+
 import math
 from typing import Callable, Sequence
 
@@ -31,17 +32,37 @@ class Sampler:
     devices (also across processes) and every process gets all images back.
     """
 
-    def __init__(self, model_cfg: dit.DiTConfig, conditioner, mesh: jax.sharding.Mesh, param_sh, *, cfg_scale: float,
-                 num_steps: int, solver: str, batch_size: int, seed: int, negative: str = "empty_prompt"):
+    def __init__(
+        self,
+        model_cfg: dit.DiTConfig,
+        conditioner,
+        mesh: jax.sharding.Mesh,
+        param_sh,
+        *,
+        cfg_scale: float,
+        num_steps: int,
+        solver: str,
+        batch_size: int,
+        seed: int,
+        negative: str = "empty_prompt",
+    ):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = math.ceil(batch_size / shards) * shards
         self._mesh = mesh
         batch_sh = sharding_rules.batch_sharding(mesh)
         self._generate = jax.jit(
-            _generate_fn(model_cfg, conditioner, cfg_scale=cfg_scale, num_steps=num_steps, solver=solver, seed=seed,
-                         negative=negative),
+            _generate_fn(
+                model_cfg,
+                conditioner,
+                cfg_scale=cfg_scale,
+                num_steps=num_steps,
+                solver=solver,
+                seed=seed,
+                negative=negative,
+            ),
             in_shardings=(param_sh, batch_sh, sharding_rules.replicated(mesh), batch_sh),
-            out_shardings=batch_sh)
+            out_shardings=batch_sh,
+        )
 
     def __call__(self, params, tables, captions: Sequence[str]) -> np.ndarray:
         """uint8[len(captions), H, W, 3] images for `captions`."""
@@ -51,10 +72,10 @@ class Sampler:
         batch["noise_id"] = np.arange(len(padded), dtype=np.int32)
         chunks = []
         for start in range(0, len(padded), self.batch_size):
-            chunk = shared_to_global({k: v[start:start + self.batch_size] for k, v in batch.items()}, self._mesh)
+            chunk = shared_to_global({k: v[start : start + self.batch_size] for k, v in batch.items()}, self._mesh)
             noise_id = chunk.pop("noise_id")
             chunks.append(to_host(self._generate(params, chunk, tables, noise_id)))
-        return np.concatenate(chunks)[:len(captions)]
+        return np.concatenate(chunks)[: len(captions)]
 
 
 def caption_batch(captions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -75,8 +96,9 @@ def negative_caption(negative: str, conditioner, params, tables, batch: int) -> 
     return jnp.broadcast_to(text, (batch,) + text.shape[1:]), jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
 
 
-def _generate_fn(model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num_steps: int, solver: str,
-                 seed: int, negative: str) -> Callable:
+def _generate_fn(
+    model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num_steps: int, solver: str, seed: int, negative: str
+) -> Callable:
     model = dit.DiT(model_cfg)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
 
@@ -92,7 +114,7 @@ def _generate_fn(model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
         noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
         x0 = diffusion.sample(eps_fn, noise, solver=solver, num_steps=num_steps)
-        return to_uint8(x0[..., :model_cfg.in_channels])
+        return to_uint8(x0[..., : model_cfg.in_channels])
 
     return generate
 
@@ -110,16 +132,25 @@ def image_grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = image
     return grid
 
 
 def make_sampler(experiment: train_state.Experiment, batch_size: int) -> Sampler:
     """A sampler with the eval settings (DPM-Solver++ 14 steps, CFG 4.5 by default) over the EMA params' shardings."""
     e = experiment.config.eval
-    return Sampler(experiment.model_cfg, experiment.conditioner, experiment.mesh, experiment.state_sh.ema_params,
-                   cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, batch_size=batch_size, seed=e.seed,
-                   negative=experiment.config.sample.negative)
+    return Sampler(
+        experiment.model_cfg,
+        experiment.conditioner,
+        experiment.mesh,
+        experiment.state_sh.ema_params,
+        cfg_scale=e.cfg_scale,
+        num_steps=e.num_steps,
+        solver=e.solver,
+        batch_size=batch_size,
+        seed=e.seed,
+        negative=experiment.config.sample.negative,
+    )
 
 
 def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:
@@ -129,8 +160,9 @@ def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:
     return [captions[i] for i in picks]
 
 
-def run_sample(config: ml_collections.ConfigDict, workdir, captions: Sequence[str] | None = None,
-               step: int | None = None) -> epath.Path:
+def run_sample(
+    config: ml_collections.ConfigDict, workdir, captions: Sequence[str] | None = None, step: int | None = None
+) -> epath.Path:
     """Samples `captions` (default: the fixed prompts) from checkpoint `step` (default the latest) of `workdir` with
     EMA weights.
 

@@ -1,4 +1,5 @@
 """The training state (params, optimizer state, EMA params, step), the optimizer, and their shardings on a mesh."""
+
 from typing import Any, NamedTuple
 
 import jax
@@ -30,8 +31,14 @@ class TrainState:
 def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> dit.DiTConfig:
     """The DiTConfig of `config.model` (None fields keep the size's defaults), training dtype and remat included."""
     overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
-    return dit.dit_config(config.model.size, image_size=config.data.image_size, caption_channels=caption_channels,
-                          dtype=config.train.compute_dtype, remat=config.train.remat, **overrides)
+    return dit.dit_config(
+        config.model.size,
+        image_size=config.data.image_size,
+        caption_channels=caption_channels,
+        dtype=config.train.compute_dtype,
+        remat=config.train.remat,
+        **overrides,
+    )
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -56,16 +63,17 @@ def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, seed:
     return TrainState(params=params, opt_state=tx.init(params), ema_params=params, step=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh,
-                    seed: int = 0):
+def state_shardings(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int = 0):
     """(abstract state, its shardings): params, EMA and optimizer moments follow the model's logical axes, the rest
     (step, Adam counts) is replicated."""
     abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, seed))
-    param_sh = sharding_rules.param_shardings(abstract.params, dit.logical_specs(model_cfg), mesh,
-                                              sharding_rules.DEFAULT_RULES)
+    param_sh = sharding_rules.param_shardings(
+        abstract.params, dit.logical_specs(model_cfg), mesh, sharding_rules.DEFAULT_RULES
+    )
     replicated = sharding_rules.replicated(mesh)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract.opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+    )
     shardings = TrainState(params=param_sh, opt_state=opt_sh, ema_params=param_sh, step=replicated)
     return abstract, shardings
 
@@ -95,18 +103,27 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, num_devices=len(devices))
     mesh = make_mesh(dict(config.parallel.mesh), devices)
-    conditioner = make_text_conditioner(config.text.encoder, seed=config.text.seed, dim=config.text.dim,
-                                        position_scale=config.text.position_scale, t5_path=config.text.t5_path,
-                                        workdir=str(workdir))
+    conditioner = make_text_conditioner(
+        config.text.encoder,
+        seed=config.text.seed,
+        dim=config.text.dim,
+        position_scale=config.text.position_scale,
+        t5_path=config.text.t5_path,
+        workdir=str(workdir),
+    )
     tables = jax.device_put(conditioner.tables, sharding_rules.replicated(mesh))
     model_cfg = model_config(config, caption_channels=conditioner.dim)
     tx = optimizer(config)
     abstract, shardings = state_shardings(model_cfg, tx, mesh, config.seed)
-    checkpointer = checkpoint.Checkpointer(epath.Path(workdir) / "checkpoints",
-                                           save_every=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                                           async_save=config.checkpoint.async_save)
-    return Experiment(config, mesh, conditioner, tables, model_cfg, tx, with_shardings(abstract, shardings), shardings,
-                      checkpointer)
+    checkpointer = checkpoint.Checkpointer(
+        epath.Path(workdir) / "checkpoints",
+        save_every=config.checkpoint.every_steps,
+        keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    )
+    return Experiment(
+        config, mesh, conditioner, tables, model_cfg, tx, with_shardings(abstract, shardings), shardings, checkpointer
+    )
 
 
 def require_checkpoint(workdir, step: int | None = None) -> None:
@@ -114,11 +131,15 @@ def require_checkpoint(workdir, step: int | None = None) -> None:
     directory = epath.Path(workdir) / "checkpoints"
     steps = checkpoint.saved_steps(directory)
     if not steps:
-        raise UserError(f"No checkpoint in {directory}. Train first: python -m relcirc_jax.main --config=<the same "
-                        f"config> --workdir={workdir} --mode=train")
+        raise UserError(
+            f"No checkpoint in {directory}. Train first: python -m relcirc_jax.main --config=<the same "
+            f"config> --workdir={workdir} --mode=train"
+        )
     if step is not None and step not in steps:
-        raise UserError(f"No checkpoint of step {step} in {directory}; available steps: {steps}. Fix: pass one of "
-                        "them to --step, or leave it out for the latest.")
+        raise UserError(
+            f"No checkpoint of step {step} in {directory}; available steps: {steps}. Fix: pass one of "
+            "them to --step, or leave it out for the latest."
+        )
 
 
 def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:

@@ -1,4 +1,5 @@
 """One training step (caption dropout -> diffusion loss -> AdamW -> EMA), compiled ahead of time with shardings."""
+
 import time
 from typing import Callable
 
@@ -33,8 +34,14 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig) ->
         def eps_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
 
-        return diffusion.diffusion_loss(eps_fn, batch["image"], loss_key, learn_sigma=model_cfg.learn_sigma,
-                                        prediction=model_cfg.prediction, timestep_logit_normal=timestep_logit_normal)
+        return diffusion.diffusion_loss(
+            eps_fn,
+            batch["image"],
+            loss_key,
+            learn_sigma=model_cfg.learn_sigma,
+            prediction=model_cfg.prediction,
+            timestep_logit_normal=timestep_logit_normal,
+        )
 
     return loss_fn
 
@@ -44,8 +51,9 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _STEP_STREAM), step)
 
 
-def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig, conditioner,
-                    tx: optax.GradientTransformation) -> Callable:
+def make_train_step(
+    config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig, conditioner, tx: optax.GradientTransformation
+) -> Callable:
     """train_step(state, batch, tables) -> (new state, {"loss", "grad_norm", "lr"}).
 
     All randomness comes from step_key(config.seed, state.step), so a resumed or rerun step is bitwise the same, and it
@@ -60,8 +68,12 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig,
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, text, text_mask, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1,
-                               ema_params=ema.ema_update(state.ema_params, params, ema_decay(config, state.step)))
+        new_state = TrainState(
+            params=params,
+            opt_state=opt_state,
+            step=state.step + 1,
+            ema_params=ema.ema_update(state.ema_params, params, ema_decay(config, state.step)),
+        )
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
 
     return train_step
@@ -81,8 +93,12 @@ def compile_train_step(train_step: Callable, abstract_state, state_sh, batch, ta
     """
     batch_sh = {k: sharding_rules.batch_sharding(mesh) for k in batch}
     tables_sh = jax.tree.map(lambda _: sharding_rules.replicated(mesh), tables)
-    jitted = jax.jit(train_step, in_shardings=(state_sh, batch_sh, tables_sh),
-                     out_shardings=(state_sh, sharding_rules.replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_sh, tables_sh),
+        out_shardings=(state_sh, sharding_rules.replicated(mesh)),
+        donate_argnums=(0,),
+    )
     start = time.perf_counter()
     compiled = jitted.lower(abstract_state, batch, tables).compile()
     logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)

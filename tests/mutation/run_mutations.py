@@ -10,6 +10,7 @@ is the bug's doing. Prints a table and, as the last line, one JSON object {mutan
 Takes ~10-15 minutes on a 2-core CPU; not part of CI (.ci/run), run it before landing changes to the loop, the
 checkpointer, the data pipeline, the evaluator or the sampler.
 """
+
 import argparse
 import json
 import os
@@ -34,53 +35,103 @@ class Mutant(NamedTuple):
 
 
 MUTANTS = (
-    Mutant("resume", "a restarted run resumes from its latest checkpoint", "relcirc_jax/train/loop.py",
-           "restored = experiment.checkpointer.restore_latest(experiment.abstract_state)", "restored = None",
-           ("tests/test_train_loop.py::test_stop_and_resume_is_bitwise_identical",)),
-    Mutant("preemption_save", "SIGTERM saves a checkpoint, exits 0 and the run resumes", "relcirc_jax/train/loop.py",
-           "or done == total or preempted or out_of_time", "or done == total or out_of_time",
-           ("tests/test_train_loop.py::test_sigterm_saves_exits_zero_and_resumes_bitwise",)),
-    Mutant("nan_stop", "a non-finite loss stops the run before anything is saved", "relcirc_jax/train/loop.py",
-           "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
-           "        if saving:\n            experiment.checkpointer.save(done, state, _meta(config, done), force=True)\n"
-           "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
-           ("tests/test_train_loop.py::test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint",)),
-    Mutant("checkpoint_fallback", "an unreadable newest checkpoint falls back to the previous one",
-           "relcirc_jax/train/checkpoint.py",
-           "errors.append(f\"step {step}: {type(error).__name__}: {error}\")\n                continue",
-           "raise",
-           ("tests/test_checkpoint.py::test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files",)),
-    Mutant("optimizer_update", "a train step applies the optimizer update", "relcirc_jax/train/step.py",
-           "params = optax.apply_updates(state.params, updates)", "params = state.params",
-           ("tests/test_train_step.py::test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients",)),
-    Mutant("ema", "sampling uses an exponential moving average of the weights", "relcirc_jax/train/ema.py",
-           "return (decay * ema + (1.0 - decay) * param.astype(ema.dtype)).astype(ema.dtype)",
-           "return param.astype(ema.dtype)",
-           ("tests/test_train_step.py::test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients",)),
-    Mutant("caption_dropout", "caption dropout trains the null caption CFG needs", "relcirc_jax/train/step.py",
-           "jax.random.bernoulli(drop_key, dropout, (text.shape[0],))",
-           "jax.random.bernoulli(drop_key, 0.0, (text.shape[0],))",
-           ("tests/test_train_step.py::test_caption_dropout_is_what_trains_the_null_caption",)),
-    Mutant("data_process_count", "every process count sees the same global batch", "relcirc_jax/data/dataset.py",
-           "np.random.default_rng([seed, step, k])", "np.random.default_rng([seed, step, k, process_index])",
-           ("tests/test_dataset.py::test_process_slices_concatenate_to_the_single_process_batch",)),
-    Mutant("relation_gate", "relation is scored only when each description matches exactly one object",
-           "relcirc_jax/evaluation/scoring.py", "spatial = unique & ungated", "spatial = ungated",
-           ("tests/test_scoring.py::test_a_second_matching_object_fails_both_relation_forms",)),
-    Mutant("cfg", "sampling applies classifier-free guidance at eval.cfg_scale", "relcirc_jax/diffusion/guidance.py",
-           "guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])",
-           "guided = cond[..., :channels]",
-           ("tests/test_samplers_vs_diffusers.py::test_cfg_guides_first_channels_in_one_batched_call",)),
-    Mutant("time_budget", "a spent time budget saves and evaluates the last step", "relcirc_jax/train/loop.py",
-           "periodic(state, done, writer, final=out_of_time)", "periodic(state, done, writer)",
-           ("tests/test_train_loop.py::test_spent_time_budget_saves_samples_and_evaluates_the_last_step_then_stops",)),
+    Mutant(
+        "resume",
+        "a restarted run resumes from its latest checkpoint",
+        "relcirc_jax/train/loop.py",
+        "restored = experiment.checkpointer.restore_latest(experiment.abstract_state)",
+        "restored = None",
+        ("tests/test_train_loop.py::test_stop_and_resume_is_bitwise_identical",),
+    ),
+    Mutant(
+        "preemption_save",
+        "SIGTERM saves a checkpoint, exits 0 and the run resumes",
+        "relcirc_jax/train/loop.py",
+        "or done == total or preempted or out_of_time",
+        "or done == total or out_of_time",
+        ("tests/test_train_loop.py::test_sigterm_saves_exits_zero_and_resumes_bitwise",),
+    ),
+    Mutant(
+        "nan_stop",
+        "a non-finite loss stops the run before anything is saved",
+        "relcirc_jax/train/loop.py",
+        "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
+        "        if saving:\n            experiment.checkpointer.save(done, state, _meta(config, done), force=True)\n"
+        "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
+        ("tests/test_train_loop.py::test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint",),
+    ),
+    Mutant(
+        "checkpoint_fallback",
+        "an unreadable newest checkpoint falls back to the previous one",
+        "relcirc_jax/train/checkpoint.py",
+        'errors.append(f"step {step}: {type(error).__name__}: {error}")\n                continue',
+        "raise",
+        ("tests/test_checkpoint.py::test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files",),
+    ),
+    Mutant(
+        "optimizer_update",
+        "a train step applies the optimizer update",
+        "relcirc_jax/train/step.py",
+        "params = optax.apply_updates(state.params, updates)",
+        "params = state.params",
+        ("tests/test_train_step.py::test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients",),
+    ),
+    Mutant(
+        "ema",
+        "sampling uses an exponential moving average of the weights",
+        "relcirc_jax/train/ema.py",
+        "return (decay * ema + (1.0 - decay) * param.astype(ema.dtype)).astype(ema.dtype)",
+        "return param.astype(ema.dtype)",
+        ("tests/test_train_step.py::test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients",),
+    ),
+    Mutant(
+        "caption_dropout",
+        "caption dropout trains the null caption CFG needs",
+        "relcirc_jax/train/step.py",
+        "jax.random.bernoulli(drop_key, dropout, (text.shape[0],))",
+        "jax.random.bernoulli(drop_key, 0.0, (text.shape[0],))",
+        ("tests/test_train_step.py::test_caption_dropout_is_what_trains_the_null_caption",),
+    ),
+    Mutant(
+        "data_process_count",
+        "every process count sees the same global batch",
+        "relcirc_jax/data/dataset.py",
+        "np.random.default_rng([seed, step, k])",
+        "np.random.default_rng([seed, step, k, process_index])",
+        ("tests/test_dataset.py::test_process_slices_concatenate_to_the_single_process_batch",),
+    ),
+    Mutant(
+        "relation_gate",
+        "relation is scored only when each description matches exactly one object",
+        "relcirc_jax/evaluation/scoring.py",
+        "spatial = unique & ungated",
+        "spatial = ungated",
+        ("tests/test_scoring.py::test_a_second_matching_object_fails_both_relation_forms",),
+    ),
+    Mutant(
+        "cfg",
+        "sampling applies classifier-free guidance at eval.cfg_scale",
+        "relcirc_jax/diffusion/guidance.py",
+        "guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])",
+        "guided = cond[..., :channels]",
+        ("tests/test_samplers_vs_diffusers.py::test_cfg_guides_first_channels_in_one_batched_call",),
+    ),
+    Mutant(
+        "time_budget",
+        "a spent time budget saves and evaluates the last step",
+        "relcirc_jax/train/loop.py",
+        "periodic(state, done, writer, final=out_of_time)",
+        "periodic(state, done, writer)",
+        ("tests/test_train_loop.py::test_spent_time_budget_saves_samples_and_evaluates_the_last_step_then_stops",),
+    ),
 )
 
 
 def copy_tree(destination: str) -> None:
     """The working tree's tracked and untracked-but-not-ignored files, as the tests would see them in a clone."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split("\0")
     for name in filter(None, files):
         source = os.path.join(REPO, name)
         if os.path.isfile(source):
@@ -93,8 +144,10 @@ def plant(tree: str, mutant: Mutant) -> None:
     with open(path) as f:
         text = f.read()
     if text.count(mutant.old) != 1:
-        raise SystemExit(f"Mutant {mutant.name!r}: the snippet occurs {text.count(mutant.old)} times in "
-                         f"{mutant.path}, not once. Fix: update MUTANTS in {__file__} to the current code.")
+        raise SystemExit(
+            f"Mutant {mutant.name!r}: the snippet occurs {text.count(mutant.old)} times in "
+            f"{mutant.path}, not once. Fix: update MUTANTS in {__file__} to the current code."
+        )
     with open(path, "w") as f:
         f.write(text.replace(mutant.old, mutant.new))
 
@@ -103,8 +156,13 @@ def run_tests(tree: str, tests: tuple[str, ...]) -> tuple[int, str, float]:
     """(pytest exit code, its output, seconds), importing relcirc_jax from `tree` (not the installed checkout)."""
     env = {**os.environ, "PYTHONPATH": tree}
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], cwd=tree,
-                            env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     return result.returncode, result.stdout + result.stderr, time.perf_counter() - start
 
 
@@ -117,8 +175,13 @@ def main():
     work = tempfile.mkdtemp(prefix="relcirc_mutation_")
     baseline = os.path.join(work, "baseline")
     copy_tree(baseline)
-    check = subprocess.run([sys.executable, "-c", "import relcirc_jax; print(relcirc_jax.__file__)"], cwd=baseline,
-                           env={**os.environ, "PYTHONPATH": baseline}, capture_output=True, text=True).stdout
+    check = subprocess.run(
+        [sys.executable, "-c", "import relcirc_jax; print(relcirc_jax.__file__)"],
+        cwd=baseline,
+        env={**os.environ, "PYTHONPATH": baseline},
+        capture_output=True,
+        text=True,
+    ).stdout
     if not check.startswith(baseline):
         raise SystemExit(f"The copy imports relcirc_jax from {check.strip()}, not from {baseline}.")
     tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
@@ -136,8 +199,11 @@ def main():
         failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.M)
         killed = code not in (0, 5)
         results[mutant.name] = {"killed": killed, "by": failed[0] if failed else None, "seconds": round(seconds)}
-        print(f"{mutant.name:20s} {'yes' if killed else 'NO':6s} {seconds:7.0f}  "
-              f"{failed[0] if failed else '(survived)'} / {mutant.promise}", flush=True)
+        print(
+            f"{mutant.name:20s} {'yes' if killed else 'NO':6s} {seconds:7.0f}  "
+            f"{failed[0] if failed else '(survived)'} / {mutant.promise}",
+            flush=True,
+        )
         if not args.keep:
             shutil.rmtree(tree)
     if not args.keep:

@@ -119,7 +119,7 @@ def logged_steps(workdir):
 
 def test_stop_and_resume_is_bitwise_identical(reference, tmp_path, caplog):
     loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):  # earlier absl flag parsing may have raised its level
         resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     assert "Resumed from the checkpoint of step 2." in caplog.text
     assert logged_steps(str(tmp_path)) == list(range(1, STEPS + 1))  # the resumed run trained steps 3.. only
@@ -164,7 +164,7 @@ def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, 
     _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
     logged_before = len(logged_steps(str(tmp_path)))
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):  # earlier absl flag parsing may have raised its level
         restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)\.", caplog.text).group(1))
     assert resumed_from >= 2 and logged_steps(str(tmp_path))[logged_before:] == list(range(resumed_from + 1, STEPS + 1))
@@ -241,7 +241,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_spent_time_budget_saves_samples_and_evaluates_the_last_step_then_stops(tmp_path, caplog):
     config = smoke_config(**{"train.time_budget_minutes": 1e-9, "eval.every_steps": 1000, "sample.every_steps": 1000})
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("WARNING", logger="absl"):
         loop.train(config, str(tmp_path))
     assert os.listdir(tmp_path / "checkpoints") == ["1"]  # log.every_steps=1: the budget is checked after each step
     rows = metric_rows(str(tmp_path))

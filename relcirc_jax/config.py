@@ -23,7 +23,7 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
   split into two XLA devices (`parallel.cpu_devices`; the two data-parallel halves overlap each other's serial ops,
   ~10 % faster for micro). The step count is the time budget divided by the per-size step time at batch 64
   (`CPU_STEP_SECONDS`), and `train.time_budget_minutes` stops a slower machine on time, with fewer steps.
-* ``quick`` - the ``cpu`` recipe with an 11-minute budget, so that the README quickstart (this training, then
+* ``quick`` - the ``cpu`` recipe with a 10-minute budget, so that the README quickstart (this training, then
   `--mode=evaluate`) ends within 15 minutes: colours and shapes, little relation.
 * ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 8 prompts. For tests and for checking a set-up.
 """
@@ -47,7 +47,7 @@ NEGATIVES = ("empty_prompt", "learned_null")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
-QUICK_BUDGET_SECONDS = 660  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
+QUICK_BUDGET_SECONDS = 600  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
 
 
 def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -94,7 +94,9 @@ def _run(
         done = step + 1
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
-        out_of_time = done % config.log.every_steps == 0 and budget.spent()  # a collective on several processes
+        # Single-process runs read the clock every step; on several processes the check is a collective: log steps only.
+        budget_step = jax.process_count() == 1 or done % config.log.every_steps == 0
+        out_of_time = budget_step and budget.spent()
         saving = done % config.checkpoint.every_steps == 0 or done == total or preempted or out_of_time
         if saving or periodic.due(done) or done % config.log.every_steps == 0:
             _check_finite(pending, experiment)

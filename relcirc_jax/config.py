@@ -327,15 +327,21 @@ def _get(c: ml_collections.ConfigDict, dotted: str):
     return c
 
 
+def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | None:
+    """(path, variant) of the last `--config=FILE[:variant]` in `argv`, or None."""
+    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
+    if not files:
+        return None
+    path, _, variant = files[-1].partition(":")
+    return path, variant
+
+
 def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
     """What is wrong with `--config=FILE[:variant]` in `argv` that absl would only report later or as a traceback:
     the file is missing. None when it exists (or no --config is given)."""
-    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
-    if files and not os.path.isfile(files[-1].partition(":")[0]):
-        return (
-            f"Config file {files[-1].partition(':')[0]!r} does not exist; pass e.g. "
-            "--config=configs/rte_dit_micro.py:cpu."
-        )
+    arg = _config_file_arg(argv, flag_name)
+    if arg and not os.path.isfile(arg[0]):
+        return f"Config file {arg[0]!r} does not exist; pass e.g. --config=configs/rte_dit_micro.py:cpu."
     return None
 
 
@@ -345,11 +351,11 @@ def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str 
     Loads the config file again (only on this error path) and checks, in order: the file exists, the ':variant' is
     known, every `--config.a.b=v` override names an existing key, and `v` parses as that key's type.
     """
+    arg = _config_file_arg(argv, flag_name)
     problem = config_file_problem(argv, flag_name)
-    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
-    if problem or not files:
+    if problem or not arg:
         return problem
-    path, _, variant = files[-1].partition(":")
+    path, variant = arg
     spec = importlib.util.spec_from_file_location("_config_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

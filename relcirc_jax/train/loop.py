@@ -66,7 +66,8 @@ def _run(
     if start >= total:
         logging.info("The checkpoint of step %d already reaches train.num_steps=%d; nothing to train.", start, total)
         return state
-    budget = preemption.TimeBudget(config.train.time_budget_minutes)  # compilation counts: it is part of the wait
+    # Compilation counts against the budget: it is part of the wait. Several processes agree on log steps.
+    budget = preemption.TimeBudget(config.train.time_budget_minutes, sync_every=config.log.every_steps)
     step_fn = train_step.compile_train_step(
         train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
         experiment.abstract_state,
@@ -94,9 +95,7 @@ def _run(
         done = step + 1
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
-        # Single-process runs read the clock every step; on several processes the check is a collective: log steps only.
-        budget_step = jax.process_count() == 1 or done % config.log.every_steps == 0
-        out_of_time = budget_step and budget.spent()
+        out_of_time = budget.spent(done)
         saving = done % config.checkpoint.every_steps == 0 or done == total or preempted or out_of_time
         if saving or periodic.due(done) or done % config.log.every_steps == 0:
             _check_finite(pending, experiment)

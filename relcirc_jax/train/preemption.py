@@ -43,19 +43,22 @@ def install_sigterm_handler() -> PreemptionFlag:
 
 
 class TimeBudget:
-    """`.spent()` turns True once `minutes` of wall time have passed since construction (None: never).
+    """`.spent(step)` turns True once `minutes` of wall time have passed since construction (None: never).
 
-    On several processes `.spent()` is a collective (process 0 decides): every process must call it at the same steps.
+    One process reads its clock at every step. On several processes the answer is a collective (process 0's clock
+    decides, so all stop at the same step), taken only at steps that are multiples of `sync_every`; others say False.
     """
 
-    def __init__(self, minutes: float | None, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, minutes: float | None, *, sync_every: int = 1, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
+        self._sync_every = sync_every
         self._deadline = None if minutes is None else clock() + 60.0 * minutes
 
-    def spent(self) -> bool:
+    def spent(self, step: int) -> bool:
         if self._deadline is None:
             return False
-        spent = self._clock() >= self._deadline
-        if jax.process_count() > 1:
-            spent = bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
-        return spent
+        if jax.process_count() == 1:
+            return self._clock() >= self._deadline
+        if step % self._sync_every:
+            return False
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(self._clock() >= self._deadline)))

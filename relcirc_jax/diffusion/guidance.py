@@ -20,10 +20,13 @@ def cfg_eps_fn(
     null_text: jax.Array,
     null_mask: jax.Array,
     scale: float,
+    *,
+    has_aux: bool = False,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """eps_fn(x, t) for the samplers; model_fn(x, t, text, mask) -> eps, text [B, L, D], mask [B, L].
 
-    null_text / null_mask may have batch 1 (or B); they are broadcast to text's shape.
+    null_text / null_mask may have batch 1 (or B); they are broadcast to text's shape. With has_aux, model_fn returns
+    (eps, aux) and so does eps_fn; aux is of the doubled batch, the conditional half first.
     """
     null_text = jnp.broadcast_to(null_text, text.shape).astype(text.dtype)
     null_mask = jnp.broadcast_to(null_mask, text_mask.shape).astype(text_mask.dtype)
@@ -32,9 +35,11 @@ def cfg_eps_fn(
 
     def eps_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text, both_mask)
+        out, aux = out if has_aux else (out, None)
         cond, uncond = jnp.split(out, 2)
         channels = x.shape[-1]
         guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
-        return jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+        guided = jnp.concatenate([guided, cond[..., channels:]], axis=-1)
+        return (guided, aux) if has_aux else guided
 
     return eps_fn

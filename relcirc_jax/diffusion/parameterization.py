@@ -54,10 +54,11 @@ def to_eps(prediction: str, out: jax.Array, x_t: jax.Array, abar: jax.Array) -> 
     return jnp.sqrt(abar) * out + jnp.sqrt(1.0 - abar) * x_t
 
 
-def eps_fn_from(model_fn: Callable, prediction: str) -> Callable:
+def eps_fn_from(model_fn: Callable, prediction: str, *, has_aux: bool = False) -> Callable:
     """Wraps model_fn(x, t) -> prediction (C or 2C channels) into eps_fn(x, t) for the samplers.
 
-    Extra channels (learned variance) pass through unchanged. CFG may be applied before or after this wrapper: the
+    Extra channels (learned variance) pass through unchanged; with has_aux, model_fn returns (prediction, aux) and
+    eps_fn (eps, aux). CFG may be applied before or after this wrapper: the
     conversion is affine in the prediction, so guiding v and guiding eps give the same eps.
     """
     check_prediction(prediction)
@@ -65,9 +66,10 @@ def eps_fn_from(model_fn: Callable, prediction: str) -> Callable:
         return model_fn
 
     def eps_fn(x, t):
-        out = model_fn(x, t)
+        out, aux = model_fn(x, t) if has_aux else (model_fn(x, t), None)
         c = x.shape[-1]
         abar = alphas_cumprod_at(jnp.broadcast_to(t, x.shape[:1])).reshape((-1,) + (1,) * (x.ndim - 1))
-        return jnp.concatenate([to_eps(prediction, out[..., :c], x, abar), out[..., c:]], axis=-1)
+        eps = jnp.concatenate([to_eps(prediction, out[..., :c], x, abar), out[..., c:]], axis=-1)
+        return (eps, aux) if has_aux else eps
 
     return eps_fn

@@ -147,16 +147,17 @@ def _validated(solver: str, num_steps: int) -> _Solver:
     return SOLVERS[solver]
 
 
-def _eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array) -> jax.Array:
-    """The model's eps for x; of a learned-sigma output (2C channels) only the first C are used."""
+def _eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, has_aux: bool = False):
+    """The model's eps for x (and its aux with has_aux); of a learned-sigma output (2C channels) only the first C."""
     out = eps_fn(x, jnp.full((x.shape[0],), t, jnp.float32))
+    out, aux = out if has_aux else (out, None)
     channels = x.shape[-1]
     if out.shape[-1] not in (channels, 2 * channels):
         raise ValueError(
             f"eps_fn returned {out.shape[-1]} channels for a {channels}-channel sample; it must return {channels} "
             f"(eps) or {2 * channels} (eps and learned sigma)."
         )
-    return out[..., :channels].astype(x.dtype)
+    return out[..., :channels].astype(x.dtype), aux
 
 
 def sample_trajectory(
@@ -166,15 +167,23 @@ def sample_trajectory(
 
     For euler the per-step samples are in its VE state space (x_VP * sqrt(1 + sigma^2)), as in diffusers.
     """
-    return _run(eps_fn, noise, _validated(solver, num_steps), num_steps, keep_trajectory=True)
+    return _run(eps_fn, noise, _validated(solver, num_steps), num_steps, keep_trajectory=True)[:3]
 
 
 def sample(eps_fn: EpsFn, noise: jax.Array, *, solver: str = "dpmpp_2m", num_steps: int = 14) -> jax.Array:
     """Denoise standard-normal noise [B, ...] to x0 with eps_fn(x, t[B] float32); jittable, deterministic."""
-    return _run(eps_fn, noise, _validated(solver, num_steps), num_steps, keep_trajectory=False)[0]
+    return _run(eps_fn, noise, _validated(solver, num_steps), num_steps)[0]
 
 
-def _run(eps_fn, noise, solver: _Solver, num_steps: int, *, keep_trajectory: bool):
+def sample_with_aux(
+    eps_fn: Callable, noise: jax.Array, *, solver: str = "dpmpp_2m", num_steps: int = 14
+) -> tuple[jax.Array, jax.Array, object]:
+    """Like sample, for eps_fn(x, t) -> (eps, aux): (x0, timesteps [N], aux of every step stacked on a leading [N])."""
+    x, timesteps, _, aux = _run(eps_fn, noise, _validated(solver, num_steps), num_steps, has_aux=True)
+    return x, timesteps, aux
+
+
+def _run(eps_fn, noise, solver: _Solver, num_steps: int, *, keep_trajectory: bool = False, has_aux: bool = False):
     plan = solver.plan(num_steps)
     dtype = noise.dtype
     xs = (
@@ -185,9 +194,10 @@ def _run(eps_fn, noise, solver: _Solver, num_steps: int, *, keep_trajectory: boo
     def body(state, step_inputs):
         x, carry = state
         t, c = step_inputs
-        carry, x = solver.step(carry, x, _eps(eps_fn, solver.model_input(x, c), t), c)
-        return (x, carry), (x if keep_trajectory else None)
+        eps, aux = _eps(eps_fn, solver.model_input(x, c), t, has_aux)
+        carry, x = solver.step(carry, x, eps, c)
+        return (x, carry), (x if keep_trajectory else None, aux)
 
     x = noise * jnp.asarray(plan.init_noise_scale, dtype)
-    (x, _), trajectory = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
-    return x, xs[0], trajectory
+    (x, _), (trajectory, aux) = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
+    return x, xs[0], trajectory, aux

@@ -5,7 +5,8 @@ boolean padding mask. The module tree mirrors diffusers' parameter names (`trans
 is params["transformer_blocks_3"]["attn1"]["to_q"]["kernel"]), see models/convert.py.
 
 Analysis hooks: every activation listed by `hook_names(config)` can be recorded with `run_with_cache`; head
-ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads]), so a screen is `jax.vmap` over masks.
+ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads] multiply heads' outputs, 0 = zero-ablate;
+`self_head_mean_mask` / `cross_head_mean_mask` 0 = mean-ablate, see attention.py), so a screen is `jax.vmap` over masks.
 Every parameter carries logical sharding axis names ("embed", "heads", "mlp", "caption", "adaln", "table",
 "patch"); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
 """
@@ -282,7 +283,17 @@ class DiTBlock(nn.Module):
             self.sow("intermediates", name, value)
 
     @nn.compact
-    def __call__(self, h, t6, caption, caption_mask, self_head_mask, cross_head_mask):
+    def __call__(
+        self,
+        h,
+        t6,
+        caption,
+        caption_mask,
+        self_head_mask,
+        cross_head_mask,
+        self_head_mean_mask=None,
+        cross_head_mean_mask=None,
+    ):
         cfg, dtype = self.config, self.config.compute_dtype
         table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (6, cfg.hidden_size))
         mod = table[None] + t6.reshape(t6.shape[0], 6, cfg.hidden_size)
@@ -291,14 +302,20 @@ class DiTBlock(nn.Module):
 
         self._record("hook_resid_pre", h)
         attn1 = MultiHeadAttention(**attention, hook_prefix=f"blocks.{self.layer}.attn", name="attn1")
-        attn_out = attn1(modulate(h, shift_msa, scale_msa).astype(dtype), head_mask=self_head_mask)
+        attn_out = attn1(
+            modulate(h, shift_msa, scale_msa).astype(dtype),
+            head_mask=self_head_mask,
+            head_mean_mask=self_head_mean_mask,
+        )
         h = (h + gate_msa * attn_out).astype(dtype)
         self._record("hook_resid_mid", h)
 
         attn2 = MultiHeadAttention(
             **attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True, name="attn2"
         )
-        h = h + attn2(h, context=caption, key_mask=caption_mask, head_mask=cross_head_mask)
+        h = h + attn2(
+            h, context=caption, key_mask=caption_mask, head_mask=cross_head_mask, head_mean_mask=cross_head_mean_mask
+        )
 
         ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
         h = (h + gate_mlp * ff_out).astype(dtype)
@@ -341,9 +358,27 @@ class DiT(nn.Module):
                 )
 
     @nn.compact
-    def __call__(self, x, t, text, text_mask, *, self_head_mask=None, cross_head_mask=None, null_caption_rows=None):
+    def __call__(
+        self,
+        x,
+        t,
+        text,
+        text_mask,
+        *,
+        self_head_mask=None,
+        cross_head_mask=None,
+        self_head_mean_mask=None,
+        cross_head_mean_mask=None,
+        null_caption_rows=None,
+    ):
         cfg, dtype = self.config, self.config.compute_dtype
-        self._check_inputs(x, text, text_mask, {"self_head_mask": self_head_mask, "cross_head_mask": cross_head_mask})
+        head_masks = {
+            "self_head_mask": self_head_mask,
+            "cross_head_mask": cross_head_mask,
+            "self_head_mean_mask": self_head_mean_mask,
+            "cross_head_mean_mask": cross_head_mean_mask,
+        }
+        self._check_inputs(x, text, text_mask, head_masks)
         batch = x.shape[0]
         # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
         null_text = self.param(
@@ -369,14 +404,7 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for layer in range(cfg.depth):
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
-            h = block(
-                h,
-                t6,
-                caption,
-                text_mask,
-                None if self_head_mask is None else self_head_mask[layer],
-                None if cross_head_mask is None else cross_head_mask[layer],
-            )
+            h = block(h, t6, caption, text_mask, *(None if m is None else m[layer] for m in head_masks.values()))
 
         table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (2, cfg.hidden_size))
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
@@ -441,15 +469,16 @@ def run_with_cache(model: DiT, params: Mapping, x, t, text, text_mask, names: Se
     out, state = capturing.apply(
         {"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"], **kwargs
     )
-    cache = {}
-    _collect_sown(state["intermediates"], cache)
+    cache = collect_sown(state["intermediates"])
     return out, {name: cache[name] for name in names}
 
 
-def _collect_sown(tree: Mapping, cache: dict) -> None:
-    """Flatten the nested intermediates collection: sown values are keyed by their full hook name."""
+def collect_sown(tree: Mapping, cache: dict | None = None) -> dict:
+    """The nested "intermediates" collection flattened to {full hook name: value}."""
+    cache = {} if cache is None else cache
     for key, value in tree.items():
         if isinstance(value, tuple):
             cache[key] = value[0]
         else:
-            _collect_sown(value, cache)
+            collect_sown(value, cache)
+    return cache

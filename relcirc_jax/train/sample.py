@@ -30,6 +30,10 @@ class Sampler:
     The starting noise of the i-th caption is a function of (seed, i) alone, so the same captions give the same images
     whatever the chunk size or the mesh. Every process passes the same captions; inputs are spread over the mesh's
     devices (also across processes) and every process gets all images back.
+
+    With `capture` and `reduce` (see generate_fn; reduce's leaves must keep the batch axis first) a call returns
+    (images, captured) with the captured leaves [num_steps, len(captions), ...]; `extra_fields(captions)` adds
+    per-caption arrays to the batch that reduce reads (e.g. token roles).
     """
 
     def __init__(
@@ -45,13 +49,18 @@ class Sampler:
         batch_size: int,
         seed: int,
         negative: str = "empty_prompt",
+        capture: Sequence[str] = (),
+        reduce: Callable | None = None,
+        extra_fields: Callable[[Sequence[str]], dict] | None = None,
     ):
         shards = mesh.shape["data"] * mesh.shape["fsdp"]
         self.batch_size = math.ceil(batch_size / shards) * shards
         self._mesh = mesh
+        self._extra_fields = extra_fields
+        self._capturing = reduce is not None
         batch_sh = sharding_rules.batch_sharding(mesh)
         self._generate = jax.jit(
-            _generate_fn(
+            generate_fn(
                 model_cfg,
                 conditioner,
                 cfg_scale=cfg_scale,
@@ -59,23 +68,34 @@ class Sampler:
                 solver=solver,
                 seed=seed,
                 negative=negative,
+                capture=capture,
+                reduce=reduce,
             ),
             in_shardings=(param_sh, batch_sh, sharding_rules.replicated(mesh), batch_sh),
-            out_shardings=batch_sh,
+            out_shardings=None if self._capturing else batch_sh,
         )
 
-    def __call__(self, params, tables, captions: Sequence[str]) -> np.ndarray:
-        """uint8[len(captions), H, W, 3] images for `captions`."""
+    def __call__(self, params, tables, captions: Sequence[str]):
+        """uint8[len(captions), H, W, 3] images for `captions` (and the captured values, when capturing)."""
         captions = list(captions)
         padded = captions + [captions[-1]] * (-len(captions) % self.batch_size)
         batch = caption_batch(padded)
+        if self._extra_fields is not None:
+            batch.update(self._extra_fields(padded))
         batch["noise_id"] = np.arange(len(padded), dtype=np.int32)
-        chunks = []
+        images, captured = [], []
         for start in range(0, len(padded), self.batch_size):
             chunk = shared_to_global({k: v[start : start + self.batch_size] for k, v in batch.items()}, self._mesh)
             noise_id = chunk.pop("noise_id")
-            chunks.append(to_host(self._generate(params, chunk, tables, noise_id)))
-        return np.concatenate(chunks)[: len(captions)]
+            out = self._generate(params, chunk, tables, noise_id)
+            if self._capturing:
+                out, aux = out
+                captured.append(jax.tree.map(to_host, aux))
+            images.append(to_host(out))
+        images = np.concatenate(images)[: len(captions)]
+        if not self._capturing:
+            return images
+        return images, jax.tree.map(lambda *xs: np.concatenate(xs, axis=1)[:, : len(captions)], *captured)
 
 
 def caption_batch(captions: Sequence[str]) -> dict[str, np.ndarray]:
@@ -96,25 +116,52 @@ def negative_caption(negative: str, conditioner, params, tables, batch: int) -> 
     return jnp.broadcast_to(text, (batch,) + text.shape[1:]), jnp.broadcast_to(mask, (batch,) + mask.shape[1:])
 
 
-def _generate_fn(
-    model_cfg: dit.DiTConfig, conditioner, *, cfg_scale: float, num_steps: int, solver: str, seed: int, negative: str
+def generate_fn(
+    model_cfg: dit.DiTConfig,
+    conditioner,
+    *,
+    cfg_scale: float,
+    num_steps: int,
+    solver: str,
+    seed: int,
+    negative: str,
+    capture: Sequence[str] = (),
+    reduce: Callable | None = None,
 ) -> Callable:
-    model = dit.DiT(model_cfg)
-    image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
+    """generate(params, batch, tables, noise_id, head_masks=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
+    and the solver in one traceable function (jit it; vmap it over `head_masks` for ablation screens).
 
-    def generate(params, batch, tables, noise_id):
+    head_masks: None or {"self_head_mask": [depth, heads], "cross_head_mask": [depth, heads]} (DiT.__call__).
+    With `reduce`, the model records the capture points named in `capture` (dit.hook_names) at every solver step,
+    `reduce(cache, batch)` turns the conditional half's {name: [B, ...]} into a pytree inside the scan, and generate
+    returns (images, that pytree stacked over steps [num_steps, ...]).
+    """
+    model = dit.DiT(model_cfg, capture=tuple(capture))
+    image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
+    has_aux = reduce is not None
+
+    def generate(params, batch, tables, noise_id, head_masks=None):
         text, text_mask = conditioner.embed(tables, batch)
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
+        masks = head_masks or {}
 
         def model_fn(x, t, txt, msk):
-            return model.apply({"params": params}, x, t, txt, msk)
+            if not has_aux:
+                return model.apply({"params": params}, x, t, txt, msk, **masks)
+            out, state = model.apply({"params": params}, x, t, txt, msk, mutable=["intermediates"], **masks)
+            cache = dit.collect_sown(state["intermediates"])
+            return out, reduce({name: value[: text.shape[0]] for name, value in cache.items()}, batch)
 
-        guided = guidance.cfg_eps_fn(model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale)
-        eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction)
+        guided = guidance.cfg_eps_fn(
+            model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale, has_aux=has_aux
+        )
+        eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction, has_aux=has_aux)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
         noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
-        x0 = diffusion.sample(eps_fn, noise, solver=solver, num_steps=num_steps)
-        return to_uint8(x0[..., : model_cfg.in_channels])
+        if not has_aux:
+            return to_uint8(diffusion.sample(eps_fn, noise, solver=solver, num_steps=num_steps))
+        x0, _, aux = diffusion.sample_with_aux(eps_fn, noise, solver=solver, num_steps=num_steps)
+        return to_uint8(x0), aux
 
     return generate
 
@@ -138,18 +185,26 @@ def image_grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
 
 def make_sampler(experiment: train_state.Experiment, batch_size: int) -> Sampler:
     """A sampler with the eval settings (DPM-Solver++ 14 steps, CFG 4.5 by default) over the EMA params' shardings."""
-    e = experiment.config.eval
+    e = experiment
+    return eval_sampler(e.config, e.model_cfg, e.conditioner, e.mesh, e.state_sh.ema_params, batch_size)
+
+
+def eval_sampler(config, model_cfg, conditioner, mesh, param_sh, batch_size: int, **capture) -> Sampler:
+    """A Sampler with config.eval's solver, steps, CFG scale and seed and config.sample's negative; `capture` takes
+    Sampler's capture, reduce and extra_fields."""
+    e = config.eval
     return Sampler(
-        experiment.model_cfg,
-        experiment.conditioner,
-        experiment.mesh,
-        experiment.state_sh.ema_params,
+        model_cfg,
+        conditioner,
+        mesh,
+        param_sh,
         cfg_scale=e.cfg_scale,
         num_steps=e.num_steps,
         solver=e.solver,
         batch_size=batch_size,
         seed=e.seed,
-        negative=experiment.config.sample.negative,
+        negative=config.sample.negative,
+        **capture,
     )
 
 
@@ -174,10 +229,10 @@ def run_sample(
         caption_batch(captions)
     except ValueError as error:
         raise UserError(f"--prompt: {error}") from error
-    train_state.require_checkpoint(workdir, step)  # before anything slow, and creating nothing
+    train_state.require_weights(config, workdir, step)  # before anything slow, and creating nothing
     experiment = train_state.build_experiment(config, workdir)
-    step, state = train_state.restore_or_fail(experiment, workdir, step)
-    images = make_sampler(experiment, len(captions))(state.ema_params, experiment.tables, captions)
+    step, ema_params = train_state.ema_weights(experiment, workdir, step)
+    images = make_sampler(experiment, len(captions))(ema_params, experiment.tables, captions)
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"sample_{step:08d}.png").open("wb") as f:

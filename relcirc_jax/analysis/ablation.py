@@ -1,0 +1,448 @@
+"""Head ablation: sample the eval prompts with attention heads knocked out and score what changes.
+
+A mask row is [2, depth, heads] (axis 0: self-attention, cross-attention; 1 = keep, 0 = ablate). "zero" ablation
+multiplies the head's output z by the mask (DiT `self_head_mask` / `cross_head_mask`); "mean" ablation replaces it by
+its mean over the batch and query positions of the same forward pass (`*_head_mean_mask`, models/attention.py; under
+CFG that batch holds the conditional and the unconditional halves). The masks are data, so a screen is one jitted
+`vmap(generate)` over chunks of masks. Every mask samples the same captions from the same noises (image i's noise
+depends on i alone), so effects are paired: effect = accuracy(mask) - accuracy(all-ones baseline), with paired
+bootstrap confidence intervals over images.
+"""
+
+import math
+import time
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from relcirc_jax.analysis import context
+from relcirc_jax.evaluation.scoring import METRICS
+from relcirc_jax.parallel import host_data
+from relcirc_jax.parallel import rules as sharding_rules
+from relcirc_jax.train import evaluate, sample
+
+KINDS = ("self", "cross")  # axis 1 of a mask array
+MASK_KEYS = {
+    "zero": ("self_head_mask", "cross_head_mask"),
+    "mean": ("self_head_mean_mask", "cross_head_mean_mask"),
+}
+RANK_METRIC = "spatial_relationship"  # heads are ranked by their effect on this metric
+REPORT_METRICS = ("spatial_relationship", "overall")  # shown in the effect maps and set comparisons
+NUM_RESAMPLES = 1000
+SCORE_BLOCK_IMAGES = 8192  # images scored per detector call (bounds the detector's memory)
+GRID_IMAGES = 8  # images per row of the sample grid
+
+Head = tuple[str, int, int]  # (kind, layer, head)
+
+
+def single_head_masks(depth: int, heads: int) -> np.ndarray:
+    """float32 [1 + 2 * depth * heads, 2, depth, heads]: the all-ones baseline, then one mask per head with only that
+    head zeroed, in the order of `single_head_labels` (self-attention heads layer by layer, then cross-attention)."""
+    rows = np.arange(2 * depth * heads)
+    masks = np.ones((1 + len(rows), 2, depth, heads), np.float32)
+    masks[(1 + rows, *np.unravel_index(rows, (2, depth, heads)))] = 0.0
+    return masks
+
+
+def single_head_labels(depth: int, heads: int) -> list[Head]:
+    """(kind, layer, head) ablated by row i + 1 of `single_head_masks`."""
+    return [(KINDS[k], layer, head) for k in range(2) for layer in range(depth) for head in range(heads)]
+
+
+def _kind_index(kind) -> int:
+    if kind in (0, 1):
+        return int(kind)
+    if kind not in KINDS:
+        raise ValueError(f"Unknown head kind {kind!r}; use one of {KINDS} (or 0 / 1).")
+    return KINDS.index(kind)
+
+
+def _normalized(heads_to_ablate: Sequence, depth: int, heads: int) -> list[Head]:
+    out = []
+    for kind, layer, head in heads_to_ablate:
+        if not (0 <= layer < depth and 0 <= head < heads):
+            raise ValueError(f"Head {(kind, layer, head)} is outside the model's {depth} layers x {heads} heads.")
+        out.append((KINDS[_kind_index(kind)], int(layer), int(head)))
+    if len(set(out)) != len(out):
+        raise ValueError(f"Repeated head in {out}.")
+    return out
+
+
+def _set_mask(depth: int, heads: int, head_set: Sequence[Head]) -> np.ndarray:
+    mask = np.ones((2, depth, heads), np.float32)
+    for kind, layer, head in head_set:
+        mask[_kind_index(kind), layer, head] = 0.0
+    return mask
+
+
+def head_set_masks(
+    depth: int, heads: int, heads_to_ablate: Sequence, *, num_random: int = 0, seed: int = 0
+) -> tuple[np.ndarray, list[list[Head]]]:
+    """(masks [2 + num_random, 2, depth, heads], the head sets of rows 1...): row 0 the all-ones baseline, row 1 the
+    chosen heads ablated together, then `num_random` random sets of the same size and the same kinds (as many self- and
+    cross-attention heads as the chosen set), drawn without the chosen heads when enough others remain."""
+    chosen = _normalized(heads_to_ablate, depth, heads)
+    rng = np.random.default_rng(seed)
+    sets = [chosen]
+    for _ in range(num_random):
+        random_set = []
+        for kind in KINDS:
+            wanted = sum(k == kind for k, _, _ in chosen)
+            pool = [(kind, layer, head) for layer in range(depth) for head in range(heads)]
+            others = [h for h in pool if h not in chosen]
+            pool = others if len(others) >= wanted else pool
+            random_set += [pool[i] for i in sorted(rng.choice(len(pool), wanted, replace=False))]
+        sets.append(random_set)
+    masks = np.stack([np.ones((2, depth, heads), np.float32)] + [_set_mask(depth, heads, s) for s in sets])
+    return masks, sets
+
+
+def screen(
+    model: context.AnalysisModel, captions: Sequence[str], masks: np.ndarray, *, mode: str = "zero", chunk: int = 8
+) -> np.ndarray:
+    """uint8 [M, len(captions), H, W, 3]: the captions sampled under each mask of `masks` [M, 2, depth, heads] with
+    the model config's eval sampler (solver, steps, CFG, seed, negative); image i's noise depends only on i.
+
+    The masks run `chunk` at a time through one compiled `vmap(generate)`; the result does not depend on the mesh, but
+    another `chunk` changes the batched matmuls' shapes and so their float rounding (the odd pixel one level off)."""
+    return _screen(model, captions, masks, mode=mode, chunk=chunk)[0]
+
+
+def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarray, dict[str, float]]:
+    """(images, {"compile_s", "run_s"})."""
+    cfg = model.model_cfg
+    if mode not in MASK_KEYS:
+        raise ValueError(f"Unknown ablation mode {mode!r}; use one of {tuple(MASK_KEYS)}.")
+    masks = np.asarray(masks, np.float32)
+    if masks.ndim != 4 or masks.shape[1:] != (2, cfg.depth, cfg.num_heads) or not len(masks):
+        raise ValueError(
+            f"masks has shape {masks.shape}; expected [M >= 1, 2, depth, heads] = [M, 2, {cfg.depth}, {cfg.num_heads}]."
+        )
+    captions = list(captions)
+    if not captions:
+        raise ValueError("No captions to sample.")
+    mesh = model.mesh
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    padded = captions + [captions[-1]] * (-len(captions) % shards)
+    if mode == "mean" and len(padded) > len(captions):
+        logging.warning(
+            "Mean ablation: %d captions padded to %d (a multiple of the %d batch shards); the padding rows enter the "
+            "batch means. Pass a multiple of %d captions to avoid it.",
+            len(captions), len(padded), shards, shards,
+        )  # fmt: skip
+    batch = sample.caption_batch(padded)
+    batch["noise_id"] = np.arange(len(padded), dtype=np.int32)
+    batch = host_data.shared_to_global(batch, mesh)
+    noise_id = batch.pop("noise_id")
+
+    e = model.config.eval
+    generate = sample.generate_fn(
+        cfg,
+        model.conditioner,
+        cfg_scale=e.cfg_scale,
+        num_steps=e.num_steps,
+        solver=e.solver,
+        seed=e.seed,
+        negative=model.config.sample.negative,
+    )
+    batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
+    screen_fn = jax.jit(
+        jax.vmap(generate, in_axes=(None, None, None, None, 0)),
+        in_shardings=(model.param_sh, batch_sh, replicated, batch_sh, replicated),
+        out_shardings=NamedSharding(mesh, P(None, sharding_rules.BATCH_AXES)),
+    )
+    chunk = max(1, min(chunk, len(masks)))
+    num_chunks = math.ceil(len(masks) / chunk)
+    padded_masks = np.concatenate([masks, np.ones((num_chunks * chunk - len(masks),) + masks.shape[1:], np.float32)])
+    keys = MASK_KEYS[mode]
+
+    def chunk_masks(i):
+        m = padded_masks[i * chunk : (i + 1) * chunk]
+        return jax.device_put({keys[0]: m[:, 0], keys[1]: m[:, 1]}, replicated)
+
+    start = time.perf_counter()
+    compiled = screen_fn.lower(model.params, batch, model.tables, noise_id, chunk_masks(0)).compile()
+    compile_s = time.perf_counter() - start
+    logging.info(
+        "Ablation screen (%s): %d masks x %d images in %d chunks of %d; compiled in %.1f s.",
+        mode, len(masks), len(captions), num_chunks, chunk, compile_s,
+    )  # fmt: skip
+    images = []
+    start = time.perf_counter()
+    for i in range(num_chunks):
+        out = host_data.to_host(compiled(model.params, batch, model.tables, noise_id, chunk_masks(i)))
+        images.append(out[:, : len(captions)])
+        elapsed = time.perf_counter() - start
+        logging.info(
+            "Ablation screen (%s): chunk %d/%d done, %.1f s elapsed, ETA %.1f s.",
+            mode, i + 1, num_chunks, elapsed, elapsed / (i + 1) * (num_chunks - i - 1),
+        )  # fmt: skip
+    run_s = time.perf_counter() - start
+    return np.concatenate(images)[: len(masks)], {"compile_s": compile_s, "run_s": run_s}
+
+
+def effects(
+    images: np.ndarray,
+    captions: Sequence[str],
+    *,
+    shape: tuple[int, int] | None = None,
+    detector: str = "relcirc",
+    num_resamples: int = NUM_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Scores images [M, N, H, W, 3] (row 0 the baseline) against their N captions; K = len(METRICS).
+
+    Returns "correct" bool [M, N, K], "accuracy" [M, K], "effect" = accuracy - accuracy[0] [M, K], and "ci_low" /
+    "ci_high" [M, K]: the 95 % percentile interval of the effect over `num_resamples` paired bootstrap resamples of the
+    N images (the same image indices for the baseline and every mask; numpy Generator seeded `seed`). With `shape` =
+    (depth, heads) and the rows of `single_head_masks`, also "effect_map" [2, depth, heads, K] (and ci maps).
+    """
+    images = np.asarray(images)
+    captions = list(captions)
+    num_masks, n = images.shape[:2]
+    if n != len(captions):
+        raise ValueError(f"images has {n} images per mask but there are {len(captions)} captions.")
+    correct = np.zeros((num_masks, n, len(METRICS)), bool)
+    block = max(1, SCORE_BLOCK_IMAGES // n)
+    for start in range(0, num_masks, block):
+        rows = images[start : start + block]
+        scores, _ = evaluate.score_images(rows.reshape((-1,) + rows.shape[2:]), captions * len(rows), detector)
+        correct[start : start + len(rows)] = np.stack([scores[m].reshape(len(rows), n) for m in METRICS], -1)
+    accuracy = correct.mean(1)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(num_resamples, n))
+    counts = np.zeros((num_resamples, n))
+    np.add.at(counts, (np.repeat(np.arange(num_resamples), n), picks.reshape(-1)), 1.0)
+    resampled = np.einsum("rn,mnk->rmk", counts, correct.astype(np.float64)) / n  # accuracy per resample
+    resampled_effect = resampled - resampled[:, :1]
+    out = {
+        "correct": correct,
+        "accuracy": accuracy,
+        "effect": accuracy - accuracy[:1],
+        "ci_low": np.percentile(resampled_effect, 2.5, axis=0),
+        "ci_high": np.percentile(resampled_effect, 97.5, axis=0),
+    }
+    if shape is not None:
+        depth, heads = shape
+        if num_masks != 1 + 2 * depth * heads:
+            raise ValueError(f"{num_masks} masks are not the {1 + 2 * depth * heads} rows of single_head_masks.")
+        for name in ("effect", "ci_low", "ci_high"):
+            out[f"{name}_map"] = out[name][1:].reshape(2, depth, heads, -1)
+    return out
+
+
+def set_vs_random(
+    model: context.AnalysisModel,
+    captions: Sequence[str],
+    chosen: Sequence,
+    num_random: int = 8,
+    seed: int = 0,
+    *,
+    mode: str = "zero",
+    chunk: int = 8,
+) -> dict:
+    """Ablates the `chosen` heads ((kind, layer, head), ...) together and `num_random` random sets of the same size and
+    kinds; returns {"sets", "masks", "effects" (effects() of [baseline, chosen, random...]), "comparison": {metric:
+    {"chosen", "chosen_ci", "random" [num_random], "random_mean", "random_min", "random_max",
+    "fraction_random_as_harmful"}} for the metrics in REPORT_METRICS}."""
+    cfg = model.model_cfg
+    masks, sets = head_set_masks(cfg.depth, cfg.num_heads, chosen, num_random=num_random, seed=seed)
+    images = screen(model, captions, masks, mode=mode, chunk=chunk)
+    result = effects(images, captions)
+    comparison = {}
+    for metric in REPORT_METRICS:
+        k = METRICS.index(metric)
+        chosen_effect, random = float(result["effect"][1, k]), result["effect"][2:, k]
+        comparison[metric] = {
+            "chosen": chosen_effect,
+            "chosen_ci": (float(result["ci_low"][1, k]), float(result["ci_high"][1, k])),
+            "random": random,
+            "random_mean": float(random.mean()) if len(random) else float("nan"),
+            "random_min": float(random.min()) if len(random) else float("nan"),
+            "random_max": float(random.max()) if len(random) else float("nan"),
+            "fraction_random_as_harmful": float((random <= chosen_effect).mean()) if len(random) else float("nan"),
+        }
+    return {"sets": sets, "masks": masks, "effects": result, "comparison": comparison}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
+    """[len(REPORT_METRICS) rows x (self, cross)] heatmaps of [layer x head] effects, values in the cells."""
+    plt = _pyplot()
+    depth, heads = effect_map.shape[1:3]
+    fig, axes = plt.subplots(
+        len(REPORT_METRICS),
+        2,
+        figsize=(2 * (2.4 + 0.55 * heads), len(REPORT_METRICS) * (1.2 + 0.45 * depth)),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    for row, metric in enumerate(REPORT_METRICS):
+        values = effect_map[..., METRICS.index(metric)]
+        limit = max(float(np.abs(values).max()), 0.01)
+        for col, kind in enumerate(KINDS):
+            ax = axes[row, col]
+            im = ax.imshow(values[col], cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+            for layer in range(depth):
+                for head in range(heads):
+                    value = values[col, layer, head]
+                    ax.text(
+                        head,
+                        layer,
+                        f"{value:+.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if abs(value) > 0.6 * limit else "black",
+                    )
+            ax.set_title(f"{kind}-attention\n{metric}", fontsize=8)
+            ax.set_xlabel("head")
+            ax.set_ylabel("layer")
+            ax.set_xticks(range(heads))
+            ax.set_yticks(range(depth))
+        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8, label="accuracy change")
+    fig.suptitle(f"{label}: {mode}-ablation of one head, effect on accuracy", fontsize=10)
+    return fig
+
+
+def _sample_grid_figure(baseline: np.ndarray, ablated: np.ndarray, head: Head, mode: str, label: str):
+    """The same captions and noises sampled without and with the ablation, side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), constrained_layout=True)
+    for ax, images, title in (
+        (axes[0], baseline, "baseline"),
+        (axes[1], ablated, f"{head[0]}-attention L{head[1]} H{head[2]} {mode}-ablated"),
+    ):
+        ax.imshow(sample.image_grid(images), interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(label, fontsize=10)
+    return fig
+
+
+def _harm_order(effect: np.ndarray) -> np.ndarray:
+    """Rows 1.. of `effect` [M, K], most harmful first: by the effect on RANK_METRIC, ties by the effect on overall."""
+    rows = effect[1:]
+    return 1 + np.lexsort((rows[:, METRICS.index("overall")], rows[:, METRICS.index(RANK_METRIC)]))
+
+
+def _fmt_effect(result: dict, row: int, metric: str) -> str:
+    k = METRICS.index(metric)
+    return (
+        f"{100 * result['effect'][row, k]:+.1f} [{100 * result['ci_low'][row, k]:+.1f}, "
+        f"{100 * result['ci_high'][row, k]:+.1f}]"
+    )
+
+
+def run(
+    model: context.AnalysisModel,
+    out_dir,
+    *,
+    captions: Sequence[str] | None = None,
+    images_per_prompt: int = 4,
+    mode: str = "zero",
+    top_heads: Sequence | None = None,
+    chunk: int = 8,
+) -> epath.Path:
+    """Single-head ablation screen of every self- and cross-attention head ("zero", "mean" or "both"), plus the
+    `top_heads` set vs random sets of its size when given; writes `<out_dir>/ablation/` (context.write_report) and
+    returns that directory. `captions` (default: the config's eval prompts) are each sampled `images_per_prompt`
+    times, every one from its own noise."""
+    modes = ("zero", "mean") if mode == "both" else (mode,)
+    for m in modes:
+        if m not in MASK_KEYS:
+            raise ValueError(f"Unknown ablation mode {mode!r}; use 'zero', 'mean' or 'both'.")
+    prompts = list(captions) if captions is not None else evaluate.eval_prompt_list(model.config)
+    captions = [c for c in prompts for _ in range(images_per_prompt)]
+    cfg = model.model_cfg
+    depth, heads = cfg.depth, cfg.num_heads
+    masks = single_head_masks(depth, heads)
+    labels = single_head_labels(depth, heads)
+    arrays = {"masks": masks, "captions": np.array(captions), "metrics": np.array(METRICS)}
+    arrays["heads"] = np.array([(KINDS.index(k), layer, head) for k, layer, head in labels], np.int32)
+    figures = {}
+    e = model.config.eval
+    lines = [
+        f"# Head ablation: {model.label}",
+        "",
+        f"Every attention head ({depth} layers x {heads} heads, self- and cross-attention: {2 * depth * heads} "
+        f"heads) ablated alone ({', '.join(modes)} ablation), {len(prompts)} prompts x {images_per_prompt} images = "
+        f"{len(captions)} images per mask, the same noises for every mask (paired). Sampler: {e.solver} "
+        f"{e.num_steps} steps, CFG {e.cfg_scale} against {model.config.sample.negative}, seed {e.seed}. Zero "
+        "ablation multiplies the head's output by 0; mean ablation replaces it by its mean over the batch "
+        "(conditional and unconditional halves of CFG) and positions of the same solver step. Effect = accuracy with "
+        "the head ablated - baseline accuracy, in percentage points, with 95 % paired bootstrap intervals "
+        f"({NUM_RESAMPLES} resamples of the images).",
+        "",
+    ]
+    timing = []
+    for m in modes:
+        start = time.perf_counter()
+        images, times = _screen(model, captions, masks, mode=m, chunk=chunk)
+        result = effects(images, captions, shape=(depth, heads))
+        score_s = time.perf_counter() - start - times["compile_s"] - times["run_s"]
+        timing.append(
+            f"{m}: compile {times['compile_s']:.1f} s, sampling {times['run_s']:.1f} s ({len(masks)} masks), "
+            f"scoring {score_s:.1f} s"
+        )
+        for name, value in result.items():
+            arrays[f"{name}_{m}"] = value
+        figures[f"effect_map_{m}"] = _effect_map_figure(result["effect_map"], m, model.label)
+        order = _harm_order(result["effect"])
+        if m == modes[0]:
+            lines += ["## Baseline accuracy (no ablation)", "", "| " + " | ".join(METRICS) + " |"]
+            lines += ["|---" * len(METRICS) + "|"]
+            lines += ["| " + " | ".join(f"{100 * a:.1f}" for a in result["accuracy"][0]) + " |", ""]
+            shown = np.linspace(0, len(captions) - 1, min(GRID_IMAGES, len(captions))).round().astype(int)
+            figures["sample_grid"] = _sample_grid_figure(
+                images[0, shown], images[order[0], shown], labels[order[0] - 1], m, model.label
+            )
+        lines += [
+            f"## The 5 most harmful heads, {m} ablation (ranked by {RANK_METRIC})",
+            "",
+            "| head | " + " | ".join(f"{metric} effect [95 % CI]" for metric in REPORT_METRICS) + " |",
+            "|---" * (1 + len(REPORT_METRICS)) + "|",
+        ]
+        for row in order[:5]:
+            kind, layer, head = labels[row - 1]
+            cells = " | ".join(_fmt_effect(result, row, metric) for metric in REPORT_METRICS)
+            lines.append(f"| {kind} L{layer} H{head} | {cells} |")
+        lines.append("")
+        if top_heads:
+            comparison = set_vs_random(model, captions, top_heads, mode=m, chunk=chunk)
+            arrays[f"set_masks_{m}"] = comparison["masks"]
+            for name in ("accuracy", "effect", "ci_low", "ci_high"):
+                arrays[f"set_{name}_{m}"] = comparison["effects"][name]
+            chosen = ", ".join(f"{kind} L{layer} H{head}" for kind, layer, head in comparison["sets"][0])
+            lines += [
+                f"## Chosen heads ablated together vs {len(comparison['sets']) - 1} random sets, {m} ablation",
+                "",
+                f"Chosen: {chosen}. Random sets have the same size and kinds (without the chosen heads when possible).",
+                "",
+                "| metric | chosen [95 % CI] | random mean | random min | random max | random sets as harmful |",
+                "|---|---|---|---|---|---|",
+            ]
+            for metric, c in comparison["comparison"].items():
+                lines.append(
+                    f"| {metric} | {100 * c['chosen']:+.1f} [{100 * c['chosen_ci'][0]:+.1f}, "
+                    f"{100 * c['chosen_ci'][1]:+.1f}] | {100 * c['random_mean']:+.1f} | {100 * c['random_min']:+.1f} "
+                    f"| {100 * c['random_max']:+.1f} | {100 * c['fraction_random_as_harmful']:.0f} % |"
+                )
+            lines.append("")
+    lines += ["## Wall time", "", *(f"- {t}" for t in timing), ""]
+    directory = context.write_report(out_dir, "ablation", arrays, figures, "\n".join(lines))
+    logging.info("Wrote the head-ablation report to %s.", directory)
+    return directory

@@ -1,0 +1,267 @@
+"""Head ablation: zero/mean head masks in the DiT, the vmapped screen (baseline = plain sampling, mesh-independent),
+paired effects with bootstrap intervals, set-vs-random masks and the written report."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from relcirc_jax.analysis import ablation, context
+from relcirc_jax.config import base_config
+from relcirc_jax.data import scenes
+from relcirc_jax.evaluation.scoring import METRICS
+from relcirc_jax.models.dit import DiT, DiTConfig, init_params, run_with_cache
+from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import state as train_state
+
+TINY = DiTConfig(image_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2, caption_channels=16, max_text_len=5)
+SPATIAL, OVERALL, COLOR = (METRICS.index(m) for m in ("spatial_relationship", "overall", "color"))
+
+
+def _noisy(params, seed=0):
+    """Perturb every parameter so that zero-initialised layers (cross-attn out, proj_out) carry signal."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda leaf: leaf + 0.2 * rng.standard_normal(leaf.shape, np.float32), params)
+
+
+# ---------------------------------------------------------------- the masks in the model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = _noisy(init_params(TINY, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
+    t = jnp.array([5.0, 400.0, 900.0])
+    text = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    return params, (x, t, text, mask)
+
+
+def _cached(tiny, names, **masks):
+    """(output, {name: activation}) of a jitted forward pass with the given head masks."""
+    params, inputs = tiny
+    if not names:
+        return jax.jit(lambda p, i, m: DiT(TINY).apply({"params": p}, *i, **m))(params, inputs, masks), {}
+    return jax.jit(lambda p, i, m: run_with_cache(DiT(TINY), p, *i, names, **m))(params, inputs, masks)
+
+
+def test_all_ones_masks_are_bit_identical_to_no_mask(tiny):
+    ones = jnp.ones((TINY.depth, TINY.num_heads))
+    reference, _ = _cached(tiny, [])
+    for key in ("self_head_mask", "cross_head_mask", "self_head_mean_mask", "cross_head_mean_mask"):
+        np.testing.assert_array_equal(_cached(tiny, [], **{key: ones})[0], reference)
+    every = dict.fromkeys(("self_head_mask", "cross_head_mask", "self_head_mean_mask", "cross_head_mean_mask"), ones)
+    np.testing.assert_array_equal(_cached(tiny, [], **every)[0], reference)
+
+
+def test_zeroing_a_last_layer_cross_head_leaves_upstream_exactly_unchanged(tiny):
+    last = TINY.depth - 1
+    names = [f"blocks.{layer}.hook_resid_post" for layer in range(TINY.depth)] + [f"blocks.{last}.cross_attn.hook_z"]
+    clean_out, clean = _cached(tiny, names)
+    mask = jnp.ones((TINY.depth, TINY.num_heads)).at[last, 1].set(0.0)
+    out, ablated = _cached(tiny, names, cross_head_mask=mask)
+    assert not np.allclose(out, clean_out, atol=1e-4)
+    for layer in range(last):
+        name = f"blocks.{layer}.hook_resid_post"
+        np.testing.assert_array_equal(ablated[name], clean[name])
+    z, clean_z = ablated[f"blocks.{last}.cross_attn.hook_z"], clean[f"blocks.{last}.cross_attn.hook_z"]
+    assert float(jnp.abs(clean_z[:, :, 1]).max()) > 0 and float(jnp.abs(z[:, :, 1]).max()) == 0.0
+    np.testing.assert_array_equal(z[:, :, 0], clean_z[:, :, 0])
+    assert not np.array_equal(ablated[f"blocks.{last}.hook_resid_post"], clean[f"blocks.{last}.hook_resid_post"])
+
+
+@pytest.mark.parametrize("kind", ["attn", "cross_attn"])
+def test_mean_ablation_replaces_z_by_its_batch_and_position_mean(tiny, kind):
+    key = "self_head_mean_mask" if kind == "attn" else "cross_head_mean_mask"
+    names = [f"blocks.0.{kind}.hook_z", "blocks.0.hook_resid_pre"]
+    clean_out, clean = _cached(tiny, names)
+    out, ablated = _cached(tiny, names, **{key: jnp.ones((TINY.depth, TINY.num_heads)).at[0, 0].set(0.0)})
+    np.testing.assert_array_equal(ablated["blocks.0.hook_resid_pre"], clean["blocks.0.hook_resid_pre"])
+    clean_z, z = np.asarray(clean[names[0]]), np.asarray(ablated[names[0]])
+    expected = clean_z[:, :, 0].astype(np.float64).mean(axis=(0, 1))  # [head_dim]
+    np.testing.assert_allclose(z[:, :, 0], np.broadcast_to(expected, z[:, :, 0].shape), rtol=1e-6, atol=1e-6)
+    assert np.ptp(clean_z[:, :, 0], axis=(0, 1)).max() > 1e-3  # the clean z did vary: the mean is a real change
+    np.testing.assert_array_equal(z[:, :, 1], clean_z[:, :, 1])
+    assert not np.allclose(out, clean_out, atol=1e-4)
+    zero_out, _ = _cached(tiny, names, **{key.replace("_mean", ""): jnp.ones((3, 2)).at[0, 0].set(0.0)})
+    assert not np.allclose(out, zero_out, atol=1e-4)  # mean ablation is not zero ablation
+
+
+def test_mean_masks_are_validated(tiny):
+    with pytest.raises(ValueError, match=r"cross_head_mean_mask has shape \(2, 2\); expected \[depth, heads\]"):
+        _cached(tiny, [], cross_head_mean_mask=jnp.ones((2, 2)))
+
+
+# ---------------------------------------------------------------- masks
+
+
+def test_single_head_mask_layout():
+    depth, heads = 3, 2
+    masks = ablation.single_head_masks(depth, heads)
+    labels = ablation.single_head_labels(depth, heads)
+    assert masks.shape == (1 + 2 * depth * heads, 2, depth, heads) and len(labels) == len(masks) - 1
+    assert masks[0].min() == 1.0
+    for row, (kind, layer, head) in enumerate(labels, start=1):
+        expected = np.ones((2, depth, heads), np.float32)
+        expected[ablation.KINDS.index(kind), layer, head] = 0.0
+        np.testing.assert_array_equal(masks[row], expected)
+    assert labels[0] == ("self", 0, 0) and labels[depth * heads] == ("cross", 0, 0) and labels[-1] == ("cross", 2, 1)
+
+
+def test_head_set_masks_draw_random_sets_of_the_same_kinds():
+    chosen = [("cross", 1, 0), ("self", 2, 1), ("cross", 0, 1)]
+    masks, sets = ablation.head_set_masks(3, 2, chosen, num_random=5, seed=1)
+    assert masks.shape == (7, 2, 3, 2) and masks[0].min() == 1.0 and len(sets) == 6
+    assert sorted(sets[0]) == sorted(chosen)
+    for row, head_set in enumerate(sets, start=1):
+        assert (masks[row] == 0).sum() == 3
+        assert sorted(k for k, _, _ in head_set) == ["cross", "cross", "self"]
+        assert all(masks[row, ablation.KINDS.index(k), layer, head] == 0 for k, layer, head in head_set)
+        if row > 1:
+            assert not set(head_set) & set(chosen)  # enough other heads remain
+    assert ablation.head_set_masks(3, 2, chosen, num_random=5, seed=1)[1] == sets
+    with pytest.raises(ValueError, match="outside"):
+        ablation.head_set_masks(3, 2, [("self", 3, 0)])
+    with pytest.raises(ValueError, match="Unknown head kind"):
+        ablation.head_set_masks(3, 2, [("mlp", 0, 0)])
+
+
+# ---------------------------------------------------------------- the screen on a smoke model
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    config = base_config("rte", "micro", "smoke")  # hidden 32, depth 2, heads 2, text dim 32, 2 solver steps
+    workdir = tmp_path_factory.mktemp("ablation_run")
+    abstract = train_state.model_config(config, caption_channels=config.text.dim)
+    params = _noisy(init_params(abstract, jax.random.key(0)))
+    model = context.from_params(config, params, workdir, "smoke model")
+    experiment = train_state.build_experiment(config, workdir, devices=jax.devices()[:1])
+    experiment.checkpointer.close()
+    one_device = context.AnalysisModel(
+        config,
+        experiment.model_cfg,
+        jax.device_put(params, experiment.state_sh.ema_params),
+        experiment.conditioner,
+        experiment.tables,
+        experiment.mesh,
+        experiment.state_sh.ema_params,
+        "smoke model, 1 device",
+    )
+    assert model.mesh.size == 8 and one_device.mesh.size == 1
+    return model, one_device
+
+
+@pytest.fixture(scope="module")
+def captions(smoke):
+    return evaluate.eval_prompt_list(smoke[0].config)[:6]  # 6 rows: padded to 8 on the 8-device mesh
+
+
+@pytest.fixture(scope="module")
+def screened(smoke, captions):
+    model, _ = smoke
+    return ablation.screen(model, captions, ablation.single_head_masks(2, 2), chunk=4)
+
+
+def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
+    model, _ = smoke
+    e = model.config.eval
+    sampler = sample.Sampler(
+        model.model_cfg,
+        model.conditioner,
+        model.mesh,
+        model.param_sh,
+        cfg_scale=e.cfg_scale,
+        num_steps=e.num_steps,
+        solver=e.solver,
+        batch_size=len(captions),
+        seed=e.seed,
+        negative=model.config.sample.negative,
+    )
+    assert screened.shape == (9, 6, 64, 64, 3) and screened.dtype == np.uint8
+    np.testing.assert_array_equal(screened[0], sampler(model.params, model.tables, captions))
+    changed = [not np.array_equal(screened[i], screened[0]) for i in range(1, 9)]
+    assert all(changed[4:])  # every cross-attention head matters in the perturbed model
+    assert any(changed[:4])
+
+
+def test_screen_does_not_depend_on_the_mesh(smoke, captions, screened):
+    _, one_device = smoke
+    masks = ablation.single_head_masks(2, 2)
+    np.testing.assert_array_equal(ablation.screen(one_device, captions, masks, chunk=4), screened)
+    # Another chunk size changes the shapes of the batched matmuls, hence their float rounding: the odd pixel may
+    # land one level off.
+    other = ablation.screen(one_device, captions, masks, chunk=8)
+    assert np.abs(other.astype(int) - screened).max() <= 1 and (other != screened).mean() < 1e-3
+
+
+def test_mean_screen_does_not_depend_on_the_mesh(smoke):
+    model, one_device = smoke
+    captions = evaluate.eval_prompt_list(model.config)  # 8: no padding rows in the batch means
+    masks = ablation.single_head_masks(2, 2)[[0, 2, 7]]
+    eight = ablation.screen(model, captions, masks, mode="mean")
+    one = ablation.screen(one_device, captions, masks, mode="mean")
+    # Batch means reduce across devices in another order: allow the odd pixel one level off.
+    assert np.abs(eight.astype(int) - one).max() <= 1 and (eight != one).mean() < 1e-3
+    assert not np.array_equal(eight[1], eight[0]) and not np.array_equal(eight[2], eight[0])
+
+
+# ---------------------------------------------------------------- effects
+
+
+def _scenes(correct: np.ndarray) -> np.ndarray:
+    """Renders "red square is above blue circle": correct layouts, or object 1 below object 2 where not."""
+    n = len(correct)
+    above = np.array([[32.0, 16.0], [32.0, 48.0]], np.float32)
+    centers = np.where(correct[:, None, None], above, above[::-1])
+    return scenes.render(np.tile([[2, 1]], (n, 1)), np.tile([[0, 1]], (n, 1)), centers)
+
+
+def test_effects_of_known_scenes():
+    n = 40
+    captions = ["red square is above blue circle"] * n
+    right, half = np.ones(n, bool), np.arange(n) % 2 == 0
+    # depth 1, heads 2: rows = baseline, self H0, self H1, cross H0, cross H1
+    rows = [right, right, right, half, right]
+    images = np.stack([_scenes(r) for r in rows])
+    images[2, :10] = 128  # self H1: the first 10 images blank (grey canvas)
+    result = ablation.effects(images, captions, shape=(1, 2))
+    np.testing.assert_array_equal(result["accuracy"][:, SPATIAL], [1.0, 1.0, 0.75, 0.5, 1.0])
+    np.testing.assert_array_equal(result["accuracy"][:, COLOR], [1.0, 1.0, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(result["effect"][:, OVERALL], [0.0, 0.0, -0.25, -0.5, 0.0])
+    assert result["correct"].shape == (5, n, len(METRICS))
+    low, high, effect = result["ci_low"], result["ci_high"], result["effect"]
+    assert np.all(low <= effect + 1e-12) and np.all(effect <= high + 1e-12)
+    assert low[3, SPATIAL] < -0.5 < high[3, SPATIAL] < 0  # the CI holds the effect and excludes 0
+    assert high[2, COLOR] < 0
+    for row in (0, 1, 4):  # identical to the baseline: paired resampling gives exactly 0
+        assert low[row].max() == high[row].max() == 0.0
+    assert result["effect_map"].shape == (2, 1, 2, len(METRICS))
+    assert result["effect_map"][1, 0, 0, SPATIAL] == -0.5 and result["effect_map"][0, 0, 1, SPATIAL] == -0.25
+    np.testing.assert_array_equal(ablation.effects(images, captions)["ci_low"], low)  # seeded
+    with pytest.raises(ValueError, match="single_head_masks"):
+        ablation.effects(images, captions, shape=(2, 2))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_run_writes_the_report(smoke, tmp_path):
+    model, _ = smoke
+    directory = ablation.run(model, tmp_path, images_per_prompt=1, mode="both", top_heads=[("cross", 1, 0)])
+    assert directory == tmp_path / "ablation"
+    with np.load(directory / "ablation.npz") as data:
+        assert data["masks"].shape == (9, 2, 2, 2) and len(data["captions"]) == 8
+        for mode in ("zero", "mean"):
+            assert data[f"accuracy_{mode}"].shape == data[f"ci_low_{mode}"].shape == (9, len(METRICS))
+            assert data[f"effect_map_{mode}"].shape == (2, 2, 2, len(METRICS))
+            assert data[f"set_effect_{mode}"].shape == (10, len(METRICS))
+            np.testing.assert_array_equal(data[f"set_masks_{mode}"][1, 1, 1, 0], 0.0)
+    for name in ("effect_map_zero", "effect_map_mean", "sample_grid"):
+        png = np.asarray(Image.open(directory / f"{name}.png").convert("RGB"))
+        assert png.shape[0] > 100 and png.std() > 10, name
+    summary = (directory / "summary.md").read_text()
+    for text in ("Baseline accuracy", "most harmful heads, zero", "most harmful heads, mean", "random sets", "compile"):
+        assert text in summary, text

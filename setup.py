@@ -21,6 +21,7 @@ setup(
         "tensorboardX>=2.6",
         "pillow>=10",
         "safetensors>=0.4",
+        "matplotlib>=3.8",  # analysis figures
         "opencv-python-headless>=4.9",  # the paper's contour detector (evaluation.paper_detector)
     ],
     extras_require={

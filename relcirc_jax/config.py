@@ -44,6 +44,7 @@ VARIANTS = (None, "cpu", "quick", "smoke")
 MESH_AXES = ("data", "fsdp", "model")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
+ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "all")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
@@ -73,6 +74,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.seed = 0
     # Persistent XLA compilation cache (local path or gs://...) shared by reruns and by all hosts of a job; None = off.
     c.compilation_cache_dir = config_dict.placeholder(str)
+    # A reference model (a name under pretrained/ or a directory written by relcirc_jax.pretrained): training starts
+    # from its weights, and sample/evaluate/analyze use them while the workdir has no checkpoint. None = random init.
+    c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
     c.model.size = size
@@ -153,6 +157,11 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     # The CFG negative: "empty_prompt" (the paper: the encoder's embedding of "") or "learned_null" (PixArt's learned
     # null caption, the one caption dropout trains). Used by sampling and evaluation alike.
     c.sample.negative = "empty_prompt"
+
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.kind = "all"  # relcirc_jax.analysis.KINDS
+    c.analysis.images_per_prompt = 2  # seeds per eval prompt for the sampling analyses (synopsis, ablation)
+    c.analysis.ablation_mode = "zero"  # "zero", "mean" or "both"
     return c
 
 
@@ -200,6 +209,7 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.eval.images_per_prompt = 1
     c.eval.batch_size = 8  # = sample.num_prompts, so grids and evals share one compiled sampler
     c.eval.num_steps = 2
+    c.analysis.images_per_prompt = 1
 
 
 def validate_config(
@@ -279,6 +289,12 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
         )
     if c.data.num_scenes is not None and c.data.num_scenes < 1:
         problems.append(f"data.num_scenes={c.data.num_scenes} must be >= 1, or None for fresh scenes every step.")
+    if c.analysis.kind not in ANALYSIS_KINDS:
+        problems.append(f"analysis.kind={c.analysis.kind!r} is unknown; choose one of {ANALYSIS_KINDS}.")
+    if c.analysis.ablation_mode not in ("zero", "mean", "both"):
+        problems.append(
+            f"analysis.ablation_mode={c.analysis.ablation_mode!r} is unknown; use 'zero', 'mean' or 'both'."
+        )
     if c.sample.negative not in NEGATIVES:
         problems.append(f"sample.negative={c.sample.negative!r} is unknown; choose one of {NEGATIVES}.")
     if c.eval.images_per_prompt < 1:

@@ -1,8 +1,10 @@
 """Command-line entry: python -m relcirc_jax.main --config=configs/rte_dit_micro.py:cpu --workdir=DIR --mode=train.
 
 Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json +
-eval.md for the latest or --step checkpoint), analyze (not implemented yet). Override any config value with
---config.train.lr=3e-4 etc.
+eval.md for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
+ablation|all, written under WORKDIR/analysis/). Override any config value with --config.train.lr=3e-4 etc.
+--init_from=pretrained/NAME uses a reference model's weights (and, without --config, its config): training starts
+from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
 
 Mistakes in the command (a missing config file, an unknown variant, key or value, a missing checkpoint, a workdir
 that is a file, a caption with an unknown word) end in one line naming the problem and the fix, exit status 2,
@@ -30,7 +32,8 @@ config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/rte_d
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, samples, eval tables.")
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run.")
 flags.DEFINE_multi_string("prompt", None, "--mode=sample: a caption to sample (repeatable); default the fixed grid.")
-flags.DEFINE_integer("step", None, "--mode=sample/evaluate: the checkpoint step to use (default: the latest).")
+flags.DEFINE_integer("step", None, "--mode=sample/evaluate/analyze: the checkpoint step (default: the latest).")
+flags.DEFINE_string("init_from", None, "A reference model: a name under pretrained/ or a directory of one.")
 flags.DEFINE_bool(
     "distributed",
     False,
@@ -40,16 +43,17 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (implies --distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in the job (implies --distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass options as --name=value.")
-    config, workdir = FLAGS.config, FLAGS.workdir
+    workdir = FLAGS.workdir
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
+    config = config_with_init_from(FLAGS.config, FLAGS.init_from)
     config_lib.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
     apply_runtime_options(config)
     join_distributed_job()
@@ -66,10 +70,33 @@ def main(argv):
 
         evaluate.run_evaluate(config, workdir, FLAGS.step)
     else:
-        raise NotImplementedError(
-            "--mode=analyze is not implemented yet; the circuit analyses live in "
-            "relcirc_jax.analysis and will get their CLI mode later."
-        )
+        from relcirc_jax import analysis
+
+        analysis.run_analyze(config, workdir, FLAGS.step)
+
+
+def config_with_init_from(config, init_from: str | None):
+    """The run's config: --config's, or the reference model's own when only --init_from is given; with both, the
+    model-defining fields (model, text, image size) must agree."""
+    if init_from is None:
+        if config is None:
+            raise UserError("Pass --config=configs/<model>.py[:variant], or --init_from=pretrained/NAME.")
+        return config
+    from relcirc_jax import pretrained
+
+    reference, _ = pretrained.load_config(init_from)
+    if config is None:
+        config = reference
+    else:
+        differing = pretrained.config_differences(config, reference)
+        if differing:
+            raise UserError(
+                f"--config and --init_from={init_from} describe different models ({'; '.join(differing[:4])}). "
+                "Fix: drop --config to use the model's own config, or pick the matching config file."
+            )
+    config.unlock()
+    config.init_from = init_from
+    return config
 
 
 def join_distributed_job() -> None:

@@ -91,9 +91,34 @@ def test_missing_checkpoint_says_train_first(tmp_path, mode):
     assert os.listdir(tmp_path) == []
 
 
-def test_analyze_is_not_implemented_yet(tmp_path):
-    with pytest.raises(NotImplementedError, match="--mode=analyze is not implemented yet"):
-        run_cli(tmp_path, "analyze")
+def test_analyze_writes_arrays_figures_and_summary_of_every_kind(trained, capsys):
+    run_cli(trained, "analyze")
+    for kind in ("synopsis", "qk_screen", "ablation"):
+        directory = trained / "analysis" / kind
+        assert f"{kind}: {directory}" in capsys.readouterr().out or (directory / "summary.md").exists()
+        with np.load(directory / f"{kind}.npz") as arrays:
+            assert len(arrays.files) > 0
+        figures = sorted(directory.glob("*.png"))
+        assert figures, kind
+        for figure in figures:
+            assert np.asarray(Image.open(figure).convert("L")).std() > 0, figure
+        assert (directory / "summary.md").read_text().startswith("# ")
+
+
+def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(trained, tmp_path, caplog):
+    from relcirc_jax import pretrained
+
+    reference = pretrained.export(trained, tmp_path / "model")
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", f"--workdir={tmp_path / 'w'}", "--mode=sample", f"--init_from={reference}"])
+    cli.main(["main"])  # no --config: the model's own
+    with np.load(tmp_path / "w" / "samples" / "sample_00000004.npz") as data:
+        assert data["images"].std() > 0
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", CONFIG, f"--workdir={tmp_path / 't'}", f"--init_from={reference}"])
+    with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
+        cli.main(["main"])
+    assert f"Initialised the weights and their EMA from the reference model {reference}" in caplog.text
 
 
 def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):  # noqa: F811 (the fixture)
@@ -172,6 +197,24 @@ BAD_INPUTS = [
         "No checkpoint of step 3 in {workdir}/checkpoints; available steps: [2]. Fix: pass one of them to --step",
     ),
     ("workdir is a file", _a_file, [CONFIG], "--workdir={workdir} is a file, not a directory; pass a directory"),
+    (
+        "no config",
+        None,
+        ["--mode=sample"],
+        "Pass --config=configs/<model>.py[:variant], or --init_from=pretrained/NAME",
+    ),
+    (
+        "missing reference model",
+        None,
+        ["--init_from=pretrained/nope", "--mode=evaluate"],
+        "No reference model 'pretrained/nope': expected a directory with model.safetensors and config.json",
+    ),
+    (
+        "config of another model",
+        None,
+        [CONFIG, "--init_from=rte_dit_micro", "--mode=sample"],
+        "--config and --init_from=rte_dit_micro describe different models (",
+    ),
 ]
 
 

@@ -121,11 +121,11 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = 
     """Evaluates checkpoint `step` (default the latest) of `workdir` with every detector: writes eval.json, eval.md,
     eval_samples.npz and eval_grid_*.png there, prints the markdown tables and returns {detector: table}."""
     captions = eval_captions(config)
-    train_state.require_checkpoint(workdir, step)  # before anything slow, and creating nothing
+    train_state.require_weights(config, workdir, step)  # before anything slow, and creating nothing
     experiment = train_state.build_experiment(config, workdir)
-    step, state = train_state.restore_or_fail(experiment, workdir, step)
+    step, ema_params = train_state.ema_weights(experiment, workdir, step)
     sampler = sampling.make_sampler(experiment, config.eval.batch_size)
-    images = sampler(state.ema_params, experiment.tables, captions)
+    images = sampler(ema_params, experiment.tables, captions)
     experiment.checkpointer.close()
     judged = {detector: score_images(images, captions, detector) for detector in evaluation.DETECTORS}
     tables = {detector: {"step": step, **accuracy_table(scores, captions)} for detector, (scores, _) in judged.items()}

@@ -9,6 +9,7 @@ does a spent `train.time_budget_minutes`, after sampling and evaluating the last
 import json
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -55,7 +56,13 @@ def _init_or_restore(experiment: train_state.Experiment) -> tuple[train_state.Tr
         logging.info("Resumed from the checkpoint of step %d.", step)
         return state, step
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
-    return init(experiment.model_cfg, experiment.tx, experiment.config.seed), 0
+    state = init(experiment.model_cfg, experiment.tx, experiment.config.seed)
+    if experiment.config.init_from:
+        _, params = train_state.ema_weights(experiment, experiment.checkpointer.directory.parent)
+        # Two buffers: the train step donates the state, and one buffer donated twice crashes XLA.
+        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        logging.info("Initialised the weights and their EMA from the reference model %s.", experiment.config.init_from)
+    return state, 0
 
 
 def _run(

@@ -9,6 +9,7 @@ import optax
 from etils import epath
 from flax import struct
 
+from relcirc_jax import pretrained
 from relcirc_jax.config import validate_config
 from relcirc_jax.errors import UserError
 from relcirc_jax.models import dit
@@ -140,6 +141,31 @@ def require_checkpoint(workdir, step: int | None = None) -> None:
             f"No checkpoint of step {step} in {directory}; available steps: {steps}. Fix: pass one of "
             "them to --step, or leave it out for the latest."
         )
+
+
+def require_weights(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> None:
+    """UserError unless there are weights to use: checkpoint `step` (default any) in `workdir`, or, when the workdir has
+    none, the reference model config.init_from names. Reads, creates nothing."""
+    if config.get("init_from") and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
+        if step is not None:
+            raise UserError(
+                f"--step={step} needs a checkpoint in {workdir}; a reference model has one step. Fix: drop --step."
+            )
+        pretrained.model_dir(config.init_from)
+        return
+    require_checkpoint(workdir, step)
+
+
+def ema_weights(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, Any]:
+    """(step, EMA params on the mesh) of checkpoint `step` (default the latest) of `workdir`, or of the reference model
+    config.init_from when the workdir has no checkpoint (step: the one it was exported from)."""
+    config = experiment.config
+    if config.get("init_from") and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
+        reference_config, params = pretrained.load(config.init_from)
+        pretrained.check_compatible(params, experiment.abstract_state.ema_params)
+        return reference_config.get("pretrained_step", 0), jax.device_put(params, experiment.state_sh.ema_params)
+    step, state = restore_or_fail(experiment, workdir, step)
+    return step, state.ema_params
 
 
 def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:

@@ -1,0 +1,82 @@
+"""What every analysis reads: a trained model (EMA weights, its DiT config, text conditioner, mesh) and where to write.
+
+An `AnalysisModel` comes from a run's checkpoint (`from_workdir`) or a reference model under pretrained/
+(`from_pretrained`). Analyses are functions of it; `write_report` puts their arrays (.npz), figures (PNG) and a
+markdown summary under `<out_dir>/<kind>/`.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from relcirc_jax.models import dit
+from relcirc_jax.text.conditioner import TextConditioner
+
+
+class AnalysisModel(NamedTuple):
+    config: ml_collections.ConfigDict  # the run's full config (eval.* sets the sampler: steps, CFG, solver, seed)
+    model_cfg: dit.DiTConfig
+    params: Any  # EMA parameters, float32, placed on `mesh` (replicated or as the run shards them)
+    conditioner: TextConditioner
+    tables: Any  # the conditioner's tables, replicated on `mesh`
+    mesh: jax.sharding.Mesh
+    param_sh: Any  # shardings of `params`
+    label: str  # e.g. "rte_dit_micro step 20000", for figure titles
+
+
+def from_workdir(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> AnalysisModel:
+    """The EMA weights of checkpoint `step` (default the latest) of the run in `workdir` (or of the reference model
+    config.init_from while the workdir has no checkpoint)."""
+    from relcirc_jax.train import state as train_state
+
+    train_state.require_weights(config, workdir, step)
+    experiment = train_state.build_experiment(config, workdir)
+    step, ema_params = train_state.ema_weights(experiment, workdir, step)
+    experiment.checkpointer.close()
+    name = epath.Path(config.init_from).name if config.get("init_from") else epath.Path(workdir).name
+    return _model(experiment, ema_params, f"{name} step {step}")
+
+
+def from_params(config: ml_collections.ConfigDict, params, workdir, label: str, devices=None) -> AnalysisModel:
+    """An AnalysisModel of given float32 params (e.g. `pretrained.load`) with `config`'s text encoder, on a mesh of
+    `devices` (default all)."""
+    from relcirc_jax import pretrained
+    from relcirc_jax.train import state as train_state
+
+    experiment = train_state.build_experiment(config, workdir, devices)
+    experiment.checkpointer.close()
+    pretrained.check_compatible(params, experiment.abstract_state.ema_params)
+    return _model(experiment, jax.device_put(params, experiment.state_sh.ema_params), label)
+
+
+def _model(experiment, params, label: str) -> AnalysisModel:
+    return AnalysisModel(
+        experiment.config,
+        experiment.model_cfg,
+        params,
+        experiment.conditioner,
+        experiment.tables,
+        experiment.mesh,
+        experiment.state_sh.ema_params,
+        label,
+    )
+
+
+def write_report(out_dir, kind: str, arrays: dict[str, np.ndarray], figures: dict, summary: str) -> epath.Path:
+    """Writes `<out_dir>/<kind>/{kind}.npz`, one PNG per matplotlib figure in `figures` (name -> Figure) and
+    summary.md; closes the figures; returns the directory."""
+    import matplotlib.pyplot as plt
+
+    directory = epath.Path(out_dir) / kind
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f"{kind}.npz").open("wb") as f:
+        np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
+    for name, figure in figures.items():
+        with (directory / f"{name}.png").open("wb") as f:
+            figure.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+    (directory / "summary.md").write_text(summary)
+    return directory

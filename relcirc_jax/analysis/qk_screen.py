@@ -1,0 +1,231 @@
+"""QK screen: which cross-attention heads read spatial position against a relation word, from the weights alone.
+
+For every layer, head and relation, the bilinear form q·k/sqrt(head_dim) of attn2 between the query of each image
+token's fixed 2-D sin-cos position embedding and the key of the relation's caption-projected embedding (the mean over
+the relation-phrase tokens of a canonical caption), as a [grid, grid] logit map. Each map is scored by its Pearson
+correlation with the relation's reference gradient (object 1 relative to object 2, y downwards), and heads are ranked
+by the mean |correlation| over relations. No forward pass through the DiT and no sampling.
+
+Assumption: cross-attention queries read the residual stream h directly (PixArt's attn2(h, context=caption)), and
+the positional part of h is approximated by the input position embedding at every layer (no LayerNorm, no drift).
+"""
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from relcirc_jax.data import prompts
+from relcirc_jax.data.spec import RELATIONS, SceneSpec
+from relcirc_jax.models import dit
+from relcirc_jax.text import tokenizer
+
+KIND = "qk_screen"
+CANONICAL_OBJECTS = dict(shape1="circle", color1="red", shape2="square", color2="blue")
+TOP_HEADS_FIGURE = 3
+TOP_HEADS_TABLE = 5
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def relation_captions() -> tuple[str, ...]:
+    """One canonical caption per relation (RELATIONS order): "red circle is <phrase> blue square"."""
+    return tuple(prompts.caption(SceneSpec(relation=r, **CANONICAL_OBJECTS), phrasing=0) for r in RELATIONS)
+
+
+def reference_maps(grid: int) -> np.ndarray:
+    """float32[R, grid, grid]: each relation's gradient of object 1 relative to object 2 (x = column, y = row, down)."""
+    y, x = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32), indexing="ij")
+    gradients = {
+        "above": -y,
+        "below": y,
+        "left": -x,
+        "right": x,
+        "upper_left": -(x + y),
+        "upper_right": x - y,
+        "lower_left": y - x,
+        "lower_right": x + y,
+    }
+    return np.stack([gradients[r] for r in RELATIONS]).astype(np.float32)
+
+
+def _caption_inputs() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The conditioner batch of relation_captions() and float32[R, L] indicators of their relation-phrase tokens."""
+    from relcirc_jax.train.sample import caption_batch
+
+    captions = list(relation_captions())
+    is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")
+    return caption_batch(captions), is_relation.astype(np.float32)
+
+
+def _dense(x, layer):
+    return jnp.dot(x, layer["kernel"], precision=_HIGHEST) + layer["bias"]
+
+
+def _stacked(params, layers: int, name: str, heads: int, head_dim: int):
+    """attn2's `name` projection of every layer: kernel [L, D, H, dh], bias [L, H, dh]."""
+    blocks = [params[f"transformer_blocks_{layer}"]["attn2"][name] for layer in range(layers)]
+    kernel = jnp.stack([b["kernel"] for b in blocks]).astype(jnp.float32)
+    bias = jnp.stack([b["bias"] for b in blocks]).astype(jnp.float32)
+    return kernel.reshape(kernel.shape[:2] + (heads, head_dim)), bias.reshape(layers, heads, head_dim)
+
+
+def _pearson(maps, references):
+    """Correlation over the last axis; 0 where either side is constant."""
+    a = maps - maps.mean(-1, keepdims=True)
+    b = references - references.mean(-1, keepdims=True)
+    denominator = jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b * b, -1))
+    return jnp.where(denominator > 0, jnp.sum(a * b, -1) / jnp.where(denominator > 0, denominator, 1.0), 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _screen_fn(model_cfg: dit.DiTConfig, embed):
+    """jit(f(params, tables) -> (logits [L, H, R, g, g], correlation [L, H, R])) for one model shape and encoder."""
+    cfg = model_cfg
+    grid, heads, head_dim = cfg.grid_size, cfg.num_heads, cfg.head_dim
+    positions = dit.sincos_2d_position_embedding(cfg.hidden_size, grid, cfg.pos_interpolation_scale)  # [N, D]
+    references = reference_maps(grid).reshape(len(RELATIONS), grid * grid)  # [R, N]
+    batch, is_relation = _caption_inputs()
+
+    def screen_arrays(params, tables):
+        params = params["params"] if set(params) == {"params"} else params
+        text, _ = embed(tables, {k: jnp.asarray(v) for k, v in batch.items()})  # [R, T, Dc]
+        projection = params["caption_projection"]
+        caption = _dense(
+            jax.nn.gelu(_dense(text.astype(jnp.float32), projection["linear_1"]), approximate=True),
+            projection["linear_2"],
+        )  # [R, T, D]
+        weights = is_relation / is_relation.sum(-1, keepdims=True)
+        relation_embedding = jnp.einsum("rt,rtd->rd", weights, caption, precision=_HIGHEST)  # [R, D]
+
+        w_q, b_q = _stacked(params, cfg.depth, "to_q", heads, head_dim)
+        w_k, b_k = _stacked(params, cfg.depth, "to_k", heads, head_dim)
+        q = jnp.einsum("nd,ldhe->lnhe", positions, w_q, precision=_HIGHEST) + b_q[:, None]  # [L, N, H, dh]
+        k = jnp.einsum("rd,ldhe->lrhe", relation_embedding, w_k, precision=_HIGHEST) + b_k[:, None]  # [L, R, H, dh]
+        logits = jnp.einsum("lnhe,lrhe->lhrn", q, k, precision=_HIGHEST) * head_dim**-0.5  # [L, H, R, N]
+        correlation = _pearson(logits, references)  # [L, H, R]
+        return logits.reshape(logits.shape[:-1] + (grid, grid)), correlation
+
+    return jax.jit(screen_arrays)
+
+
+def screen(params, model_cfg: dit.DiTConfig, conditioner, tables) -> dict[str, np.ndarray]:
+    """The QK screen of a DiT's cross-attention: "logits" [L, H, R, grid, grid], "correlation" [L, H, R] (with
+    reference_maps), "head_score" [L, H] = mean_R |correlation|, "signed_score" [L, H] = mean_R correlation, and
+    "ranking" int[L*H, 2] (layer, head) by head_score, best first."""
+    logits, correlation = jax.block_until_ready(_screen_fn(model_cfg, conditioner.embed)(params, tables))
+    correlation = np.asarray(correlation)
+    head_score = np.abs(correlation).mean(-1)
+    order = np.argsort(-head_score.reshape(-1), kind="stable")
+    ranking = np.stack(np.unravel_index(order, head_score.shape), axis=1).astype(np.int32)
+    return {
+        "logits": np.asarray(logits),
+        "correlation": correlation,
+        "head_score": head_score,
+        "signed_score": correlation.mean(-1),
+        "ranking": ranking,
+    }
+
+
+def _best_relation(correlation: np.ndarray) -> str:
+    r = int(np.argmax(np.abs(correlation)))
+    return f"{RELATIONS[r]} ({correlation[r]:+.3f})"
+
+
+def summary_markdown(result: dict[str, np.ndarray], label: str, seconds: float) -> str:
+    lines = [
+        f"# QK screen: {label}",
+        "",
+        "Weight-space screen of every cross-attention (attn2) head, no forward pass: logit map "
+        "q·k/sqrt(head_dim) with q = position embedding @ W_Q + b_Q over the image grid and k = the caption-projected "
+        "embedding of the relation words (mean over relation-phrase tokens of "
+        f"'{relation_captions()[0]}' and its 7 siblings) @ W_K + b_K. Each map's Pearson correlation with the "
+        "relation's reference gradient (above -y, below +y, left -x, right +x, diagonals their sums; y downwards); "
+        "head score = mean |correlation| over the 8 relations, signed score = mean correlation.",
+        "",
+        "Assumes the positional part of the residual stream is the input position embedding at every layer.",
+        "",
+        f"## Top {TOP_HEADS_TABLE} heads",
+        "",
+        "| rank | layer | head | score | signed score | best relation (correlation) |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
+    for rank, (layer, head) in enumerate(result["ranking"][:TOP_HEADS_TABLE]):
+        lines.append(
+            f"| {rank + 1} | {layer} | {head} | {result['head_score'][layer, head]:.3f} | "
+            f"{result['signed_score'][layer, head]:+.3f} | {_best_relation(result['correlation'][layer, head])} |"
+        )
+    lines += ["", f"screen() wall time after compilation: {seconds * 1e3:.2f} ms.", ""]
+    return "\n".join(lines)
+
+
+def head_score_figure(result: dict[str, np.ndarray], label: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = result["head_score"]
+    layers, heads = scores.shape
+    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * heads, 1.0 + 0.45 * layers))
+    image = axis.imshow(scores, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    for layer in range(layers):
+        for head in range(heads):
+            value = scores[layer, head]
+            color = "black" if value > 0.6 else "white"
+            axis.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    axis.set_xticks(range(heads))
+    axis.set_yticks(range(layers))
+    axis.set_xlabel("head")
+    axis.set_ylabel("layer")
+    axis.set_title(f"QK screen head score (mean |r|): {label}", fontsize=9)
+    figure.colorbar(image, ax=axis)
+    return figure
+
+
+def logit_map_figure(result: dict[str, np.ndarray], label: str, top: int = TOP_HEADS_FIGURE):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["ranking"][:top]
+    figure, axes = plt.subplots(
+        len(rows), len(RELATIONS), figsize=(1.6 * len(RELATIONS), 1.8 * len(rows)), squeeze=False
+    )
+    for row, (layer, head) in enumerate(rows):
+        for column, relation in enumerate(RELATIONS):
+            axis = axes[row, column]
+            axis.imshow(result["logits"][layer, head, column], cmap="coolwarm")
+            axis.set_title(f"{relation}\nr={result['correlation'][layer, head, column]:+.2f}", fontsize=7)
+            axis.set_xticks([])
+            axis.set_yticks([])
+        axes[row, 0].set_ylabel(f"L{layer} H{head}", fontsize=8)
+    figure.suptitle(f"QK logit maps of the top {len(rows)} heads: {label}", fontsize=9)
+    return figure
+
+
+def run(model, out_dir) -> epath.Path:
+    """Screens `model` (an analysis.context.AnalysisModel) and writes <out_dir>/qk_screen/: qk_screen.npz,
+    head_scores.png, logit_maps.png, summary.md. Returns the directory."""
+    from relcirc_jax.analysis import context
+
+    arguments = (model.params, model.model_cfg, model.conditioner, model.tables)
+    result = screen(*arguments)  # compiles
+    start = time.perf_counter()
+    screen(*arguments)
+    seconds = time.perf_counter() - start
+
+    arrays = dict(
+        result,
+        reference=reference_maps(model.model_cfg.grid_size),
+        relations=np.array(RELATIONS),
+        captions=np.array(relation_captions()),
+    )
+    figures = {
+        "head_scores": head_score_figure(result, model.label),
+        "logit_maps": logit_map_figure(result, model.label),
+    }
+    return context.write_report(out_dir, KIND, arrays, figures, summary_markdown(result, model.label, seconds))

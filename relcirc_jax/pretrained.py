@@ -1,0 +1,160 @@
+"""Trained reference models as small files: the EMA weights of a run in bfloat16 safetensors beside its config.
+
+A model directory (e.g. `pretrained/rte_dit_micro/`) holds `model.safetensors` (every DiT parameter, keys
+"transformer_blocks_0/attn1/to_q/kernel", bfloat16), `config.json` (the run's full config) and `README.md` (the command
+that trained it and its evaluation table). `load(name)` returns the config and float32 parameters; the CLI takes
+`--init_from=pretrained/NAME`.
+
+Export a trained run:  python -m relcirc_jax.pretrained --workdir=RUN --out=pretrained/NAME [--step=N]
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+
+from relcirc_jax.errors import UserError
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# The repository's own reference models (pretrained/ beside the package); a name resolves here first.
+REPO_MODELS_DIR = epath.Path(__file__).resolve().parent.parent / "pretrained"
+_SEPARATOR = "/"
+
+
+def model_dir(name: str) -> epath.Path:
+    """The directory of a reference model: a path holding model.safetensors, or a name under pretrained/."""
+    for candidate in (epath.Path(name), REPO_MODELS_DIR / name, REPO_MODELS_DIR / epath.Path(name).name):
+        if (candidate / WEIGHTS_FILE).exists() and (candidate / CONFIG_FILE).exists():
+            return candidate
+    shipped = (
+        sorted(p.name for p in REPO_MODELS_DIR.iterdir() if (p / WEIGHTS_FILE).exists())
+        if REPO_MODELS_DIR.is_dir()
+        else []
+    )
+    raise UserError(
+        f"No reference model {name!r}: expected a directory with {WEIGHTS_FILE} and {CONFIG_FILE}. "
+        f"Fix: pass one of {shipped} (under {REPO_MODELS_DIR}) or a directory written by "
+        "`python -m relcirc_jax.pretrained --workdir=RUN --out=DIR`."
+    )
+
+
+def flatten(params) -> dict[str, jax.Array]:
+    """{"a/b/kernel": array} of a nested params dict."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat[_SEPARATOR.join(str(k.key) for k in path)] = leaf
+    return flat
+
+
+def unflatten(flat: dict) -> dict:
+    tree = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(_SEPARATOR)
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+def save(params, config: ml_collections.ConfigDict, out_dir, readme: str | None = None) -> epath.Path:
+    """Writes `params` as bfloat16 safetensors, `config` as JSON and an optional README.md into `out_dir`."""
+    from safetensors.flax import save_file
+
+    out_dir = epath.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = {k: jnp.asarray(jax.device_get(v), jnp.bfloat16) for k, v in flatten(params).items()}
+    save_file(flat, str(out_dir / WEIGHTS_FILE), metadata={"format": "relcirc_jax", "dtype": "bfloat16"})
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+    if readme is not None:
+        (out_dir / "README.md").write_text(readme)
+    return out_dir
+
+
+def load_config(name: str) -> tuple[ml_collections.ConfigDict, epath.Path]:
+    """(config, directory) of a reference model: a name under pretrained/ or a model directory. Its saved config is
+    laid over today's full config of its encoder and size, so fields added since it was exported get their defaults."""
+    from relcirc_jax.config import base_config
+
+    directory = model_dir(name)
+    saved = json.loads((directory / CONFIG_FILE).read_text())
+    config = base_config(saved["text"]["encoder"], saved["model"]["size"])
+    config.unlock()
+    config.update(saved)
+    return config, directory
+
+
+# The config fields that define a model's parameters and what its outputs mean.
+MODEL_FIELDS = ("model", "text", "data.image_size")
+
+
+def config_differences(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> list[str]:
+    """'key: value vs reference value' for every model-defining field (MODEL_FIELDS) where the configs differ."""
+    mine, theirs = flatten(config.to_dict()), flatten(reference.to_dict())
+    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == f or k.startswith(f + "/") for f in MODEL_FIELDS)]
+    return [
+        f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
+    ]
+
+
+def load(name: str) -> tuple[ml_collections.ConfigDict, dict]:
+    """(config, float32 params) of a reference model: a name under pretrained/ or a model directory."""
+    from relcirc_jax.text.hf_loading import read_weights
+
+    config, directory = load_config(name)
+    flat = read_weights(str(directory))
+    return config, unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+
+
+def check_compatible(params, expected) -> None:
+    """UserError naming the first parameter whose shape differs between a loaded model and the config's model."""
+    got, want = flatten(params), flatten(expected)
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise UserError(
+            f"The reference model's parameters do not match the config's model (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}). Fix: use the model's own config (its config.json) or drop --init_from."
+        )
+    for key, value in want.items():
+        if tuple(got[key].shape) != tuple(value.shape):
+            raise UserError(
+                f"The reference model's {key} has shape {tuple(got[key].shape)}, the config's model "
+                f"{tuple(value.shape)}. Fix: use the model's own config (its config.json) or drop --init_from."
+            )
+
+
+def export(workdir, out_dir, step: int | None = None, readme: str | None = None) -> epath.Path:
+    """Writes the EMA weights of checkpoint `step` (default the latest) of run `workdir` as a reference model."""
+    from relcirc_jax.train import state as train_state
+
+    config = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / CONFIG_FILE).read_text()))
+    experiment = train_state.build_experiment(config, workdir)
+    step, state = train_state.restore_or_fail(experiment, workdir, step)
+    config.unlock()
+    config.pretrained_step = step
+    return save(state.ema_params, config, out_dir, readme)
+
+
+def _main(argv) -> None:
+    from absl import flags
+
+    flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to export.", required=True)
+    flags.DEFINE_string("out", None, "Directory to write model.safetensors, config.json (and README.md) into.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("readme", None, "A markdown file to copy in as README.md.")
+    flags.FLAGS(argv)
+    f = flags.FLAGS
+    readme = epath.Path(f.readme).read_text() if f.readme else None
+    out = export(f.workdir, f.out, f.step, readme)
+    size = os.path.getsize(out / WEIGHTS_FILE) / 2**20
+    print(f"Wrote {out / WEIGHTS_FILE} ({size:.1f} MiB) and {out / CONFIG_FILE}.")
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

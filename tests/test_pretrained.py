@@ -1,0 +1,48 @@
+"""Reference models: bfloat16 safetensors round trip, and the shipped models still draw what their tables say."""
+
+import jax
+import numpy as np
+import pytest
+
+from relcirc_jax import pretrained
+from relcirc_jax.analysis import capture, context
+from relcirc_jax.config import base_config
+from relcirc_jax.errors import UserError
+from relcirc_jax.models import dit
+from relcirc_jax.train import evaluate
+from relcirc_jax.train import state as train_state
+
+
+def test_save_then_load_returns_the_bfloat16_rounded_params_and_config(tmp_path):
+    config = base_config("rte", "micro", "smoke")
+    params = dit.init_params(train_state.model_config(config, caption_channels=32), jax.random.PRNGKey(0))
+    pretrained.save(params, config, tmp_path / "m", readme="# tiny\n")
+    loaded_config, loaded = pretrained.load(str(tmp_path / "m"))
+    assert loaded_config.model.to_dict() == config.model.to_dict() and (tmp_path / "m" / "README.md").exists()
+    rounded = jax.tree.map(lambda x: np.asarray(np.asarray(x, jax.numpy.bfloat16), np.float32), params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, rounded)
+
+
+def test_unknown_model_names_the_shipped_ones():
+    with pytest.raises(UserError, match=r"No reference model 'nope'.*rte_dit_micro"):
+        pretrained.model_dir("nope")
+
+
+# The shipped models' tables (pretrained/*/README.md, 384 images); a few prompts must stay near them.
+SHIPPED = {
+    "rte_dit_micro": {"color": 0.9, "shape": 0.9, "unique_binding": 0.7, "spatial_relationship": 0.4},
+    "rte_nopos_dit_micro": {"color": 0.85, "shape": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_still_scores_its_table_on_a_few_prompts(name, tmp_path):
+    config, params = pretrained.load(name)
+    model = context.from_params(config, params, tmp_path, name, devices=jax.devices()[:1])
+    captions = evaluate.eval_prompt_list(config)[::2]  # 48 prompts, every relation and shape pair
+    images = capture.sampler(model, len(captions))(model.params, model.tables, captions)
+    accuracy = evaluate.summary(evaluate.score_images(images, captions)[0])
+    for metric, floor in SHIPPED[name].items():
+        assert accuracy[f"eval/{metric}"] >= floor, (metric, accuracy)
+    if name == "rte_nopos_dit_micro":  # without word positions the relation is near chance (paper: 15 %)
+        assert accuracy["eval/spatial_relationship"] < 0.3, accuracy

@@ -1,0 +1,151 @@
+"""analysis/qk_screen.py on tiny random DiTs: exact logits against a float64 numpy reference, output shapes, a planted
+positional head ranked first, and the report files run() writes."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from relcirc_jax.analysis import context, qk_screen
+from relcirc_jax.data import prompts
+from relcirc_jax.data.spec import RELATIONS, SceneSpec
+from relcirc_jax.models import dit
+from relcirc_jax.text import tokenizer
+from relcirc_jax.text.conditioner import make_text_conditioner
+from relcirc_jax.train.sample import caption_batch
+
+DIM = 32
+# Reference gradient of each relation as (coefficient of x, coefficient of y), x = column, y = row (downwards).
+GRADIENTS = {
+    "above": (0, -1),
+    "below": (0, 1),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "upper_left": (-1, -1),
+    "upper_right": (1, -1),
+    "lower_left": (-1, 1),
+    "lower_right": (1, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return dit.dit_config("micro", hidden_size=DIM, depth=2, num_heads=2, caption_channels=DIM)
+
+
+@pytest.fixture(scope="module")
+def conditioner():
+    return make_text_conditioner("rte", seed=0, dim=DIM, position_scale=1 / 6)
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    """Random values in every leaf (biases included), so a mix-up of any term shows."""
+    rng = np.random.default_rng(1)
+    init = dit.init_params(cfg, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), init)
+
+
+def np_params(params) -> dict:
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+
+
+def relation_embeddings(params, conditioner) -> np.ndarray:
+    """float64[R, D]: mean over the relation-phrase words of the caption-projected text of each canonical caption."""
+    captions = [prompts.caption(SceneSpec("circle", "red", r, "square", "blue")) for r in RELATIONS]
+    text = np.asarray(conditioner.embed(conditioner.tables, caption_batch(captions))[0], np.float64)
+    p = np_params(params)["caption_projection"]
+    hidden = text @ p["linear_1"]["kernel"] + p["linear_1"]["bias"]
+    hidden = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden**3)))
+    projected = hidden @ p["linear_2"]["kernel"] + p["linear_2"]["bias"]
+    is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")
+    return np.stack([projected[r][is_relation[r]].mean(0) for r in range(len(RELATIONS))])
+
+
+def reference_logits(params, cfg, conditioner) -> np.ndarray:
+    """float64[L, H, R, g, g] by explicit loops over layers and heads."""
+    p = np_params(params)
+    positions = dit.sincos_2d_position_embedding(cfg.hidden_size, cfg.grid_size, cfg.pos_interpolation_scale)
+    positions = positions.astype(np.float64)
+    relations = relation_embeddings(params, conditioner)
+    dh, g = cfg.head_dim, cfg.grid_size
+    out = np.zeros((cfg.depth, cfg.num_heads, len(RELATIONS), g, g))
+    for layer in range(cfg.depth):
+        attn = p[f"transformer_blocks_{layer}"]["attn2"]
+        for head in range(cfg.num_heads):
+            cols = slice(head * dh, (head + 1) * dh)
+            q = positions @ attn["to_q"]["kernel"][:, cols] + attn["to_q"]["bias"][cols]  # [N, dh]
+            k = relations @ attn["to_k"]["kernel"][:, cols] + attn["to_k"]["bias"][cols]  # [R, dh]
+            out[layer, head] = (k @ q.T / np.sqrt(dh)).reshape(len(RELATIONS), g, g)
+    return out
+
+
+def test_logits_match_numpy_reference(params, cfg, conditioner):
+    got = qk_screen.screen(params, cfg, conditioner, conditioner.tables)["logits"]
+    want = reference_logits(params, cfg, conditioner)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_output_shapes(params, cfg, conditioner):
+    out = qk_screen.screen(params, cfg, conditioner, conditioner.tables)
+    layers, heads, relations, g = cfg.depth, cfg.num_heads, len(RELATIONS), cfg.grid_size
+    assert {k: v.shape for k, v in out.items()} == {
+        "logits": (layers, heads, relations, g, g),
+        "correlation": (layers, heads, relations),
+        "head_score": (layers, heads),
+        "signed_score": (layers, heads),
+        "ranking": (layers * heads, 2),
+    }
+    assert np.issubdtype(out["ranking"].dtype, np.integer)
+    assert sorted(map(tuple, out["ranking"].tolist())) == [(i, j) for i in range(layers) for j in range(heads)]
+
+
+def planted_params(params, cfg, conditioner, layer: int = 1, head: int = 0):
+    """`params` with attn2 head (layer, head) rewritten so that its q·k for every relation is (up to least-squares
+    error) that relation's reference gradient a*x + b*y: q = (x, y, 0, ...), k_r = (a_r, b_r, 0, ...), zero biases."""
+    g, dh = cfg.grid_size, cfg.head_dim
+    positions = dit.sincos_2d_position_embedding(cfg.hidden_size, g, cfg.pos_interpolation_scale).astype(np.float64)
+    rows, cols = np.divmod(np.arange(g * g), g)
+    q_target = np.zeros((g * g, dh))
+    q_target[:, 0], q_target[:, 1] = cols, rows
+    k_target = np.zeros((len(RELATIONS), dh))
+    k_target[:, :2] = [GRADIENTS[r] for r in RELATIONS]
+    w_q = np.linalg.lstsq(positions, q_target, rcond=None)[0]
+    w_k = np.linalg.lstsq(relation_embeddings(params, conditioner), k_target, rcond=None)[0]
+
+    planted = jax.tree.map(np.array, params)  # writable copies
+    attn = planted[f"transformer_blocks_{layer}"]["attn2"]
+    columns = slice(head * dh, (head + 1) * dh)
+    for name, kernel in (("to_q", w_q), ("to_k", w_k)):
+        attn[name]["kernel"][:, columns] = kernel
+        attn[name]["bias"][columns] = 0.0
+    return planted
+
+
+def test_planted_positional_head_ranks_first(params, cfg, conditioner):
+    out = qk_screen.screen(planted_params(params, cfg, conditioner), cfg, conditioner, conditioner.tables)
+    assert tuple(out["ranking"][0]) == (1, 0)
+    assert out["correlation"][1, 0, RELATIONS.index("above")] > 0.95
+    assert out["head_score"][1, 0] > 0.95
+    assert out["head_score"][0, 1] < out["head_score"][1, 0] - 0.3
+
+
+def test_run_writes_report(params, cfg, conditioner, tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    model = context.AnalysisModel(
+        ml_collections.ConfigDict(), cfg, params, conditioner, conditioner.tables, mesh, None, "tiny test model"
+    )
+    directory = qk_screen.run(model, tmp_path)
+    assert directory == tmp_path / "qk_screen"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "head_scores.png",
+        "logit_maps.png",
+        "qk_screen.npz",
+        "summary.md",
+    ]
+    for name in ("head_scores.png", "logit_maps.png"):
+        assert np.asarray(Image.open(directory / name).convert("RGB"), np.float32).std() > 0
+    with np.load(directory / "qk_screen.npz") as arrays:
+        assert arrays["head_score"].shape == (cfg.depth, cfg.num_heads)
+    assert "| 1 |" in (directory / "summary.md").read_text()

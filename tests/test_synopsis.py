@@ -1,0 +1,132 @@
+"""Capture during sampling and the attention synopsis, on tiny random DiTs (and one planted relation head)."""
+
+import independent_scenes
+import jax
+import numpy as np
+import pytest
+
+from relcirc_jax.analysis import capture, context, groups, synopsis
+from relcirc_jax.config import base_config
+from relcirc_jax.data.spec import COLORS, SHAPES
+from relcirc_jax.models import dit
+from relcirc_jax.train import sample
+from relcirc_jax.train import state as train_state
+
+CAPTIONS = ["red circle is above blue square", "blue triangle is to the left of red circle"]
+PLANTED = (1, 0)  # (layer, head) of the hand-set relation head
+
+
+def _model(tmp_path, devices=None, params=None):
+    config = base_config("rte", "micro", "smoke")
+    model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
+    params = dit.init_params(model_cfg, jax.random.PRNGKey(0)) if params is None else params
+    return context.from_params(config, params, tmp_path, "tiny", devices=devices)
+
+
+def test_capture_shapes_follow_the_shape_table(tmp_path):
+    model = _model(tmp_path)
+    cfg = model.model_cfg
+    names = [
+        "hook_caption",
+        "blocks.1.attn.hook_pattern",
+        "blocks.0.cross_attn.hook_pattern",
+        "blocks.1.cross_attn.hook_z",
+    ]
+    images, captured = capture.sampler(model, 2, names, lambda cache, batch: cache)(
+        model.params, model.tables, CAPTIONS * 2
+    )
+    steps, b, n, h, d = model.config.eval.num_steps, 4, cfg.grid_size**2, cfg.num_heads, cfg.head_dim
+    assert images.shape == (b, cfg.image_size, cfg.image_size, 3)
+    assert captured["hook_caption"].shape == (steps, b, 20, cfg.hidden_size)
+    assert captured["blocks.1.attn.hook_pattern"].shape == (steps, b, h, n, n)
+    assert captured["blocks.0.cross_attn.hook_pattern"].shape == (steps, b, h, n, 20)
+    assert captured["blocks.1.cross_attn.hook_z"].shape == (steps, b, n, h, d)
+
+
+def test_capture_pass_draws_the_plain_samplers_images(tmp_path):
+    model = _model(tmp_path)
+    plain = capture.sampler(model, 4)(model.params, model.tables, CAPTIONS)
+    captured_images, _ = capture.sampler(model, 4, ["blocks.0.attn.hook_pattern"], lambda c, b: c)(
+        model.params, model.tables, CAPTIONS
+    )
+    np.testing.assert_allclose(captured_images.astype(int), plain.astype(int), atol=1)
+
+
+def _caption_tokens(model, captions):
+    """The caption-projected tokens the cross-attention keys read, [B, L, D]."""
+    text, _ = model.conditioner.embed(model.tables, sample.caption_batch(captions))
+    _, cache = dit.run_with_cache(
+        dit.DiT(model.model_cfg),
+        model.params,
+        *dit.example_inputs(model.model_cfg, len(captions))[:2],
+        text,
+        np.ones(text.shape[:2], bool),
+        ["hook_caption"],
+    )
+    return np.asarray(cache["hook_caption"], np.float64)
+
+
+def _plant_relation_head(model, captions):
+    """Layer 1 head 0 of cross-attention: a constant query whose logits are +40 on relation tokens, 0 elsewhere."""
+    params = jax.tree.map(np.array, model.params)
+    layer, head = PLANTED
+    cfg = model.model_cfg
+    cols = slice(head * cfg.head_dim, (head + 1) * cfg.head_dim)
+    attn = params[f"transformer_blocks_{layer}"]["attn2"]
+    tokens = _caption_tokens(model, captions).reshape(-1, cfg.hidden_size)
+    is_relation = groups.token_roles(model.conditioner, captions).reshape(-1) == groups.TEXT_ROLES.index("relation")
+    target = np.zeros((len(tokens), cfg.head_dim))
+    target[:, 0] = 40.0 * is_relation * np.sqrt(cfg.head_dim)
+    design = np.concatenate([tokens, np.ones((len(tokens), 1))], 1)
+    solution = np.linalg.lstsq(design, target, rcond=None)[0]
+    attn["to_k"]["kernel"][:, cols], attn["to_k"]["bias"][cols] = solution[:-1], solution[-1]
+    attn["to_q"]["kernel"][:, cols] = 0.0
+    attn["to_q"]["bias"][cols] = np.eye(cfg.head_dim)[0]
+    return params
+
+
+def test_planted_relation_head_is_ranked_first(tmp_path):
+    captions = CAPTIONS
+    base = _model(tmp_path)
+    model = _model(tmp_path, params=_plant_relation_head(base, captions))
+    n = model.model_cfg.grid_size**2
+    token_groups = np.zeros((len(captions), n, 3), np.float32)
+    token_groups[:, : n // 2, 0] = 1  # object 1: the top half of the tokens, object 2 the bottom half
+    token_groups[:, n // 2 :, 1] = 1
+    arrays = synopsis.synopsis(model, captions, token_groups)
+    relation = groups.TEXT_ROLES.index("relation")
+    assert tuple(synopsis.ranking(arrays["relation_score"])[0]) == PLANTED
+    assert arrays["relation_score"][PLANTED] > 0.99
+    assert np.all(np.delete(arrays["relation_score"].ravel(), PLANTED[0] * 2 + PLANTED[1]) < 0.9)
+    # each object group's attention sums to one over roles (cross) and over groups (self; no background here)
+    np.testing.assert_allclose(arrays["cross"][..., :2, :].sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(arrays["self"][..., :2, :].sum(-1), 1.0, rtol=1e-5)
+    assert arrays["cross"][:, 1, 0, :2, relation].min() > 0.99
+
+
+def test_synopsis_on_8_devices_equals_1(tmp_path):
+    captions = CAPTIONS * 4
+    token_groups = np.random.default_rng(0).uniform(size=(len(captions), 64, 3)).astype(np.float32)
+    one = synopsis.synopsis(_model(tmp_path, jax.devices()[:1]), captions, token_groups)
+    eight = synopsis.synopsis(_model(tmp_path, jax.devices()), captions, token_groups)
+    for key in ("cross", "self", "relation_score", "object_score"):
+        np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_image_token_groups_cover_each_object(size):
+    """Scenes from the independent PIL renderer (not the training renderer), at two sizes: each object's tokens sit
+    where it was drawn, and every token's weights split between the objects and the background."""
+    layouts = independent_scenes.sample_layouts(np.random.default_rng(size), 8, size=size)
+    images, centers = independent_scenes.render(*layouts, size=size)
+    shapes, colors = layouts[0], layouts[1]
+    captions = [f"{COLORS[c[0]]} {SHAPES[s[0]]} is above {COLORS[c[1]]} {SHAPES[s[1]]}" for s, c in zip(shapes, colors)]
+    weights = groups.image_token_groups(images, captions, patch_size=size // 8, radius=size / 8)  # [8, 64, 3]
+    token_xy = (np.stack(np.divmod(np.arange(64), 8)[::-1], 1) + 0.5) * (size // 8)  # (x, y) of each token centre
+    for image in range(len(images)):
+        for k in range(2):
+            w = weights[image, :, k]
+            assert w.sum() > 1
+            mean_xy = (w[:, None] * token_xy).sum(0) / w.sum()
+            assert np.hypot(*(mean_xy - centers[image, k])) < size / 16  # within half a token of the object's centre
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=0.02)

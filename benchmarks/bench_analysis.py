@@ -1,0 +1,123 @@
+"""Benchmark: what the circuit analyses cost, each against its reference measured in the same run.
+
+1. synopsis capture: one 14-step DPM-Solver++ CFG sampling pass that reduces every self- and cross-attention pattern
+   inside the solver scan, vs the same sampling without capture (target <= 1.3x).
+2. single-head ablation screen over every head of DiT-mini: one compiled vmap over head masks vs calling the compiled
+   sampler once per head from Python, same images (target >= 5x).
+3. qk_screen of every DiT-B cross-attention head (target < 1 s).
+Random (perturbed) weights, RTE captions of the paper's eval prompts. Times are after compilation, best of --repeats.
+The last line of output is one JSON object with the figures.
+
+    python benchmarks/bench_analysis.py [--synopsis_batch 64] [--ablation_batch 8] [--repeats 2]
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from relcirc_jax.analysis import ablation, capture, context, groups, qk_screen, synopsis
+from relcirc_jax.config import base_config
+from relcirc_jax.models import dit
+from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import state as train_state
+
+
+def random_model(size: str, workdir: str, seed: int = 0) -> context.AnalysisModel:
+    """A DiT of `size` with fresh weights plus small noise (zero-initialised output layers would draw nothing)."""
+    config = base_config("rte", size)
+    model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
+    params = dit.init_params(model_cfg, jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return context.from_params(config, jax.device_get(params), workdir, f"random DiT-{size}")
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_synopsis(batch: int, repeats: int) -> dict:
+    model = random_model("micro", "/tmp/bench_analysis_micro")
+    captions = (evaluate.eval_prompt_list(model.config) * batch)[:batch]
+    roles = groups.token_roles(model.conditioner, captions)
+    token_groups = np.random.default_rng(0).dirichlet(np.ones(3), (len(captions), 64)).astype(np.float32)
+    extra = lambda padded: {"roles": roles, "groups": token_groups}  # noqa: E731 - batch = len(captions)
+    plain = capture.sampler(model, batch)
+    captured = capture.sampler(
+        model, batch, synopsis.attention_names(model.model_cfg.depth), synopsis.reduce_attention, extra
+    )
+    plain_s = best_time(lambda: plain(model.params, model.tables, captions), repeats)
+    capture_s = best_time(lambda: captured(model.params, model.tables, captions)[0], repeats)
+    print(f"synopsis: plain sampling {plain_s:.2f} s, capture pass {capture_s:.2f} s for {batch} images (micro)")
+    return {"synopsis_plain_s": plain_s, "synopsis_capture_s": capture_s, "synopsis_ratio": capture_s / plain_s}
+
+
+def bench_ablation(batch: int, repeats: int) -> dict:
+    model = random_model("mini", "/tmp/bench_analysis_mini")
+    cfg = model.model_cfg
+    captions = (evaluate.eval_prompt_list(model.config) * batch)[:batch]
+    masks = ablation.single_head_masks(cfg.depth, cfg.num_heads)
+    # _screen compiles on each call and reports compilation and sampling apart.
+    timings = [ablation._screen(model, captions, masks, mode="zero", chunk=len(masks))[1] for _ in range(repeats)]
+    screen_s, compile_s = min(t["run_s"] for t in timings), min(t["compile_s"] for t in timings)
+    e = model.config.eval
+    generate = sample.generate_fn(
+        cfg, model.conditioner, cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, seed=e.seed,
+        negative=model.config.sample.negative,
+    )  # fmt: skip
+    one_call = jax.jit(generate)
+    batch_in = {k: jax.numpy.asarray(v) for k, v in sample.caption_batch(captions).items()}
+    noise_id = jax.numpy.arange(len(captions), dtype=jax.numpy.int32)
+
+    def loop():
+        return [
+            one_call(model.params, batch_in, model.tables, noise_id, {"self_head_mask": m[0], "cross_head_mask": m[1]})
+            for m in masks
+        ]
+
+    loop_s = best_time(loop, repeats)
+    print(
+        f"ablation: {len(masks)} masks x {batch} images (mini): vmapped screen {screen_s:.2f} s "
+        f"(compile {compile_s:.1f} s), Python loop of compiled calls {loop_s:.2f} s"
+    )
+    return {"ablation_masks": len(masks), "ablation_screen_s": screen_s, "ablation_loop_s": loop_s,
+            "ablation_speedup": loop_s / screen_s}  # fmt: skip
+
+
+def bench_qk_screen(repeats: int) -> dict:
+    model = random_model("b", "/tmp/bench_analysis_b")
+    seconds = best_time(
+        lambda: qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables), repeats
+    )
+    heads = model.model_cfg.depth * model.model_cfg.num_heads
+    print(f"qk_screen: all {heads} cross-attention heads of DiT-B in {seconds:.3f} s")
+    return {"qk_screen_b_s": seconds, "qk_screen_heads": heads}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synopsis_batch", type=int, default=64)
+    parser.add_argument("--ablation_batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} devices)")
+    figures = {}
+    figures.update(bench_synopsis(args.synopsis_batch, args.repeats))
+    figures.update(bench_ablation(args.ablation_batch, args.repeats))
+    figures.update(bench_qk_screen(args.repeats))
+    figures["platform"] = jax.devices()[0].platform
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -127,7 +127,7 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
     if not captions:
         raise ValueError("No captions to sample.")
     mesh = model.mesh
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = sharding_rules.batch_shards(mesh)
     padded = captions + [captions[-1]] * (-len(captions) % shards)
     if mode == "mean" and len(padded) > len(captions):
         logging.warning(

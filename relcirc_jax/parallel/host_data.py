@@ -7,14 +7,12 @@ work the same with one process or many.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from relcirc_jax.parallel.rules import BATCH_AXES, batch_sharding
+from relcirc_jax.parallel.rules import batch_sharding, batch_shards
 
 
 def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -24,7 +22,7 @@ def to_global(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
     dim must split evenly over the data*fsdp shards.
     """
     sharding = batch_sharding(mesh)
-    shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+    shards = batch_shards(mesh)
     return {key: _to_global_array(key, np.asarray(value), sharding, shards) for key, value in local_batch.items()}
 
 

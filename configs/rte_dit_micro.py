@@ -1,12 +1,10 @@
-"""rte text encoder + DiT-micro. All logic is in relcirc_jax/config.py.
+"""RTE text encoder (random word vectors + sinusoidal positions) + DiT-micro (hidden 192, depth 6, 3 heads).
 
-Launch: python -m relcirc_jax.main --config=configs/rte_dit_micro.py --workdir=workdirs/rte_dit_micro
-Full run (no suffix): between the nano and DiT-B figures of the paper (smaller models learn relations less); 160k steps
-  at batch 256 take ~32 min of train steps on one H100 (21,857 img/s measured by benchmarks/bench_train.py; add sampling
-  and evaluations).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU (3,600 steps at 0.85 s; twice that on slower
-  machines); measured results in README "Current results".
-Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
+The recipe and its variants (:cpu, :quick, :smoke) are in relcirc_jax/config.py; measured results in README.
+
+    python -m relcirc_jax.main --config=configs/rte_dit_micro.py[:VARIANT] --workdir=workdirs/rte_dit_micro
+
+Reference model: pretrained/rte_dit_micro (its README.md has the command and the evaluation table).
 """
 
 from relcirc_jax.config import base_config

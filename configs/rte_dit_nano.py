@@ -1,12 +1,8 @@
-"""rte text encoder + DiT-nano. All logic is in relcirc_jax/config.py.
+"""RTE text encoder (random word vectors + sinusoidal positions) + DiT-nano (hidden 192, depth 3, 3 heads).
 
-Launch: python -m relcirc_jax.main --config=configs/rte_dit_nano.py --workdir=workdirs/rte_dit_nano
-Full run (no suffix): colour and shape well learned, relation only about 5 % (paper: nano RTE fails at relations); 160k
-  steps at batch 256 take ~16 min of train steps on one H100 (39,182 img/s measured by benchmarks/bench_train.py; add
-  sampling and evaluations).
-CPU run (":cpu" suffix): about an hour on a 2-core CPU (3,600 steps at 0.85 s; twice that on slower
-  machines); measured results in README "Current results".
-Smoke test (":smoke"): seconds; checks the set-up, learns nothing.
+The recipe and its variants (:cpu, :quick, :smoke) are in relcirc_jax/config.py; measured results in README.
+
+    python -m relcirc_jax.main --config=configs/rte_dit_nano.py[:VARIANT] --workdir=workdirs/rte_dit_nano
 """
 
 from relcirc_jax.config import base_config

@@ -45,7 +45,7 @@ MESH_AXES = ("data", "fsdp", "model")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
-ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "all")
+ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "text", "dynamics", "all")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations

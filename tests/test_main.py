@@ -93,7 +93,7 @@ def test_missing_checkpoint_says_train_first(tmp_path, mode):
 
 def test_analyze_writes_arrays_figures_and_summary_of_every_kind(trained, capsys):
     run_cli(trained, "analyze")
-    for kind in ("synopsis", "qk_screen", "ablation"):
+    for kind in ("synopsis", "qk_screen", "ablation", "text", "dynamics"):
         directory = trained / "analysis" / kind
         assert f"{kind}: {directory}" in capsys.readouterr().out or (directory / "summary.md").exists()
         with np.load(directory / f"{kind}.npz") as arrays:

@@ -7,6 +7,10 @@ workdir/analysis/<kind>/:
     synopsis   attention mass of object / background tokens per caption role and image group (capture pass)
     qk_screen  weight-space screen: cross-attention QK logits of image positions against each relation word
     ablation   every single head zero- (or mean-) ablated in one vmapped sampler, scored by the evaluator
+    text       prompt ablations (drop / replace the relation or a shape word, fillers, synonyms), variance of the
+               caption embeddings by factor before and after the caption projection, relation vector arithmetic
+    dynamics   every saved checkpoint of the run: accuracy per component and the synopsis' head scores over training
+               (skipped by "all" when the workdir has no checkpoint, e.g. with only --init_from)
 """
 
 import time
@@ -22,16 +26,22 @@ KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind != "all")
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
     """Runs the analyses config.analysis.kind names; returns {kind: wall seconds}."""
-    from relcirc_jax.analysis import ablation, context, qk_screen, synopsis
+    from relcirc_jax.analysis import ablation, context, dynamics, qk_screen, synopsis, text
+    from relcirc_jax.train import checkpoint
 
     model = context.from_workdir(config, workdir, step)
     out_dir = epath.Path(workdir) / "analysis"
     a = config.analysis
     kinds = KINDS if a.kind == "all" else (a.kind,)
+    if a.kind == "all" and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
+        kinds = tuple(kind for kind in kinds if kind != "dynamics")
+        logging.info("No checkpoints in %s: skipping the dynamics analysis.", workdir)
     runners = {
         "synopsis": lambda: synopsis.run(model, out_dir, images_per_prompt=a.images_per_prompt),
         "qk_screen": lambda: qk_screen.run(model, out_dir),
         "ablation": lambda: ablation.run(model, out_dir, images_per_prompt=a.images_per_prompt, mode=a.ablation_mode),
+        "text": lambda: text.run(model, out_dir, images_per_prompt=a.images_per_prompt),
+        "dynamics": lambda: dynamics.run(config, workdir, out_dir, images_per_prompt=a.images_per_prompt),
     }
     seconds = {}
     for kind in kinds:

@@ -21,8 +21,8 @@ from relcirc_jax.analysis.context import AnalysisModel, write_report
 from relcirc_jax.diffusion.samplers import SOLVERS
 from relcirc_jax.train import evaluate
 
-_ROLE = {name: i for i, name in enumerate(groups.TEXT_ROLES)}
-_OBJECTS = (0, 1)  # object 1, object 2 in IMAGE_GROUPS
+ROLE = {name: i for i, name in enumerate(groups.TEXT_ROLES)}
+OBJECTS = (0, 1)  # object 1, object 2 in IMAGE_GROUPS
 
 
 def attention_names(depth: int) -> list[str]:
@@ -49,9 +49,8 @@ def reduce_attention(cache: dict, batch: dict) -> dict:
 def synopsis(
     model: AnalysisModel, captions: Sequence[str], token_groups: np.ndarray, batch_size: int | None = None
 ) -> dict[str, np.ndarray]:
-    """The synopsis arrays for `captions` given their image-token groups [B, N, 3] (image_token_groups of the images
-    the same captions and noises give): cross [steps, layers, heads, 3, roles], self [steps, layers, heads, 3, 3]
-    (mean attention of a group's tokens), relation_score and object_score [layers, heads], timesteps [steps]."""
+    """The synopsis arrays (`summarize`, plus timesteps [steps]) for `captions` given their image-token groups
+    [B, N, 3] (image_token_groups of the images the same captions and noises give)."""
     captions = list(captions)
     roles = groups.token_roles(model.conditioner, captions)
     token_groups = np.asarray(token_groups, np.float32)
@@ -71,19 +70,26 @@ def synopsis(
         extra_fields,
     )
     _, sums = sampler(model.params, model.tables, captions)
-    per_group = np.maximum(token_groups.sum((0, 1)), 1e-9)  # [G]
+    e = model.config.eval
+    return {**summarize(sums, token_groups), "timesteps": SOLVERS[e.solver].plan(e.num_steps).timesteps}
+
+
+def summarize(sums: dict, token_groups: np.ndarray) -> dict[str, np.ndarray]:
+    """From a capture pass' per-example sums (reduce_attention, stacked over steps) and the token groups [B, N, G]:
+    cross [steps, layers, heads, G, roles] and self [steps, layers, heads, G, G] (mean attention of a group's
+    tokens), role_mass [layers, heads, roles] (object tokens -> each role, objects and steps averaged),
+    relation_score and object_score [layers, heads], group_tokens [G]."""
+    per_group = np.maximum(np.asarray(token_groups).sum((0, 1)), 1e-9)  # [G]
     cross = sums["cross"].sum(1) / per_group[None, None, None, :, None]
     self_attention = sums["self"].sum(1) / per_group[None, None, None, :, None]
-    obj = list(_OBJECTS)
-    relation_score = cross[:, :, :, obj, _ROLE["relation"]].mean((0, 3))
-    object_score = (cross[:, :, :, 0, _ROLE["shape1"]] + cross[:, :, :, 1, _ROLE["shape2"]]).mean(0) / 2
-    e = model.config.eval
+    role_mass = cross[:, :, :, list(OBJECTS)].mean((0, 3))
+    object_score = (cross[:, :, :, 0, ROLE["shape1"]] + cross[:, :, :, 1, ROLE["shape2"]]).mean(0) / 2
     return {
         "cross": cross,
         "self": self_attention,
-        "relation_score": relation_score,
+        "role_mass": role_mass,
+        "relation_score": role_mass[..., ROLE["relation"]],
         "object_score": object_score,
-        "timesteps": SOLVERS[e.solver].plan(e.num_steps).timesteps,
         "group_tokens": per_group,
     }
 
@@ -122,10 +128,10 @@ def _figures(arrays: dict, label: str, depth: int, heads: int) -> dict:
     import matplotlib.pyplot as plt
 
     roles = [r for r in groups.TEXT_ROLES if r != "pad"]
-    object_view = arrays["cross"][:, :, :, list(_OBJECTS)].mean((0, 3))  # [layers, heads, roles]
+    object_view = arrays["cross"][:, :, :, list(OBJECTS)].mean((0, 3))  # [layers, heads, roles]
     fig_roles, axes = plt.subplots(1, len(roles), figsize=(2.1 * len(roles), 0.5 * depth + 1.6), squeeze=False)
     for ax, role in zip(axes[0], roles):
-        _heatmap(ax, object_view[:, :, _ROLE[role]], f"-> {role}", vmax=1.0)
+        _heatmap(ax, object_view[:, :, ROLE[role]], f"-> {role}", vmax=1.0)
     fig_roles.suptitle(f"Cross-attention of object tokens to each caption role ({label}; mean over steps)")
 
     fig_rank, axes = plt.subplots(1, 3, figsize=(9, 0.5 * depth + 1.8), squeeze=False)
@@ -137,7 +143,7 @@ def _figures(arrays: dict, label: str, depth: int, heads: int) -> dict:
 
     fig_steps, ax = plt.subplots(figsize=(6, 3.5))
     for layer, head in ranking(arrays["relation_score"])[:3]:
-        curve = arrays["cross"][:, layer, head, list(_OBJECTS), _ROLE["relation"]].mean(-1)
+        curve = arrays["cross"][:, layer, head, list(OBJECTS), ROLE["relation"]].mean(-1)
         ax.plot(arrays["timesteps"], curve, marker="o", label=f"L{layer} H{head}")
     ax.invert_xaxis()
     ax.set(xlabel="timestep (sampling runs right)", ylabel="object tokens -> relation", title="Top relation heads")

@@ -5,21 +5,11 @@ deliberately wrong ones. Used by tests (small seeded samples) and benchmarks/ben
 import numpy as np
 
 from relcirc_jax.data import scenes
-from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
+from relcirc_jax.data.spec import COLORS, CONVERSE, RELATIONS, SHAPES, SceneSpec
 from relcirc_jax.evaluation.degrade import degrade
 from relcirc_jax.evaluation.scoring import score_specs
 
 WRONG_KINDS = ("relation", "colors", "shape")
-CONVERSE = {
-    "above": "below",
-    "below": "above",
-    "left": "right",
-    "right": "left",
-    "upper_left": "lower_right",
-    "lower_right": "upper_left",
-    "upper_right": "lower_left",
-    "lower_left": "upper_right",
-}
 
 
 def random_scenes(rng: np.random.Generator, n: int, *, size: int = 64, radius: float = 8):

@@ -13,17 +13,13 @@ from relcirc_jax.analysis import capture, context, dynamics, groups, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.errors import UserError
 from relcirc_jax.evaluation import METRICS
-from relcirc_jax.train import evaluate, loop
+from relcirc_jax.train import evaluate
 
-STEPS = [2, 4, 6]  # checkpoint.every_steps = 2, keep = 3
+STEPS = [2, 4]  # the shared smoke run (conftest.smoke_run): checkpoints every 2 of its 4 steps, its own eval at 4
 
 
 def smoke_config():
-    config = base_config("rte", "nano", "smoke")
-    config.train.num_steps = 6
-    config.eval.every_steps = 2  # the run logs its own eval at every checkpoint
-    config.sample.every_steps = 6
-    return config
+    return base_config("rte", "nano", "smoke")
 
 
 class _Records(logging.Handler):
@@ -36,17 +32,15 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report(smoke_run, tmp_path_factory):
     """(config, workdir, report directory, arrays, jax compile log lines of the dynamics run)."""
-    workdir = tmp_path_factory.mktemp("run")
-    config = smoke_config()
-    loop.train(config, workdir)
+    workdir, config = smoke_run, smoke_config()
     records = _Records()
     jax_logger = logging.getLogger("jax")
     jax_logger.addHandler(records)
     try:
         with jax.log_compiles(True):
-            directory = dynamics.run(config, workdir, workdir / "analysis")
+            directory = dynamics.run(config, workdir, tmp_path_factory.mktemp("analysis"))
     finally:
         jax_logger.removeHandler(records)
     with np.load(directory / "dynamics.npz") as data:
@@ -58,14 +52,14 @@ def test_one_row_per_checkpoint_with_the_runs_own_accuracies(report):
     config, _, _, arrays, _ = report
     depth, heads, roles = 2, 2, len(groups.TEXT_ROLES)
     assert list(arrays["steps"]) == STEPS and list(arrays["metrics"]) == list(METRICS)
-    assert arrays["accuracy"].shape == (3, len(METRICS))
+    assert arrays["accuracy"].shape == (2, len(METRICS))
     assert np.all((arrays["accuracy"] >= 0) & (arrays["accuracy"] <= 1))
-    assert arrays["relation_score"].shape == arrays["object_score"].shape == (3, depth, heads)
-    assert arrays["role_mass"].shape == (3, depth, heads, roles) and list(arrays["roles"]) == list(groups.TEXT_ROLES)
-    assert arrays["seconds"].shape == (3,) and np.all(arrays["seconds"] > 0)
-    # eval.images_per_prompt = 1 = images_per_prompt: the same sampler, noises and scoring as the run's evaluations
-    assert list(arrays["logged_steps"]) == STEPS
-    np.testing.assert_allclose(arrays["accuracy"], arrays["logged_accuracy"], rtol=1e-6)
+    assert arrays["relation_score"].shape == arrays["object_score"].shape == (2, depth, heads)
+    assert arrays["role_mass"].shape == (2, depth, heads, roles) and list(arrays["roles"]) == list(groups.TEXT_ROLES)
+    assert arrays["seconds"].shape == (2,) and np.all(arrays["seconds"] > 0)
+    # eval.images_per_prompt = 1 = images_per_prompt: the same sampler, noises and scoring as the run's evaluation
+    assert list(arrays["logged_steps"]) == [4]
+    np.testing.assert_allclose(arrays["accuracy"][-1:], arrays["logged_accuracy"], rtol=1e-6)
     # where an image had bound objects, their tokens' attention over caption roles is a distribution
     bound = arrays["bound_fraction"] > 0
     np.testing.assert_allclose(arrays["role_mass"][bound].sum(-1), 1.0, rtol=1e-4)

@@ -26,11 +26,9 @@ def run_cli(workdir, mode, *extra):
     cli.main(["main"])
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    run_cli(workdir, "train")
-    return workdir
+@pytest.fixture
+def trained(smoke_run):
+    return smoke_run
 
 
 def test_train_then_sample_writes_grid_and_images(trained):

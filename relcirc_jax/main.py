@@ -2,7 +2,7 @@
 
 Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json +
 eval.md for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
-ablation|all, written under WORKDIR/analysis/). Override any config value with --config.train.lr=3e-4 etc.
+ablation|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with --config.train.lr=3e-4 etc.
 --init_from=pretrained/NAME uses a reference model's weights (and, without --config, its config): training starts
 from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
 

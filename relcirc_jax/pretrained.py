@@ -80,14 +80,19 @@ def save(params, config: ml_collections.ConfigDict, out_dir, readme: str | None 
 def load_config(name: str) -> tuple[ml_collections.ConfigDict, epath.Path]:
     """(config, directory) of a reference model: a name under pretrained/ or a model directory. Its saved config is
     laid over today's full config of its encoder and size, so fields added since it was exported get their defaults."""
+    directory = model_dir(name)
+    return saved_config(directory / CONFIG_FILE), directory
+
+
+def saved_config(path) -> ml_collections.ConfigDict:
+    """A config.json written by a run or an export, laid over today's full config of its encoder and size."""
     from relcirc_jax.config import base_config
 
-    directory = model_dir(name)
-    saved = json.loads((directory / CONFIG_FILE).read_text())
+    saved = json.loads(epath.Path(path).read_text())
     config = base_config(saved["text"]["encoder"], saved["model"]["size"])
     config.unlock()
     config.update(saved)
-    return config, directory
+    return config
 
 
 # The config fields that define a model's parameters and what its outputs mean.
@@ -133,7 +138,7 @@ def export(workdir, out_dir, step: int | None = None, readme: str | None = None)
     """Writes the EMA weights of checkpoint `step` (default the latest) of run `workdir` as a reference model."""
     from relcirc_jax.train import state as train_state
 
-    config = ml_collections.ConfigDict(json.loads((epath.Path(workdir) / CONFIG_FILE).read_text()))
+    config = saved_config(epath.Path(workdir) / CONFIG_FILE)
     experiment = train_state.build_experiment(config, workdir)
     step, state = train_state.restore_or_fail(experiment, workdir, step)
     config.unlock()

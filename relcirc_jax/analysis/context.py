@@ -1,8 +1,8 @@
 """What every analysis reads: a trained model (EMA weights, its DiT config, text conditioner, mesh) and where to write.
 
-An `AnalysisModel` comes from a run's checkpoint (`from_workdir`) or a reference model under pretrained/
-(`from_pretrained`). Analyses are functions of it; `write_report` puts their arrays (.npz), figures (PNG) and a
-markdown summary under `<out_dir>/<kind>/`.
+An `AnalysisModel` comes from a run's checkpoint or, with config.init_from, a reference model under pretrained/
+(`from_workdir`), or from params in memory (`from_params`, e.g. of `pretrained.load`). Analyses are functions of it;
+`write_report` puts their arrays (.npz), figures (PNG) and a markdown summary under `<out_dir>/<kind>/`.
 """
 
 from typing import Any, NamedTuple
@@ -43,13 +43,11 @@ def from_workdir(config: ml_collections.ConfigDict, workdir, step: int | None = 
 def from_params(config: ml_collections.ConfigDict, params, workdir, label: str, devices=None) -> AnalysisModel:
     """An AnalysisModel of given float32 params (e.g. `pretrained.load`) with `config`'s text encoder, on a mesh of
     `devices` (default all)."""
-    from relcirc_jax import pretrained
     from relcirc_jax.train import state as train_state
 
     experiment = train_state.build_experiment(config, workdir, devices)
     experiment.checkpointer.close()
-    pretrained.check_compatible(params, experiment.abstract_state.ema_params)
-    return _model(experiment, jax.device_put(params, experiment.state_sh.ema_params), label)
+    return _model(experiment, train_state.place_params(experiment, params), label)
 
 
 def _model(experiment, params, label: str) -> AnalysisModel:

@@ -146,7 +146,7 @@ def require_checkpoint(workdir, step: int | None = None) -> None:
 def require_weights(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> None:
     """UserError unless there are weights to use: checkpoint `step` (default any) in `workdir`, or, when the workdir has
     none, the reference model config.init_from names. Reads, creates nothing."""
-    if config.get("init_from") and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
+    if _uses_reference_model(config, workdir):
         if step is not None:
             raise UserError(
                 f"--step={step} needs a checkpoint in {workdir}; a reference model has one step. Fix: drop --step."
@@ -159,13 +159,22 @@ def require_weights(config: ml_collections.ConfigDict, workdir, step: int | None
 def ema_weights(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, Any]:
     """(step, EMA params on the mesh) of checkpoint `step` (default the latest) of `workdir`, or of the reference model
     config.init_from when the workdir has no checkpoint (step: the one it was exported from)."""
-    config = experiment.config
-    if config.get("init_from") and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
-        reference_config, params = pretrained.load(config.init_from)
-        pretrained.check_compatible(params, experiment.abstract_state.ema_params)
-        return reference_config.get("pretrained_step", 0), jax.device_put(params, experiment.state_sh.ema_params)
+    if _uses_reference_model(experiment.config, workdir):
+        reference_config, params = pretrained.load(experiment.config.init_from)
+        return reference_config.get("pretrained_step", 0), place_params(experiment, params)
     step, state = restore_or_fail(experiment, workdir, step)
     return step, state.ema_params
+
+
+def place_params(experiment: Experiment, params) -> Any:
+    """Host params (e.g. a reference model's) checked against the experiment's model and put on its mesh."""
+    pretrained.check_compatible(params, experiment.abstract_state.ema_params)
+    return jax.device_put(params, experiment.state_sh.ema_params)
+
+
+def _uses_reference_model(config: ml_collections.ConfigDict, workdir) -> bool:
+    """config.init_from names a reference model and the workdir has no checkpoint of its own (which would win)."""
+    return bool(config.get("init_from")) and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints")
 
 
 def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:

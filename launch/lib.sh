@@ -35,7 +35,7 @@ parse_args() {
         key=${arg%%=*}
         key=${key#--}
         key=${key//-/_}
-        if ! [[ $key =~ ^[a-z_]+$ ]] || ! declare -p "opt_${key}" >/dev/null 2>&1; then
+        if ! [[ $key =~ ^[a-z][a-z0-9_]*$ ]] || ! declare -p "opt_${key}" >/dev/null 2>&1; then
           die "unknown option --${key}; see --help."
         fi
         printf -v "opt_${key}" '%s' "${arg#*=}" ;;

@@ -1,21 +1,25 @@
 """The launch scripts: shellcheck-clean, and their --dry-run prints (without running anything) the commands with the
-config, the workdir, the worker selection and the extra relcirc_jax.main flags."""
+config, the workdir, the worker selection and the extra relcirc_jax.main flags; reproduce_paper.sh's grid of
+train/evaluate/analyze commands and the report it ends with (launch/paper_report.py, on a fake root)."""
 
+import json
 import os
+import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/tpu_pod.sh", "launch/xpk.sh", "launch/slurm_gpu.sbatch")
+SCRIPTS = ("launch/tpu_pod.sh", "launch/xpk.sh", "launch/slurm_gpu.sbatch", "launch/reproduce_paper.sh")
 CONFIG, WORKDIR, EXTRA = "configs/rte_dit_b.py", "gs://bucket/runs/rte_dit_b", "--config.train.num_steps=123"
-TOOLS = ("gcloud", "xpk", "srun", "git")
+TOOLS = ("gcloud", "xpk", "srun", "sbatch", "git", "python3")
 
 
 @pytest.fixture
 def guarded_path(tmp_path):
-    """A PATH where the cloud/cluster tools (and git) are fakes that record any call: a dry run provably runs none."""
+    """A PATH where the cluster tools, git and python3 are fakes that record any call: a dry run provably runs none."""
     calls = tmp_path / "calls.txt"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -117,8 +121,119 @@ def test_slurm_dry_run_runs_one_task_per_node_on_all_its_gpus(guarded_path):
         ),
         ("launch/slurm_gpu.sbatch", ["--config=c.py", "--workdir=/w", "--nodes=3"], "unknown option --nodes"),
         ("launch/tpu_pod.sh", ["stray"], "unexpected argument 'stray'"),
+        (
+            "launch/reproduce_paper.sh",
+            ["--encoders=rte,bert"],
+            "unknown item 'bert' in --encoders; use a comma-separated subset of rte,rte_nopos,t5,minilm.",
+        ),
+        (
+            "launch/reproduce_paper.sh",
+            ["--encoders=rte", "--sizes=b,xl"],
+            "unknown item 'xl' in --sizes; use a comma-separated subset of nano,micro,mini,b.",
+        ),
+        ("launch/reproduce_paper.sh", ["--encoders=rte", "--launcher=k8s"], "use local or slurm"),
+        ("launch/reproduce_paper.sh", [], "the t5 runs need --t5_path=DIR"),
     ],
 )
 def test_bad_arguments_fail_with_one_clear_message(script, args, message):
     result = run_script(script, "--dry-run", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def reproduce_dry_run(guarded_path, *args):
+    path, calls = guarded_path
+    result = run_script("launch/reproduce_paper.sh", "--dry-run", *args, "--", EXTRA, path=path)
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists(), f"--dry-run ran {calls.read_text()}"
+    return [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_reproduce_paper_dry_run_trains_evaluates_and_analyzes_the_16_runs_then_reports(guarded_path, tmp_path):
+    root = tmp_path / "runs"
+    commands = reproduce_dry_run(guarded_path, f"--root={root}", "--t5_path=/models/t5")
+    expected = []
+    for encoder in ("rte", "rte_nopos", "t5", "minilm"):
+        for size in ("nano", "micro", "mini", "b"):  # the smallest first
+            name = f"{encoder}_dit_{size}"
+            main = f"python3 -m relcirc_jax.main --config=configs/{name}.py --workdir={root}/{name}"
+            cache = f"--config.compilation_cache_dir={root}/compilation_cache"
+            extra = ("--config.text.t5_path=/models/t5 " if encoder == "t5" else "") + EXTRA
+            expected += [
+                f"{main} --mode=train {cache} {extra}",
+                f"{main} --mode=evaluate {cache} {extra}",
+                f"{main} --mode=analyze {cache} --config.analysis.kind=all {extra}",
+            ]
+    report = (
+        f"python3 launch/paper_report.py --root={root} --encoders=rte,rte_nopos,t5,minilm --sizes=nano,micro,mini,b"
+    )
+    assert commands == expected + [report]
+
+
+def test_reproduce_paper_on_slurm_chains_three_jobs_per_run_through_slurm_gpu_sbatch(guarded_path):
+    commands = reproduce_dry_run(guarded_path, "--launcher=slurm", "--encoders=rte_nopos", "--sizes=b,nano")
+    root = f"{REPO}/workdirs/paper"  # the default --root, relative to where the script was started
+    assert len(commands) == 7 and all(c.startswith("sbatch --parsable ") for c in commands), commands
+    for i, name in enumerate(("rte_nopos_dit_b", "rte_nopos_dit_nano")):
+        train, evaluate, analyze = commands[3 * i : 3 * i + 3]
+        assert "--dependency" not in train
+        assert f"--dependency=afterok:{name}.train --kill-on-invalid-dep=yes" in evaluate
+        assert f"--dependency=afterok:{name}.evaluate --kill-on-invalid-dep=yes" in analyze
+        assert "--nodes=1 --gpus-per-node=1 launch/slurm_gpu.sbatch" in analyze
+        # The job's script, dry-run as SLURM would start it: relcirc_jax.main --mode=analyze with every flag.
+        job_args = shlex.split(analyze.split(" launch/slurm_gpu.sbatch ", 1)[1])
+        srun = run_script("launch/slurm_gpu.sbatch", "--dry-run", *job_args, path=guarded_path[0]).stdout
+        for flag in (
+            f"--config=configs/{name}.py",
+            f"--workdir={root}/{name}",
+            "--mode=analyze",
+            f"--config.compilation_cache_dir={root}/compilation_cache",
+            f"--config.analysis.kind=all {EXTRA}",
+        ):
+            assert flag in srun, (flag, srun)
+    assert commands[-1] == (
+        "sbatch --parsable --dependency=afterany:rte_nopos_dit_b.analyze:rte_nopos_dit_nano.analyze "
+        f"--job-name=relcirc-report '--wrap=python3 launch/paper_report.py --root={root} --encoders=rte_nopos "
+        "--sizes=b,nano'"
+    )
+
+
+def test_paper_report_sets_each_run_beside_the_paper_and_links_its_analyses(tmp_path):
+    from relcirc_jax.evaluation.scoring import METRICS
+
+    run = tmp_path / "rte_dit_b"
+    (run / "analysis" / "synopsis").mkdir(parents=True)
+    (run / "analysis" / "synopsis" / "summary.md").write_text("# synopsis\n")
+    (run / "analysis" / "synopsis" / "heads.png").write_bytes(b"png")
+    (run / "eval.md").write_text("# eval\n")
+    accuracy = dict.fromkeys(METRICS, 0.0) | {
+        "color": 0.991,
+        "shape": 0.962,
+        "unique_binding": 0.903,
+        "spatial_relationship_loose": 0.861,
+        "spatial_relationship": 0.5,
+        "overall": 0.4,
+    }
+    table = {"step": 160_000, "num_images": 9600, "overall": accuracy}
+    (run / "eval.json").write_text(json.dumps({"step": 160_000, "tables": {"relcirc": table, "paper": table}}))
+    result = subprocess.run(
+        [sys.executable, "launch/paper_report.py", f"--root={tmp_path}", "--encoders=rte,t5", "--sizes=b"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = (tmp_path / "report.md").read_text()
+    beside_paper = "| 99.1 (99) | 96.2 (96) | 90.3 (90) | 86.1 (86) | 50.0 | 40.0 |"
+    for detector in ("relcirc", "paper"):
+        assert f"| rte_dit_b | {detector} | 160,000 | 9,600 {beside_paper}" in report
+    assert "| t5_dit_b | not evaluated yet | - | - | - (99) | - (97) | - (93) | - (89) | - | - |" in report
+    assert "[eval.json](rte_dit_b/eval.json), [eval.md](rte_dit_b/eval.md)" in report
+    assert (
+        "- synopsis: [summary.md](rte_dit_b/analysis/synopsis/summary.md); "
+        "figures: [heads.png](rte_dit_b/analysis/synopsis/heads.png)"
+    ) in report
+    assert "- qk_screen: not run yet" in report
+    t5_section = report.split("## t5_dit_b")[1]
+    assert "- evaluation: not run yet" in t5_section and "- synopsis: not run yet" in t5_section

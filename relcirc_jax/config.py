@@ -45,7 +45,8 @@ MESH_AXES = ("data", "fsdp", "model")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
-ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "text", "dynamics", "all")
+ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "all")
+PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
@@ -163,6 +164,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.kind = "all"  # relcirc_jax.analysis.KINDS
     c.analysis.images_per_prompt = 2  # seeds per eval prompt for the sampling analyses (synopsis, ablation)
     c.analysis.ablation_mode = "zero"  # "zero", "mean" or "both"
+    c.analysis.patching_prompts = 16  # eval prompts patched (x images_per_prompt pairs; two worlds each)
+    c.analysis.patching_corruption = "relation"  # the twin: relation -> its converse, or "shapes" swapped
+    c.analysis.patching_windows = 2  # step windows besides "all steps" (early / late with 2)
     return c
 
 
@@ -211,6 +215,7 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.eval.batch_size = 8  # = sample.num_prompts, so grids and evals share one compiled sampler
     c.eval.num_steps = 2
     c.analysis.images_per_prompt = 1
+    c.analysis.patching_prompts = 2
 
 
 def validate_config(
@@ -297,6 +302,18 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
     if c.analysis.ablation_mode not in ("zero", "mean", "both"):
         problems.append(
             f"analysis.ablation_mode={c.analysis.ablation_mode!r} is unknown; use 'zero', 'mean' or 'both'."
+        )
+    if c.analysis.patching_corruption not in PATCHING_CORRUPTIONS:
+        problems.append(
+            f"analysis.patching_corruption={c.analysis.patching_corruption!r} is unknown; use one of "
+            f"{PATCHING_CORRUPTIONS}."
+        )
+    if c.analysis.patching_prompts < 1:
+        problems.append(f"analysis.patching_prompts={c.analysis.patching_prompts} must be >= 1.")
+    if not 1 <= c.analysis.patching_windows <= c.eval.num_steps:
+        problems.append(
+            f"analysis.patching_windows={c.analysis.patching_windows} must be in [1, eval.num_steps="
+            f"{c.eval.num_steps}]."
         )
     if c.sample.negative not in NEGATIVES:
         problems.append(f"sample.negative={c.sample.negative!r} is unknown; choose one of {NEGATIVES}.")

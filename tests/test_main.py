@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
 
+from relcirc_jax import analysis
 from relcirc_jax import main as cli
 from relcirc_jax.config import base_config
 from relcirc_jax.errors import UserError
@@ -91,7 +92,7 @@ def test_missing_checkpoint_says_train_first(tmp_path, mode):
 
 def test_analyze_writes_arrays_figures_and_summary_of_every_kind(trained, capsys):
     run_cli(trained, "analyze")
-    for kind in ("synopsis", "qk_screen", "ablation", "text", "dynamics"):
+    for kind in analysis.KINDS:
         directory = trained / "analysis" / kind
         assert f"{kind}: {directory}" in capsys.readouterr().out or (directory / "summary.md").exists()
         with np.load(directory / f"{kind}.npz") as arrays:

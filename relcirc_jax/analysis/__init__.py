@@ -7,6 +7,8 @@ workdir/analysis/<kind>/:
     synopsis   attention mass of object / background tokens per caption role and image group (capture pass)
     qk_screen  weight-space screen: cross-attention QK logits of image positions against each relation word
     ablation   every single head zero- (or mean-) ablated in one vmapped sampler, scored by the evaluator
+    patching   clean and corrupted prompts sampled side by side; every head output and residual stream patched from
+               the corrupted twin, per step window, in one vmapped sampler; the share of the effect each transfers
     text       prompt ablations (drop / replace the relation or a shape word, fillers, synonyms), variance of the
                caption embeddings by factor before and after the caption projection, relation vector arithmetic
     dynamics   every saved checkpoint of the run: accuracy per component and the synopsis' head scores over training
@@ -26,7 +28,7 @@ KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind != "all")
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
     """Runs the analyses config.analysis.kind names; returns {kind: wall seconds}."""
-    from relcirc_jax.analysis import ablation, context, dynamics, qk_screen, synopsis, text
+    from relcirc_jax.analysis import ablation, context, dynamics, patching, qk_screen, synopsis, text
     from relcirc_jax.train import checkpoint
 
     model = context.from_workdir(config, workdir, step)
@@ -40,6 +42,14 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
         "synopsis": lambda: synopsis.run(model, out_dir, images_per_prompt=a.images_per_prompt),
         "qk_screen": lambda: qk_screen.run(model, out_dir),
         "ablation": lambda: ablation.run(model, out_dir, images_per_prompt=a.images_per_prompt, mode=a.ablation_mode),
+        "patching": lambda: patching.run(
+            model,
+            out_dir,
+            num_prompts=a.patching_prompts,
+            images_per_prompt=a.images_per_prompt,
+            corruption=a.patching_corruption,
+            num_windows=a.patching_windows,
+        ),
         "text": lambda: text.run(model, out_dir, images_per_prompt=a.images_per_prompt),
         "dynamics": lambda: dynamics.run(config, workdir, out_dir, images_per_prompt=a.images_per_prompt),
     }

@@ -9,20 +9,15 @@ depends on i alone), so effects are paired: effect = accuracy(mask) - accuracy(a
 bootstrap confidence intervals over images.
 """
 
-import math
 import time
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 from absl import logging
 from etils import epath
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from relcirc_jax.analysis import context
+from relcirc_jax.analysis import context, interventions
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.parallel import host_data
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import evaluate, sample
 
@@ -124,66 +119,16 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
             f"masks has shape {masks.shape}; expected [M >= 1, 2, depth, heads] = [M, 2, {cfg.depth}, {cfg.num_heads}]."
         )
     captions = list(captions)
-    if not captions:
-        raise ValueError("No captions to sample.")
-    mesh = model.mesh
-    shards = sharding_rules.batch_shards(mesh)
-    padded = captions + [captions[-1]] * (-len(captions) % shards)
-    if mode == "mean" and len(padded) > len(captions):
+    shards = sharding_rules.batch_shards(model.mesh)
+    if mode == "mean" and len(captions) % shards:
         logging.warning(
-            "Mean ablation: %d captions padded to %d (a multiple of the %d batch shards); the padding rows enter the "
-            "batch means. Pass a multiple of %d captions to avoid it.",
-            len(captions), len(padded), shards, shards,
+            "Mean ablation: %d captions padded to a multiple of the %d batch shards; the padding rows enter the batch "
+            "means. Pass a multiple of %d captions to avoid it.",
+            len(captions), shards, shards,
         )  # fmt: skip
-    batch = sample.caption_batch(padded)
-    batch["noise_id"] = np.arange(len(padded), dtype=np.int32)
-    batch = host_data.shared_to_global(batch, mesh)
-    noise_id = batch.pop("noise_id")
-
-    e = model.config.eval
-    generate = sample.generate_fn(
-        cfg,
-        model.conditioner,
-        cfg_scale=e.cfg_scale,
-        num_steps=e.num_steps,
-        solver=e.solver,
-        seed=e.seed,
-        negative=model.config.sample.negative,
-    )
-    batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
-    screen_fn = jax.jit(
-        jax.vmap(generate, in_axes=(None, None, None, None, 0)),
-        in_shardings=(model.param_sh, batch_sh, replicated, batch_sh, replicated),
-        out_shardings=NamedSharding(mesh, P(None, sharding_rules.BATCH_AXES)),
-    )
-    chunk = max(1, min(chunk, len(masks)))
-    num_chunks = math.ceil(len(masks) / chunk)
-    padded_masks = np.concatenate([masks, np.ones((num_chunks * chunk - len(masks),) + masks.shape[1:], np.float32)])
     keys = MASK_KEYS[mode]
-
-    def chunk_masks(i):
-        m = padded_masks[i * chunk : (i + 1) * chunk]
-        return jax.device_put({keys[0]: m[:, 0], keys[1]: m[:, 1]}, replicated)
-
-    start = time.perf_counter()
-    compiled = screen_fn.lower(model.params, batch, model.tables, noise_id, chunk_masks(0)).compile()
-    compile_s = time.perf_counter() - start
-    logging.info(
-        "Ablation screen (%s): %d masks x %d images in %d chunks of %d; compiled in %.1f s.",
-        mode, len(masks), len(captions), num_chunks, chunk, compile_s,
-    )  # fmt: skip
-    images = []
-    start = time.perf_counter()
-    for i in range(num_chunks):
-        out = host_data.to_host(compiled(model.params, batch, model.tables, noise_id, chunk_masks(i)))
-        images.append(out[:, : len(captions)])
-        elapsed = time.perf_counter() - start
-        logging.info(
-            "Ablation screen (%s): chunk %d/%d done, %.1f s elapsed, ETA %.1f s.",
-            mode, i + 1, num_chunks, elapsed, elapsed / (i + 1) * (num_chunks - i - 1),
-        )  # fmt: skip
-    run_s = time.perf_counter() - start
-    return np.concatenate(images)[: len(masks)], {"compile_s": compile_s, "run_s": run_s}
+    arrays = {keys[0]: masks[:, 0], keys[1]: masks[:, 1]}
+    return interventions.screen(model, captions, arrays, chunk=chunk, label=f"Ablation screen ({mode})")
 
 
 def effects(
@@ -270,18 +215,9 @@ def set_vs_random(
     return {"sets": sets, "masks": masks, "effects": result, "comparison": comparison}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
     """[len(REPORT_METRICS) rows x (self, cross)] heatmaps of [layer x head] effects, values in the cells."""
-    plt = _pyplot()
+    plt = context.pyplot()
     depth, heads = effect_map.shape[1:3]
     fig, axes = plt.subplots(
         len(REPORT_METRICS),
@@ -320,7 +256,7 @@ def _effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
 
 def _sample_grid_figure(baseline: np.ndarray, ablated: np.ndarray, head: Head, mode: str, label: str):
     """The same captions and noises sampled without and with the ablation, side by side."""
-    plt = _pyplot()
+    plt = context.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), constrained_layout=True)
     for ax, images, title in (
         (axes[0], baseline, "baseline"),

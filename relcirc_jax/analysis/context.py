@@ -63,11 +63,20 @@ def _model(experiment, params, label: str) -> AnalysisModel:
     )
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (analyses draw figures on machines without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_report(out_dir, kind: str, arrays: dict[str, np.ndarray], figures: dict, summary: str) -> epath.Path:
     """Writes `<out_dir>/<kind>/{kind}.npz`, one PNG per matplotlib figure in `figures` (name -> Figure) and
     summary.md; closes the figures; returns the directory."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     directory = epath.Path(out_dir) / kind
     directory.mkdir(parents=True, exist_ok=True)
     with (directory / f"{kind}.npz").open("wb") as f:

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 
 from relcirc_jax.analysis import capture, groups, synopsis
-from relcirc_jax.analysis.context import AnalysisModel, write_report
+from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.train import checkpoint, evaluate
 from relcirc_jax.train import state as train_state
@@ -169,11 +169,7 @@ def logged_eval(workdir) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _figures(arrays: dict, label: str, depth: int, heads: int) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = arrays["steps"]
     fig_acc, ax = plt.subplots(figsize=(7, 4))
     for i, (metric, name) in enumerate(CURVES):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from relcirc_jax.analysis.context import pyplot
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.models import dit
@@ -162,11 +163,7 @@ def summary_markdown(result: dict[str, np.ndarray], label: str, seconds: float) 
 
 
 def head_score_figure(result: dict[str, np.ndarray], label: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     scores = result["head_score"]
     layers, heads = scores.shape
     figure, axis = plt.subplots(figsize=(1.0 + 0.7 * heads, 1.0 + 0.45 * layers))
@@ -186,11 +183,7 @@ def head_score_figure(result: dict[str, np.ndarray], label: str):
 
 
 def logit_map_figure(result: dict[str, np.ndarray], label: str, top: int = TOP_HEADS_FIGURE):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["ranking"][:top]
     figure, axes = plt.subplots(
         len(rows), len(RELATIONS), figsize=(1.6 * len(RELATIONS), 1.8 * len(rows)), squeeze=False

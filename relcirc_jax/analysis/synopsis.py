@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 
 from relcirc_jax.analysis import capture, groups
-from relcirc_jax.analysis.context import AnalysisModel, write_report
+from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.diffusion.samplers import SOLVERS
 from relcirc_jax.train import evaluate
 
@@ -122,11 +122,7 @@ def run(model: AnalysisModel, out_dir, *, captions: Sequence[str] | None = None,
 
 
 def _figures(arrays: dict, label: str, depth: int, heads: int) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     roles = [r for r in groups.TEXT_ROLES if r != "pad"]
     object_view = arrays["cross"][:, :, :, list(OBJECTS)].mean((0, 3))  # [layers, heads, roles]
     fig_roles, axes = plt.subplots(1, len(roles), figsize=(2.1 * len(roles), 0.5 * depth + 1.6), squeeze=False)

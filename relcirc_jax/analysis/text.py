@@ -27,7 +27,7 @@ from etils import epath
 
 from relcirc_jax import evaluation
 from relcirc_jax.analysis import capture, groups
-from relcirc_jax.analysis.context import AnalysisModel, write_report
+from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import COLORS, CONVERSE, SHAPES, SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
@@ -427,11 +427,7 @@ def run(
 
 
 def _figures(ablation: dict, partition: dict, arithmetic: dict, label: str) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric = {m: i for i, m in enumerate(METRICS)}
     shown = ("spatial_relationship", "spatial_relationship_loose", "overall")
     fig_ablation, ax = plt.subplots(figsize=(1.2 * len(ablation["variants"]) + 2, 3.8))

@@ -3,7 +3,7 @@
 from relcirc_jax.diffusion.guidance import cfg_eps_fn
 from relcirc_jax.diffusion.losses import diffusion_loss, eps_prediction_loss, q_sample, sample_timesteps
 from relcirc_jax.diffusion.parameterization import PREDICTIONS, eps_fn_from
-from relcirc_jax.diffusion.samplers import SOLVERS, sample, sample_trajectory, sample_with_aux
+from relcirc_jax.diffusion.samplers import SOLVERS, model_timesteps, sample, sample_trajectory, sample_with_aux
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "eps_fn_from",
     "eps_prediction_loss",
     "linear_schedule",
+    "model_timesteps",
     "q_sample",
     "sample",
     "sample_timesteps",

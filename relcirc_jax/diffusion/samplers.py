@@ -160,6 +160,11 @@ def _eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, has_aux: bool = False):
     return out[..., :channels].astype(x.dtype), aux
 
 
+def model_timesteps(solver: str, num_steps: int) -> np.ndarray:
+    """The timesteps the model sees, one per solver step in sampling order (float32 [num_steps], descending)."""
+    return np.asarray(_validated(solver, num_steps).plan(num_steps).timesteps, np.float32)
+
+
 def sample_trajectory(
     eps_fn: EpsFn, noise: jax.Array, *, solver: str = "dpmpp_2m", num_steps: int = 14
 ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -45,8 +45,11 @@ class MultiHeadAttention(nn.Module):
     head_mask [heads] multiplies each head's output z before the output projection (zero = ablate the head).
     head_mean_mask [heads] mean-ablates: z <- m * z + (1 - m) * mean(z), the mean over the batch and query positions
     of this call (so 0 replaces the head's z by its average over every row of the forward pass: under CFG both the
-    conditional and the unconditional halves; values in between interpolate). It acts after head_mask. hook_z records
-    z after both masks, i.e. what the output projection actually reads. A mask left None adds no op.
+    conditional and the unconditional halves; values in between interpolate). It acts after head_mask.
+    head_patch [B, heads] with patch_source [B] (int) patches: z <- z + w * (z[patch_source] - z), so row b's head
+    reads row patch_source[b]'s output where w is 1 (activation patching between worlds laid along the batch; a row
+    that is its own source is left bit-identical). It acts after both masks. hook_z records z after all of them, i.e.
+    what the output projection actually reads. An argument left None adds no op.
     key_mask [B, Lk] (True = attend) masks padded keys. (A row with no valid key attends uniformly; diffusers'
     additive -10000 bias would instead fall back to unmasked attention there. Real captions always have a token.)
     """
@@ -64,7 +67,9 @@ class MultiHeadAttention(nn.Module):
             self.sow("intermediates", name, value)
 
     @nn.compact
-    def __call__(self, x, context=None, key_mask=None, head_mask=None, head_mean_mask=None):
+    def __call__(
+        self, x, context=None, key_mask=None, head_mask=None, head_mean_mask=None, head_patch=None, patch_source=None
+    ):
         inner = self.num_heads * self.head_dim
         source = x if context is None else context
         split = lambda y: y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # noqa: E731
@@ -88,6 +93,8 @@ class MultiHeadAttention(nn.Module):
             keep = head_mean_mask.astype(z.dtype)[None, None, :, None]
             mean = jnp.mean(z.astype(jnp.float32), axis=(0, 1), keepdims=True).astype(z.dtype)
             z = keep * z + (1 - keep) * mean
+        if head_patch is not None:
+            z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
         self._record("hook_z", z)
         out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.xavier_uniform()
         to_out = logical_dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0", kernel_init=out_init)

@@ -7,6 +7,9 @@ is params["transformer_blocks_3"]["attn1"]["to_q"]["kernel"]), see models/conver
 Analysis hooks: every activation listed by `hook_names(config)` can be recorded with `run_with_cache`; head
 ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads] multiply heads' outputs, 0 = zero-ablate;
 `self_head_mean_mask` / `cross_head_mean_mask` 0 = mean-ablate, see attention.py), so a screen is `jax.vmap` over masks.
+Activation patching is data too: with `patch_source` [B] (the row each row reads from), `self_head_patch` /
+`cross_head_patch` [depth, heads] and `resid_patch` [depth] (the residual stream entering each block) weigh how much
+of the source row's activation replaces the row's own, at the timesteps in `patch_window` (t_low, t_high) inclusive.
 Every parameter carries logical sharding axis names ("embed", "heads", "mlp", "caption", "adaln", "table",
 "patch"); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
 """
@@ -293,6 +296,9 @@ class DiTBlock(nn.Module):
         cross_head_mask,
         self_head_mean_mask=None,
         cross_head_mean_mask=None,
+        self_head_patch=None,
+        cross_head_patch=None,
+        patch_source=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
         table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (6, cfg.hidden_size))
@@ -306,6 +312,8 @@ class DiTBlock(nn.Module):
             modulate(h, shift_msa, scale_msa).astype(dtype),
             head_mask=self_head_mask,
             head_mean_mask=self_head_mean_mask,
+            head_patch=self_head_patch,
+            patch_source=patch_source,
         )
         h = (h + gate_msa * attn_out).astype(dtype)
         self._record("hook_resid_mid", h)
@@ -314,7 +322,13 @@ class DiTBlock(nn.Module):
             **attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True, name="attn2"
         )
         h = h + attn2(
-            h, context=caption, key_mask=caption_mask, head_mask=cross_head_mask, head_mean_mask=cross_head_mean_mask
+            h,
+            context=caption,
+            key_mask=caption_mask,
+            head_mask=cross_head_mask,
+            head_mean_mask=cross_head_mean_mask,
+            head_patch=cross_head_patch,
+            patch_source=patch_source,
         )
 
         ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
@@ -329,12 +343,13 @@ class DiT(nn.Module):
     `null_caption_rows` [B] bool (training's caption dropout) replaces those examples' captions by the learned null
     caption. The swap happens after the caption projection, which acts per token, so it equals projecting the
     swapped captions while the null caption's gradient costs one [L, Dc] projection instead of a [B, L, Dc] one.
+    Head masks and patches: see the module docstring and attention.py.
     """
 
     config: DiTConfig
     capture: tuple[str, ...] = ()
 
-    def _check_inputs(self, x, text, text_mask, head_masks):
+    def _check_inputs(self, x, text, text_mask, head_masks, patches):
         cfg = self.config
         expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -356,6 +371,16 @@ class DiT(nn.Module):
                 raise ValueError(
                     f"{name} has shape {mask.shape}; expected [depth, heads] = {(cfg.depth, cfg.num_heads)}."
                 )
+        source, resid_patch, window = patches["patch_source"], patches["resid_patch"], patches["patch_window"]
+        weights = (head_masks["self_head_patch"], head_masks["cross_head_patch"], resid_patch)
+        if source is None and any(w is not None for w in weights):
+            raise ValueError("Patch weights were given without patch_source [B] (the row each row patches from).")
+        if source is not None and tuple(source.shape) != (x.shape[0],):
+            raise ValueError(f"patch_source has shape {source.shape}; expected [B] = ({x.shape[0]},).")
+        if resid_patch is not None and tuple(resid_patch.shape) != (cfg.depth,):
+            raise ValueError(f"resid_patch has shape {resid_patch.shape}; expected [depth] = ({cfg.depth},).")
+        if window is not None and tuple(window.shape) != (2,):
+            raise ValueError(f"patch_window has shape {window.shape}; expected [2] = (t_low, t_high).")
 
     @nn.compact
     def __call__(
@@ -369,6 +394,11 @@ class DiT(nn.Module):
         cross_head_mask=None,
         self_head_mean_mask=None,
         cross_head_mean_mask=None,
+        self_head_patch=None,
+        cross_head_patch=None,
+        resid_patch=None,
+        patch_source=None,
+        patch_window=None,
         null_caption_rows=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
@@ -377,18 +407,20 @@ class DiT(nn.Module):
             "cross_head_mask": cross_head_mask,
             "self_head_mean_mask": self_head_mean_mask,
             "cross_head_mean_mask": cross_head_mean_mask,
+            "self_head_patch": self_head_patch,
+            "cross_head_patch": cross_head_patch,
         }
-        self._check_inputs(x, text, text_mask, head_masks)
+        patches = {"patch_source": patch_source, "resid_patch": resid_patch, "patch_window": patch_window}
+        self._check_inputs(x, text, text_mask, head_masks, patches)
         batch = x.shape[0]
+        t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
         null_text = self.param(
             "y_embedding", partitioned(scaled_normal(1), (None, "caption")), (cfg.max_text_len, cfg.caption_channels)
         )
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
-        t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(
-            jnp.broadcast_to(jnp.asarray(t), (batch,))
-        )
+        t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(t)
         gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
         caption_projection = TwoLayerMLP(
             cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype, name="caption_projection"
@@ -401,10 +433,22 @@ class DiT(nn.Module):
         if "hook_caption" in self.capture:
             self.sow("intermediates", "hook_caption", caption)
 
+        # Patch weights per row: zero outside the timestep window.
+        gate = jnp.ones((batch,), jnp.float32)
+        if patch_window is not None:
+            gate = ((t >= patch_window[0]) & (t <= patch_window[1])).astype(jnp.float32)
+        for name in ("self_head_patch", "cross_head_patch"):
+            if head_masks[name] is not None:
+                head_masks[name] = gate[None, :, None] * head_masks[name][:, None, :]  # [depth, B, heads]
+
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for layer in range(cfg.depth):
+            if resid_patch is not None:
+                w = (resid_patch[layer] * gate).astype(h.dtype)[:, None, None]
+                h = h + w * (h[patch_source] - h)
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
-            h = block(h, t6, caption, text_mask, *(None if m is None else m[layer] for m in head_masks.values()))
+            layer_masks = (None if m is None else m[layer] for m in head_masks.values())
+            h = block(h, t6, caption, text_mask, *layer_masks, patch_source)
 
         table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (2, cfg.hidden_size))
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
@@ -469,7 +513,7 @@ def run_with_cache(model: DiT, params: Mapping, x, t, text, text_mask, names: Se
     out, state = capturing.apply(
         {"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"], **kwargs
     )
-    cache = collect_sown(state["intermediates"])
+    cache = collect_sown(state.get("intermediates", {}))
     return out, {name: cache[name] for name in names}
 
 

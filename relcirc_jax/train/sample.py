@@ -128,10 +128,13 @@ def generate_fn(
     capture: Sequence[str] = (),
     reduce: Callable | None = None,
 ) -> Callable:
-    """generate(params, batch, tables, noise_id, head_masks=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
-    and the solver in one traceable function (jit it; vmap it over `head_masks` for ablation screens).
+    """generate(params, batch, tables, noise_id, interventions=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
+    and the solver in one traceable function (jit it; vmap it over `interventions` for ablation and patching screens).
 
-    head_masks: None or {"self_head_mask": [depth, heads], "cross_head_mask": [depth, heads]} (DiT.__call__).
+    interventions: None or DiT.__call__ keyword arguments (head masks, patch weights and window), e.g.
+    {"self_head_mask": [depth, heads], "cross_head_mask": [depth, heads]}. A batch field "patch_source" [B] (int)
+    names the row each row patches from; generate extends it to the CFG batch (the unconditional half of a row reads
+    the unconditional half of its source).
     With `reduce`, the model records the capture points named in `capture` (dit.hook_names) at every solver step,
     `reduce(cache, batch)` turns the conditional half's {name: [B, ...]} into a pytree inside the scan, and generate
     returns (images, that pytree stacked over steps [num_steps, ...]).
@@ -140,10 +143,12 @@ def generate_fn(
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
     has_aux = reduce is not None
 
-    def generate(params, batch, tables, noise_id, head_masks=None):
+    def generate(params, batch, tables, noise_id, interventions=None):
         text, text_mask = conditioner.embed(tables, batch)
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
-        masks = head_masks or {}
+        masks = dict(interventions or {})
+        if "patch_source" in batch:
+            masks["patch_source"] = jnp.concatenate([batch["patch_source"], batch["patch_source"] + text.shape[0]])
 
         def model_fn(x, t, txt, msk):
             if not has_aux:

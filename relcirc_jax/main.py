@@ -2,9 +2,11 @@
 
 Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json +
 eval.md for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
-ablation|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with --config.train.lr=3e-4 etc.
---init_from=pretrained/NAME uses a reference model's weights (and, without --config, its config): training starts
-from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
+ablation|patching|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with
+--config.train.lr=3e-4 etc. --init_from=pretrained/NAME uses a reference model's weights (and, without --config, its
+config): training starts from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
+--init_from=DIR of a diffusers PixArt transformer does the same with the checkpoint's sizes (with a --config that
+names its text encoder, e.g. configs/t5_dit_b.py --config.text.t5_path=...).
 
 Mistakes in the command (a missing config file, an unknown variant, key or value, a missing checkpoint, a workdir
 that is a file, a caption with an unknown word) end in one line naming the problem and the fix, exit status 2,
@@ -33,7 +35,9 @@ flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metric
 flags.DEFINE_enum("mode", "train", MODES, "What to do with the run.")
 flags.DEFINE_multi_string("prompt", None, "--mode=sample: a caption to sample (repeatable); default the fixed grid.")
 flags.DEFINE_integer("step", None, "--mode=sample/evaluate/analyze: the checkpoint step (default: the latest).")
-flags.DEFINE_string("init_from", None, "A reference model: a name under pretrained/ or a directory of one.")
+flags.DEFINE_string(
+    "init_from", None, "A reference model: a name under pretrained/, a directory of one, or a diffusers PixArt dir."
+)
 flags.DEFINE_bool(
     "distributed",
     False,
@@ -55,6 +59,12 @@ def main(argv):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
     config = config_with_init_from(FLAGS.config, FLAGS.init_from)
     config_lib.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
+    if config.model.in_channels != 3 and not (FLAGS.mode == "analyze" and config.analysis.kind == "qk_screen"):
+        raise UserError(
+            f"The model has {config.model.in_channels} input channels (a latent-space PixArt): its samples are "
+            "latents, which need a VAE decoder that relcirc_jax does not have before anything can draw or score them. "
+            "Fix: --mode=analyze --config.analysis.kind=qk_screen (weights only), or use a pixel-space (RGB) model."
+        )
     apply_runtime_options(config)
     join_distributed_job()
     if FLAGS.mode == "train":
@@ -84,6 +94,16 @@ def config_with_init_from(config, init_from: str | None):
         return config
     from relcirc_jax import pretrained
 
+    if pretrained.is_pixart(init_from):
+        if config is None:
+            raise UserError(
+                f"--init_from={init_from} is a diffusers PixArt checkpoint, which brings no text encoder. Fix: add "
+                "--config=configs/t5_dit_b.py --config.text.t5_path=<local T5 directory> (the encoder it was "
+                "trained with; the DiT sizes are read from the checkpoint)."
+            )
+        config = pretrained.pixart_config(config, init_from)
+        config.init_from = init_from
+        return config
     reference, _ = pretrained.load_config(init_from)
     if config is None:
         config = reference

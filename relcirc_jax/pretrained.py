@@ -5,6 +5,11 @@ A model directory (e.g. `pretrained/rte_dit_micro/`) holds `model.safetensors` (
 that trained it and its evaluation table). `load(name)` returns the config and float32 parameters; the CLI takes
 `--init_from=pretrained/NAME`.
 
+`--init_from` also takes a diffusers PixArtTransformer2DModel directory (config.json +
+diffusion_pytorch_model.safetensors, e.g. a PixArt trained elsewhere; any depth, width, heads and patch size): its
+sizes replace the config's model fields (`pixart_config`), and its weights load through models.convert. The run's
+--config still chooses the text encoder, whose width must be the checkpoint's caption_channels (T5 captions for PixArt).
+
 Export a trained run:  python -m relcirc_jax.pretrained --workdir=RUN --out=pretrained/NAME [--step=N]
 """
 
@@ -27,8 +32,19 @@ REPO_MODELS_DIR = epath.Path(__file__).resolve().parent.parent / "pretrained"
 _SEPARATOR = "/"
 
 
+def is_pixart(path) -> bool:
+    """Whether `path` is a diffusers PixArt transformer directory (rather than one of our reference models)."""
+    from relcirc_jax.models.convert import WEIGHT_FILE
+
+    directory = epath.Path(path)
+    return (directory / WEIGHT_FILE).exists() or (directory / f"{WEIGHT_FILE}.index.json").exists()
+
+
 def model_dir(name: str) -> epath.Path:
-    """The directory of a reference model: a path holding model.safetensors, or a name under pretrained/."""
+    """The directory of a reference model: a path holding model.safetensors, or a name under pretrained/ (or a
+    diffusers PixArt directory)."""
+    if is_pixart(name):
+        return epath.Path(name)
     for candidate in (epath.Path(name), REPO_MODELS_DIR / name, REPO_MODELS_DIR / epath.Path(name).name):
         if (candidate / WEIGHTS_FILE).exists() and (candidate / CONFIG_FILE).exists():
             return candidate
@@ -108,10 +124,35 @@ def config_differences(config: ml_collections.ConfigDict, reference: ml_collecti
     ]
 
 
+def pixart_config(config: ml_collections.ConfigDict, path) -> ml_collections.ConfigDict:
+    """`config` with its model fields and image size replaced by those of the diffusers PixArt checkpoint `path`."""
+    from relcirc_jax.models import convert
+
+    with open(epath.Path(path) / "config.json") as f:
+        model_cfg = convert.dit_config_from_diffusers(json.load(f))
+    config = ml_collections.ConfigDict(config.to_dict())
+    fields = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "learn_sigma", "in_channels")
+    config.model.update({name: getattr(model_cfg, name) for name in fields})
+    config.model.prediction = "eps"  # what PixArt predicts
+    config.data.image_size = model_cfg.image_size
+    return config
+
+
+def _load_pixart(path) -> dict:
+    from relcirc_jax.models import convert
+    from relcirc_jax.text.tokenizer import MAX_LEN
+
+    return convert.load_pixart_checkpoint(str(path), max_text_len=MAX_LEN)[1]
+
+
 def load(name: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config, float32 params) of a reference model: a name under pretrained/ or a model directory."""
+    """(config, float32 params) of a reference model: a name under pretrained/ or a model directory (a PixArt
+    directory's config is the t5 DiT-B recipe with the checkpoint's sizes)."""
+    from relcirc_jax.config import base_config
     from relcirc_jax.text.hf_loading import read_weights
 
+    if is_pixart(name):
+        return pixart_config(base_config("t5", "b"), name), _load_pixart(name)
     config, directory = load_config(name)
     flat = read_weights(str(directory))
     return config, unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})

@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tiny_checkpoints  # noqa: E402
 
 from relcirc_jax.data import prompts  # noqa: E402
 from relcirc_jax.text import bert, cache, conditioner, rte, tokenizer  # noqa: E402
@@ -125,19 +126,11 @@ def test_cached_conditioner_gathers_rows_by_caption_index(tmp_path):
 
 
 def test_t5_conditioner_from_a_local_checkpoint(tmp_path):
-    import torch
-    import transformers
-
     checkpoint = tmp_path / "tiny_t5"
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=30522, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"
-    )
-    transformers.T5EncoderModel(config).save_pretrained(checkpoint)
+    tiny_checkpoints.tiny_t5(checkpoint, with_tokenizer=False)
     with pytest.raises(FileNotFoundError, match="No tokenizer"):
         conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), captions=CAPTIONS)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        shutil.copy(os.path.join(bert.minilm_dir(), name), checkpoint / name)  # any fast tokenizer works here
+    tiny_checkpoints.tiny_t5(checkpoint)
     t5 = conditioner.make_text_conditioner("t5", t5_path=str(checkpoint), workdir=str(tmp_path), captions=CAPTIONS)
     assert t5.dim == 16 and _cache_files(str(tmp_path))[0].startswith("t5-")
     text, _ = t5.embed(t5.tables, _batch([1]))

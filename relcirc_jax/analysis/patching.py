@@ -175,13 +175,19 @@ def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str,
         constrained_layout=True,
         gridspec_kw={"width_ratios": [heads, heads, 1]},
     )
-    values = np.abs(np.concatenate([m.ravel() for m in maps.values()]))
-    limit = max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, 0.05)
+
+    def limit(*arrays):
+        values = np.abs(np.concatenate([a.ravel() for a in arrays]))
+        return max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, 0.05)
+
+    # heads move a share of the effect, a residual stream can move all of it: one colour scale each
+    limits = {"self": limit(maps["self"], maps["cross"]), "resid": limit(maps["resid"])}
+    limits["cross"] = limits["self"]
     for row, window in enumerate(windows):
         panels = (("self", maps["self"][row]), ("cross", maps["cross"][row]), ("resid", maps["resid"][row][:, None]))
         for col, (site, values) in enumerate(panels):
             ax = axes[row, col]
-            im = ax.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            im = ax.imshow(values, cmap="RdBu_r", vmin=-limits[site], vmax=limits[site], aspect="auto")
             for (layer, head), value in np.ndenumerate(values):
                 ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7)
             title = {"self": "self-attention head", "cross": "cross-attention head", "resid": "residual"}[site]
@@ -189,7 +195,8 @@ def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str,
             ax.set_xticks(range(values.shape[1]) if site != "resid" else [])
             ax.set_yticks(range(depth))
             ax.set_ylabel("layer")
-        fig.colorbar(im, ax=axes[row].tolist(), shrink=0.8, label="transfer")
+            if site != "self":
+                fig.colorbar(im, ax=ax if site == "resid" else axes[row, :2].tolist(), shrink=0.8, label="transfer")
     fig.suptitle(
         f"{label}: patching from the {corruption}-corrupted prompt, share of its effect transferred", fontsize=9
     )
@@ -211,6 +218,79 @@ def _site_name(site: Site, windows) -> str:
     kind, layer, head, w = site
     where = f"resid L{layer}" if kind == "resid" else f"{kind} L{layer} H{head}"
     return f"{where} ({_window_name(windows[w])})"
+
+
+def _labels(arrays: dict) -> list[Site]:
+    return [(SITES[s], int(layer), int(head), int(w)) for s, layer, head, w in arrays["sites"]]
+
+
+def head_order(arrays: dict) -> np.ndarray:
+    """Config rows of single heads (self- and cross-attention, every window), largest transfer first (NaN last)."""
+    rows = np.array([1 + i for i, site in enumerate(_labels(arrays)) if site[0] != "resid"])
+    return rows[np.argsort(-np.nan_to_num(arrays["transfer"][rows], nan=-np.inf), kind="stable")]
+
+
+def summary(arrays: dict, label: str, sampler: str, corruption: str, images_per_prompt: int) -> str:
+    """The markdown summary of a patching screen from its arrays (as run() writes them to patching.npz)."""
+    labels, windows = _labels(arrays), [tuple(w) for w in arrays["windows"].tolist()]
+    transfer, low, high = arrays["transfer"], arrays["ci_low"], arrays["ci_high"]
+    against = {"clean": arrays["relation_vs_clean"], "corrupted": arrays["relation_vs_corrupted"]}
+    n, (depth, heads) = len(arrays["captions_clean"]), arrays["transfer_self"].shape[1:]
+    compile_s, run_s, score_s = arrays["seconds"]
+    lines = [
+        f"# Activation patching: {label}",
+        "",
+        f"{n} clean captions ({n // images_per_prompt} eval prompts x {images_per_prompt} images) and their "
+        f"{corruption}-corrupted twins sampled side by side from the same noises ({sampler}). Each of the "
+        f"{len(labels)} configs (and the unpatched row 0) patches one site of the clean sample from its twin: "
+        f"{depth * heads} self-attention "
+        f"heads, {depth * heads} cross-attention heads and {depth} residual streams (block inputs), in each of "
+        f"{len(windows)} step windows ({', '.join(_window_name(w) for w in windows)}). Transfer = share of the clean "
+        f"-> corrupted image change the patch reproduces (1 = the corrupted image); 95 % bootstrap intervals over the "
+        f"{n} pairs.",
+        "",
+        f"Unpatched: {SCORE_METRIC} accuracy {100 * against['clean'][0]:.1f} % against the clean captions; the "
+        f"corrupted world scores {100 * float(arrays['corrupted_world_relation']):.1f} % against its own."
+        + (
+            " The clean and corrupted samples are identical (the model ignores the corruption)."
+            if np.isnan(transfer[0])
+            else ""
+        ),
+        "",
+        f"## The {TOP_SITES} heads with the largest transfer",
+        "",
+        f"| head (window) | transfer [95 % CI] | {SCORE_METRIC} vs clean caption | vs corrupted caption |",
+        "|---|---|---|---|",
+    ]
+    for row in head_order(arrays)[:TOP_SITES]:
+        lines.append(
+            f"| {_site_name(labels[row - 1], windows)} | {transfer[row]:.2f} [{low[row]:.2f}, {high[row]:.2f}] | "
+            f"{100 * against['clean'][row]:.1f} % | {100 * against['corrupted'][row]:.1f} % |"
+        )
+    lines += [
+        "",
+        "## The residual stream entering each block (transfer)",
+        "",
+        "| window | " + " | ".join(f"L{layer}" for layer in range(depth)) + " |",
+        "|---" * (depth + 1) + "|",
+    ]
+    for w, window in enumerate(windows):
+        lines.append(
+            f"| {_window_name(window)} | " + " | ".join(f"{v:.2f}" for v in arrays["transfer_resid"][w]) + " |"
+        )
+    lines += [
+        "",
+        "The residual stream is the sample's whole state: patched in the late steps, at any block, it hands over "
+        "the corrupted sample itself; the early window shows from which block on the corrupted prompt's effect is in "
+        "the stream.",
+        "",
+        "## Wall time",
+        "",
+        f"- compile {compile_s:.1f} s, sampling {run_s:.1f} s ({len(transfer)} configs x {2 * n} images), scoring "
+        f"{score_s:.1f} s",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def run(
@@ -247,7 +327,6 @@ def run(
     score_s = time.perf_counter() - start - times["compile_s"] - times["run_s"]
     logging.info("Patching: %d configs scored in %.1f s.", len(patched), score_s)
 
-    order = 1 + np.argsort(-np.nan_to_num(result["transfer"][1:], nan=-np.inf), kind="stable")
     maps = site_maps(result["transfer"], labels, cfg.depth, cfg.num_heads, len(windows))
     arrays = {
         "captions_clean": np.array(clean),
@@ -256,56 +335,26 @@ def run(
         "sites": np.array([(SITES.index(s), layer, head, w) for s, layer, head, w in labels], np.int32),
         "relation_vs_clean": against["clean"],
         "relation_vs_corrupted": against["corrupted"],
+        "corrupted_world_relation": corrupted_scores[SCORE_METRIC].mean(),
+        "seconds": np.array([times["compile_s"], times["run_s"], score_s]),
         **configs,
         **result,
         **{f"transfer_{site}": value for site, value in maps.items()},
     }
-    best = labels[order[0] - 1]
+    best = head_order(arrays)[0]
     shown = np.linspace(0, len(clean) - 1, min(8, len(clean))).round().astype(int)
     figures = {
         "transfer_maps": _transfer_figure(maps, windows, model.label, corruption),
         "samples": _sample_figure(
-            patched[0, shown], corrupted_images[shown], patched[order[0], shown], _site_name(best, windows), model.label
+            patched[0, shown],
+            corrupted_images[shown],
+            patched[best, shown],
+            _site_name(labels[best - 1], windows),
+            model.label,
         ),
     }
-    lines = [
-        f"# Activation patching: {model.label}",
-        "",
-        f"{len(clean)} clean captions ({len(picks)} eval prompts x {images_per_prompt} images) and their "
-        f"{corruption}-corrupted twins sampled side by side from the same noises ({e.solver} {e.num_steps} steps, CFG "
-        f"{e.cfg_scale}). Each of the {len(labels)} configs patches one site of the clean sample from its twin: "
-        f"{cfg.depth * cfg.num_heads} self-attention heads, {cfg.depth * cfg.num_heads} cross-attention heads and "
-        f"{cfg.depth} residual streams (block inputs), in each of {len(windows)} step windows "
-        f"({', '.join(_window_name(w) for w in windows)}). Transfer = share of the clean -> corrupted image change "
-        f"the patch reproduces (1 = the corrupted image); 95 % bootstrap intervals over the {len(clean)} pairs.",
-        "",
-        f"Unpatched: {SCORE_METRIC} accuracy {100 * against['clean'][0]:.1f} % against the clean captions; the "
-        f"corrupted world scores {100 * corrupted_scores[SCORE_METRIC].mean():.1f} % against its own."
-        + (
-            " The clean and corrupted samples are identical (the model ignores the corruption): no transfer."
-            if np.isnan(result["transfer"][0])
-            else ""
-        ),
-        "",
-        f"## The {TOP_SITES} sites with the largest transfer",
-        "",
-        f"| site | transfer [95 % CI] | {SCORE_METRIC} vs clean | vs corrupted |",
-        "|---|---|---|---|",
-    ]
-    for row in order[:TOP_SITES]:
-        lines.append(
-            f"| {_site_name(labels[row - 1], windows)} | {result['transfer'][row]:.2f} "
-            f"[{result['ci_low'][row]:.2f}, {result['ci_high'][row]:.2f}] | {100 * against['clean'][row]:.1f} % | "
-            f"{100 * against['corrupted'][row]:.1f} % |"
-        )
-    lines += [
-        "",
-        "## Wall time",
-        "",
-        f"- compile {times['compile_s']:.1f} s, sampling {times['run_s']:.1f} s ({len(patched)} configs x "
-        f"{2 * len(clean)} images), scoring {score_s:.1f} s",
-        "",
-    ]
-    directory = context.write_report(out_dir, KIND, arrays, figures, "\n".join(lines))
+    sampler = f"{e.solver} {e.num_steps} steps, CFG {e.cfg_scale}"
+    lines = summary(arrays, model.label, sampler, corruption, images_per_prompt)
+    directory = context.write_report(out_dir, KIND, arrays, figures, lines)
     logging.info("Wrote the patching report to %s.", directory)
     return directory

@@ -2,7 +2,7 @@
 
 `run_analyze(config, workdir, step)` (CLI: --mode=analyze) runs config.analysis.kind on the EMA weights of a
 checkpoint (or of the reference model config.init_from) and writes each kind's arrays, figures and summary under
-workdir/analysis/<kind>/:
+workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report.md:
 
     synopsis   attention mass of object / background tokens per caption role and image group (capture pass)
     qk_screen  weight-space screen: cross-attention QK logits of image positions against each relation word
@@ -60,4 +60,28 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
         runners[kind]()
         seconds[kind] = time.perf_counter() - start
         print(f"{kind}: {out_dir / kind} ({seconds[kind]:.1f} s)", flush=True)
+    print(f"report: {write_index(out_dir, model.label, seconds)}", flush=True)
     return seconds
+
+
+def write_index(out_dir, label: str, seconds: dict[str, float]) -> epath.Path:
+    """Writes `<out_dir>/report.md`: every analysis summary found under out_dir (in KINDS order, whenever it was run)
+    in one document, after a table of the kinds, their figures and the wall time of those run just now."""
+    out_dir = epath.Path(out_dir)
+    present = [kind for kind in KINDS if (out_dir / kind / "summary.md").exists()]
+    lines = [
+        f"# Circuit analyses: {label}",
+        "",
+        "| analysis | figures | wall time of this run |",
+        "|---|---|---|",
+    ]
+    for kind in present:
+        figures = ", ".join(f"[{p.stem}]({kind}/{p.name})" for p in sorted((out_dir / kind).glob("*.png")))
+        took = f"{seconds[kind]:.1f} s" if kind in seconds else "(an earlier run)"
+        lines.append(f"| [{kind}]({kind}/summary.md) | {figures} | {took} |")
+    for kind in present:
+        summary = (out_dir / kind / "summary.md").read_text().strip()
+        lines += ["", "\n".join(("#" + line if line.startswith("#") else line) for line in summary.splitlines())]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

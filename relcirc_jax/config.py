@@ -165,6 +165,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.kind = "all"  # relcirc_jax.analysis.KINDS
     c.analysis.images_per_prompt = 2  # seeds per eval prompt for the sampling analyses (synopsis, ablation)
     c.analysis.ablation_mode = "zero"  # "zero", "mean" or "both"
+    # The top-k cross-attention heads of the QK screen ablated together vs 8 random sets of k heads; 0 = skip.
+    c.analysis.ablation_top_heads = 2
     c.analysis.patching_prompts = 16  # eval prompts patched (x images_per_prompt pairs; two worlds each)
     c.analysis.patching_corruption = "relation"  # the twin: relation -> its converse, or "shapes" swapped
     c.analysis.patching_windows = 2  # step windows besides "all steps" (early / late with 2)
@@ -309,6 +311,8 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"analysis.patching_corruption={c.analysis.patching_corruption!r} is unknown; use one of "
             f"{PATCHING_CORRUPTIONS}."
         )
+    if c.analysis.ablation_top_heads < 0:
+        problems.append(f"analysis.ablation_top_heads={c.analysis.ablation_top_heads} must be >= 0 (0 = skip).")
     if c.analysis.patching_prompts < 1:
         problems.append(f"analysis.patching_prompts={c.analysis.patching_prompts} must be >= 1.")
     if not 1 <= c.analysis.patching_windows <= c.eval.num_steps:

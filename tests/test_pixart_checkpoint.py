@@ -66,6 +66,10 @@ def test_sample_and_every_analysis_of_a_pixart_checkpoint(checkpoints, tmp_path)
             assert arrays.files, kind
         assert all(np.asarray(Image.open(f).convert("L")).std() > 0 for f in directory.glob("*.png")), kind
         assert (directory / "summary.md").read_text().startswith("# ")
+    assert (
+        "Chosen heads ablated together vs 8 random sets"
+        in (tmp_path / "analysis" / "ablation" / "summary.md").read_text()
+    )
     report = (tmp_path / "analysis" / "report.md").read_text()  # every summary in one document
     assert report.startswith("# Circuit analyses") and report.count("\n## ") >= len(analysis.KINDS) - 1
     with np.load(tmp_path / "analysis" / "qk_screen" / "qk_screen.npz") as qk:

@@ -6,7 +6,8 @@ workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report
 
     synopsis   attention mass of object / background tokens per caption role and image group (capture pass)
     qk_screen  weight-space screen: cross-attention QK logits of image positions against each relation word
-    ablation   every single head zero- (or mean-) ablated in one vmapped sampler, scored by the evaluator
+    ablation   every single head zero- (or mean-) ablated in one vmapped sampler, scored by the evaluator; the QK
+               screen's top cross-attention heads ablated together vs random sets of as many heads
     patching   clean and corrupted prompts sampled side by side; every head output and residual stream patched from
                the corrupted twin, per step window, in one vmapped sampler; the share of the effect each transfers
     text       prompt ablations (drop / replace the relation or a shape word, fillers, synonyms), variance of the
@@ -41,7 +42,13 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
     runners = {
         "synopsis": lambda: synopsis.run(model, out_dir, images_per_prompt=a.images_per_prompt),
         "qk_screen": lambda: qk_screen.run(model, out_dir),
-        "ablation": lambda: ablation.run(model, out_dir, images_per_prompt=a.images_per_prompt, mode=a.ablation_mode),
+        "ablation": lambda: ablation.run(
+            model,
+            out_dir,
+            images_per_prompt=a.images_per_prompt,
+            mode=a.ablation_mode,
+            top_heads=ablation.top_relation_heads(model, a.ablation_top_heads) if a.ablation_top_heads else None,
+        ),
         "patching": lambda: patching.run(
             model,
             out_dir,

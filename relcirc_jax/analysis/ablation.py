@@ -97,6 +97,14 @@ def head_set_masks(
     return masks, sets
 
 
+def top_relation_heads(model: context.AnalysisModel, k: int) -> list[Head]:
+    """The k cross-attention heads the QK screen ranks first (weights only, no sampling)."""
+    from relcirc_jax.analysis import qk_screen
+
+    ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
+    return [("cross", int(layer), int(head)) for layer, head in ranking[:k]]
+
+
 def screen(
     model: context.AnalysisModel, captions: Sequence[str], masks: np.ndarray, *, mode: str = "zero", chunk: int = 8
 ) -> np.ndarray:

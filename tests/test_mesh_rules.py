@@ -120,8 +120,10 @@ def test_jit_places_initialised_params_on_the_rule_shardings():
 
 def test_logical_to_mesh_sharding_and_unknown_name():
     mesh = make_mesh({"data": -1})
-    tree = logical_to_mesh_sharding({"a": P("batch", "caption"), "b": P("adaln")}, mesh)
-    assert tree["a"].spec == P(("data", "fsdp"), None) and tree["b"].spec == P("model")
+    tree = logical_to_mesh_sharding({"a": P("embed", "caption"), "b": P("adaln")}, mesh)
+    assert tree["a"].spec == P("fsdp", None) and tree["b"].spec == P("model")
+    rows = logical_to_mesh_sharding(P("rows", None), mesh, (("rows", ("data", "fsdp")),))  # rules are data
+    assert rows.spec == P(("data", "fsdp"), None)
     with pytest.raises(ValueError, match="'vocab' has no sharding rule"):
         logical_to_mesh_sharding(P("vocab"), mesh, DEFAULT_RULES)
 

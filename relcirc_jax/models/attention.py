@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from relcirc_jax.parallel import axes
+
 ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
 
 
@@ -73,9 +75,9 @@ class MultiHeadAttention(nn.Module):
         inner = self.num_heads * self.head_dim
         source = x if context is None else context
         split = lambda y: y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))  # noqa: E731
-        q = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_q")(x))
-        k = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_k")(source))
-        v = split(logical_dense(inner, ("embed", "heads"), self.dtype, "to_v")(source))
+        q = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_q")(x))
+        k = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_k")(source))
+        v = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_v")(source))
         self._record("hook_q", q)
         self._record("hook_k", k)
         self._record("hook_v", v)
@@ -97,5 +99,5 @@ class MultiHeadAttention(nn.Module):
             z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
         self._record("hook_z", z)
         out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.xavier_uniform()
-        to_out = logical_dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out_0", kernel_init=out_init)
+        to_out = logical_dense(x.shape[-1], (axes.HEADS, axes.EMBED), self.dtype, "to_out_0", kernel_init=out_init)
         return to_out(z.reshape(z.shape[:2] + (inner,)))

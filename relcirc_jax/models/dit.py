@@ -10,8 +10,8 @@ ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads] multiply
 Activation patching is data too: with `patch_source` [B] (the row each row reads from), `self_head_patch` /
 `cross_head_patch` [depth, heads] and `resid_patch` [depth] (the residual stream entering each block) weigh how much
 of the source row's activation replaces the row's own, at the timesteps in `patch_window` (t_low, t_high) inclusive.
-Every parameter carries logical sharding axis names ("embed", "heads", "mlp", "caption", "adaln", "table",
-"patch"); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
+Every parameter carries logical sharding axis names (parallel/axes.py: EMBED, HEADS, MLP, CAPTION, ADALN, TABLE,
+PATCH); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
 """
 
 import dataclasses
@@ -26,6 +26,7 @@ import numpy as np
 
 from relcirc_jax.diffusion.parameterization import PREDICTIONS
 from relcirc_jax.models.attention import ATTENTION_HOOKS, MultiHeadAttention, logical_dense, partitioned
+from relcirc_jax.parallel import axes
 
 DIT_SIZES = {"b": (768, 12, 12), "mini": (384, 6, 6), "micro": (192, 6, 3), "nano": (192, 3, 3)}
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -188,9 +189,9 @@ class PatchProjection(nn.Module):
         p, (batch, height, width, channels) = self.patch_size, x.shape
         fan_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3)
         kernel = self.param(
-            "kernel", partitioned(fan_init, (None, None, None, "embed")), (p, p, channels, self.features)
+            "kernel", partitioned(fan_init, (None, None, None, axes.EMBED)), (p, p, channels, self.features)
         )
-        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), ("embed",)), (self.features,))
+        bias = self.param("bias", partitioned(nn.initializers.zeros_init(), (axes.EMBED,)), (self.features,))
         patches = x.reshape(batch, height // p, p, width // p, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, (height // p) * (width // p), p * p * channels).astype(self.dtype)
         return patches @ kernel.reshape(p * p * channels, self.features).astype(self.dtype) + bias.astype(self.dtype)
@@ -233,7 +234,9 @@ class CombinedTimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t):
-        mlp = TwoLayerMLP(self.hidden, (None, "embed"), ("embed", None), nn.silu, self.dtype, name="timestep_embedder")
+        mlp = TwoLayerMLP(
+            self.hidden, (None, axes.EMBED), (axes.EMBED, None), nn.silu, self.dtype, name="timestep_embedder"
+        )
         return mlp(timestep_frequencies(t).astype(self.dtype))
 
 
@@ -247,7 +250,7 @@ class AdaLayerNormSingle(nn.Module):
     def __call__(self, t):
         embedded = CombinedTimestepEmbedding(self.hidden, self.dtype, name="emb")(t)
         linear = logical_dense(
-            6 * self.hidden, ("embed", "adaln"), self.dtype, "linear", kernel_init=nn.initializers.normal(0.02)
+            6 * self.hidden, (axes.EMBED, axes.ADALN), self.dtype, "linear", kernel_init=nn.initializers.normal(0.02)
         )
         return linear(nn.silu(embedded)).astype(jnp.float32), embedded.astype(jnp.float32)
 
@@ -260,7 +263,7 @@ class GELUProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.gelu(logical_dense(self.features, ("embed", "mlp"), self.dtype, "proj")(x), approximate=True)
+        return nn.gelu(logical_dense(self.features, (axes.EMBED, axes.MLP), self.dtype, "proj")(x), approximate=True)
 
 
 class FeedForward(nn.Module):
@@ -270,7 +273,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         hidden = GELUProjection(self.features, self.dtype, name="net_0")(x)
-        return logical_dense(x.shape[-1], ("mlp", "embed"), self.dtype, "net_2")(hidden)
+        return logical_dense(x.shape[-1], (axes.MLP, axes.EMBED), self.dtype, "net_2")(hidden)
 
 
 class DiTBlock(nn.Module):
@@ -301,7 +304,9 @@ class DiTBlock(nn.Module):
         patch_source=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
-        table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (6, cfg.hidden_size))
+        table = self.param(
+            "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (6, cfg.hidden_size)
+        )
         mod = table[None] + t6.reshape(t6.shape[0], 6, cfg.hidden_size)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         attention = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, capture=self.capture)
@@ -416,14 +421,14 @@ class DiT(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
         null_text = self.param(
-            "y_embedding", partitioned(scaled_normal(1), (None, "caption")), (cfg.max_text_len, cfg.caption_channels)
+            "y_embedding", partitioned(scaled_normal(1), (None, axes.CAPTION)), (cfg.max_text_len, cfg.caption_channels)
         )
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
         t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(t)
         gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
         caption_projection = TwoLayerMLP(
-            cfg.hidden_size, ("caption", "embed"), ("embed", None), gelu_tanh, dtype, name="caption_projection"
+            cfg.hidden_size, (axes.CAPTION, axes.EMBED), (axes.EMBED, None), gelu_tanh, dtype, name="caption_projection"
         )
         caption = caption_projection(text.astype(dtype))
         text_mask = text_mask.astype(bool)
@@ -450,12 +455,14 @@ class DiT(nn.Module):
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
             h = block(h, t6, caption, text_mask, *layer_masks, patch_source)
 
-        table = self.param("scale_shift_table", partitioned(scaled_normal(1), ("table", "embed")), (2, cfg.hidden_size))
+        table = self.param(
+            "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (2, cfg.hidden_size)
+        )
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
         h = modulate(h, shift, scale).astype(dtype)
         patch_features = cfg.patch_size * cfg.patch_size * cfg.out_channels
         proj_out = logical_dense(
-            patch_features, ("embed", "patch"), dtype, "proj_out", kernel_init=nn.initializers.zeros_init()
+            patch_features, (axes.EMBED, axes.PATCH), dtype, "proj_out", kernel_init=nn.initializers.zeros_init()
         )
         h = proj_out(h)
         return unpatchify(h.astype(jnp.float32), cfg)

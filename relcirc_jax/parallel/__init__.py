@@ -4,8 +4,9 @@ Version notes (jax 0.10.2): `jax.make_mesh` defaults to `AxisType.Explicit`, so 
 (what Linen and jit-with-shardings expect); the mesh context is `jax.set_mesh` (`jax.sharding.use_mesh` is gone).
 """
 
+from relcirc_jax.parallel.axes import MESH_AXES
 from relcirc_jax.parallel.host_data import shared_to_global, to_global, to_host
-from relcirc_jax.parallel.mesh import AXIS_NAMES, make_mesh
+from relcirc_jax.parallel.mesh import make_mesh
 from relcirc_jax.parallel.rules import (
     DEFAULT_RULES,
     batch_sharding,
@@ -16,7 +17,7 @@ from relcirc_jax.parallel.rules import (
 )
 
 __all__ = [
-    "AXIS_NAMES",
+    "MESH_AXES",
     "DEFAULT_RULES",
     "batch_sharding",
     "logical_to_mesh_sharding",

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
-AXIS_NAMES = ("data", "fsdp", "model")
+from relcirc_jax.parallel.axes import MESH_AXES
+
 FILL = -1
 
 
@@ -23,17 +24,17 @@ def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = _resolve_shape(dict(spec.items()), len(devices))
-    return jax.make_mesh(shape, AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES), devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def _resolve_shape(spec: dict[str, int], device_count: int) -> tuple[int, ...]:
     def fail(problem: str, fix: str) -> ValueError:
         return ValueError(f"Impossible mesh spec {spec} for {device_count} devices: {problem}. Fix: {fix}.")
 
-    unknown = sorted(set(spec) - set(AXIS_NAMES))
+    unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:
-        raise fail(f"unknown axis name(s) {unknown}", f"use only the axes {list(AXIS_NAMES)}")
-    sizes = [spec.get(name, 1) for name in AXIS_NAMES]
+        raise fail(f"unknown axis name(s) {unknown}", f"use only the axes {list(MESH_AXES)}")
+    sizes = [spec.get(name, 1) for name in MESH_AXES]
     if any(not isinstance(s, int) or (s < 1 and s != FILL) for s in sizes):
         raise fail("axis sizes must be positive integers or -1", "give each axis a size >= 1, or -1 for 'the rest'")
     fills = sizes.count(FILL)

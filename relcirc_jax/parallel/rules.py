@@ -1,7 +1,8 @@
-"""Logical axis rules: how the model's logical parameter/activation axis names map onto the mesh axes.
+"""Logical axis rules: how the model's logical parameter axis names map onto the mesh axes (names: parallel/axes.py).
 
-The DiT annotates its parameters with `flax.linen.with_logical_partitioning` using the names below; this module turns
-those logical `PartitionSpec`s into `NamedSharding`s on a concrete mesh.
+The DiT annotates its parameters with `flax.linen.with_logical_partitioning`; this module turns those logical
+`PartitionSpec`s into `NamedSharding`s on a concrete mesh, with DEFAULT_RULES or the rules of
+config.parallel.logical_axis_rules. The batch is split over axes.BATCH_AXES.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from relcirc_jax.parallel import axes
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("heads", "model"),
-    ("mlp", "model"),
-    ("caption", None),
-    ("adaln", "model"),
-    ("table", None),
-    ("patch", None),
+    (axes.EMBED, axes.FSDP),
+    (axes.HEADS, axes.MODEL),
+    (axes.MLP, axes.MODEL),
+    (axes.CAPTION, None),
+    (axes.ADALN, axes.MODEL),
+    (axes.TABLE, None),
+    (axes.PATCH, None),
 )
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = axes.BATCH_AXES
 
 log = logging.getLogger(__name__)
 

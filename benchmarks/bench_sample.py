@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
-from relcirc_jax.diffusion import cfg_eps_fn, sample
+from relcirc_jax.diffusion import cfg_denoiser_fn, sample
 from relcirc_jax.models.convert import diffusers_config, flax_to_diffusers
 from relcirc_jax.models.dit import DiT, dit_config, init_params, null_caption
 
@@ -57,7 +57,7 @@ def jax_sampler(config, num_steps, scale):
 
     def run(params, noise, text, mask, null_text, null_mask):
         model_fn = lambda x, t, c, m: model.apply({"params": params}, x, t, c, m)  # noqa: E731
-        return sample(cfg_eps_fn(model_fn, text, mask, null_text, null_mask, scale), noise, num_steps=num_steps)
+        return sample(cfg_denoiser_fn(model_fn, text, mask, null_text, null_mask, scale), noise, num_steps=num_steps)
 
     return jax.jit(run)
 

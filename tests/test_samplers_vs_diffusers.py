@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from relcirc_jax.diffusion import cfg_eps_fn, sample, sample_trajectory
+from relcirc_jax.diffusion import cfg_denoiser_fn, sample, sample_trajectory
 from relcirc_jax.diffusion.schedules import alphas_cumprod
 
 # PixArt-alpha/PixArt-XL-2-512x512 scheduler/scheduler_config.json (diffusers 0.22 wrote it; fields it lacks,
@@ -170,7 +170,7 @@ def test_cfg_guides_first_channels_in_one_batched_call():
         batch_sizes.append(args[0].shape[0])
         return toy_model(*args)
 
-    guided = cfg_eps_fn(counting_model, text, mask, null_text, null_mask, 4.5)(x, t)
+    guided = cfg_denoiser_fn(counting_model, text, mask, null_text, null_mask, 4.5)(x, t)
     assert batch_sizes == [6]
     cond = toy_model(x, t, text, mask)
     uncond = toy_model(x, t, jnp.zeros_like(text), jnp.ones_like(mask))
@@ -182,7 +182,7 @@ def test_cfg_scale_one_is_the_conditional_model_and_samples_under_jit():
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 4, 4, 2)), jnp.float32)
     text, mask = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32), jnp.ones((2, 5))
-    eps_fn = cfg_eps_fn(toy_model, text, mask, jnp.zeros((2, 5, 7)), jnp.ones((2, 5)), 1.0)
+    eps_fn = cfg_denoiser_fn(toy_model, text, mask, jnp.zeros((2, 5, 7)), jnp.ones((2, 5)), 1.0)
     t = jnp.full((2,), 300.0)
     np.testing.assert_allclose(eps_fn(x, t), toy_model(x, t, text, mask), rtol=1e-6, atol=1e-6)
     out = jax.jit(lambda z: sample(eps_fn, z, num_steps=3))(x)

@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 from diffusers import DDPMScheduler
 
-from relcirc_jax.diffusion import diffusion_loss, eps_prediction_loss, linear_schedule, q_sample, sample_timesteps
+from relcirc_jax.diffusion import diffusion_loss, linear_schedule, mse_loss, q_sample, sample_timesteps
 from relcirc_jax.diffusion.losses import vlb_term
 from relcirc_jax.diffusion.schedules import alphas_cumprod, linear_betas
 
@@ -80,10 +80,10 @@ def test_logit_normal_timesteps_follow_the_logit_normal_quantiles(mean, std):
         assert np.mean(t < boundary) == pytest.approx(q, abs=0.01)
 
 
-def test_eps_prediction_loss_is_the_mean_over_all_dims():
+def test_mse_loss_is_the_mean_over_all_dims():
     pred = jnp.zeros((2, 3, 3, 2))
     noise = jnp.arange(36, dtype=jnp.float32).reshape(pred.shape) / 36.0
-    loss = eps_prediction_loss(pred.astype(jnp.bfloat16), noise)
+    loss = mse_loss(pred.astype(jnp.bfloat16), noise)
     assert loss.shape == () and loss.dtype == jnp.float32
     assert float(loss) == pytest.approx(float(np.mean(np.square(np.asarray(noise)))), rel=1e-6)
 

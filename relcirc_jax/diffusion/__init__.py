@@ -1,7 +1,7 @@
 """relcirc_jax.diffusion: the DDPM schedule, the training loss, ODE samplers and classifier-free guidance."""
 
-from relcirc_jax.diffusion.guidance import cfg_eps_fn
-from relcirc_jax.diffusion.losses import diffusion_loss, eps_prediction_loss, q_sample, sample_timesteps
+from relcirc_jax.diffusion.guidance import cfg_denoiser_fn
+from relcirc_jax.diffusion.losses import diffusion_loss, mse_loss, q_sample, sample_timesteps
 from relcirc_jax.diffusion.parameterization import PREDICTIONS, eps_fn_from
 from relcirc_jax.diffusion.samplers import SOLVERS, model_timesteps, sample, sample_trajectory, sample_with_aux
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
@@ -10,10 +10,10 @@ __all__ = [
     "PREDICTIONS",
     "SOLVERS",
     "Schedule",
-    "cfg_eps_fn",
+    "cfg_denoiser_fn",
     "diffusion_loss",
     "eps_fn_from",
-    "eps_prediction_loss",
+    "mse_loss",
     "linear_schedule",
     "model_timesteps",
     "q_sample",

@@ -15,7 +15,7 @@ import numpy as np
 from relcirc_jax.diffusion import parameterization
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 
-EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
+DenoiserFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> the model's prediction (eps, x0 or v)
 
 
 def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
@@ -41,9 +41,9 @@ def q_sample(x0: jax.Array, noise: jax.Array, t: jax.Array, schedule: Schedule) 
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
 
-def eps_prediction_loss(pred: jax.Array, noise: jax.Array) -> jax.Array:
-    """Mean squared error over all dimensions, in float32."""
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise.astype(jnp.float32)))
+def mse_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean squared error over all dimensions, in float32 (of whichever target the model predicts)."""
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
@@ -93,7 +93,7 @@ def vlb_term(
 
 
 def diffusion_loss(
-    eps_fn: EpsFn,
+    denoiser_fn: DenoiserFn,
     x0: jax.Array,
     key: jax.Array,
     *,
@@ -102,10 +102,10 @@ def diffusion_loss(
     prediction: str = "eps",
     timestep_logit_normal: tuple[float, float] | None = None,
 ) -> tuple[jax.Array, dict]:
-    """(scalar loss, aux) for a batch x0 [B, ...]; eps_fn(x_t, t) gets t as float32 integer values [B].
+    """(scalar loss, aux) for a batch x0 [B, ...]; denoiser_fn(x_t, t) gets t as float32 integer values [B].
 
-    `prediction` says what eps_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the MSE is
-    taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+    `prediction` says what denoiser_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the
+    MSE is taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
     """
     parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
@@ -113,22 +113,22 @@ def diffusion_loss(
     t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps, timestep_logit_normal)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = q_sample(x0.astype(jnp.float32), noise, t, schedule)
-    out = eps_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
+    out = denoiser_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
 
     channels = x0.shape[-1]
     expected = 2 * channels if learn_sigma else channels
     if out.shape[-1] != expected:
         raise ValueError(
-            f"eps_fn returned {out.shape[-1]} channels but learn_sigma={learn_sigma} with {channels}-channel images "
-            f"needs {expected}; set learn_sigma to match the model's output channels."
+            f"denoiser_fn returned {out.shape[-1]} channels but learn_sigma={learn_sigma} with {channels}-channel "
+            f"images needs {expected}; set learn_sigma to match the model's output channels."
         )
     abar = _per_example(schedule.alphas_cumprod, t, x0)
     target = parameterization.training_target(prediction, x0.astype(jnp.float32), noise, abar)
     if not learn_sigma:
-        mse = eps_prediction_loss(out, target)
+        mse = mse_loss(out, target)
         return mse, {"mse": mse}
     pred, v = out[..., :channels], out[..., channels:]
-    mse = eps_prediction_loss(pred, target)
+    mse = mse_loss(pred, target)
     eps = parameterization.to_eps(prediction, pred, x_t, abar)
     vb = jnp.mean(vlb_term(jax.lax.stop_gradient(eps), v, x0.astype(jnp.float32), x_t, t, schedule))
     return mse + vb, {"mse": mse, "vb": vb}

@@ -157,7 +157,7 @@ def generate_fn(
             cache = dit.collect_sown(state["intermediates"])
             return out, reduce({name: value[: text.shape[0]] for name, value in cache.items()}, batch)
 
-        guided = guidance.cfg_eps_fn(
+        guided = guidance.cfg_denoiser_fn(
             model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale, has_aux=has_aux
         )
         eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction, has_aux=has_aux)

@@ -31,11 +31,11 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig) ->
         # Caption dropout for classifier-free guidance: these examples see the model's learned null caption.
         null_caption_rows = jax.random.bernoulli(drop_key, dropout, (text.shape[0],))
 
-        def eps_fn(x_t, t):
+        def denoiser_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
 
         return diffusion.diffusion_loss(
-            eps_fn,
+            denoiser_fn,
             batch["image"],
             loss_key,
             learn_sigma=model_cfg.learn_sigma,

@@ -29,6 +29,7 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
 """
 
 import importlib.util
+import math
 import os
 from typing import Sequence
 
@@ -41,7 +42,6 @@ from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
 VARIANTS = (None, "cpu", "quick", "smoke")
-MESH_AXES = ("data", "fsdp", "model")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
@@ -332,22 +332,14 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
 
 
 def _mesh_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
-    mesh = dict(c.parallel.mesh)
-    unknown = set(mesh) - set(MESH_AXES)
-    if unknown:
-        return [f"parallel.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}."]
-    sizes = [mesh.get(axis, 1) for axis in MESH_AXES]
-    fixed = 1
-    for s in sizes:
-        fixed *= s if s != -1 else 1
-    fits = num_devices % fixed == 0 if -1 in sizes else fixed == num_devices
-    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes) or not fits:
-        return [
-            f"parallel.mesh={mesh} does not fit {num_devices} devices: sizes must be >= 1 and multiply to the "
-            f"device count, or one of them (usually data) is -1 = the devices the others leave over."
-        ]
-    resolved = dict(zip(MESH_AXES, [s if s != -1 else num_devices // fixed for s in sizes]))
-    batch_shards = resolved["data"] * resolved["fsdp"]
+    from relcirc_jax.parallel.axes import BATCH_AXES, MESH_AXES  # like data above: only when the mesh is checked
+    from relcirc_jax.parallel.mesh import mesh_shape
+
+    try:
+        sizes = dict(zip(MESH_AXES, mesh_shape(c.parallel.mesh, num_devices, name="parallel.mesh")))
+    except ValueError as e:
+        return [str(e)]
+    batch_shards = math.prod(sizes[axis] for axis in BATCH_AXES)
     problems = []
     if c.train.batch_size % batch_shards:
         problems.append(

@@ -139,8 +139,8 @@ def pixart_config(config: ml_collections.ConfigDict, path) -> ml_collections.Con
 
 
 def _load_pixart(path) -> dict:
+    from relcirc_jax.data.tokenizer import MAX_LEN
     from relcirc_jax.models import convert
-    from relcirc_jax.text.tokenizer import MAX_LEN
 
     return convert.load_pixart_checkpoint(str(path), max_text_len=MAX_LEN)[1]
 
@@ -149,7 +149,7 @@ def load(name: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, float32 params) of a reference model: a name under pretrained/ or a model directory (a PixArt
     directory's config is the t5 DiT-B recipe with the checkpoint's sizes)."""
     from relcirc_jax.config import base_config
-    from relcirc_jax.text.hf_loading import read_weights
+    from relcirc_jax.hf_weights import read_weights
 
     if is_pixart(name):
         return pixart_config(base_config("t5", "b"), name), _load_pixart(name)

@@ -5,9 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.models import dit
-from relcirc_jax.text import conditioner, rte, tokenizer
+from relcirc_jax.text import conditioner, rte
 from relcirc_jax.train import sample
 
 

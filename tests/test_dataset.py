@@ -6,9 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from relcirc_jax.data import dataset, prompts, scenes
+from relcirc_jax.data import dataset, prompts, scenes, tokenizer
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES
-from relcirc_jax.text import tokenizer
 
 GLOBAL = 48
 SMALL_CHUNK = 16  # GLOBAL / 3 and GLOBAL / 4 slices then cross chunk boundaries

@@ -10,9 +10,8 @@ import pytest
 from relcirc_jax import diffusion
 from relcirc_jax.analysis import context, interventions, patching, qk_screen, synopsis
 from relcirc_jax.config import base_config
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.models.dit import DiT, DiTConfig, init_params, run_with_cache, sincos_2d_position_embedding
-from relcirc_jax.text import tokenizer
 from relcirc_jax.train import sample
 from relcirc_jax.train import state as train_state
 

@@ -1,13 +1,12 @@
-"""Caption grammar (prompts.py) and word tokenizer (text/tokenizer.py): round trips, roles, vocabulary, errors."""
+"""Caption grammar (prompts.py) and word tokenizer (data/tokenizer.py): round trips, roles, vocabulary, errors."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
-from relcirc_jax.text import tokenizer
 
 COLOR_CHOICES = COLORS + (None,)
 

@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 
 from relcirc_jax.analysis import context, qk_screen
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.models import dit
-from relcirc_jax.text import tokenizer
 from relcirc_jax.text.conditioner import make_text_conditioner
 from relcirc_jax.train.sample import caption_batch
 

@@ -12,8 +12,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tiny_checkpoints  # noqa: E402
 
-from relcirc_jax.data import prompts  # noqa: E402
-from relcirc_jax.text import bert, cache, conditioner, rte, tokenizer  # noqa: E402
+from relcirc_jax.data import prompts, tokenizer  # noqa: E402
+from relcirc_jax.text import bert, cache, conditioner, rte  # noqa: E402
 
 CAPTIONS = (
     "blue triangle is to the upper left of red square",

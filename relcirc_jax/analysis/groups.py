@@ -12,10 +12,9 @@ from typing import Sequence
 import numpy as np
 
 from relcirc_jax import evaluation
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import COLORS
 from relcirc_jax.evaluation.detector import MASK_THRESHOLD, check_images, color_coverage
-from relcirc_jax.text import tokenizer
 from relcirc_jax.text.cache import SPECIAL_ROLE
 
 TEXT_ROLES = prompts.ROLES + ("special",)

@@ -19,10 +19,9 @@ import numpy as np
 from etils import epath
 
 from relcirc_jax.analysis.context import pyplot
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.models import dit
-from relcirc_jax.text import tokenizer
 
 KIND = "qk_screen"
 CANONICAL_OBJECTS = dict(shape1="circle", color1="red", shape2="square", color2="blue")

@@ -28,11 +28,10 @@ from etils import epath
 from relcirc_jax import evaluation
 from relcirc_jax.analysis import capture, groups
 from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
-from relcirc_jax.data import prompts
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import COLORS, CONVERSE, SHAPES, SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.models import dit
-from relcirc_jax.text import tokenizer
 from relcirc_jax.text.conditioner import TextConditioner
 from relcirc_jax.train import evaluate, sample
 

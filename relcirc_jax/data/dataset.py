@@ -29,9 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from relcirc_jax.data import prompts, scenes
+from relcirc_jax.data import prompts, scenes, tokenizer
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
-from relcirc_jax.text import tokenizer
 
 CHUNK = 256  # part of the data definition: changing it changes every batch
 EVAL_SET_VERSION = 2

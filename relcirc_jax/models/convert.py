@@ -22,8 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors import safe_open
 
+from relcirc_jax import hf_weights
 from relcirc_jax.models.dit import DiT, DiTConfig, example_inputs, scaled_normal
 
 NULL_CAPTION = "y_embedding"
@@ -219,28 +219,6 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     )
 
 
-def _weight_files(directory: str) -> list[str]:
-    single = os.path.join(directory, WEIGHT_FILE)
-    index = single + ".index.json"
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            return [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    raise FileNotFoundError(
-        f"No {WEIGHT_FILE} (or its .index.json) in {directory!r}; found "
-        f"{sorted(os.listdir(directory))}. Save the transformer with diffusers save_pretrained."
-    )
-
-
-def _read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
-    state = {}
-    for file in files:
-        with safe_open(file, framework="np") as f:  # bfloat16 comes back as ml_dtypes.bfloat16
-            state.update({key: np.asarray(f.get_tensor(key), np.float32) for key in f.keys()})
-    return state
-
-
 def _config_from_shapes(state: Mapping[str, np.ndarray], overrides: dict) -> DiTConfig:
     """For a bare .safetensors file: sizes from tensor shapes; heads and image size must come from overrides."""
     needed = [name for name in ("num_heads", "image_size") if name not in overrides]
@@ -268,12 +246,13 @@ def load_pixart_checkpoint(path: str, **overrides) -> tuple[DiTConfig, dict]:
     possibly sharded) or a single .safetensors file (uses a config.json beside it when there is one).
     `overrides` set DiTConfig fields the checkpoint does not fix (dtype, remat, max_text_len, ...)."""
     if os.path.isdir(path):
-        directory, files = path, _weight_files(path)
+        fix = " Save the transformer with diffusers save_pretrained."
+        directory, files = path, hf_weights.weight_files(path, (WEIGHT_FILE,), fix)
     elif os.path.isfile(path) and path.endswith(".safetensors"):
         directory, files = os.path.dirname(path) or ".", [path]
     else:
         raise FileNotFoundError(f"{path!r} is neither a diffusers transformer directory nor a .safetensors file.")
-    state = _read_safetensors(files)
+    state = {key: np.array(value, np.float32) for key, value in hf_weights.read_files(files).items()}
     if NULL_CAPTION in state:
         overrides.setdefault("max_text_len", state[NULL_CAPTION].shape[0])
     config_file = os.path.join(directory, "config.json")

@@ -23,13 +23,18 @@ def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     Axes missing from `spec` have size 1. The product of the sizes must equal the number of devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = _resolve_shape(dict(spec.items()), len(devices))
+    shape = mesh_shape(spec, len(devices))
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def _resolve_shape(spec: dict[str, int], device_count: int) -> tuple[int, ...]:
+def mesh_shape(spec: Mapping[str, int], device_count: int, name: str = "Mesh spec") -> tuple[int, ...]:
+    """The sizes of the MESH_AXES that `spec` gives on `device_count` devices (missing axes 1, a -1 axis the devices
+    the others leave over). Arithmetic only, no JAX call, so config validation checks a spec against any device count.
+    A spec that does not fit raises a ValueError naming `name`, the spec, the device count, the problem and the fix."""
+    spec = dict(spec.items())
+
     def fail(problem: str, fix: str) -> ValueError:
-        return ValueError(f"Impossible mesh spec {spec} for {device_count} devices: {problem}. Fix: {fix}.")
+        return ValueError(f"{name} {spec} does not fit {device_count} devices: {problem}. Fix: {fix}.")
 
     unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:

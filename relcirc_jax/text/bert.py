@@ -37,7 +37,7 @@ class BertConfig:
                 f"BERT checkpoint has hidden_act={act!r}, position_embedding_type={position!r}; this encoder supports "
                 "hidden_act='gelu' with absolute position embeddings (BERT, MiniLM, all-MiniLM-L6-v2)."
             )
-        return cls(**{f.name: hf_config[f.name] for f in dataclasses.fields(cls) if f.name in hf_config})
+        return hf_loading.config_from_hf(cls, hf_config)
 
 
 class BertLayer(nn.Module):
@@ -123,9 +123,8 @@ def bert_params_from_state(config: BertConfig, state: dict, dtype=jnp.float32) -
 
 def load_bert_encoder(path: str, dtype=jnp.float32) -> tuple[BertConfig, dict]:
     """(config, params) of the BERT-family encoder in the local HF checkpoint directory `path` (no pooler/heads)."""
-    config = BertConfig.from_hf(hf_loading.read_config(path))
-    state = hf_loading.read_weights(path, keep=lambda key: ".embeddings." in f".{key}" or ".encoder." in f".{key}")
-    return config, bert_params_from_state(config, state, dtype)
+    keep = lambda key: ".embeddings." in f".{key}" or ".encoder." in f".{key}"
+    return hf_loading.load_encoder(path, BertConfig, bert_params_from_state, keep, dtype)
 
 
 def minilm_dir() -> str:

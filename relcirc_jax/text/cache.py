@@ -18,8 +18,8 @@ from absl import logging
 from etils import epath
 
 from relcirc_jax.data import prompts
+from relcirc_jax.data.tokenizer import MAX_LEN
 from relcirc_jax.text import bert, hf_loading, t5
-from relcirc_jax.text.tokenizer import MAX_LEN
 
 SPECIAL_ROLE = -1
 CACHE_FORMAT_VERSION = 1

@@ -1,20 +1,15 @@
-"""Read Hugging Face checkpoints from a local directory into numpy: config.json plus safetensors or pytorch .bin
-weights, single-file or sharded (*.index.json). Shared by the T5 and BERT loaders; nothing here touches the network."""
+"""Hugging Face text-encoder checkpoints in a local directory -> Flax parameters: the config.json, the load path that
+the T5 and BERT loaders share, and the tensor conversions they use. The weight files are read by relcirc_jax.hf_weights.
+"""
 
+import dataclasses
 import json
 import os
-from typing import Callable, Optional
+from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
-# Weight files in the order we look for them; an index file means a sharded checkpoint.
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
+from relcirc_jax import hf_weights
 
 
 def read_config(path: str) -> dict:
@@ -29,86 +24,23 @@ def read_config(path: str) -> dict:
         return json.load(f)
 
 
-def weight_files(path: str) -> list[str]:
-    """The weight files of the checkpoint in `path` (shards in index order), safetensors preferred over .bin."""
-    for name in _WEIGHT_FILES:
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        if not name.endswith(".index.json"):
-            return [full]
-        with open(full) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, shard) for shard in shards]
-    raise FileNotFoundError(
-        f"No weights in {path!r}: expected one of {_WEIGHT_FILES} (found {sorted(os.listdir(path))})."
-    )
+def config_from_hf(cls, hf_config: dict):
+    """The config dataclass `cls` from a transformers config.json dict: the keys that name its fields (missing ones
+    keep their defaults, the rest are ignored). Each encoder's `from_hf` checks what it supports, then calls this."""
+    return cls(**{f.name: hf_config[f.name] for f in dataclasses.fields(cls) if f.name in hf_config})
 
 
-# safetensors dtype tags -> numpy dtypes (bfloat16 via ml_dtypes, which numpy itself lacks).
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _read_safetensors(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
-    # Read the format directly (8-byte header length, JSON header, raw little-endian data): the safetensors numpy
-    # reader rejects bfloat16, the dtype of many large checkpoints. Tensors are memory-mapped, copied on use.
-    with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_size)
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__" or not keep(key):
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file!r}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        tensors[key] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
-
-
-def _read_torch_bin(file: str, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"Reading {file!r} needs PyTorch: pip install torch (or convert it to safetensors).") from e
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    # numpy has no bfloat16: widen to float32 here and let the caller pick the parameter dtype.
-    return {
-        key: value.float().numpy() if value.is_floating_point() else value.numpy()
-        for key, value in state.items()
-        if keep(key)
-    }
-
-
-def read_weights(path: str, keep: Optional[Callable[[str], bool]] = None) -> dict[str, np.ndarray]:
-    """All tensors of the checkpoint in `path` whose name passes `keep` (default: all), as numpy arrays by HF name.
-
-    bfloat16 tensors come back as ml_dtypes.bfloat16 (safetensors) or float32 (.bin); callers cast to their param dtype.
-    """
-    keep = keep or (lambda key: True)
-    state: dict[str, np.ndarray] = {}
-    for file in weight_files(path):
-        reader = _read_safetensors if file.endswith(".safetensors") else _read_torch_bin
-        state.update(reader(file, keep))
-    return state
+def load_encoder(path: str, config_cls, params_from_state: Callable, keep: Callable[[str], bool], dtype) -> tuple:
+    """(config, params) of the encoder in the local checkpoint directory `path`: `config_cls.from_hf` of its
+    config.json, then `params_from_state(config, tensors, dtype)` of the weights whose names pass `keep`."""
+    config = config_cls.from_hf(read_config(path))
+    return config, params_from_state(config, hf_weights.read_weights(path, keep), dtype)
 
 
 def checkpoint_fingerprint(path: str) -> str:
     """A cheap identity of a checkpoint (config text, weight file names and sizes) for cache keys; weights unhashed."""
     parts = [json.dumps(read_config(path), sort_keys=True)]
-    parts += [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in weight_files(path)]
+    parts += [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in hf_weights.weight_files(path)]
     return "\n".join(parts)
 
 

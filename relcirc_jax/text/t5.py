@@ -38,7 +38,7 @@ class T5EncoderConfig:
                 f"T5 checkpoint has feed_forward_proj={ffn!r}; this encoder implements T5 v1.1 ('gated-gelu') only "
                 "(e.g. google/t5-v1_1-xxl as used by PixArt)."
             )
-        return cls(**{f.name: hf_config[f.name] for f in dataclasses.fields(cls) if f.name in hf_config})
+        return hf_loading.config_from_hf(cls, hf_config)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int) -> np.ndarray:
@@ -178,9 +178,7 @@ def load_t5_encoder(path: str, dtype=jnp.float32) -> tuple[T5EncoderConfig, dict
 
     dtype=jnp.bfloat16 halves the memory of T5-XXL (about 9.5 GB instead of 19 GB for the encoder).
     """
-    config = T5EncoderConfig.from_hf(hf_loading.read_config(path))
-    state = hf_loading.read_weights(path, keep=_is_encoder_weight)
-    return config, t5_params_from_state(config, state, dtype)
+    return hf_loading.load_encoder(path, T5EncoderConfig, t5_params_from_state, _is_encoder_weight, dtype)
 
 
 def t5_encode(config: T5EncoderConfig, params: dict, ids, mask):

@@ -13,14 +13,13 @@ from PIL import Image
 
 from relcirc_jax import diffusion
 from relcirc_jax.config import NEGATIVES
-from relcirc_jax.data import dataset
+from relcirc_jax.data import dataset, tokenizer
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
 from relcirc_jax.errors import UserError
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.host_data import shared_to_global, to_host
-from relcirc_jax.text import tokenizer
 from relcirc_jax.train import state as train_state
 
 

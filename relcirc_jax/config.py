@@ -37,6 +37,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from relcirc_jax.errors import UserError
+from relcirc_jax.parallel.rules import DEFAULT_RULES, rule_problems, rules_from_config
 from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
@@ -131,6 +132,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
+    # (logical axis, mesh axes) for every parameter dimension name (parallel/axes.py): which mesh axes split it.
+    c.parallel.logical_axis_rules = DEFAULT_RULES
     # Split the host CPU into this many XLA devices (jax_num_cpu_devices; the mesh then spans them). None = JAX's
     # default of one (or what XLA_FLAGS says). Only the CPU backend is affected; on a GPU/TPU it changes nothing.
     c.parallel.cpu_devices = config_dict.placeholder(int)
@@ -281,6 +284,16 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     for key in ("train.ema_decay", "train.caption_dropout"):
         if not 0 <= _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
+    try:
+        problems += [
+            f"parallel.logical_axis_rules: {p}."
+            for p in rule_problems(rules_from_config(c.parallel.logical_axis_rules))
+        ]
+    except (TypeError, ValueError):
+        problems.append(
+            f"parallel.logical_axis_rules={c.parallel.logical_axis_rules!r} is not a sequence of (logical axis, mesh "
+            "axes) pairs; see relcirc_jax/parallel/axes.py."
+        )
     if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
         problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
     problems += _data_and_eval_problems(c)

@@ -148,3 +148,32 @@ def test_to_global_rejects_a_batch_that_does_not_split():
     mesh = make_mesh({"data": -1})
     with pytest.raises(ValueError, match="multiple of 8"):
         to_global({"images": np.zeros((6, 2))}, mesh)
+
+
+def test_rules_are_config_data():
+    """config.parallel.logical_axis_rules (as a config.json stores it: lists) decide the parameter shardings."""
+    import json
+
+    from relcirc_jax.config import base_config
+    from relcirc_jax.models import dit
+    from relcirc_jax.parallel.rules import rule_problems, rules_from_config
+    from relcirc_jax.train import state as train_state
+
+    config = base_config("rte", "nano", "smoke")
+    stored = json.loads(json.dumps(config.parallel.logical_axis_rules))
+    assert rules_from_config(stored) == DEFAULT_RULES and not rule_problems(DEFAULT_RULES)
+    model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    tx = train_state.optimizer(config)
+    _, default = train_state.state_shardings(model_cfg, tx, mesh)
+    no_fsdp = rules_from_config([[name, None if mesh_axes == "fsdp" else mesh_axes] for name, mesh_axes in stored])
+    _, replicated_embed = train_state.state_shardings(model_cfg, tx, mesh, rules=no_fsdp)
+    kernel = lambda sh: sh.params["transformer_blocks_0"]["attn1"]["to_q"]["kernel"].spec  # noqa: E731
+    assert kernel(default) == P("fsdp", "model") and kernel(replicated_embed) == P(None, "model")
+    assert dit.logical_specs(model_cfg)["transformer_blocks_0"]["attn1"]["to_q"]["kernel"] == P("embed", "heads")
+    assert rule_problems(no_fsdp[1:] + (("heads", "modle"),)) == [
+        "no rule for the logical axes ['embed'] (every one of ('embed', 'heads', 'mlp', 'caption', 'adaln', 'table', "
+        "'patch') needs one)",
+        "more than one rule for ['heads']",
+        "unknown mesh axes ['modle'] (the mesh has ('data', 'fsdp', 'model'))",
+    ]

@@ -33,6 +33,27 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 
 BATCH_AXES = axes.BATCH_AXES
 
+
+def rules_from_config(value: Sequence) -> tuple[tuple[str, MeshAxes], ...]:
+    """config.parallel.logical_axis_rules (pairs of (logical name, mesh axis / tuple of them / None), or the lists a
+    config.json makes of them) as Rules."""
+    return tuple((str(name), tuple(mesh) if isinstance(mesh, (list, tuple)) else mesh) for name, mesh in value)
+
+
+def rule_problems(rules: Rules) -> list[str]:
+    """What is wrong with a rule set: logical names it leaves out or repeats, mesh axes that do not exist."""
+    names = [name for name, _ in rules]
+    problems = []
+    if missing := [name for name in axes.LOGICAL_AXES if name not in names]:
+        problems.append(f"no rule for the logical axes {missing} (every one of {axes.LOGICAL_AXES} needs one)")
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        problems.append(f"more than one rule for {repeated}")
+    used = [a for _, mesh in rules for a in ((mesh,) if isinstance(mesh, str) else (mesh or ()))]
+    if unknown := sorted(set(used) - set(axes.MESH_AXES)):
+        problems.append(f"unknown mesh axes {unknown} (the mesh has {axes.MESH_AXES})")
+    return problems
+
+
 log = logging.getLogger(__name__)
 
 

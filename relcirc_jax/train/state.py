@@ -64,13 +64,17 @@ def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, seed:
     return TrainState(params=params, opt_state=tx.init(params), ema_params=params, step=jnp.zeros((), jnp.int32))
 
 
-def state_shardings(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, seed: int = 0):
-    """(abstract state, its shardings): params, EMA and optimizer moments follow the model's logical axes, the rest
-    (step, Adam counts) is replicated."""
+def state_shardings(
+    model_cfg: dit.DiTConfig,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    seed: int = 0,
+    rules: sharding_rules.Rules = sharding_rules.DEFAULT_RULES,
+):
+    """(abstract state, its shardings): params, EMA and optimizer moments follow the model's logical axes through
+    `rules`, the rest (step, Adam counts) is replicated."""
     abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, seed))
-    param_sh = sharding_rules.param_shardings(
-        abstract.params, dit.logical_specs(model_cfg), mesh, sharding_rules.DEFAULT_RULES
-    )
+    param_sh = sharding_rules.param_shardings(abstract.params, dit.logical_specs(model_cfg), mesh, rules)
     replicated = sharding_rules.replicated(mesh)
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
@@ -115,7 +119,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
     tables = jax.device_put(conditioner.tables, sharding_rules.replicated(mesh))
     model_cfg = model_config(config, caption_channels=conditioner.dim)
     tx = optimizer(config)
-    abstract, shardings = state_shardings(model_cfg, tx, mesh, config.seed)
+    rules = sharding_rules.rules_from_config(config.parallel.logical_axis_rules)
+    abstract, shardings = state_shardings(model_cfg, tx, mesh, config.seed, rules)
     checkpointer = checkpoint.Checkpointer(
         epath.Path(workdir) / "checkpoints",
         save_every=config.checkpoint.every_steps,

@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from relcirc_jax import config as config_lib
+from relcirc_jax import config_checks
 from relcirc_jax.errors import UserError
 
 MODES = ("train", "sample", "evaluate", "analyze")
@@ -58,7 +58,7 @@ def main(argv):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
     config = config_with_init_from(FLAGS.config, FLAGS.init_from)
-    config_lib.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
+    config_checks.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
     if config.model.in_channels != 3 and not (FLAGS.mode == "analyze" and config.analysis.kind == "qk_screen"):
         raise UserError(
             f"The model has {config.model.in_channels} input channels (a latent-space PixArt): its samples are "
@@ -163,13 +163,13 @@ def apply_runtime_options(config) -> None:
 
 def parse_flags(argv):
     """absl flag parsing; a bad --config (file, variant, override key or value) ends in one line (`fail`)."""
-    problem = config_lib.config_file_problem(argv)
+    problem = config_checks.config_file_problem(argv)
     if problem:
         fail(problem)
     try:
         return FLAGS(argv)
     except (flags.Error, AttributeError, ValueError) as error:  # what absl and ml_collections raise for bad values
-        explained = config_lib.explain_config_flags(argv)
+        explained = config_checks.explain_config_flags(argv)
         if explained is None and not isinstance(error, flags.Error):
             raise
         fail(explained or str(error))

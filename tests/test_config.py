@@ -8,7 +8,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from relcirc_jax.config import ENCODERS, SIZES, base_config, explain_config_flags, validate_config
+from relcirc_jax.config import ENCODERS, SIZES, base_config
+from relcirc_jax.config_checks import explain_config_flags, validate_config
 from relcirc_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

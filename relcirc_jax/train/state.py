@@ -10,7 +10,7 @@ from etils import epath
 from flax import struct
 
 from relcirc_jax import pretrained
-from relcirc_jax.config import validate_config
+from relcirc_jax.config_checks import validate_config
 from relcirc_jax.errors import UserError
 from relcirc_jax.models import dit
 from relcirc_jax.parallel import rules as sharding_rules

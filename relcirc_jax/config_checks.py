@@ -1,0 +1,243 @@
+"""Checks of a config and of the command line that sets it: every bad value in one UserError naming the fix
+(`validate_config`), and one line for whatever made absl reject `--config=FILE[:variant]` or a `--config.KEY=VALUE`
+override (`config_file_problem`, `explain_config_flags`; the CLI calls them on its error path only).
+"""
+
+import importlib.util
+import math
+import os
+from typing import Sequence
+
+import ml_collections
+
+from relcirc_jax.config import (
+    ANALYSIS_KINDS,
+    ENCODERS,
+    NEGATIVES,
+    PATCHING_CORRUPTIONS,
+    SIZES,
+    TRAIN_COMPUTE_DTYPES,
+)
+from relcirc_jax.errors import UserError
+from relcirc_jax.parallel.rules import rule_problems, rules_from_config
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    process_count: int | None = None,
+    check_mesh: bool = True,
+) -> None:
+    """Raises one UserError listing every bad value of `config` (and how to fix it); returns None when all is well.
+
+    `num_devices`/`process_count` default to the current JAX runtime; they decide whether the batch splits evenly.
+    check_mesh=False skips those checks (they would start JAX's backends; the CLI runs them later).
+    """
+    problems = _config_problems(config)
+    if check_mesh:
+        import jax
+
+        num_devices = jax.device_count() if num_devices is None else num_devices
+        process_count = jax.process_count() if process_count is None else process_count
+        problems += _mesh_problems(config, num_devices, process_count)
+    if len(problems) == 1:
+        raise UserError(f"Invalid config: {problems[0]}")
+    if problems:
+        raise UserError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
+    problems = []
+    if c.text.encoder not in ENCODERS:
+        problems.append(f"text.encoder={c.text.encoder!r} is unknown; choose one of {ENCODERS}.")
+    if c.model.size not in SIZES:
+        problems.append(f"model.size={c.model.size!r} is unknown; choose one of {SIZES}.")
+    if c.train.compute_dtype not in TRAIN_COMPUTE_DTYPES:
+        problems.append(
+            f"train.compute_dtype={c.train.compute_dtype!r} is unknown; choose one of {TRAIN_COMPUTE_DTYPES}."
+        )
+    for key in (
+        "train.num_steps",
+        "train.batch_size",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "log.every_steps",
+        "eval.every_steps",
+        "eval.num_prompts",
+        "eval.batch_size",
+        "eval.num_steps",
+        "sample.every_steps",
+        "sample.num_prompts",
+    ):
+        if _get(c, key) < 1:
+            problems.append(f"{key}={_get(c, key)} must be >= 1.")
+    for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
+        if not _get(c, key) > 0:
+            problems.append(f"{key}={_get(c, key)} must be > 0.")
+    if c.train.time_budget_minutes is not None and not c.train.time_budget_minutes > 0:
+        problems.append(f"train.time_budget_minutes={c.train.time_budget_minutes} must be > 0, or None for no budget.")
+    if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
+        problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
+    for key in ("train.ema_decay", "train.caption_dropout"):
+        if not 0 <= _get(c, key) < 1:
+            problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
+    try:
+        problems += [
+            f"parallel.logical_axis_rules: {p}."
+            for p in rule_problems(rules_from_config(c.parallel.logical_axis_rules))
+        ]
+    except (TypeError, ValueError):
+        problems.append(
+            f"parallel.logical_axis_rules={c.parallel.logical_axis_rules!r} is not a sequence of (logical axis, mesh "
+            "axes) pairs; see relcirc_jax/parallel/axes.py."
+        )
+    if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
+        problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
+    problems += _data_and_eval_problems(c)
+    return problems
+
+
+def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
+    from relcirc_jax.data import dataset  # the data package is heavier than this module needs at import
+
+    problems = []
+    if c.data.task not in dataset.TASKS:
+        problems.append(f"data.task={c.data.task!r} is unknown; choose one of {dataset.TASKS}.")
+    if c.data.caption_mix is not None and c.data.caption_mix not in dataset.CAPTION_MIXES:
+        problems.append(
+            f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
+            f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own)."
+        )
+    if c.data.num_scenes is not None and c.data.num_scenes < 1:
+        problems.append(f"data.num_scenes={c.data.num_scenes} must be >= 1, or None for fresh scenes every step.")
+    if c.analysis.kind not in ANALYSIS_KINDS:
+        problems.append(f"analysis.kind={c.analysis.kind!r} is unknown; choose one of {ANALYSIS_KINDS}.")
+    if c.analysis.ablation_mode not in ("zero", "mean", "both"):
+        problems.append(
+            f"analysis.ablation_mode={c.analysis.ablation_mode!r} is unknown; use 'zero', 'mean' or 'both'."
+        )
+    if c.analysis.patching_corruption not in PATCHING_CORRUPTIONS:
+        problems.append(
+            f"analysis.patching_corruption={c.analysis.patching_corruption!r} is unknown; use one of "
+            f"{PATCHING_CORRUPTIONS}."
+        )
+    if c.analysis.ablation_top_heads < 0:
+        problems.append(f"analysis.ablation_top_heads={c.analysis.ablation_top_heads} must be >= 0 (0 = skip).")
+    if c.analysis.patching_prompts < 1:
+        problems.append(f"analysis.patching_prompts={c.analysis.patching_prompts} must be >= 1.")
+    if not 1 <= c.analysis.patching_windows <= c.eval.num_steps:
+        problems.append(
+            f"analysis.patching_windows={c.analysis.patching_windows} must be in [1, eval.num_steps="
+            f"{c.eval.num_steps}]."
+        )
+    if c.sample.negative not in NEGATIVES:
+        problems.append(f"sample.negative={c.sample.negative!r} is unknown; choose one of {NEGATIVES}.")
+    if c.eval.images_per_prompt < 1:
+        problems.append(f"eval.images_per_prompt={c.eval.images_per_prompt} must be >= 1.")
+    if c.eval.prompt_set not in dataset.EVAL_SETS:
+        problems.append(f"eval.prompt_set={c.eval.prompt_set!r} is unknown; choose one of {sorted(dataset.EVAL_SETS)}.")
+    elif not 1 <= c.eval.num_prompts <= (available := len(dataset.eval_prompts(c.eval.prompt_set))):
+        problems.append(f"eval.num_prompts={c.eval.num_prompts} must be in [1, {available}] for {c.eval.prompt_set!r}.")
+    return problems
+
+
+def _mesh_problems(c: ml_collections.ConfigDict, num_devices: int, process_count: int) -> list[str]:
+    from relcirc_jax.parallel.axes import BATCH_AXES, MESH_AXES  # like data above: only when the mesh is checked
+    from relcirc_jax.parallel.mesh import mesh_shape
+
+    try:
+        sizes = dict(zip(MESH_AXES, mesh_shape(c.parallel.mesh, num_devices, name="parallel.mesh")))
+    except ValueError as e:
+        return [str(e)]
+    batch_shards = math.prod(sizes[axis] for axis in BATCH_AXES)
+    problems = []
+    if c.train.batch_size % batch_shards:
+        problems.append(
+            f"train.batch_size={c.train.batch_size} is not divisible by the data-parallel size "
+            f"data*fsdp={batch_shards}; pick a multiple of {batch_shards}."
+        )
+    if c.train.batch_size % process_count:
+        problems.append(
+            f"train.batch_size={c.train.batch_size} is not divisible by the process count "
+            f"{process_count}; pick a multiple of {process_count}."
+        )
+    return problems
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+    for part in dotted.split("."):
+        c = c[part]
+    return c
+
+
+def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | None:
+    """(path, variant) of the last `--config=FILE[:variant]` in `argv`, or None."""
+    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
+    if not files:
+        return None
+    path, _, variant = files[-1].partition(":")
+    return path, variant
+
+
+def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
+    """What is wrong with `--config=FILE[:variant]` in `argv` that absl would only report later or as a traceback:
+    the file is missing. None when it exists (or no --config is given)."""
+    arg = _config_file_arg(argv, flag_name)
+    if arg and not os.path.isfile(arg[0]):
+        return f"Config file {arg[0]!r} does not exist; pass e.g. --config=configs/rte_dit_micro.py:cpu."
+    return None
+
+
+def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str | None:
+    """One message for whatever made absl reject the config flags in `argv`, or None if none is found here.
+
+    Loads the config file again (only on this error path) and checks, in order: the file exists, the ':variant' is
+    known, every `--config.a.b=v` override names an existing key, and `v` parses as that key's type.
+    """
+    arg = _config_file_arg(argv, flag_name)
+    problem = config_file_problem(argv, flag_name)
+    if problem or not arg:
+        return problem
+    path, variant = arg
+    spec = importlib.util.spec_from_file_location("_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        config = module.get_config(variant or None)
+    except UserError as error:
+        return str(error)
+    overrides = [a[len(flag_name) + 3 :].split("=", 1) for a in argv if a.startswith(f"--{flag_name}.")]
+    problems = [
+        _unknown_key_problem(config, key) or _override_type_problem(config, key, value)
+        for key, value in (o if len(o) == 2 else (o[0], None) for o in overrides)
+    ]
+    problems = [p for p in problems if p]
+    return " ".join(problems) if problems else None
+
+
+def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value: str | None) -> str | None:
+    """`value` does not parse as the type of config key `dotted` (ml_collections keeps a key's type)."""
+    *parents, leaf = dotted.split(".")
+    node = _get(config, ".".join(parents)) if parents else config
+    expected = node.get_type(leaf)
+    parse = {float: float, int: int, bool: lambda v: {"true": 1, "false": 0, "1": 1, "0": 0}[v.lower()]}.get(expected)
+    kind = {float: "a float", int: "an int", bool: "a bool (true or false)"}.get(expected)
+    if value is None or parse is None:
+        return None
+    try:
+        parse(value)
+    except (ValueError, KeyError):
+        return f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not {value!r}; fix the value."
+    return None
+
+
+def _unknown_key_problem(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    node, seen = config, []
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            where = ".".join(seen) or "the top level"
+            keys = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            return f"--config.{dotted}: {where} has no key {part!r}; its keys are {keys}."
+        node, seen = node[part], seen + [part]
+    return None

@@ -70,11 +70,7 @@ def bench_ablation(batch: int, repeats: int) -> dict:
     # _screen compiles on each call and reports compilation and sampling apart.
     timings = [ablation._screen(model, captions, masks, mode="zero", chunk=len(masks))[1] for _ in range(repeats)]
     screen_s, compile_s = min(t["run_s"] for t in timings), min(t["compile_s"] for t in timings)
-    e = model.config.eval
-    generate = sample.generate_fn(
-        cfg, model.conditioner, cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, seed=e.seed,
-        negative=model.config.sample.negative,
-    )  # fmt: skip
+    generate = sample.generate_fn(cfg, model.conditioner, **sample.eval_settings(model.config))
     one_call = jax.jit(generate)
     batch_in = {k: jax.numpy.asarray(v) for k, v in sample.caption_batch(captions).items()}
     noise_id = jax.numpy.arange(len(captions), dtype=jax.numpy.int32)

@@ -59,16 +59,7 @@ def screen(
     batch = host_data.shared_to_global(batch, mesh)
     noises = batch.pop("noise_id")
 
-    e = model.config.eval
-    generate = sample.generate_fn(
-        model.model_cfg,
-        model.conditioner,
-        cfg_scale=e.cfg_scale,
-        num_steps=e.num_steps,
-        solver=e.solver,
-        seed=e.seed,
-        negative=model.config.sample.negative,
-    )
+    generate = sample.generate_fn(model.model_cfg, model.conditioner, **sample.eval_settings(model.config))
     batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
     screen_fn = jax.jit(
         jax.vmap(generate, in_axes=(None, None, None, None, 0)),

@@ -18,7 +18,7 @@ from absl import logging
 
 from relcirc_jax.analysis import capture, groups
 from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
-from relcirc_jax.diffusion.samplers import SOLVERS
+from relcirc_jax.diffusion import model_timesteps
 from relcirc_jax.train import evaluate
 
 ROLE = {name: i for i, name in enumerate(groups.TEXT_ROLES)}
@@ -71,7 +71,7 @@ def synopsis(
     )
     _, sums = sampler(model.params, model.tables, captions)
     e = model.config.eval
-    return {**summarize(sums, token_groups), "timesteps": SOLVERS[e.solver].plan(e.num_steps).timesteps}
+    return {**summarize(sums, token_groups), "timesteps": model_timesteps(e.solver, e.num_steps)}
 
 
 def summarize(sums: dict, token_groups: np.ndarray) -> dict[str, np.ndarray]:

@@ -292,7 +292,7 @@ class DiTBlock(nn.Module):
     def __call__(
         self,
         h,
-        t6,
+        modulation,
         caption,
         caption_mask,
         self_head_mask,
@@ -307,7 +307,7 @@ class DiTBlock(nn.Module):
         table = self.param(
             "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (6, cfg.hidden_size)
         )
-        mod = table[None] + t6.reshape(t6.shape[0], 6, cfg.hidden_size)
+        mod = table[None] + modulation.reshape(modulation.shape[0], 6, cfg.hidden_size)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         attention = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, capture=self.capture)
 
@@ -425,7 +425,8 @@ class DiT(nn.Module):
         )
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
-        t6, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(t)
+        # adaLN-single: one timestep MLP gives every block its [B, 6D] modulation (shift, scale, gate x 2)
+        modulation, t_embedding = AdaLayerNormSingle(cfg.hidden_size, dtype, name="adaln_single")(t)
         gelu_tanh = lambda y: nn.gelu(y, approximate=True)  # noqa: E731
         caption_projection = TwoLayerMLP(
             cfg.hidden_size, (axes.CAPTION, axes.EMBED), (axes.EMBED, None), gelu_tanh, dtype, name="caption_projection"
@@ -453,7 +454,7 @@ class DiT(nn.Module):
                 h = h + w * (h[patch_source] - h)
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
-            h = block(h, t6, caption, text_mask, *layer_masks, patch_source)
+            h = block(h, modulation, caption, text_mask, *layer_masks, patch_source)
 
         table = self.param(
             "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (2, cfg.hidden_size)

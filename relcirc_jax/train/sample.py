@@ -189,27 +189,28 @@ def image_grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
 
 def make_sampler(experiment: train_state.Experiment, batch_size: int) -> Sampler:
     """A sampler with the eval settings (DPM-Solver++ 14 steps, CFG 4.5 by default) over the EMA params' shardings."""
-    e = experiment
-    return eval_sampler(e.config, e.model_cfg, e.conditioner, e.mesh, e.state_sh.ema_params, batch_size)
+    return eval_sampler(
+        experiment.config,
+        experiment.model_cfg,
+        experiment.conditioner,
+        experiment.mesh,
+        experiment.state_sh.ema_params,
+        batch_size,
+    )
+
+
+def eval_settings(config: ml_collections.ConfigDict) -> dict:
+    """The sampler settings of evaluation: config.eval's CFG scale, steps, solver and seed, config.sample's negative
+    (keyword arguments of generate_fn and Sampler)."""
+    e = config.eval
+    return dict(
+        cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, seed=e.seed, negative=config.sample.negative
+    )
 
 
 def eval_sampler(config, model_cfg, conditioner, mesh, param_sh, batch_size: int, **capture) -> Sampler:
-    """A Sampler with config.eval's solver, steps, CFG scale and seed and config.sample's negative; `capture` takes
-    Sampler's capture, reduce and extra_fields."""
-    e = config.eval
-    return Sampler(
-        model_cfg,
-        conditioner,
-        mesh,
-        param_sh,
-        cfg_scale=e.cfg_scale,
-        num_steps=e.num_steps,
-        solver=e.solver,
-        batch_size=batch_size,
-        seed=e.seed,
-        negative=config.sample.negative,
-        **capture,
-    )
+    """A Sampler with the eval settings (eval_settings); `capture` takes Sampler's capture, reduce and extra_fields."""
+    return Sampler(model_cfg, conditioner, mesh, param_sh, batch_size=batch_size, **eval_settings(config), **capture)
 
 
 def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:

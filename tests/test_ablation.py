@@ -6,23 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_models import TINY, noisy
 
 from relcirc_jax.analysis import ablation, context
 from relcirc_jax.config import base_config
 from relcirc_jax.data import scenes
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.models.dit import DiT, DiTConfig, init_params, run_with_cache
+from relcirc_jax.models.dit import DiT, init_params, run_with_cache
 from relcirc_jax.train import evaluate, sample
 from relcirc_jax.train import state as train_state
 
-TINY = DiTConfig(image_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2, caption_channels=16, max_text_len=5)
 SPATIAL, OVERALL, COLOR = (METRICS.index(m) for m in ("spatial_relationship", "overall", "color"))
-
-
-def _noisy(params, seed=0):
-    """Perturb every parameter so that zero-initialised layers (cross-attn out, proj_out) carry signal."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: leaf + 0.2 * rng.standard_normal(leaf.shape, np.float32), params)
 
 
 # ---------------------------------------------------------------- the masks in the model
@@ -30,7 +24,7 @@ def _noisy(params, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = _noisy(init_params(TINY, jax.random.key(0)))
+    params = noisy(init_params(TINY, jax.random.key(0)))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (3, 16, 16, 3)), jnp.float32)
     t = jnp.array([5.0, 400.0, 900.0])
@@ -136,7 +130,7 @@ def smoke(tmp_path_factory):
     config = base_config("rte", "micro", "smoke")  # hidden 32, depth 2, heads 2, text dim 32, 2 solver steps
     workdir = tmp_path_factory.mktemp("ablation_run")
     abstract = train_state.model_config(config, caption_channels=config.text.dim)
-    params = _noisy(init_params(abstract, jax.random.key(0)))
+    params = noisy(init_params(abstract, jax.random.key(0)))
     model = context.from_params(config, params, workdir, "smoke model")
     experiment = train_state.build_experiment(config, workdir, devices=jax.devices()[:1])
     experiment.checkpointer.close()

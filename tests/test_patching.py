@@ -6,30 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import TINY, noisy
 
 from relcirc_jax import diffusion
 from relcirc_jax.analysis import context, interventions, patching, qk_screen, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.data import prompts, tokenizer
-from relcirc_jax.models.dit import DiT, DiTConfig, init_params, run_with_cache, sincos_2d_position_embedding
+from relcirc_jax.models.dit import DiT, init_params, run_with_cache, sincos_2d_position_embedding
 from relcirc_jax.train import sample
 from relcirc_jax.train import state as train_state
-
-TINY = DiTConfig(image_size=16, patch_size=4, hidden_size=32, depth=3, num_heads=2, caption_channels=16, max_text_len=5)
-
-
-def _noisy(params, seed=0):
-    """Perturb every parameter so that zero-initialised layers (cross-attn out, proj_out) carry signal."""
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda leaf: leaf + 0.2 * rng.standard_normal(leaf.shape, np.float32), params)
-
 
 # ---------------------------------------------------------------- the patch weights in the model
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    params = _noisy(init_params(TINY, jax.random.key(0)))
+    params = noisy(init_params(TINY, jax.random.key(0)))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (4, 16, 16, 3)), jnp.float32)
     t = jnp.full((4,), 400.0)
@@ -136,7 +128,7 @@ def test_transfer_is_the_share_of_the_change():
 def _smoke_model(tmp_path, devices=None):
     config = base_config("rte", "micro", "smoke")  # hidden 32, depth 2, heads 2, text dim 32, 2 solver steps
     abstract = train_state.model_config(config, caption_channels=config.text.dim)
-    return context.from_params(config, _noisy(init_params(abstract, jax.random.key(0))), tmp_path, "smoke", devices)
+    return context.from_params(config, noisy(init_params(abstract, jax.random.key(0))), tmp_path, "smoke", devices)
 
 
 CLEAN = ["red circle is above blue square", "blue triangle is to the left of red circle", "red square is below circle"]

@@ -15,6 +15,12 @@ from relcirc_jax.parallel import axes
 ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
 
 
+def sow_hook(module: nn.Module, name: str, value) -> None:
+    """Sow `value` into the "intermediates" collection under `name`, only when `module.capture` lists it."""
+    if name in module.capture:
+        module.sow("intermediates", name, value)
+
+
 def partitioned(init, axes: tuple[str | None, ...]):
     """An initializer whose parameter carries logical sharding axis names."""
     return nn.with_logical_partitioning(init, axes)
@@ -64,9 +70,7 @@ class MultiHeadAttention(nn.Module):
     zero_init_out: bool = False  # PixArt zero-initialises the cross-attention output projection
 
     def _record(self, hook: str, value: jnp.ndarray) -> None:
-        name = f"{self.hook_prefix}.{hook}"
-        if name in self.capture:
-            self.sow("intermediates", name, value)
+        sow_hook(self, f"{self.hook_prefix}.{hook}", value)
 
     @nn.compact
     def __call__(

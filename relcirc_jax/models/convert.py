@@ -1,4 +1,5 @@
-"""Convert PixArt weights between diffusers' PixArtTransformer2DModel and our Flax DiT.
+"""Convert PixArt weights between diffusers' PixArtTransformer2DModel and our Flax DiT (and, at the end, MM-DiT
+weights between diffusers' SD3Transformer2DModel and models/mmdit.py).
 
 Name mapping (1:1, by rule): split the diffusers name on ".", glue each list index to the module before it
 ("transformer_blocks.3" -> "transformer_blocks_3", "to_out.0" -> "to_out_0", "net.0" -> "net_0") and rename the
@@ -24,7 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from relcirc_jax import hf_weights
-from relcirc_jax.models.dit import DiT, DiTConfig, example_inputs, scaled_normal
+from relcirc_jax.models import mmdit
+from relcirc_jax.models.dit import DiT, DiTConfig, abstract_variables, scaled_normal
 
 NULL_CAPTION = "y_embedding"
 _LIST_MODULES = ("transformer_blocks", "to_out", "net")  # diffusers nn.ModuleList / nn.Sequential names
@@ -85,9 +87,9 @@ def flax_path_to_diffusers(path: tuple[str, ...]) -> str:
     return ".".join(tokens)
 
 
-def _param_shapes(config: DiTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-    variables = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *example_inputs(config)))
-    flat = traverse_util.flatten_dict(variables["params"])
+def _param_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {Flax path: shape} of a DiT / MM-DiT module's parameters (no compute)."""
+    flat = traverse_util.flatten_dict(abstract_variables(model)["params"])
     return {path: tuple(getattr(leaf, "value", leaf).shape) for path, leaf in flat.items()}
 
 
@@ -109,19 +111,18 @@ def _flax_to_torch_layout(array: np.ndarray, path: tuple[str, ...]) -> np.ndarra
     return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
 
 
-def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax.Array | None = None) -> dict:
-    """A diffusers PixArtTransformer2DModel state dict (torch tensors or numpy) -> float32 Flax params.
-
-    `rng` seeds the null caption when the state dict has no `y_embedding` (default key 0).
-    """
-    shapes = _param_shapes(config)
-    expected = {flax_path_to_diffusers(path): path for path in shapes if path != (NULL_CAPTION,)}
+def _convert_state_dict(
+    state_dict: Mapping[str, Any], config, shapes: Mapping, to_name, also_allowed: set, hint: str
+) -> dict[tuple[str, ...], np.ndarray]:
+    """The parameters of `shapes` (flat {Flax path: shape}, null caption aside) read from a diffusers state dict whose
+    names are `to_name(path)`, in Flax layouts. Refuses missing keys, keys outside the model and `also_allowed`, and
+    wrong shapes; `hint` ends the missing/unexpected-keys error."""
+    expected = {to_name(path): path for path in shapes if path != (NULL_CAPTION,)}
     missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected) - {NULL_CAPTION})
+    unexpected = sorted(set(state_dict) - set(expected) - {NULL_CAPTION} - also_allowed)
     if missing or unexpected:
         raise ValueError(
-            f"State dict does not fit {config}: missing keys {missing}; unexpected keys {unexpected}. "
-            "Check that the checkpoint is a PixArtTransformer2DModel with these sizes (no size/aspect conditions)."
+            f"State dict does not fit {config}: missing keys {missing}; unexpected keys {unexpected}. {hint}"
         )
     flat = {}
     for name, path in expected.items():
@@ -132,6 +133,11 @@ def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax
                 f"{shapes[path]}. The checkpoint and the config disagree on sizes."
             )
         flat[path] = array
+    return flat
+
+
+def _add_null_caption(flat: dict, state_dict: Mapping[str, Any], shapes: Mapping, rng: jax.Array | None) -> dict:
+    """Adds `y_embedding` to `flat`, from the state dict or freshly drawn with `rng` (default key 0); unflattens."""
     if NULL_CAPTION in state_dict:
         flat[(NULL_CAPTION,)] = _to_numpy(state_dict[NULL_CAPTION])
         if flat[(NULL_CAPTION,)].shape != shapes[(NULL_CAPTION,)]:
@@ -145,14 +151,30 @@ def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax
     return traverse_util.unflatten_dict(flat)
 
 
-def flax_to_diffusers(params: Mapping, include_null_caption: bool = False) -> dict[str, np.ndarray]:
-    """Flax params -> diffusers state dict (numpy, torch layouts); the null caption only when asked for."""
+def _to_state_dict(params: Mapping, to_name, include_null_caption: bool) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers state dict named by `to_name(path)` (numpy, torch layouts)."""
     flat = traverse_util.flatten_dict(dict(params))
     return {
-        flax_path_to_diffusers(path): _flax_to_torch_layout(np.asarray(value, np.float32), path)
+        to_name(path): _flax_to_torch_layout(np.asarray(value, np.float32), path)
         for path, value in flat.items()
         if include_null_caption or path != (NULL_CAPTION,)
     }
+
+
+def diffusers_to_flax(state_dict: Mapping[str, Any], config: DiTConfig, rng: jax.Array | None = None) -> dict:
+    """A diffusers PixArtTransformer2DModel state dict (torch tensors or numpy) -> float32 Flax params.
+
+    `rng` seeds the null caption when the state dict has no `y_embedding` (default key 0).
+    """
+    shapes = _param_shapes(DiT(config))
+    hint = "Check that the checkpoint is a PixArtTransformer2DModel with these sizes (no size/aspect conditions)."
+    flat = _convert_state_dict(state_dict, config, shapes, flax_path_to_diffusers, set(), hint)
+    return _add_null_caption(flat, state_dict, shapes, rng)
+
+
+def flax_to_diffusers(params: Mapping, include_null_caption: bool = False) -> dict[str, np.ndarray]:
+    """Flax params -> diffusers state dict (numpy, torch layouts); the null caption only when asked for."""
+    return _to_state_dict(params, flax_path_to_diffusers, include_null_caption)
 
 
 def dit_config_from_diffusers(diffusers_config: Mapping[str, Any], **overrides) -> DiTConfig:
@@ -262,3 +284,87 @@ def load_pixart_checkpoint(path: str, **overrides) -> tuple[DiTConfig, dict]:
     else:
         config = _config_from_shapes(state, overrides)
     return config, diffusers_to_flax(state, config)
+
+
+# --- MM-DiT (models/mmdit.py) <-> diffusers SD3Transformer2DModel -------------------------------------------------
+#
+# Same naming rule as above, plus: the QK RMSNorm scales are `.../norm_q/scale` in Flax and `...norm_q.weight` in
+# diffusers (norm_q, norm_k, norm_added_q, norm_added_k). Examples:
+#     transformer_blocks.2.attn.add_q_proj.weight [o,i]   -> transformer_blocks_2/attn/add_q_proj/kernel [i,o]
+#     transformer_blocks.2.attn.norm_added_k.weight [dh]  -> transformer_blocks_2/attn/norm_added_k/scale
+#     transformer_blocks.2.norm1_context.linear.weight    -> transformer_blocks_2/norm1_context/linear/kernel
+#     time_text_embed.text_embedder.linear_1.bias         -> time_text_embed/text_embedder/linear_1/bias
+# diffusers keeps the fixed position embedding as the buffer `pos_embed.pos_embed` (in the state dict only when built
+# with pos_embed_max_size); ours is computed, so that buffer is only checked against it. `y_embedding` as for PixArt.
+_SD3_POS_EMBED = "pos_embed.pos_embed"
+
+
+def _mmdit_diffusers_name(path: tuple[str, ...]) -> str:
+    name = flax_path_to_diffusers(path)
+    return name[: -len("scale")] + "weight" if path[-1] == "scale" else name
+
+
+def sd3_config(config) -> dict[str, Any]:
+    """Keyword arguments for diffusers.SD3Transformer2DModel that build the same network as an MMDiTConfig.
+
+    The text widths are caption_channels (joint_attention_dim, and pooled_projection_dim: our pooled vector is the
+    masked mean of the caption embeddings); pos_embed_max_size=None makes diffusers use the uncropped sin-cos table,
+    which is ours while image_size < 128 (interpolation_scale 1; diffusers' SD3 has no other scale).
+    """
+    problems = []
+    if config.mlp_ratio != 4.0:
+        problems.append(f"mlp_ratio={config.mlp_ratio} (diffusers' SD3 MLP is 4x wide)")
+    if config.pos_interpolation_scale != 1:
+        scale = config.pos_interpolation_scale
+        problems.append(f"image_size={config.image_size} (position interpolation_scale {scale}; SD3's is 1)")
+    if problems:
+        raise ValueError("This MM-DiT has no diffusers SD3Transformer2DModel twin: " + "; ".join(problems) + ".")
+    return dict(
+        sample_size=config.image_size,
+        patch_size=config.patch_size,
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_layers=config.depth,
+        attention_head_dim=config.head_dim,
+        num_attention_heads=config.num_heads,
+        joint_attention_dim=config.caption_channels,
+        caption_projection_dim=config.hidden_size,
+        pooled_projection_dim=config.caption_channels,
+        pos_embed_max_size=None,
+        dual_attention_layers=(),
+        qk_norm="rms_norm" if config.qk_norm else None,
+    )
+
+
+def mmdit_params_from_diffusers(state_dict: Mapping[str, Any], config, rng: jax.Array | None = None) -> dict:
+    """A diffusers SD3Transformer2DModel state dict (torch tensors or numpy; SD3.0 blocks, i.e. no
+    dual_attention_layers) -> float32 Flax params of `mmdit.MMDiT(config)`.
+
+    Every parameter must be there with the config's shape (errors name the keys). A `pos_embed.pos_embed` buffer must
+    equal our fixed embedding (after diffusers' centre crop). `rng` seeds the null caption when the state dict has no
+    `y_embedding` (default key 0).
+    """
+    shapes = _param_shapes(mmdit.MMDiT(config))
+    hint = (
+        "Check that the checkpoint is an SD3Transformer2DModel with these sizes, qk_norm setting and no "
+        "dual_attention_layers."
+    )
+    flat = _convert_state_dict(state_dict, config, shapes, _mmdit_diffusers_name, {_SD3_POS_EMBED}, hint)
+    if _SD3_POS_EMBED in state_dict:
+        table = _to_numpy(state_dict[_SD3_POS_EMBED])
+        size, grid = math.isqrt(table.shape[-2]), config.grid_size
+        top = (size - grid) // 2
+        cropped = table.reshape(size, size, -1)[top : top + grid, top : top + grid].reshape(grid * grid, -1)
+        ours = mmdit.sincos_position_embedding(config)
+        if cropped.shape != ours.shape or not np.allclose(cropped, ours, atol=1e-5):
+            raise ValueError(
+                f"The checkpoint's position embedding ({_SD3_POS_EMBED}, {table.shape[-2]} positions cropped to "
+                f"{grid}x{grid}) differs from the MM-DiT's fixed sin-cos embedding; its image tokens would be "
+                "placed differently (SD3's pos_embed_max_size table spaces positions by grid/max_size)."
+            )
+    return _add_null_caption(flat, state_dict, shapes, rng)
+
+
+def mmdit_params_to_diffusers(params: Mapping, include_null_caption: bool = False) -> dict[str, np.ndarray]:
+    """MM-DiT Flax params -> diffusers SD3Transformer2DModel state dict (numpy, torch layouts)."""
+    return _to_state_dict(params, _mmdit_diffusers_name, include_null_caption)

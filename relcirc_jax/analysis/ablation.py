@@ -223,7 +223,7 @@ def set_vs_random(
     return {"sets": sets, "masks": masks, "effects": result, "comparison": comparison}
 
 
-def _effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
+def effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
     """[len(REPORT_METRICS) rows x (self, cross)] heatmaps of [layer x head] effects, values in the cells."""
     plt = context.pyplot()
     depth, heads = effect_map.shape[1:3]
@@ -262,7 +262,7 @@ def _effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
     return fig
 
 
-def _sample_grid_figure(baseline: np.ndarray, ablated: np.ndarray, head: Head, mode: str, label: str):
+def sample_grid_figure(baseline: np.ndarray, ablated: np.ndarray, head: Head, mode: str, label: str):
     """The same captions and noises sampled without and with the ablation, side by side."""
     plt = context.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), constrained_layout=True)
@@ -344,14 +344,14 @@ def run(
         )
         for name, value in result.items():
             arrays[f"{name}_{m}"] = value
-        figures[f"effect_map_{m}"] = _effect_map_figure(result["effect_map"], m, model.label)
+        figures[f"effect_map_{m}"] = effect_map_figure(result["effect_map"], m, model.label)
         order = _harm_order(result["effect"])
         if m == modes[0]:
             lines += ["## Baseline accuracy (no ablation)", "", "| " + " | ".join(METRICS) + " |"]
             lines += ["|---" * len(METRICS) + "|"]
             lines += ["| " + " | ".join(f"{100 * a:.1f}" for a in result["accuracy"][0]) + " |", ""]
             shown = np.linspace(0, len(captions) - 1, min(GRID_IMAGES, len(captions))).round().astype(int)
-            figures["sample_grid"] = _sample_grid_figure(
+            figures["sample_grid"] = sample_grid_figure(
                 images[0, shown], images[order[0], shown], labels[order[0] - 1], m, model.label
             )
         lines += [

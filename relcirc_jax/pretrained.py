@@ -60,10 +60,11 @@ def model_dir(name: str) -> epath.Path:
     )
 
 
-def flatten(params) -> dict[str, jax.Array]:
-    """{"a/b/kernel": array} of a nested params dict."""
+def flatten(tree) -> dict:
+    """{"a/b/kernel": leaf} of nested dicts (params, or a config's to_dict(), whose lists and tuples are leaves)."""
+    is_sequence = lambda x: isinstance(x, (list, tuple))  # noqa: E731
     flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_sequence)[0]:
         flat[_SEPARATOR.join(str(k.key) for k in path)] = leaf
     return flat
 

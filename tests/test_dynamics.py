@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_loop import compile_cache  # noqa: F401 - module fixture: the run's eval and the synopsis reuse executables
 
 from relcirc_jax.analysis import capture, context, dynamics, groups, synopsis
 from relcirc_jax.config import base_config

@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_train_loop import compile_cache  # noqa: F401 - module fixture: persistent compilation cache
 
 from relcirc_jax import analysis
 from relcirc_jax import main as cli
@@ -120,7 +119,7 @@ def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(train
     assert f"Initialised the weights and their EMA from the reference model {reference}" in caplog.text
 
 
-def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):  # noqa: F811 (the fixture)
+def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path, compile_cache):
     result = subprocess.run(
         [
             sys.executable,

@@ -13,7 +13,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax._src import compilation_cache
 
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset
@@ -23,29 +22,6 @@ from relcirc_jax.train import state as train_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 NO_SAMPLING = {"eval.every_steps": 1000, "sample.every_steps": 1000}  # keeps runs that only compare states fast
-
-
-# Runs in this file compile the same few programs again and again; a persistent compilation cache turns each repeat
-# from ~10 s into ~1 s on a busy 2-core machine (same executables, so results are unchanged).
-CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Enables a persistent compilation cache for this module (and its subprocesses), then restores the settings."""
-    options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache"))}
-    previous = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    env = {name.upper(): str(value) for name, value in options.items()}
-    yield env
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 def smoke_config(**overrides):
@@ -98,9 +74,10 @@ def test_run_writes_config_metrics_tensorboard_checkpoints_samples_and_eval(refe
     assert int(state.step) == STEPS
 
 
-@pytest.mark.parametrize(
-    "mesh,num_devices", [({"data": -1, "fsdp": 1, "model": 1}, 1), ({"data": 4, "fsdp": 2, "model": 1}, 8)]
-)
+FSDP_MESH = {"data": 4, "fsdp": 2, "model": 1}
+
+
+@pytest.mark.parametrize("mesh,num_devices", [({"data": -1, "fsdp": 1, "model": 1}, 1), (FSDP_MESH, 8)])
 def test_losses_do_not_depend_on_the_mesh(reference, tmp_path, mesh, num_devices):
     config = smoke_config(**NO_SAMPLING, **{"train.num_steps": 3})
     config.parallel.mesh.update(mesh)
@@ -191,7 +168,7 @@ def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(referenc
 def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_path):
     loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 2}), str(tmp_path))  # data=8
     config = smoke_config(**NO_SAMPLING)
-    config.parallel.mesh.update({"data": 2, "fsdp": 4, "model": 1})
+    config.parallel.mesh.update(FSDP_MESH)  # the mesh test's: its compiled train step is in the compilation cache
     resumed = loop.train(config, str(tmp_path))
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves((resumed.params, resumed.opt_state))]
     assert sum("fsdp" in spec for spec in specs) >= 10

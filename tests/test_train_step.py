@@ -11,6 +11,10 @@ from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 
+# The caption dropout of the tests that do not test it: the one of a caption-dropout case, so that the remat test's
+# plain gradient and the bfloat16 test's float32 step are programs that conftest's compilation cache already holds.
+DROPOUT = 0.5
+
 
 def _config(**train):
     config = base_config("rte", "nano", "smoke")
@@ -18,21 +22,28 @@ def _config(**train):
     return config
 
 
-def _setup(tmp_path, config):
-    """(experiment, initial state, batch of step 0) on one device."""
+def _experiment(tmp_path, config):
     experiment = train_state.build_experiment(config, tmp_path, devices=jax.devices()[:1])
     experiment.checkpointer.close()
+    return experiment
+
+
+def _setup(tmp_path, config):
+    """(experiment, initial state, batch of step 0) on one device."""
+    experiment = _experiment(tmp_path, config)
     state = train_state.init_state(experiment.model_cfg, experiment.tx, config.seed)
     return experiment, state, loop._global_batch(config, experiment.mesh, 0)
 
 
 def _gradients(experiment, params, batch, step=0):
-    """d loss / d params of update `step`, computed outside the train step."""
+    """d loss / d params of update `step`, computed outside the train step. Batch, caption and key are arguments of
+    the jitted gradient, not constants in it: one compilation serves every call with this config (across tests too,
+    through conftest's compilation cache)."""
     config = experiment.config
     text, mask = experiment.conditioner.embed(experiment.tables, batch)
     loss_fn = train_step.make_loss_fn(config, experiment.model_cfg)
     key = train_step.step_key(config.seed, jnp.int32(step))
-    return jax.jit(jax.grad(lambda p: loss_fn(p, batch, text, mask, key)[0]))(params)
+    return jax.jit(jax.grad(lambda *args: loss_fn(*args)[0]))(params, batch, text, mask, key)
 
 
 def _step_fn(experiment):
@@ -78,7 +89,7 @@ def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_pat
     assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
+@pytest.mark.parametrize("dropout", [0.0, DROPOUT])
 def test_caption_dropout_is_what_trains_the_null_caption(tmp_path, dropout):
     config = _config(caption_dropout=dropout)
     experiment, state, batch = _setup(tmp_path, config)
@@ -93,8 +104,8 @@ def test_caption_dropout_is_what_trains_the_null_caption(tmp_path, dropout):
 
 
 def test_remat_gradients_equal_plain_gradients(tmp_path):
-    experiment, state, batch = _setup(tmp_path / "plain", _config())
-    remat_experiment, _, _ = _setup(tmp_path / "remat", _config(remat=True))
+    experiment, state, batch = _setup(tmp_path / "plain", _config(caption_dropout=DROPOUT))
+    remat_experiment = _experiment(tmp_path / "remat", _config(caption_dropout=DROPOUT, remat=True))
     plain = _gradients(experiment, state.params, batch)
     remat = _gradients(remat_experiment, state.params, batch)
     scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(plain))
@@ -105,7 +116,7 @@ def test_remat_gradients_equal_plain_gradients(tmp_path):
 def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path):
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        experiment, state, _ = _setup(tmp_path / dtype, _config(compute_dtype=dtype))
+        experiment, state, _ = _setup(tmp_path / dtype, _config(caption_dropout=DROPOUT, compute_dtype=dtype))
         step = _step_fn(experiment)
         initial, losses = state.params, []
         for s in range(4):

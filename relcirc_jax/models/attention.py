@@ -82,15 +82,15 @@ class MultiHeadAttention(nn.Module):
         q = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_q")(x))
         k = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_k")(source))
         v = split(logical_dense(inner, (axes.EMBED, axes.HEADS), self.dtype, "to_v")(source))
-        self._record("hook_q", q)
-        self._record("hook_k", k)
-        self._record("hook_v", v)
+        self._record("hook_q", q)  # [batch, query_pos, heads, head_dim]
+        self._record("hook_k", k)  # [batch, key_pos, heads, head_dim]
+        self._record("hook_v", v)  # [batch, key_pos, heads, head_dim]
 
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         if key_mask is not None:
             logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         pattern = nn.softmax(logits, axis=-1)
-        self._record("hook_pattern", pattern)
+        self._record("hook_pattern", pattern)  # [batch, heads, query_pos, key_pos], float32, rows sum to 1
 
         z = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(self.dtype), v)
         if head_mask is not None:
@@ -101,7 +101,7 @@ class MultiHeadAttention(nn.Module):
             z = keep * z + (1 - keep) * mean
         if head_patch is not None:
             z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
-        self._record("hook_z", z)
+        self._record("hook_z", z)  # [batch, query_pos, heads, head_dim], after masks and patches
         out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.xavier_uniform()
         to_out = logical_dense(x.shape[-1], (axes.HEADS, axes.EMBED), self.dtype, "to_out_0", kernel_init=out_init)
         return to_out(z.reshape(z.shape[:2] + (inner,)))

@@ -12,6 +12,21 @@ Activation patching is data too: with `patch_source` [B] (the row each row reads
 of the source row's activation replaces the row's own, at the timesteps in `patch_window` (t_low, t_high) inclusive.
 Every parameter carries logical sharding axis names (parallel/axes.py: EMBED, HEADS, MLP, CAPTION, ADALN, TABLE,
 PATCH); `DiT.init` returns boxed leaves, `init_params` returns plain arrays, `logical_specs` the PartitionSpecs.
+
+Capture points, in forward order (N = image tokens = grid_size**2, L = caption tokens, D = hidden_size, H = heads,
+Dh = D / H; activations are in the compute dtype except the float32 patterns):
+
+    hook_caption                          [B, L, D]       the caption after caption_projection
+    blocks.{i}.hook_resid_pre             [B, N, D]       the residual stream entering block i
+    blocks.{i}.attn.hook_{q,k,v}          [B, N, H, Dh]   self-attention projections
+    blocks.{i}.attn.hook_pattern          [B, H, N, N]    self-attention probabilities (query, key)
+    blocks.{i}.attn.hook_z                [B, N, H, Dh]   per-head outputs before to_out, after masks and patches
+    blocks.{i}.hook_resid_mid             [B, N, D]       after the gated self-attention residual
+    blocks.{i}.cross_attn.hook_q          [B, N, H, Dh]   image-token queries
+    blocks.{i}.cross_attn.hook_{k,v}      [B, L, H, Dh]   caption-token keys and values
+    blocks.{i}.cross_attn.hook_pattern    [B, H, N, L]    image token -> caption token probabilities (0 on padding)
+    blocks.{i}.cross_attn.hook_z          [B, N, H, Dh]   per-head outputs before to_out
+    blocks.{i}.hook_resid_post            [B, N, D]       the block's output
 """
 
 import dataclasses
@@ -317,7 +332,7 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)
         attention = dict(num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, capture=self.capture)
 
-        self._record("hook_resid_pre", h)
+        self._record("hook_resid_pre", h)  # [batch, image_pos, embed]
         attn1 = MultiHeadAttention(**attention, hook_prefix=f"blocks.{self.layer}.attn", name="attn1")
         attn_out = attn1(
             modulate(h, shift_msa, scale_msa).astype(dtype),
@@ -327,7 +342,7 @@ class DiTBlock(nn.Module):
             patch_source=patch_source,
         )
         h = (h + gate_msa * attn_out).astype(dtype)
-        self._record("hook_resid_mid", h)
+        self._record("hook_resid_mid", h)  # [batch, image_pos, embed], after self-attention
 
         attn2 = MultiHeadAttention(
             **attention, hook_prefix=f"blocks.{self.layer}.cross_attn", zero_init_out=True, name="attn2"
@@ -344,7 +359,7 @@ class DiTBlock(nn.Module):
 
         ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
         h = (h + gate_mlp * ff_out).astype(dtype)
-        self._record("hook_resid_post", h)
+        self._record("hook_resid_post", h)  # [batch, image_pos, embed]
         return h
 
 
@@ -480,7 +495,7 @@ class DiT(nn.Module):
         if null_caption_rows is not None:
             caption = jnp.where(null_caption_rows[:, None, None], caption_projection(null_text.astype(dtype)), caption)
             text_mask = text_mask | null_caption_rows[:, None]  # the null caption has no padding
-        sow_hook(self, "hook_caption", caption)
+        sow_hook(self, "hook_caption", caption)  # [batch, text_pos, embed], the projected caption
 
         gate = gate_patches(t, patch_window, head_masks)  # patch weights per row: zero outside the timestep window
 

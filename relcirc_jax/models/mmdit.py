@@ -213,15 +213,15 @@ class JointAttention(nn.Module):
         q = jnp.concatenate([q_txt, q_img], axis=1)  # joint order: text first, then image
         k = jnp.concatenate([k_txt, k_img], axis=1)
         v = jnp.concatenate([v_txt, v_img], axis=1)
-        self._record("hook_q", q)
-        self._record("hook_k", k)
-        self._record("hook_v", v)
+        self._record("hook_q", q)  # [batch, text_pos + image_pos, heads, head_dim], after the QK RMSNorm
+        self._record("hook_k", k)  # [batch, text_pos + image_pos, heads, head_dim], after the QK RMSNorm
+        self._record("hook_v", v)  # [batch, text_pos + image_pos, heads, head_dim]
 
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         joint_mask = jnp.concatenate([key_mask.astype(bool), jnp.ones((x.shape[0], x.shape[1]), bool)], axis=1)
         logits = jnp.where(joint_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         pattern = nn.softmax(logits, axis=-1)
-        self._record("hook_pattern", pattern)
+        self._record("hook_pattern", pattern)  # [batch, heads, joint query_pos, joint key_pos], float32
 
         z = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(dtype), v)
         if head_mask is not None:
@@ -238,7 +238,7 @@ class JointAttention(nn.Module):
             z = (keep * z32 + (1 - keep) * mean).astype(z.dtype)
         if head_patch is not None:
             z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
-        self._record("hook_z", z)
+        self._record("hook_z", z)  # [batch, joint query_pos, heads, head_dim], after masks and patches
 
         z = z.reshape(z.shape[:2] + (inner,))
         image_out = logical_dense(x.shape[-1], (axes.HEADS, axes.EMBED), dtype, "to_out_0")(z[:, text_len:])
@@ -263,8 +263,8 @@ class JointTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, h, c, temb, text_mask, head_mask=None, head_mean_mask=None, head_patch=None, patch_source=None):
         cfg, dtype = self.config, self.config.compute_dtype
-        self._record("hook_resid_pre", h)
-        self._record("hook_context_pre", c)
+        self._record("hook_resid_pre", h)  # [batch, image_pos, embed]
+        self._record("hook_context_pre", c)  # [batch, text_pos, embed]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNModulation(
             cfg.hidden_size, 6, dtype, name="norm1"
         )(temb)
@@ -296,19 +296,19 @@ class JointTransformerBlock(nn.Module):
             head_patch=head_patch,
             patch_source=patch_source,
         )
-        self._record("hook_attn_out", attn_out)
+        self._record("hook_attn_out", attn_out)  # [batch, image_pos, embed], before the gate
         h = (h + gate_msa * attn_out).astype(dtype)
         ff_out = dit.FeedForward(cfg.mlp_dim, dtype, name="ff")(dit.modulate(h, shift_mlp, scale_mlp).astype(dtype))
         h = (h + gate_mlp * ff_out).astype(dtype)
-        self._record("hook_resid_post", h)
+        self._record("hook_resid_post", h)  # [batch, image_pos, embed]
         if self.context_pre_only:
             return h, None
 
-        self._record("hook_context_attn_out", context_attn_out)
+        self._record("hook_context_attn_out", context_attn_out)  # [batch, text_pos, embed], before the gate
         c = (c + c_gate_msa * context_attn_out).astype(dtype)
         ff_context = dit.FeedForward(cfg.mlp_dim, dtype, name="ff_context")
         c = (c + c_gate_mlp * ff_context(dit.modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype))).astype(dtype)
-        self._record("hook_context_post", c)
+        self._record("hook_context_post", c)  # [batch, text_pos, embed]
         return h, c
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from relcirc_jax.analysis import ablation, capture, context, groups, qk_screen, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.models import dit
-from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import evaluate, sampling
 from relcirc_jax.train import state as train_state
 
 
@@ -70,9 +70,9 @@ def bench_ablation(batch: int, repeats: int) -> dict:
     # _screen compiles on each call and reports compilation and sampling apart.
     timings = [ablation._screen(model, captions, masks, mode="zero", chunk=len(masks))[1] for _ in range(repeats)]
     screen_s, compile_s = min(t["run_s"] for t in timings), min(t["compile_s"] for t in timings)
-    generate = sample.generate_fn(cfg, model.conditioner, **sample.eval_settings(model.config))
+    generate = sampling.generate_fn(cfg, model.conditioner, **sampling.eval_settings(model.config))
     one_call = jax.jit(generate)
-    batch_in = {k: jax.numpy.asarray(v) for k, v in sample.caption_batch(captions).items()}
+    batch_in = {k: jax.numpy.asarray(v) for k, v in sampling.caption_batch(captions).items()}
     noise_id = jax.numpy.arange(len(captions), dtype=jax.numpy.int32)
 
     def loop():

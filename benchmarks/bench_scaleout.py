@@ -28,8 +28,8 @@ def step_figures(size: str, batch: int, remat: bool) -> dict:
     config.train.batch_size = batch
     config.train.remat = remat
     with tempfile.TemporaryDirectory() as workdir:
-        experiment = train_state.build_experiment(config, workdir, devices=jax.devices()[:1])
-        experiment.checkpointer.close()
+        setup = train_state.build_run_setup(config, workdir, devices=jax.devices()[:1])
+        setup.checkpointer.close()
     image = config.data.image_size
     batch_shapes = {
         "image": jax.ShapeDtypeStruct((batch, image, image, 3), "float32"),
@@ -38,16 +38,16 @@ def step_figures(size: str, batch: int, remat: bool) -> dict:
         "caption_index": jax.ShapeDtypeStruct((batch,), "int32"),
     }
     compiled = train_step.compile_train_step(
-        train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state,
-        experiment.state_sh,
+        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
+        setup.abstract_state,
+        setup.state_shardings,
         batch_shapes,
-        experiment.tables,
-        experiment.mesh,
+        setup.tables,
+        setup.mesh,
     )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    params = sum(leaf.size for leaf in jax.tree.leaves(experiment.abstract_state.params))
+    params = sum(leaf.size for leaf in jax.tree.leaves(setup.abstract_state.params))
     flops = float(cost["flops"])
     return {
         "size": size,

@@ -56,34 +56,34 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     """Our compiled train step for DiT-`size` at `batch_size`: a `step()` to time, its FLOPs, compile time."""
     config = base_config("rte", size)
     config.train.batch_size = batch_size
-    experiment = train_state.build_experiment(config, workdir)
+    setup = train_state.build_run_setup(config, workdir)
     local = dataset.train_batch(0, 0, global_batch=batch_size)
-    batch = to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, experiment.mesh)
+    batch = to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, setup.mesh)
     start = time.perf_counter()
     compiled = train_step.compile_train_step(
-        train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state,
-        experiment.state_sh,
+        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
+        setup.abstract_state,
+        setup.state_shardings,
         batch,
-        experiment.tables,
-        experiment.mesh,
+        setup.tables,
+        setup.mesh,
     )
     compile_s = time.perf_counter() - start
-    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
-    carry = {"state": init(experiment.model_cfg, experiment.tx, 0)}
+    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
+    carry = {"state": init(setup.model_cfg, setup.tx, 0)}
 
     def step():
-        carry["state"], metrics = compiled(carry["state"], batch, experiment.tables)
+        carry["state"], metrics = compiled(carry["state"], batch, setup.tables)
         jax.block_until_ready((carry["state"], metrics))
 
-    experiment.checkpointer.close()
+    setup.checkpointer.close()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {
         "step": step,
         "compile_s": compile_s,
-        "flops_per_step": float(cost["flops"]) * experiment.mesh.size,
-        "model_cfg": experiment.model_cfg,
+        "flops_per_step": float(cost["flops"]) * setup.mesh.size,
+        "model_cfg": setup.model_cfg,
     }
 
 

@@ -72,9 +72,9 @@ def main(argv):
 
         loop.train(config, workdir)
     elif FLAGS.mode == "sample":
-        from relcirc_jax.train import sample
+        from relcirc_jax.train import sampling
 
-        sample.run_sample(config, workdir, FLAGS.prompt, FLAGS.step)
+        sampling.run_sample(config, workdir, FLAGS.prompt, FLAGS.step)
     elif FLAGS.mode == "evaluate":
         from relcirc_jax.train import evaluate
 

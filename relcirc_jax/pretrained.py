@@ -181,8 +181,8 @@ def export(workdir, out_dir, step: int | None = None, readme: str | None = None)
     from relcirc_jax.train import state as train_state
 
     config = saved_config(epath.Path(workdir) / CONFIG_FILE)
-    experiment = train_state.build_experiment(config, workdir)
-    step, state = train_state.restore_or_fail(experiment, workdir, step)
+    setup = train_state.build_run_setup(config, workdir)
+    step, state = train_state.restore_or_fail(setup, workdir, step)
     config.unlock()
     config.pretrained_step = step
     return save(state.ema_params, config, out_dir, readme)

@@ -13,7 +13,7 @@ from relcirc_jax.config import base_config
 from relcirc_jax.data import scenes
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.models.dit import DiT, init_params, run_with_cache
-from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import evaluate, sampling
 from relcirc_jax.train import state as train_state
 
 SPATIAL, OVERALL, COLOR = (METRICS.index(m) for m in ("spatial_relationship", "overall", "color"))
@@ -132,16 +132,16 @@ def smoke(tmp_path_factory):
     abstract = train_state.model_config(config, caption_channels=config.text.dim)
     params = noisy(init_params(abstract, jax.random.key(0)))
     model = context.from_params(config, params, workdir, "smoke model")
-    experiment = train_state.build_experiment(config, workdir, devices=jax.devices()[:1])
-    experiment.checkpointer.close()
+    setup = train_state.build_run_setup(config, workdir, devices=jax.devices()[:1])
+    setup.checkpointer.close()
     one_device = context.AnalysisModel(
         config,
-        experiment.model_cfg,
-        jax.device_put(params, experiment.state_sh.ema_params),
-        experiment.conditioner,
-        experiment.tables,
-        experiment.mesh,
-        experiment.state_sh.ema_params,
+        setup.model_cfg,
+        jax.device_put(params, setup.state_shardings.ema_params),
+        setup.conditioner,
+        setup.tables,
+        setup.mesh,
+        setup.state_shardings.ema_params,
         "smoke model, 1 device",
     )
     assert model.mesh.size == 8 and one_device.mesh.size == 1
@@ -162,7 +162,7 @@ def screened(smoke, captions):
 def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
     model, _ = smoke
     e = model.config.eval
-    sampler = sample.Sampler(
+    sampler = sampling.Sampler(
         model.model_cfg,
         model.conditioner,
         model.mesh,

@@ -10,10 +10,10 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from run_records import assert_bitwise_equal
 
 from relcirc_jax.parallel import make_mesh
 from relcirc_jax.train.checkpoint import Checkpointer
@@ -36,14 +36,6 @@ def _abstract(state, sharding_for):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_for(x)), state)
 
 
-def _assert_bitwise_equal(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(
-            np.asarray(x).reshape(-1).view(np.uint8), np.asarray(y).reshape(-1).view(np.uint8)
-        )
-
-
 def test_roundtrip_is_bitwise_and_returns_meta(tmp_path):
     mesh = make_mesh({"data": -1})
     state = _state(mesh, offset=5)
@@ -54,7 +46,7 @@ def test_roundtrip_is_bitwise_and_returns_meta(tmp_path):
     step, restored, restored_meta = ckpt.restore_latest(_abstract(state, lambda x: x.sharding))
     ckpt.close()
     assert step == 5 and restored_meta == meta
-    _assert_bitwise_equal(restored, state)
+    assert_bitwise_equal(restored, state)
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
 
 
@@ -96,7 +88,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     abstract = _abstract(state, lambda x: fsdp if x.ndim else replicated)
     step, restored, _ = Checkpointer(tmp_path, save_every=1).restore_latest(abstract)
     assert step == 2
-    _assert_bitwise_equal(restored, state)
+    assert_bitwise_equal(restored, state)
     w = restored["params"]["w"]
     assert w.sharding == fsdp and set(w.sharding.device_set) == set(jax.devices()[4:])
     assert {s.data.shape for s in w.addressable_shards} == {(8, 2)}
@@ -128,7 +120,7 @@ def test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files(tmp_pat
     with caplog.at_level(logging.WARNING):
         step, restored, meta = ckpt.restore_latest(_abstract(_state(mesh), lambda x: x.sharding))
     assert step == 1 and meta == {"step": 1}
-    _assert_bitwise_equal(restored, _state(mesh, 1))
+    assert_bitwise_equal(restored, _state(mesh, 1))
     assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
     moved = [p for p in tmp_path.iterdir() if p.name.startswith("2.unreadable")]
     assert len(moved) == 1 and (moved[0] / "state").exists()  # moved aside, never deleted

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import noisy
 
 from relcirc_jax.models.dit import (
     DIT_SIZES,
@@ -32,15 +33,9 @@ CONFIG = DiTConfig(
 )
 
 
-def _noisy(params, seed=0):
-    """Perturb every parameter so that zero-initialised layers (cross-attn out, proj_out) carry signal."""
-    rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_map(lambda leaf: leaf + 0.2 * rng.standard_normal(leaf.shape, np.float32), params)
-
-
 @pytest.fixture(scope="module")
 def params():
-    return _noisy(init_params(CONFIG, jax.random.key(0)))
+    return noisy(init_params(CONFIG, jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")

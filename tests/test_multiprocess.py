@@ -3,7 +3,6 @@ collectives) train and checkpoint, then 1 process x 4 devices resumes to the end
 uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags and the host<->global batch
 helpers (in this process, on the 8 fake devices of conftest)."""
 
-import json
 import os
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from run_records import metric_series
 
 from relcirc_jax import main as cli
 from relcirc_jax.parallel import make_mesh, shared_to_global, to_host
@@ -28,8 +28,9 @@ def free_port() -> int:
 
 
 def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
-    """A CLI training process of the micro :smoke config on `local_devices` fake CPU devices, with a checkpoint, a
-    sample grid and an evaluation every 3 steps."""
+    """A CLI training process of the micro :smoke config, one block deep (what is compared does not depend on depth;
+    each process compiles a third less), on `local_devices` fake CPU devices, with a checkpoint, a sample grid and an
+    evaluation every 3 steps."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
     command = [
         sys.executable,
@@ -38,6 +39,7 @@ def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
         f"--config={REPO}/configs/rte_dit_micro.py:smoke",
         f"--workdir={workdir}",
         f"--config.train.num_steps={num_steps}",
+        "--config.model.depth=1",
         "--config.checkpoint.every_steps=3",
         "--config.sample.every_steps=3",
         "--config.eval.every_steps=3",
@@ -53,14 +55,8 @@ def finish(process) -> str:
     return stderr
 
 
-def metric_rows(workdir, key) -> list[tuple[int, float]]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [(row["step"], row[key]) for row in rows if key in row]
-
-
 def loss_rows(workdir) -> list[tuple[int, float]]:
-    return metric_rows(workdir, "loss")
+    return metric_series(workdir, "loss")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def test_two_processes_form_one_four_device_mesh_and_only_process_0_writes(runs)
 
 def test_sampling_and_evaluation_across_processes_equal_the_single_process_ones(runs):
     for key in ("eval/color", "eval/shape", "eval/overall"):
-        got, expected = metric_rows(runs["resumed"], key), metric_rows(runs["reference"], key)
+        got, expected = metric_series(runs["resumed"], key), metric_series(runs["reference"], key)
         assert [step for step, _ in got] == [3, 6] and got == expected, key
 
 

@@ -13,7 +13,7 @@ from relcirc_jax.analysis import context, interventions, patching, qk_screen, sy
 from relcirc_jax.config import base_config
 from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.models.dit import DiT, init_params, run_with_cache, sincos_2d_position_embedding
-from relcirc_jax.train import sample
+from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
 
 # ---------------------------------------------------------------- the patch weights in the model
@@ -139,7 +139,7 @@ def test_clean_to_clean_patching_is_the_identity(tmp_path):
     windows = patching.step_windows(model.config.eval.num_steps, 2)
     configs, _ = patching.patch_configs(2, 2, windows, diffusion.model_timesteps("dpmpp_2m", 2))
     patched, twin, _ = patching.screen(model, CLEAN, CLEAN, configs, chunk=8)
-    plain = sample.eval_sampler(model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, 3)
+    plain = sampling.eval_sampler(model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, 3)
     np.testing.assert_array_equal(patched[0], plain(model.params, model.tables, CLEAN))
     for images in (*patched[1:], twin):  # every config of the 6-row batch, and the twin world, is the clean sample
         assert np.abs(images.astype(int) - patched[0]).max() <= 1
@@ -186,7 +186,7 @@ def _planted_model(tmp_path):
 
     model = context.from_params(config, params, tmp_path, "planted")
     captions = list(qk_screen.relation_captions())
-    text, _ = model.conditioner.embed(model.tables, sample.caption_batch(captions))
+    text, _ = model.conditioner.embed(model.tables, sampling.caption_batch(captions))
     tokens = np.asarray(text, np.float64).reshape(-1, dc)
     is_relation = (tokenizer.roles(captions) == prompts.ROLES.index("relation")).reshape(-1)
     per_caption = np.array([_gradient(r) for r in qk_screen.reference_maps(cfg.grid_size)])

@@ -12,7 +12,7 @@ from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.models import dit
 from relcirc_jax.text.conditioner import make_text_conditioner
-from relcirc_jax.train.sample import caption_batch
+from relcirc_jax.train.sampling import caption_batch
 
 DIM = 32
 # Reference gradient of each relation as (coefficient of x, coefficient of y), x = column, y = row (downwards).

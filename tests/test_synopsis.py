@@ -9,7 +9,7 @@ from relcirc_jax.analysis import capture, context, groups, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.data.spec import COLORS, SHAPES
 from relcirc_jax.models import dit
-from relcirc_jax.train import sample
+from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
 
 CAPTIONS = ["red circle is above blue square", "blue triangle is to the left of red circle"]
@@ -54,7 +54,7 @@ def test_capture_pass_draws_the_plain_samplers_images(tmp_path):
 
 def _caption_tokens(model, captions):
     """The caption-projected tokens the cross-attention keys read, [B, L, D]."""
-    text, _ = model.conditioner.embed(model.tables, sample.caption_batch(captions))
+    text, _ = model.conditioner.embed(model.tables, sampling.caption_batch(captions))
     _, cache = dit.run_with_cache(
         dit.DiT(model.model_cfg),
         model.params,

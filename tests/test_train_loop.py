@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from run_records import assert_bitwise_equal, metric_rows
 
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset
@@ -34,20 +35,8 @@ def smoke_config(**overrides):
     return config
 
 
-def metric_rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def losses(workdir):
     return {row["step"]: row["loss"] for row in metric_rows(workdir) if "loss" in row}
-
-
-def assert_states_bitwise_equal(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +89,7 @@ def test_stop_and_resume_is_bitwise_identical(reference, tmp_path, caplog):
         resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     assert "Resumed from the checkpoint of step 2." in caplog.text
     assert logged_steps(str(tmp_path)) == list(range(1, STEPS + 1))  # the resumed run trained steps 3.. only
-    assert_states_bitwise_equal(resumed, reference[1])
+    assert_bitwise_equal(resumed, reference[1])
     assert losses(str(tmp_path)) == losses(reference[0])
 
 
@@ -145,7 +134,7 @@ def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, 
         restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
     resumed_from = int(re.search(r"Resumed from the checkpoint of step (\d+)\.", caplog.text).group(1))
     assert resumed_from >= 2 and logged_steps(str(tmp_path))[logged_before:] == list(range(resumed_from + 1, STEPS + 1))
-    assert_states_bitwise_equal(restarted, reference[1])
+    assert_bitwise_equal(restarted, reference[1])
 
 
 def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
@@ -162,7 +151,7 @@ def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(referenc
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
     assert in_flight, "no save was in flight when the run was killed"
     restarted = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
-    assert_states_bitwise_equal(restarted, reference[1])
+    assert_bitwise_equal(restarted, reference[1])
 
 
 def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_path):
@@ -188,7 +177,7 @@ def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compi
     stopped_at = int(re.search(r"Preempted: saved the checkpoint of step (\d+)", stderr).group(1))
     assert str(stopped_at) in os.listdir(tmp_path / "checkpoints")
     resumed = loop.train(smoke_config(**NO_SAMPLING), str(tmp_path))
-    assert_states_bitwise_equal(resumed, reference[1])
+    assert_bitwise_equal(resumed, reference[1])
 
 
 @pytest.mark.parametrize("bad_step", [3, 4], ids=["between_saves", "on_a_save_step"])
@@ -210,9 +199,9 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     ):
         loop.train(config, str(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
-    experiment = train_state.build_experiment(config, str(tmp_path))
-    step, state = train_state.restore_or_fail(experiment, str(tmp_path))
-    experiment.checkpointer.close()
+    setup = train_state.build_run_setup(config, str(tmp_path))
+    step, state = train_state.restore_or_fail(setup, str(tmp_path))
+    setup.checkpointer.close()
     assert step == 2 and all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 

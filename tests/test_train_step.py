@@ -11,59 +11,66 @@ from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 
-# The caption dropout of the tests that do not test it: the one of a caption-dropout case, so that the remat test's
-# plain gradient and the bfloat16 test's float32 step are programs that conftest's compilation cache already holds.
-DROPOUT = 0.5
+# One recipe for every test here, each overriding only what it tests: the tests then share their compiled train steps
+# and gradients (conftest's compilation cache) instead of compiling one of each per test. A constant lr from step 0;
+# a clip that bites (the smoke model's grad norm is ~0.5), as the paper's 0.01 does; a visible weight decay; and a
+# caption dropout that drops rows of every batch.
+RECIPE = {
+    "warmup_steps": 0,
+    "lr": 1e-3,
+    "adam_eps": 1e-6,
+    "grad_clip": 0.05,
+    "weight_decay": 0.1,
+    "caption_dropout": 0.5,
+}
 
 
 def _config(**train):
     config = base_config("rte", "nano", "smoke")
-    config.train.update({"warmup_steps": 0, "lr": 1e-3, "adam_eps": 1e-6, **train})  # constant lr from step 0
+    config.train.update({**RECIPE, **train})
     return config
 
 
-def _experiment(tmp_path, config):
-    experiment = train_state.build_experiment(config, tmp_path, devices=jax.devices()[:1])
-    experiment.checkpointer.close()
-    return experiment
+def _run_setup(tmp_path, config):
+    setup = train_state.build_run_setup(config, tmp_path, devices=jax.devices()[:1])
+    setup.checkpointer.close()
+    return setup
 
 
 def _setup(tmp_path, config):
-    """(experiment, initial state, batch of step 0) on one device."""
-    experiment = _experiment(tmp_path, config)
-    state = train_state.init_state(experiment.model_cfg, experiment.tx, config.seed)
-    return experiment, state, loop._global_batch(config, experiment.mesh, 0)
+    """(setup, initial state, batch of step 0) on one device."""
+    setup = _run_setup(tmp_path, config)
+    state = train_state.init_state(setup.model_cfg, setup.tx, config.seed)
+    return setup, state, loop._global_batch(config, setup.mesh, 0)
 
 
-def _gradients(experiment, params, batch, step=0):
+def _gradients(setup, params, batch, step=0):
     """d loss / d params of update `step`, computed outside the train step. Batch, caption and key are arguments of
     the jitted gradient, not constants in it: one compilation serves every call with this config (across tests too,
     through conftest's compilation cache)."""
-    config = experiment.config
-    text, mask = experiment.conditioner.embed(experiment.tables, batch)
-    loss_fn = train_step.make_loss_fn(config, experiment.model_cfg)
+    config = setup.config
+    text, mask = setup.conditioner.embed(setup.tables, batch)
+    loss_fn = train_step.make_loss_fn(config, setup.model_cfg)
     key = train_step.step_key(config.seed, jnp.int32(step))
     return jax.jit(jax.grad(lambda *args: loss_fn(*args)[0]))(params, batch, text, mask, key)
 
 
-def _step_fn(experiment):
-    return jax.jit(
-        train_step.make_train_step(experiment.config, experiment.model_cfg, experiment.conditioner, experiment.tx)
-    )
+def _step_fn(setup):
+    return jax.jit(train_step.make_train_step(setup.config, setup.model_cfg, setup.conditioner, setup.tx))
 
 
 def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_path):
     # Two steps: at init the zero-initialised output layer stops most gradients; the second step has them all.
-    config = _config(grad_clip=0.05, weight_decay=0.1)  # a clip that bites: the smoke model's grad norm is ~0.5
-    experiment, state, _ = _setup(tmp_path, config)
-    t, step_fn = config.train, _step_fn(experiment)
+    config = _config()
+    setup, state, _ = _setup(tmp_path, config)
+    t, step_fn = config.train, _step_fn(setup)
     params = initial = jax.tree.map(lambda p: np.asarray(p, np.float64), state.params)
     ema, m, v = params, jax.tree.map(np.zeros_like, params), jax.tree.map(np.zeros_like, params)
     for k in (1, 2):  # by hand: global-norm clipping, Adam moments with bias correction, decoupled weight decay, EMA
-        batch = loop._global_batch(config, experiment.mesh, k - 1)
-        grads = _gradients(experiment, state.params, batch, step=k - 1)
+        batch = loop._global_batch(config, setup.mesh, k - 1)
+        grads = _gradients(setup, state.params, batch, step=k - 1)
         norm = np.sqrt(sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(grads)))
-        state, metrics = step_fn(state, batch, experiment.tables)
+        state, metrics = step_fn(state, batch, setup.tables)
         assert abs(float(metrics["grad_norm"]) - norm) <= 1e-4 * norm and norm > t.grad_clip
         g = jax.tree.map(lambda x: np.asarray(x, np.float64) * min(1.0, t.grad_clip / norm), grads)
         m = jax.tree.map(lambda m_, g_: t.adam_b1 * m_ + (1 - t.adam_b1) * g_, m, g)
@@ -89,14 +96,14 @@ def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_pat
     assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
 
 
-@pytest.mark.parametrize("dropout", [0.0, DROPOUT])
+@pytest.mark.parametrize("dropout", [0.0, RECIPE["caption_dropout"]])
 def test_caption_dropout_is_what_trains_the_null_caption(tmp_path, dropout):
     config = _config(caption_dropout=dropout)
-    experiment, state, batch = _setup(tmp_path, config)
-    step_fn = _step_fn(experiment)
+    setup, state, batch = _setup(tmp_path, config)
+    step_fn = _step_fn(setup)
     for _ in range(3):  # zero-initialised output layers (final, cross-attention's) block the caption's gradient at init
-        state, _ = step_fn(state, batch, experiment.tables)
-    null_grad = np.asarray(_gradients(experiment, state.params, batch, step=3)["y_embedding"])
+        state, _ = step_fn(state, batch, setup.tables)
+    null_grad = np.asarray(_gradients(setup, state.params, batch, step=3)["y_embedding"])
     if dropout:
         assert np.abs(null_grad).max() > 0.0  # some rows of this batch saw the null caption (tiny this early)
     else:
@@ -104,10 +111,10 @@ def test_caption_dropout_is_what_trains_the_null_caption(tmp_path, dropout):
 
 
 def test_remat_gradients_equal_plain_gradients(tmp_path):
-    experiment, state, batch = _setup(tmp_path / "plain", _config(caption_dropout=DROPOUT))
-    remat_experiment = _experiment(tmp_path / "remat", _config(caption_dropout=DROPOUT, remat=True))
-    plain = _gradients(experiment, state.params, batch)
-    remat = _gradients(remat_experiment, state.params, batch)
+    setup, state, batch = _setup(tmp_path / "plain", _config())
+    remat_setup = _run_setup(tmp_path / "remat", _config(remat=True))
+    plain = _gradients(setup, state.params, batch)
+    remat = _gradients(remat_setup, state.params, batch)
     scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(plain))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
@@ -116,11 +123,11 @@ def test_remat_gradients_equal_plain_gradients(tmp_path):
 def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path):
     runs = {}
     for dtype in ("float32", "bfloat16"):
-        experiment, state, _ = _setup(tmp_path / dtype, _config(caption_dropout=DROPOUT, compute_dtype=dtype))
-        step = _step_fn(experiment)
+        setup, state, _ = _setup(tmp_path / dtype, _config(compute_dtype=dtype))
+        step = _step_fn(setup)
         initial, losses = state.params, []
         for s in range(4):
-            state, metrics = step(state, loop._global_batch(experiment.config, experiment.mesh, s), experiment.tables)
+            state, metrics = step(state, loop._global_batch(setup.config, setup.mesh, s), setup.tables)
             losses.append(float(metrics["loss"]))
         runs[dtype] = (losses, jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.params, initial))
         assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))  # f32 master weights

@@ -19,7 +19,7 @@ from etils import epath
 from relcirc_jax.analysis import context, interventions
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.parallel import rules as sharding_rules
-from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import evaluate, sampling
 
 KINDS = ("self", "cross")  # axis 1 of a mask array
 MASK_KEYS = {
@@ -270,7 +270,7 @@ def sample_grid_figure(baseline: np.ndarray, ablated: np.ndarray, head: Head, mo
         (axes[0], baseline, "baseline"),
         (axes[1], ablated, f"{head[0]}-attention L{head[1]} H{head[2]} {mode}-ablated"),
     ):
-        ax.imshow(sample.image_grid(images), interpolation="nearest")
+        ax.imshow(sampling.image_grid(images), interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(label, fontsize=10)

@@ -22,7 +22,7 @@ Only the conditional half of the CFG batch is passed to the reducer.
 from typing import Callable, Sequence
 
 from relcirc_jax.analysis.context import AnalysisModel
-from relcirc_jax.train.sample import Sampler, eval_sampler
+from relcirc_jax.train.sampling import Sampler, eval_sampler
 
 
 def sampler(

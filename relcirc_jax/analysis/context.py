@@ -33,11 +33,11 @@ def from_workdir(config: ml_collections.ConfigDict, workdir, step: int | None = 
     from relcirc_jax.train import state as train_state
 
     train_state.require_weights(config, workdir, step)
-    experiment = train_state.build_experiment(config, workdir)
-    step, ema_params = train_state.ema_weights(experiment, workdir, step)
-    experiment.checkpointer.close()
+    setup = train_state.build_run_setup(config, workdir)
+    step, ema_params = train_state.ema_weights(setup, workdir, step)
+    setup.checkpointer.close()
     name = epath.Path(config.init_from).name if config.get("init_from") else epath.Path(workdir).name
-    return _model(experiment, ema_params, f"{name} step {step}")
+    return _model(setup, ema_params, f"{name} step {step}")
 
 
 def from_params(config: ml_collections.ConfigDict, params, workdir, label: str, devices=None) -> AnalysisModel:
@@ -45,20 +45,20 @@ def from_params(config: ml_collections.ConfigDict, params, workdir, label: str, 
     `devices` (default all)."""
     from relcirc_jax.train import state as train_state
 
-    experiment = train_state.build_experiment(config, workdir, devices)
-    experiment.checkpointer.close()
-    return _model(experiment, train_state.place_params(experiment, params), label)
+    setup = train_state.build_run_setup(config, workdir, devices)
+    setup.checkpointer.close()
+    return _model(setup, train_state.place_params(setup, params), label)
 
 
-def _model(experiment, params, label: str) -> AnalysisModel:
+def _model(setup, params, label: str) -> AnalysisModel:
     return AnalysisModel(
-        experiment.config,
-        experiment.model_cfg,
+        setup.config,
+        setup.model_cfg,
         params,
-        experiment.conditioner,
-        experiment.tables,
-        experiment.mesh,
-        experiment.state_sh.ema_params,
+        setup.conditioner,
+        setup.tables,
+        setup.mesh,
+        setup.state_shardings.ema_params,
         label,
     )
 

@@ -3,7 +3,7 @@ to see the learning order (colour -> shape -> binding -> relation) and when the 
 
 Per checkpoint (oldest first): its EMA weights sample the eval prompts (images_per_prompt seeds each) with the run's
 eval sampler, the evaluator scores those images, groups their image tokens (groups.image_token_groups) and one capture
-pass with the same noises reduces the attention patterns (synopsis.reduce_attention). The experiment, the plain sampler
+pass with the same noises reduces the attention patterns (synopsis.reduce_attention). The setup, the plain sampler
 and the capture sampler are built once, so every checkpoint after the first reuses the compiled functions; the
 capture pass reads the current checkpoint's image-token groups from a holder its extra_fields closes over.
 
@@ -47,13 +47,13 @@ def run(
     train_state.require_checkpoint(workdir)
     steps = select_steps(checkpoint.saved_steps(workdir / "checkpoints"), max_checkpoints)
     captions = [c for c in evaluate.eval_prompt_list(config) for _ in range(images_per_prompt)]
-    experiment = train_state.build_experiment(config, workdir)
+    setup = train_state.build_run_setup(config, workdir)
     try:
-        model, plain, captured, holder = _samplers(experiment, captions)
+        model, plain, captured, holder = _samplers(setup, captions)
         rows, seconds, start = [], [], time.perf_counter()
         for i, step in enumerate(steps):
             began = time.perf_counter()
-            _, state = train_state.restore_or_fail(experiment, workdir, step)
+            _, state = train_state.restore_or_fail(setup, workdir, step)
             rows.append(_checkpoint(model._replace(params=state.ema_params), plain, captured, holder, captions))
             del state
             seconds.append(time.perf_counter() - began)
@@ -69,7 +69,7 @@ def run(
                 {m: round(float(rows[-1]["accuracy"][METRICS.index(m)]), 3) for m, _ in CURVES},
             )
     finally:
-        experiment.checkpointer.close()
+        setup.checkpointer.close()
     arrays = {key: np.stack([row[key] for row in rows]) for key in rows[0]}
     logged_steps, logged_accuracy = logged_eval(workdir)
     arrays.update(
@@ -80,7 +80,7 @@ def run(
         logged_steps=logged_steps,
         logged_accuracy=logged_accuracy,
     )
-    cfg = experiment.model_cfg
+    cfg = setup.model_cfg
     label = workdir.name
     figures = _figures(arrays, label, cfg.depth, cfg.num_heads)
     summary = _summary(arrays, label, config, len(captions), images_per_prompt)
@@ -99,27 +99,27 @@ def select_steps(saved: list[int], max_checkpoints: int | None) -> list[int]:
     return [saved[i] for i in picks]
 
 
-def _samplers(experiment: train_state.Experiment, captions: list[str]):
+def _samplers(setup: train_state.RunSetup, captions: list[str]):
     """(model without params, plain sampler, capture sampler, holder): both samplers are built once for every
     checkpoint; the capture sampler reads the image-token groups of the current checkpoint from holder["groups"]."""
     model = AnalysisModel(
-        experiment.config,
-        experiment.model_cfg,
+        setup.config,
+        setup.model_cfg,
         None,
-        experiment.conditioner,
-        experiment.tables,
-        experiment.mesh,
-        experiment.state_sh.ema_params,
+        setup.conditioner,
+        setup.tables,
+        setup.mesh,
+        setup.state_shardings.ema_params,
         "",
     )
-    batch_size = min(len(captions), experiment.config.eval.batch_size)
-    holder = {"roles": groups.token_roles(experiment.conditioner, captions), "groups": None}
+    batch_size = min(len(captions), setup.config.eval.batch_size)
+    holder = {"roles": groups.token_roles(setup.conditioner, captions), "groups": None}
 
     def extra_fields(padded):
         pad = len(padded) - len(captions)
         return {name: np.concatenate([holder[name], holder[name][-1:].repeat(pad, 0)]) for name in ("roles", "groups")}
 
-    names = synopsis.attention_names(experiment.model_cfg.depth)
+    names = synopsis.attention_names(setup.model_cfg.depth)
     plain = capture.sampler(model, batch_size)
     captured = capture.sampler(model, batch_size, names, synopsis.reduce_attention, extra_fields)
     return model, plain, captured, holder

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from relcirc_jax.analysis import context
 from relcirc_jax.parallel import host_data
 from relcirc_jax.parallel import rules as sharding_rules
-from relcirc_jax.train import sample
+from relcirc_jax.train import sampling
 
 
 def screen(
@@ -49,7 +49,7 @@ def screen(
     num = next(iter(sizes.values()))
     n, mesh = len(captions), model.mesh
     padded = math.ceil(n / sharding_rules.batch_shards(mesh)) * sharding_rules.batch_shards(mesh)
-    batch = sample.caption_batch(captions + [captions[-1]] * (padded - n))
+    batch = sampling.caption_batch(captions + [captions[-1]] * (padded - n))
     batch["noise_id"] = np.arange(padded, dtype=np.int32)
     if noise_id is not None:
         batch["noise_id"][:n] = noise_id
@@ -59,7 +59,7 @@ def screen(
     batch = host_data.shared_to_global(batch, mesh)
     noises = batch.pop("noise_id")
 
-    generate = sample.generate_fn(model.model_cfg, model.conditioner, **sample.eval_settings(model.config))
+    generate = sampling.generate_fn(model.model_cfg, model.conditioner, **sampling.eval_settings(model.config))
     batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
     screen_fn = jax.jit(
         jax.vmap(generate, in_axes=(None, None, None, None, 0)),

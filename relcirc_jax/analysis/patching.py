@@ -27,7 +27,7 @@ from relcirc_jax.analysis import context, interventions
 from relcirc_jax.config import PATCHING_CORRUPTIONS as CORRUPTIONS
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import CONVERSE
-from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import evaluate, sampling
 
 KIND = "patching"
 SITES = ("self", "cross", "resid")  # head outputs of self- / cross-attention, the residual stream entering a block
@@ -207,7 +207,7 @@ def _sample_figure(clean: np.ndarray, corrupted: np.ndarray, patched: np.ndarray
     plt = context.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
     for ax, images, title in ((axes[0], clean, "clean"), (axes[1], corrupted, "corrupted"), (axes[2], patched, site)):
-        ax.imshow(sample.image_grid(images), interpolation="nearest")
+        ax.imshow(sampling.image_grid(images), interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.suptitle(label, fontsize=10)

@@ -53,7 +53,7 @@ def reference_maps(grid: int) -> np.ndarray:
 
 def _caption_inputs() -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The conditioner batch of relation_captions() and float32[R, L] indicators of their relation-phrase tokens."""
-    from relcirc_jax.train.sample import caption_batch
+    from relcirc_jax.train.sampling import caption_batch
 
     captions = list(relation_captions())
     is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")

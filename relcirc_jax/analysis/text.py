@@ -33,7 +33,7 @@ from relcirc_jax.data.spec import COLORS, CONVERSE, SHAPES, SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.models import dit
 from relcirc_jax.text.conditioner import TextConditioner
-from relcirc_jax.train import evaluate, sample
+from relcirc_jax.train import evaluate, sampling
 
 VARIANTS = ("original", "drop_relation", "replace_relation", "drop_shape1", "drop_shape2", "filler", "synonym")
 UNGRAMMATICAL = ("drop_relation", "drop_shape1", "drop_shape2")
@@ -110,7 +110,7 @@ class WordSampler:
     def __init__(self, model: AnalysisModel, batch_size: int):
         self._model = model
         self._fields: dict[str, np.ndarray] = {}
-        self._sampler = sample.eval_sampler(
+        self._sampler = sampling.eval_sampler(
             model.config,
             model.model_cfg,
             model.conditioner,
@@ -241,7 +241,7 @@ def partition_captions() -> tuple[list[str], dict[str, list]]:
 
 def embed(model: AnalysisModel, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(text float32[N, L, Dc], mask bool[N, L]): the text encoder's output for grammatical captions."""
-    text, mask = model.conditioner.embed(model.tables, sample.caption_batch(captions))
+    text, mask = model.conditioner.embed(model.tables, sampling.caption_batch(captions))
     return np.asarray(text, np.float32), np.asarray(mask, bool)
 
 
@@ -471,7 +471,7 @@ def _figures(ablation: dict, partition: dict, arithmetic: dict, label: str) -> d
     fig_samples, axes = plt.subplots(len(pairs), 2, figsize=(6, 3 * len(pairs)), squeeze=False)
     for p, (old, new) in enumerate(pairs):
         for c, title in enumerate((f"'{old}' captions", f"+ e({new}) - e({old})")):
-            axes[p][c].imshow(sample.image_grid(arithmetic["images"][p, c, :shown_images]))
+            axes[p][c].imshow(sampling.image_grid(arithmetic["images"][p, c, :shown_images]))
             axes[p][c].set_title(title, fontsize=9)
             axes[p][c].axis("off")
     fig_samples.suptitle(f"Relation arithmetic samples, same noises ({label})")

@@ -20,7 +20,7 @@ from relcirc_jax.data import dataset
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.data.spec import RELATIONS
 from relcirc_jax.evaluation.scoring import METRICS, PAPER_COLUMNS
-from relcirc_jax.train import sample as sampling
+from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
 
 _SUBSET_SEED = 0  # fixes which prompts a smaller eval.num_prompts keeps, so every run evaluates the same ones
@@ -122,11 +122,11 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = 
     eval_samples.npz and eval_grid_*.png there, prints the markdown tables and returns {detector: table}."""
     captions = eval_captions(config)
     train_state.require_weights(config, workdir, step)  # before anything slow, and creating nothing
-    experiment = train_state.build_experiment(config, workdir)
-    step, ema_params = train_state.ema_weights(experiment, workdir, step)
-    sampler = sampling.make_sampler(experiment, config.eval.batch_size)
-    images = sampler(ema_params, experiment.tables, captions)
-    experiment.checkpointer.close()
+    setup = train_state.build_run_setup(config, workdir)
+    step, ema_params = train_state.ema_weights(setup, workdir, step)
+    sampler = sampling.make_sampler(setup, config.eval.batch_size)
+    images = sampler(ema_params, setup.tables, captions)
+    setup.checkpointer.close()
     judged = {detector: score_images(images, captions, detector) for detector in evaluation.DETECTORS}
     tables = {detector: {"step": step, **accuracy_table(scores, captions)} for detector, (scores, _) in judged.items()}
     workdir = epath.Path(workdir)
@@ -140,4 +140,5 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir, step: int | None = 
     (workdir / "eval.md").write_text(markdown)
     _write_artifacts(workdir, images, captions, judged)
     print(markdown, flush=True)
+    print(f"What was judged: {workdir / 'eval_grid_relcirc.png'} and eval_grid_paper.png (each detector's view).")
     return tables

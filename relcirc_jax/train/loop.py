@@ -7,6 +7,7 @@ does a spent `train.time_budget_minutes`, after sampling and evaluating the last
 """
 
 import json
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,7 @@ from etils import epath
 
 from relcirc_jax.data import dataset
 from relcirc_jax.parallel.host_data import to_global
-from relcirc_jax.train import evaluate, preemption
-from relcirc_jax.train import sample as sampling
+from relcirc_jax.train import evaluate, preemption, sampling
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 from relcirc_jax.train.metrics import MetricWriter
@@ -28,15 +28,15 @@ from relcirc_jax.train.progress import ProgressLogger
 def train(config: ml_collections.ConfigDict, workdir, *, devices=None) -> train_state.TrainState:
     """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the final state."""
     workdir = epath.Path(workdir)
-    experiment = train_state.build_experiment(config, workdir, devices)
+    setup = train_state.build_run_setup(config, workdir, devices)
     write_config(config, workdir)
-    state, start = _init_or_restore(experiment)
+    state, start = _init_or_restore(setup)
     writer = MetricWriter(workdir, is_primary=jax.process_index() == 0)
     try:
-        return _run(experiment, state, start, writer)
+        return _run(setup, state, start, writer)
     finally:
-        experiment.checkpointer.wait()
-        experiment.checkpointer.close()
+        setup.checkpointer.wait()
+        setup.checkpointer.close()
         writer.close()
 
 
@@ -49,26 +49,26 @@ def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
     (workdir / "config.txt").write_text(str(config))
 
 
-def _init_or_restore(experiment: train_state.Experiment) -> tuple[train_state.TrainState, int]:
-    restored = experiment.checkpointer.restore_latest(experiment.abstract_state)
+def _init_or_restore(setup: train_state.RunSetup) -> tuple[train_state.TrainState, int]:
+    restored = setup.checkpointer.restore_latest(setup.abstract_state)
     if restored is not None:
         step, state, _ = restored
         logging.info("Resumed from the checkpoint of step %d.", step)
         return state, step
-    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=experiment.state_sh)
-    state = init(experiment.model_cfg, experiment.tx, experiment.config.seed)
-    if experiment.config.init_from:
-        _, params = train_state.ema_weights(experiment, experiment.checkpointer.directory.parent)
+    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
+    state = init(setup.model_cfg, setup.tx, setup.config.seed)
+    if setup.config.init_from:
+        _, params = train_state.ema_weights(setup, setup.checkpointer.directory.parent)
         # Two buffers: the train step donates the state, and one buffer donated twice crashes XLA.
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
-        logging.info("Initialised the weights and their EMA from the reference model %s.", experiment.config.init_from)
+        logging.info("Initialised the weights and their EMA from the reference model %s.", setup.config.init_from)
     return state, 0
 
 
 def _run(
-    experiment: train_state.Experiment, state: train_state.TrainState, start: int, writer: MetricWriter
+    setup: train_state.RunSetup, state: train_state.TrainState, start: int, writer: MetricWriter
 ) -> train_state.TrainState:
-    config = experiment.config
+    config = setup.config
     total = config.train.num_steps
     if start >= total:
         logging.info("The checkpoint of step %d already reaches train.num_steps=%d; nothing to train.", start, total)
@@ -76,42 +76,42 @@ def _run(
     # Compilation counts against the budget: it is part of the wait. Several processes agree on log steps.
     budget = preemption.TimeBudget(config.train.time_budget_minutes, sync_every=config.log.every_steps)
     step_fn = train_step.compile_train_step(
-        train_step.make_train_step(config, experiment.model_cfg, experiment.conditioner, experiment.tx),
-        experiment.abstract_state,
-        experiment.state_sh,
-        _global_batch(config, experiment.mesh, start),
-        experiment.tables,
-        experiment.mesh,
+        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
+        setup.abstract_state,
+        setup.state_shardings,
+        _global_batch(config, setup.mesh, start),
+        setup.tables,
+        setup.mesh,
     )
     progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps)
-    periodic = _PeriodicSampling(experiment)
+    periodic = _PeriodicSampling(setup)
     stop = preemption.install_sigterm_handler()
     pending = []  # (step, device metrics) not yet checked for finiteness
     logging.info(
         "Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
         config.model.size,
         sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
-        dict(experiment.mesh.shape),
+        dict(setup.mesh.shape),
         start,
         total,
         config.train.batch_size,
-        "none" if config.train.time_budget_minutes is None else f"{config.train.time_budget_minutes:g} min",
+        _budget_text(config.train.time_budget_minutes),
     )
     for step in range(start, total):
-        state, metrics = step_fn(state, _global_batch(config, experiment.mesh, step), experiment.tables)
+        state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables)
         done = step + 1
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
         out_of_time = budget.spent(done)
         saving = done % config.checkpoint.every_steps == 0 or done == total or preempted or out_of_time
         if saving or periodic.due(done) or done % config.log.every_steps == 0:
-            _check_finite(pending, experiment)
+            _check_finite(pending, setup)
             writer.scalars(done, _window_metrics(pending))
             progress.update(done, metrics["loss"], metrics["grad_norm"])
             pending = []
         periodic(state, done, writer, final=out_of_time)
         if saving:
-            experiment.checkpointer.save(done, state, _meta(config, done), force=True)
+            setup.checkpointer.save(done, state, _meta(config, done), force=True)
         if preempted:
             logging.warning("Preempted: saved the checkpoint of step %d; stopping.", done)
             break
@@ -125,6 +125,14 @@ def _run(
             )
             break
     return state
+
+
+def _budget_text(minutes: float | None) -> str:
+    """The time budget as the start-up log states it: its length and the clock time training stops by."""
+    if minutes is None:
+        return "none"
+    stop = time.strftime("%H:%M", time.localtime(time.time() + 60.0 * minutes))
+    return f"{minutes:g} min (training stops by {stop} at the latest, then samples and evaluates its last step)"
 
 
 def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
@@ -143,14 +151,14 @@ def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
     return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)
 
 
-def _check_finite(pending: list, experiment: train_state.Experiment) -> None:
+def _check_finite(pending: list, setup: train_state.RunSetup) -> None:
     for step, metrics in pending:
         loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
         if not (np.isfinite(loss) and np.isfinite(grad_norm)):
             raise FloatingPointError(
                 f"Non-finite training loss {loss} (grad norm {grad_norm}) at step {step}. The run stopped without "
-                f"saving this state; the last good checkpoint (step {experiment.checkpointer.latest_step()}) in "
-                f"{experiment.checkpointer.directory} is intact. Fix: lower train.lr or tighten train.grad_clip, "
+                f"saving this state; the last good checkpoint (step {setup.checkpointer.latest_step()}) in "
+                f"{setup.checkpointer.directory} is intact. Fix: lower train.lr or tighten train.grad_clip, "
                 "then rerun to resume from it."
             )
 
@@ -172,32 +180,30 @@ def _meta(config: ml_collections.ConfigDict, step: int) -> dict:
 class _PeriodicSampling:
     """Sample grids of the fixed prompts and evaluations of the eval set, with EMA params, when their steps come."""
 
-    def __init__(self, experiment: train_state.Experiment):
-        self.experiment = experiment
-        config = experiment.config
+    def __init__(self, setup: train_state.RunSetup):
+        self.setup = setup
+        config = setup.config
         self.grid_captions = sampling.fixed_prompts(config)
         self.eval_captions = evaluate.eval_captions(config)
         self._samplers = {}  # batch size -> Sampler, compiled on first use
 
     def due(self, step: int) -> bool:
-        config = self.experiment.config
+        config = self.setup.config
         return step % config.sample.every_steps == 0 or step % config.eval.every_steps == 0
 
     def __call__(self, state: train_state.TrainState, step: int, writer: MetricWriter, *, final: bool = False) -> None:
         """Samples and evaluates when their steps come, or in any case when `final`."""
-        config = self.experiment.config
+        config = self.setup.config
         if step % config.sample.every_steps == 0 or final:
-            images = self._sampler(len(self.grid_captions))(
-                state.ema_params, self.experiment.tables, self.grid_captions
-            )
+            images = self._sampler(len(self.grid_captions))(state.ema_params, self.setup.tables, self.grid_captions)
             writer.image(step, "samples", sampling.image_grid(images))
         if step % config.eval.every_steps == 0 or final:
-            images = self._sampler(config.eval.batch_size)(state.ema_params, self.experiment.tables, self.eval_captions)
+            images = self._sampler(config.eval.batch_size)(state.ema_params, self.setup.tables, self.eval_captions)
             accuracies = evaluate.summary(evaluate.score_images(images, self.eval_captions)[0])
             writer.scalars(step, accuracies)
             logging.info("Eval at step %d: %s", step, {k: round(v, 3) for k, v in accuracies.items()})
 
     def _sampler(self, batch_size: int) -> sampling.Sampler:
         if batch_size not in self._samplers:
-            self._samplers[batch_size] = sampling.make_sampler(self.experiment, batch_size)
+            self._samplers[batch_size] = sampling.make_sampler(self.setup, batch_size)
         return self._samplers[batch_size]

@@ -88,7 +88,7 @@ def with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-class Experiment(NamedTuple):
+class RunSetup(NamedTuple):
     """What every mode (train, sample, evaluate) builds from a config: the mesh, text conditioner, model, optimizer,
     the state's abstract shapes and shardings, and the checkpointer of the workdir."""
 
@@ -99,11 +99,11 @@ class Experiment(NamedTuple):
     model_cfg: dit.DiTConfig
     tx: optax.GradientTransformation
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
-    state_sh: TrainState
+    state_shardings: TrainState
     checkpointer: checkpoint.Checkpointer
 
 
-def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -> Experiment:
+def build_run_setup(config: ml_collections.ConfigDict, workdir, devices=None) -> RunSetup:
     """Validates `config` and builds the run's pieces on `devices` (default: all)."""
     devices = list(jax.devices() if devices is None else devices)
     validate_config(config, num_devices=len(devices))
@@ -127,7 +127,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir, devices=None) -
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
     )
-    return Experiment(
+    return RunSetup(
         config, mesh, conditioner, tables, model_cfg, tx, with_shardings(abstract, shardings), shardings, checkpointer
     )
 
@@ -161,20 +161,20 @@ def require_weights(config: ml_collections.ConfigDict, workdir, step: int | None
     require_checkpoint(workdir, step)
 
 
-def ema_weights(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, Any]:
+def ema_weights(setup: RunSetup, workdir, step: int | None = None) -> tuple[int, Any]:
     """(step, EMA params on the mesh) of checkpoint `step` (default the latest) of `workdir`, or of the reference model
     config.init_from when the workdir has no checkpoint (step: the one it was exported from)."""
-    if _uses_reference_model(experiment.config, workdir):
-        reference_config, params = pretrained.load(experiment.config.init_from)
-        return reference_config.get("pretrained_step", 0), place_params(experiment, params)
-    step, state = restore_or_fail(experiment, workdir, step)
+    if _uses_reference_model(setup.config, workdir):
+        reference_config, params = pretrained.load(setup.config.init_from)
+        return reference_config.get("pretrained_step", 0), place_params(setup, params)
+    step, state = restore_or_fail(setup, workdir, step)
     return step, state.ema_params
 
 
-def place_params(experiment: Experiment, params) -> Any:
-    """Host params (e.g. a reference model's) checked against the experiment's model and put on its mesh."""
-    pretrained.check_compatible(params, experiment.abstract_state.ema_params)
-    return jax.device_put(params, experiment.state_sh.ema_params)
+def place_params(setup: RunSetup, params) -> Any:
+    """Host params (e.g. a reference model's) checked against the setup's model and put on its mesh."""
+    pretrained.check_compatible(params, setup.abstract_state.ema_params)
+    return jax.device_put(params, setup.state_shardings.ema_params)
 
 
 def _uses_reference_model(config: ml_collections.ConfigDict, workdir) -> bool:
@@ -182,10 +182,10 @@ def _uses_reference_model(config: ml_collections.ConfigDict, workdir) -> bool:
     return bool(config.get("init_from")) and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints")
 
 
-def restore_or_fail(experiment: Experiment, workdir, step: int | None = None) -> tuple[int, TrainState]:
+def restore_or_fail(setup: RunSetup, workdir, step: int | None = None) -> tuple[int, TrainState]:
     """(step, state) of checkpoint `step` (default the latest); a UserError when the workdir has none."""
     require_checkpoint(workdir, step)
     if step is not None:
-        return step, experiment.checkpointer.restore(step, experiment.abstract_state)[0]
-    step, state, _ = experiment.checkpointer.restore_latest(experiment.abstract_state)
+        return step, setup.checkpointer.restore(step, setup.abstract_state)[0]
+    step, state, _ = setup.checkpointer.restore_latest(setup.abstract_state)
     return step, state

@@ -86,17 +86,17 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array):
     return config.train.ema_decay
 
 
-def compile_train_step(train_step: Callable, abstract_state, state_sh, batch, tables, mesh: jax.sharding.Mesh):
+def compile_train_step(train_step: Callable, abstract_state, state_shardings, batch, tables, mesh: jax.sharding.Mesh):
     """AOT-compiles `train_step` for these shapes: state donated, batch over ("data", "fsdp"), tables replicated.
 
     `abstract_state`, `batch` and `tables` may be arrays or ShapeDtypeStructs. Logs the compile time.
     """
-    batch_sh = {k: sharding_rules.batch_sharding(mesh) for k in batch}
-    tables_sh = jax.tree.map(lambda _: sharding_rules.replicated(mesh), tables)
+    batch_shardings = {k: sharding_rules.batch_sharding(mesh) for k in batch}
+    tables_sharding = jax.tree.map(lambda _: sharding_rules.replicated(mesh), tables)
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_sh, batch_sh, tables_sh),
-        out_shardings=(state_sh, sharding_rules.replicated(mesh)),
+        in_shardings=(state_shardings, batch_shardings, tables_sharding),
+        out_shardings=(state_shardings, sharding_rules.replicated(mesh)),
         donate_argnums=(0,),
     )
     start = time.perf_counter()

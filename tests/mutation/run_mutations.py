@@ -39,7 +39,7 @@ MUTANTS = (
         "resume",
         "a restarted run resumes from its latest checkpoint",
         "relcirc_jax/train/loop.py",
-        "restored = experiment.checkpointer.restore_latest(experiment.abstract_state)",
+        "restored = setup.checkpointer.restore_latest(setup.abstract_state)",
         "restored = None",
         ("tests/test_train_loop.py::test_stop_and_resume_is_bitwise_identical",),
     ),
@@ -56,7 +56,7 @@ MUTANTS = (
         "a non-finite loss stops the run before anything is saved",
         "relcirc_jax/train/loop.py",
         "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
-        "        if saving:\n            experiment.checkpointer.save(done, state, _meta(config, done), force=True)\n"
+        "        if saving:\n            setup.checkpointer.save(done, state, _meta(config, done), force=True)\n"
         "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
         ("tests/test_train_loop.py::test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint",),
     ),

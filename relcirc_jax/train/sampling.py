@@ -187,14 +187,14 @@ def image_grid(images: np.ndarray, *, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def make_sampler(experiment: train_state.Experiment, batch_size: int) -> Sampler:
+def make_sampler(setup: train_state.RunSetup, batch_size: int) -> Sampler:
     """A sampler with the eval settings (DPM-Solver++ 14 steps, CFG 4.5 by default) over the EMA params' shardings."""
     return eval_sampler(
-        experiment.config,
-        experiment.model_cfg,
-        experiment.conditioner,
-        experiment.mesh,
-        experiment.state_sh.ema_params,
+        setup.config,
+        setup.model_cfg,
+        setup.conditioner,
+        setup.mesh,
+        setup.state_shardings.ema_params,
         batch_size,
     )
 
@@ -235,15 +235,16 @@ def run_sample(
     except ValueError as error:
         raise UserError(f"--prompt: {error}") from error
     train_state.require_weights(config, workdir, step)  # before anything slow, and creating nothing
-    experiment = train_state.build_experiment(config, workdir)
-    step, ema_params = train_state.ema_weights(experiment, workdir, step)
-    images = make_sampler(experiment, len(captions))(ema_params, experiment.tables, captions)
+    setup = train_state.build_run_setup(config, workdir)
+    step, ema_params = train_state.ema_weights(setup, workdir, step)
+    images = make_sampler(setup, len(captions))(ema_params, setup.tables, captions)
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    with (out / f"sample_{step:08d}.png").open("wb") as f:
+    path = out / f"sample_{step:08d}"
+    with path.with_suffix(".png").open("wb") as f:
         Image.fromarray(image_grid(images)).save(f, format="PNG")
-    with (out / f"sample_{step:08d}.npz").open("wb") as f:
+    with path.with_suffix(".npz").open("wb") as f:
         np.savez(f, images=images, captions=np.array(captions))
-    logging.info("Wrote %d samples of step %d to %s.", len(captions), step, out)
-    experiment.checkpointer.close()
-    return out / f"sample_{step:08d}.npz"
+    logging.info("Wrote %d samples of step %d: the grid %s.png, the arrays .npz.", len(captions), step, path)
+    setup.checkpointer.close()
+    return path.with_suffix(".npz")

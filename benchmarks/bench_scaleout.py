@@ -37,14 +37,7 @@ def step_figures(size: str, batch: int, remat: bool) -> dict:
         "mask": jax.ShapeDtypeStruct((batch, 20), bool),
         "caption_index": jax.ShapeDtypeStruct((batch,), "int32"),
     }
-    compiled = train_step.compile_train_step(
-        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
-        setup.abstract_state,
-        setup.state_shardings,
-        batch_shapes,
-        setup.tables,
-        setup.mesh,
-    )
+    compiled = train_step.compile_train_step(setup, batch_shapes)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = sum(leaf.size for leaf in jax.tree.leaves(setup.abstract_state.params))

@@ -60,14 +60,7 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     local = dataset.train_batch(0, 0, global_batch=batch_size)
     batch = to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, setup.mesh)
     start = time.perf_counter()
-    compiled = train_step.compile_train_step(
-        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
-        setup.abstract_state,
-        setup.state_shardings,
-        batch,
-        setup.tables,
-        setup.mesh,
-    )
+    compiled = train_step.compile_train_step(setup, batch)
     compile_s = time.perf_counter() - start
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
     carry = {"state": init(setup.model_cfg, setup.tx, 0)}

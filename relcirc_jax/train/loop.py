@@ -75,14 +75,7 @@ def _run(
         return state
     # Compilation counts against the budget: it is part of the wait. Several processes agree on log steps.
     budget = preemption.TimeBudget(config.train.time_budget_minutes, sync_every=config.log.every_steps)
-    step_fn = train_step.compile_train_step(
-        train_step.make_train_step(config, setup.model_cfg, setup.conditioner, setup.tx),
-        setup.abstract_state,
-        setup.state_shardings,
-        _global_batch(config, setup.mesh, start),
-        setup.tables,
-        setup.mesh,
-    )
+    step_fn = train_step.compile_train_step(setup, _global_batch(config, setup.mesh, start))
     progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps)
     periodic = _PeriodicSampling(setup)
     stop = preemption.install_sigterm_handler()

@@ -86,13 +86,13 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array):
     return config.train.ema_decay
 
 
-def compile_train_step(train_step: Callable, abstract_state, state_shardings, batch, tables, mesh: jax.sharding.Mesh):
-    """AOT-compiles `train_step` for these shapes: state donated, batch over ("data", "fsdp"), tables replicated.
-
-    `abstract_state`, `batch` and `tables` may be arrays or ShapeDtypeStructs. Logs the compile time.
-    """
+def compile_train_step(setup, batch):
+    """AOT-compiles the train step of `setup` (a state.RunSetup) for the shapes of `batch` (arrays or
+    ShapeDtypeStructs): state donated, batch over ("data", "fsdp"), tables replicated. Logs the compile time."""
+    mesh, state_shardings = setup.mesh, setup.state_shardings
+    train_step = make_train_step(setup.config, setup.model_cfg, setup.conditioner, setup.tx)
     batch_shardings = {k: sharding_rules.batch_sharding(mesh) for k in batch}
-    tables_sharding = jax.tree.map(lambda _: sharding_rules.replicated(mesh), tables)
+    tables_sharding = jax.tree.map(lambda _: sharding_rules.replicated(mesh), setup.tables)
     jitted = jax.jit(
         train_step,
         in_shardings=(state_shardings, batch_shardings, tables_sharding),
@@ -100,6 +100,6 @@ def compile_train_step(train_step: Callable, abstract_state, state_shardings, ba
         donate_argnums=(0,),
     )
     start = time.perf_counter()
-    compiled = jitted.lower(abstract_state, batch, tables).compile()
+    compiled = jitted.lower(setup.abstract_state, batch, setup.tables).compile()
     logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
     return compiled

@@ -161,17 +161,17 @@ def screened(smoke, captions):
 
 def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
     model, _ = smoke
-    e = model.config.eval
+    eval_config = model.config.eval
     sampler = sampling.Sampler(
         model.model_cfg,
         model.conditioner,
         model.mesh,
         model.param_sh,
-        cfg_scale=e.cfg_scale,
-        num_steps=e.num_steps,
-        solver=e.solver,
+        cfg_scale=eval_config.cfg_scale,
+        num_steps=eval_config.num_steps,
+        solver=eval_config.solver,
         batch_size=len(captions),
-        seed=e.seed,
+        seed=eval_config.seed,
         negative=model.config.sample.negative,
     )
     assert screened.shape == (9, 6, 64, 64, 3) and screened.dtype == np.uint8

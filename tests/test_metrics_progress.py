@@ -27,8 +27,8 @@ def test_scalars_go_to_jsonl_and_tensorboard(tmp_path):
     assert rows == [{"step": 10, "loss": 0.5, "grad_norm": 0.25}, {"step": 20, "loss": 0.125}]
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(10, 0.5), (20, 0.125)]
-    assert [(e.step, e.value) for e in events.Scalars("grad_norm")] == [(10, 0.25)]
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [(10, 0.5), (20, 0.125)]
+    assert [(event.step, event.value) for event in events.Scalars("grad_norm")] == [(10, 0.25)]
 
 
 def test_image_is_a_png_and_a_tensorboard_image(tmp_path):

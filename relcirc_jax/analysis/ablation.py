@@ -318,14 +318,13 @@ def run(
     arrays = {"masks": masks, "captions": np.array(captions), "metrics": np.array(METRICS)}
     arrays["heads"] = np.array([(KINDS.index(k), layer, head) for k, layer, head in labels], np.int32)
     figures = {}
-    e = model.config.eval
     lines = [
         f"# Head ablation: {model.label}",
         "",
         f"Every attention head ({depth} layers x {heads} heads, self- and cross-attention: {2 * depth * heads} "
         f"heads) ablated alone ({', '.join(modes)} ablation), {len(prompts)} prompts x {images_per_prompt} images = "
-        f"{len(captions)} images per mask, the same noises for every mask (paired). Sampler: {e.solver} "
-        f"{e.num_steps} steps, CFG {e.cfg_scale} against {model.config.sample.negative}, seed {e.seed}. Zero "
+        f"{len(captions)} images per mask, the same noises for every mask (paired). Sampler: "
+        f"{sampling.describe_eval_sampler(model.config)}. Zero "
         "ablation multiplies the head's output by 0; mean ablation replaces it by its mean over the batch "
         "(conditional and unconditional halves of CFG) and positions of the same solver step. Effect = accuracy with "
         "the head ablated - baseline accuracy, in percentage points, with 95 % paired bootstrap intervals "

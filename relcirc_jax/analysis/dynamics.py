@@ -22,7 +22,7 @@ from etils import epath
 from relcirc_jax.analysis import capture, groups, synopsis
 from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.train import checkpoint, evaluate
+from relcirc_jax.train import checkpoint, evaluate, sampling
 from relcirc_jax.train import state as train_state
 
 # (metric, label) of the accuracy curves; "relation" is drawn both as the paper's column (loose) and strict.
@@ -219,12 +219,11 @@ def _heads_figure(plt, score: np.ndarray, steps: np.ndarray, depth: int, heads: 
 
 def _summary(arrays: dict, label: str, config: ml_collections.ConfigDict, num_images: int, per_prompt: int) -> str:
     shown = [metric for metric, _ in CURVES]
-    e = config.eval
     lines = [
         f"# Training dynamics: {label}",
         "",
         f"{len(arrays['steps'])} checkpoints; at each, {num_images} images ({num_images // per_prompt} eval prompts x "
-        f"{per_prompt} seeds, the run's eval sampler: {e.solver} {e.num_steps} steps, CFG {e.cfg_scale}) scored by "
+        f"{per_prompt} seeds, the run's eval sampler: {sampling.describe_eval_sampler(config)}) scored by "
         "the relcirc detector, then one capture pass of the same noises. Accuracies in %; head scores are attention "
         "probabilities of object tokens averaged over solver steps and both objects (only images whose objects the "
         "evaluator bound count: `bound`).",
@@ -244,7 +243,7 @@ def _summary(arrays: dict, label: str, config: ml_collections.ConfigDict, num_im
     lines += ["", f"Total wall time {arrays['seconds'].sum():.1f} s (the first checkpoint includes compilation).", ""]
     if len(arrays["logged_steps"]):
         lines += [
-            f"The run's own eval curve (eval/* in tb; eval.images_per_prompt = {e.images_per_prompt}):",
+            f"The run's own eval curve (eval/* in tb; eval.images_per_prompt = {config.eval.images_per_prompt}):",
             "",
             "| step | " + " | ".join(shown) + " |",
             "|---" * (len(shown) + 1) + "|",

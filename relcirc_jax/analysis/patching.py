@@ -306,15 +306,17 @@ def run(
     """Patches every head and residual stream in every window from `num_prompts` eval prompts' corrupted twins
     (spread over the eval prompt set, each sampled `images_per_prompt` times); writes `<out_dir>/patching/`
     (context.write_report) and returns that directory."""
-    cfg, e = model.model_cfg, model.config.eval
+    cfg, eval_config = model.model_cfg, model.config.eval
     prompts_all = evaluate.eval_prompt_list(model.config)
     if corruption == "shapes":
         prompts_all = [c for c in prompts_all if prompts.parse(c).spec.shape1 != prompts.parse(c).spec.shape2]
     picks = np.linspace(0, len(prompts_all) - 1, min(num_prompts, len(prompts_all))).round().astype(int)
     clean = [prompts_all[i] for i in picks for _ in range(images_per_prompt)]
     corrupted = [corrupt(c, corruption) for c in clean]
-    windows = step_windows(e.num_steps, num_windows)
-    configs, labels = patch_configs(cfg.depth, cfg.num_heads, windows, diffusion.model_timesteps(e.solver, e.num_steps))
+    windows = step_windows(eval_config.num_steps, num_windows)
+    configs, labels = patch_configs(
+        cfg.depth, cfg.num_heads, windows, diffusion.model_timesteps(eval_config.solver, eval_config.num_steps)
+    )
     start = time.perf_counter()
     patched, corrupted_images, times = screen(model, clean, corrupted, configs, chunk=chunk)
     result = transfer(patched, patched[0], corrupted_images)
@@ -353,7 +355,7 @@ def run(
             model.label,
         ),
     }
-    sampler = f"{e.solver} {e.num_steps} steps, CFG {e.cfg_scale}"
+    sampler = sampling.describe_eval_sampler(model.config)
     lines = summary(arrays, model.label, sampler, corruption, images_per_prompt)
     directory = context.write_report(out_dir, KIND, arrays, figures, lines)
     logging.info("Wrote the patching report to %s.", directory)

@@ -70,8 +70,8 @@ def synopsis(
         extra_fields,
     )
     _, sums = sampler(model.params, model.tables, captions)
-    e = model.config.eval
-    return {**summarize(sums, token_groups), "timesteps": model_timesteps(e.solver, e.num_steps)}
+    eval_config = model.config.eval
+    return {**summarize(sums, token_groups), "timesteps": model_timesteps(eval_config.solver, eval_config.num_steps)}
 
 
 def summarize(sums: dict, token_groups: np.ndarray) -> dict[str, np.ndarray]:

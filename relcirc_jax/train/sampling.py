@@ -202,10 +202,21 @@ def make_sampler(setup: train_state.RunSetup, batch_size: int) -> Sampler:
 def eval_settings(config: ml_collections.ConfigDict) -> dict:
     """The sampler settings of evaluation: config.eval's CFG scale, steps, solver and seed, config.sample's negative
     (keyword arguments of generate_fn and Sampler)."""
-    e = config.eval
+    eval_config = config.eval
     return dict(
-        cfg_scale=e.cfg_scale, num_steps=e.num_steps, solver=e.solver, seed=e.seed, negative=config.sample.negative
+        cfg_scale=eval_config.cfg_scale,
+        num_steps=eval_config.num_steps,
+        solver=eval_config.solver,
+        seed=eval_config.seed,
+        negative=config.sample.negative,
     )
+
+
+def describe_eval_sampler(config: ml_collections.ConfigDict) -> str:
+    """eval_settings as the analysis reports state them, e.g. "dpmpp_2m 14 steps, CFG 4.5 against empty_prompt,
+    seed 1234"."""
+    s = eval_settings(config)
+    return f"{s['solver']} {s['num_steps']} steps, CFG {s['cfg_scale']} against {s['negative']}, seed {s['seed']}"
 
 
 def eval_sampler(config, model_cfg, conditioner, mesh, param_sh, batch_size: int, **capture) -> Sampler:

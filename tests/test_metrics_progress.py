@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from relcirc_jax.train.ema import ema_update, warmup_decay
 from relcirc_jax.train.metrics import MetricWriter
-from relcirc_jax.train.preemption import install_sigterm_handler
+from relcirc_jax.train.preemption import TimeBudget, install_sigterm_handler
 from relcirc_jax.train.progress import ProgressLogger, format_duration
 
 
@@ -83,6 +83,21 @@ def test_progress_logs_the_final_step_and_durations_format():
     clock.now += 24.0
     assert progress.update(25, 0.5, 0.5).endswith("| 8.0 img/s | 1.00 s/step | ETA 0s")
     assert [format_duration(s) for s in (45, 1164, 3723)] == ["45s", "19m24s", "1h02m03s"]
+
+
+def test_a_time_budget_that_ends_first_caps_the_eta():
+    clock = FakeClock()
+    budget = TimeBudget(10, clock=clock)  # 600 s from now
+    progress = ProgressLogger(
+        total_steps=1000, global_batch=8, log_every=10, clock=clock, seconds_left=budget.seconds_left
+    )
+    progress.update(10, 1.0, 1.0)
+    clock.now += 20.0
+    # 2 s/step: 980 steps would take 32m40s, but the budget ends in 580 s
+    assert progress.update(20, 1.0, 1.0).endswith("| 2.00 s/step | ETA 9m40s (time budget)")
+    assert TimeBudget(None, clock=clock).seconds_left() is None
+    clock.now += 1000.0
+    assert budget.seconds_left() == 0.0 and budget.spent(21)
 
 
 def test_ema_update_matches_torch_swa_ema():

@@ -76,7 +76,7 @@ def _run(
     # Compilation counts against the budget: it is part of the wait. Several processes agree on log steps.
     budget = preemption.TimeBudget(config.train.time_budget_minutes, sync_every=config.log.every_steps)
     step_fn = train_step.compile_train_step(setup, _global_batch(config, setup.mesh, start))
-    progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps)
+    progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps, seconds_left=budget.seconds_left)
     periodic = _PeriodicSampling(setup)
     stop = preemption.install_sigterm_handler()
     pending = []  # (step, device metrics) not yet checked for finiteness

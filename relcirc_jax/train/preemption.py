@@ -54,6 +54,10 @@ class TimeBudget:
         self._sync_every = sync_every
         self._deadline = None if minutes is None else clock() + 60.0 * minutes
 
+    def seconds_left(self) -> float | None:
+        """Wall seconds until the deadline on this process's clock (None: no budget)."""
+        return None if self._deadline is None else max(self._deadline - self._clock(), 0.0)
+
     def spent(self, step: int) -> bool:
         if self._deadline is None:
             return False

@@ -1,4 +1,5 @@
-"""One human-readable progress line per log step: loss, grad-norm, throughput, step time and ETA."""
+"""One human-readable progress line per log step: loss, grad-norm, throughput, step time and ETA (the time budget's
+end when that comes first)."""
 
 from __future__ import annotations
 
@@ -25,10 +26,17 @@ class ProgressLogger:
 
     The first `update` only starts the clock (it usually includes compilation), so its line shows no rates.
     Loss and grad-norm may be device arrays: they are only converted (and so synchronised) on log steps.
+    `seconds_left` (e.g. TimeBudget.seconds_left) caps the ETA when a time budget will stop the run first.
     """
 
     def __init__(
-        self, total_steps: int, global_batch: int, log_every: int, *, clock: Callable[[], float] = time.monotonic
+        self,
+        total_steps: int,
+        global_batch: int,
+        log_every: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        seconds_left: Callable[[], float | None] = lambda: None,
     ):
         if log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {log_every}.")
@@ -36,6 +44,7 @@ class ProgressLogger:
         self.global_batch = global_batch
         self.log_every = log_every
         self._clock = clock
+        self._seconds_left = seconds_left
         self._last: tuple[int, float] | None = None
 
     def update(self, step: int, loss, grad_norm) -> str | None:
@@ -48,8 +57,12 @@ class ProgressLogger:
         if not first and step > self._last[0]:
             seconds_per_step = (now - self._last[1]) / (step - self._last[0])
             images_per_second = self.global_batch / seconds_per_step if seconds_per_step > 0 else float("inf")
-            eta = format_duration((self.total_steps - step) * seconds_per_step)
-            line += f" | {images_per_second:.1f} img/s | {seconds_per_step:.2f} s/step | ETA {eta}"
+            eta, budget_left = (self.total_steps - step) * seconds_per_step, self._seconds_left()
+            if budget_left is not None and budget_left < eta:
+                eta_text = f"{format_duration(budget_left)} (time budget)"
+            else:
+                eta_text = format_duration(eta)
+            line += f" | {images_per_second:.1f} img/s | {seconds_per_step:.2f} s/step | ETA {eta_text}"
         self._last = (step, now)
         logging.info(line)
         return line

@@ -88,7 +88,7 @@ def _run(
         start,
         total,
         config.train.batch_size,
-        _budget_text(config.train.time_budget_minutes),
+        _budget_text(config.train.time_budget_minutes, budget.seconds_left()),
     )
     for step in range(start, total):
         state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables)
@@ -120,11 +120,12 @@ def _run(
     return state
 
 
-def _budget_text(minutes: float | None) -> str:
-    """The time budget as the start-up log states it: its length and the clock time training stops by."""
+def _budget_text(minutes: float | None, seconds_left: float | None) -> str:
+    """The time budget as the start-up log states it: its length and the clock time training stops by (from the
+    budget's own deadline, which compilation has already eaten into)."""
     if minutes is None:
         return "none"
-    stop = time.strftime("%H:%M", time.localtime(time.time() + 60.0 * minutes))
+    stop = time.strftime("%H:%M", time.localtime(time.time() + seconds_left))
     return f"{minutes:g} min (training stops by {stop} at the latest, then samples and evaluates its last step)"
 
 

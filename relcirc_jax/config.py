@@ -37,6 +37,7 @@ from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
+ARCHS = ("pixart", "mmdit")  # models.arch.ARCHS
 VARIANTS = (None, "cpu", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -49,8 +50,9 @@ CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, samp
 QUICK_BUDGET_SECONDS = 600  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
 
 
-def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """Returns the full config of a DiT `size` conditioned by text `encoder`, shrunk by the variant `arg`."""
+def base_config(encoder: str, size: str, arg: str | None = None, arch: str = "pixart") -> ml_collections.ConfigDict:
+    """Returns the full config of a DiT `size` of family `arch` conditioned by text `encoder`, shrunk by the variant
+    `arg`."""
     if encoder not in ENCODERS:
         raise UserError(f"Unknown text encoder {encoder!r}; choose one of {ENCODERS}.")
     if size not in SIZES:
@@ -58,6 +60,7 @@ def base_config(encoder: str, size: str, arg: str | None = None) -> ml_collectio
     if arg not in VARIANTS:
         raise UserError(f"Unknown config variant {arg!r}; use one of 'cpu', 'quick', 'smoke' or no ':variant' suffix.")
     config = _paper_recipe(encoder, size)
+    config.model.arch = arch
     if arg in ("cpu", "quick"):
         _apply_cpu(config, size, budget_seconds=CPU_BUDGET_SECONDS if arg == "cpu" else QUICK_BUDGET_SECONDS)
     if arg == "quick":  # one evaluation, at the end: the quickstart's --mode=evaluate prints the table
@@ -77,6 +80,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.init_from = config_dict.placeholder(str)
 
     c.model = ml_collections.ConfigDict()
+    # "pixart": PixArt-alpha's cross-attention DiT (the paper's); "mmdit": an SD3-style dual-stream MM-DiT with the
+    # PixArt size's depth and heads and a head width that matches its parameter count (models/mmdit.py).
+    c.model.arch = "pixart"
     c.model.size = size
     # None means "the size's default" (models.dit.DIT_SIZES); set any of these to override it.
     c.model.hidden_size = config_dict.placeholder(int)

@@ -12,6 +12,7 @@ import ml_collections
 
 from relcirc_jax.config import (
     ANALYSIS_KINDS,
+    ARCHS,
     ENCODERS,
     NEGATIVES,
     PATCHING_CORRUPTIONS,
@@ -51,6 +52,8 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     problems = []
     if c.text.encoder not in ENCODERS:
         problems.append(f"text.encoder={c.text.encoder!r} is unknown; choose one of {ENCODERS}.")
+    if c.model.arch not in ARCHS:
+        problems.append(f"model.arch={c.model.arch!r} is unknown; choose one of {ARCHS}.")
     if c.model.size not in SIZES:
         problems.append(f"model.size={c.model.size!r} is unknown; choose one of {SIZES}.")
     if c.train.compute_dtype not in TRAIN_COMPUTE_DTYPES:

@@ -134,6 +134,7 @@ def pixart_config(config: ml_collections.ConfigDict, path) -> ml_collections.Con
     config = ml_collections.ConfigDict(config.to_dict())
     fields = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "learn_sigma", "in_channels")
     config.model.update({name: getattr(model_cfg, name) for name in fields})
+    config.model.arch = "pixart"
     config.model.prediction = "eps"  # what PixArt predicts
     config.data.image_size = model_cfg.image_size
     return config

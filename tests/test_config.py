@@ -23,9 +23,21 @@ def _load(path):
     return module
 
 
+MMDIT_SIZES = ("mini", "micro", "nano")
+
+
+def _name_fields(path) -> tuple[str, str, str]:
+    """(arch, encoder, size) that a config file's name promises: "[mmdit_]ENCODER_dit_SIZE.py"."""
+    name = os.path.basename(path)[:-3]
+    arch = "mmdit" if name.startswith("mmdit_") else "pixart"
+    encoder, size = name.removeprefix("mmdit_").split("_dit_")
+    return arch, encoder, size
+
+
 def test_one_config_file_per_encoder_and_size():
     names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
-    assert names == {f"{e}_dit_{s}" for e in ENCODERS for s in SIZES}
+    pixart = {f"{e}_dit_{s}" for e in ENCODERS for s in SIZES}
+    assert names == pixart | {f"mmdit_rte_dit_{s}" for s in MMDIT_SIZES}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -33,8 +45,7 @@ def test_one_config_file_per_encoder_and_size():
 def test_config_files_load_and_validate(path, arg):
     module = _load(path)
     config = module.get_config(arg)
-    encoder, size = os.path.basename(path)[:-3].split("_dit_")
-    assert (config.text.encoder, config.model.size) == (encoder, size)
+    assert (config.model.arch, config.text.encoder, config.model.size) == _name_fields(path)
     assert "python -m relcirc_jax.main" in module.__doc__
     validate_config(config, num_devices=8, process_count=1)
 

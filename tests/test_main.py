@@ -103,6 +103,22 @@ def test_analyze_writes_arrays_figures_and_summary_of_every_kind(trained, capsys
         assert (directory / "summary.md").read_text().startswith("# ")
 
 
+def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
+    config = f"--config={REPO}/configs/mmdit_rte_dit_nano.py:smoke"
+    for mode in ("train", "evaluate"):
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["main", config, f"--workdir={tmp_path}", f"--mode={mode}"])
+        cli.main(["main"])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["step"] == 4 and report["tables"]["relcirc"]["num_images"] == 8
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["arch"] == "mmdit"
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", config, f"--workdir={tmp_path}", "--mode=analyze"])
+    cli.FLAGS.config.analysis.kind = "synopsis"
+    with pytest.raises(UserError, match="reads PixArt's cross-attention heads.*model.arch=mmdit.*Fix"):
+        cli.main(["main"])
+
+
 def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(trained, tmp_path, caplog):
     from relcirc_jax import pretrained
 

@@ -18,7 +18,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from relcirc_jax.models import dit, mmdit
+from relcirc_jax.models import arch, dit, mmdit
 from relcirc_jax.models.convert import mmdit_params_from_diffusers, mmdit_params_to_diffusers, sd3_config
 from relcirc_jax.parallel import axes, rules
 
@@ -286,7 +286,7 @@ def test_bfloat16_forward_is_close(tiny):
 
 
 def test_logical_axes_and_zero_init():
-    specs = mmdit.logical_specs(TINY)
+    specs = arch.logical_specs(TINY)
     shapes = nn.unbox(jax.eval_shape(lambda: mmdit.MMDiT(TINY).init(jax.random.key(0), *mmdit.example_inputs(TINY))))
     flat_specs, flat_shapes = traverse_util.flatten_dict(specs), traverse_util.flatten_dict(shapes["params"])
     assert set(flat_specs) == set(flat_shapes)

@@ -23,8 +23,11 @@ from absl import logging
 from etils import epath
 
 from relcirc_jax.config import ANALYSIS_KINDS
+from relcirc_jax.errors import UserError
 
 KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind != "all")
+# What runs on an MM-DiT (config.model.arch="mmdit"): the others read PixArt's cross-attention heads.
+MMDIT_KINDS = ("text",)
 
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
@@ -32,10 +35,17 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
     from relcirc_jax.analysis import ablation, context, dynamics, patching, qk_screen, synopsis, text
     from relcirc_jax.train import checkpoint
 
-    model = context.from_workdir(config, workdir, step)
-    out_dir = epath.Path(workdir) / "analysis"
     a = config.analysis
     kinds = KINDS if a.kind == "all" else (a.kind,)
+    if config.model.arch == "mmdit":
+        if a.kind != "all" and a.kind not in MMDIT_KINDS:
+            raise UserError(
+                f"--config.analysis.kind={a.kind} reads PixArt's cross-attention heads, and this model is an MM-DiT "
+                f"(model.arch=mmdit). Fix: use one of {MMDIT_KINDS} (or 'all', which runs those)."
+            )
+        kinds = tuple(kind for kind in kinds if kind in MMDIT_KINDS)
+    model = context.from_workdir(config, workdir, step)
+    out_dir = epath.Path(workdir) / "analysis"
     if a.kind == "all" and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
         kinds = tuple(kind for kind in kinds if kind != "dynamics")
         logging.info("No checkpoints in %s: skipping the dynamics analysis.", workdir)

@@ -12,13 +12,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch
 from relcirc_jax.text.conditioner import TextConditioner
 
 
 class AnalysisModel(NamedTuple):
     config: ml_collections.ConfigDict  # the run's full config (eval.* sets the sampler: steps, CFG, solver, seed)
-    model_cfg: dit.DiTConfig
+    model_cfg: arch.ModelConfig
     params: Any  # EMA parameters, float32, placed on `mesh` (replicated or as the run shards them)
     conditioner: TextConditioner
     tables: Any  # the conditioner's tables, replicated on `mesh`

@@ -31,7 +31,7 @@ from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import COLORS, CONVERSE, SHAPES, SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch, dit
 from relcirc_jax.text.conditioner import TextConditioner
 from relcirc_jax.train import evaluate, sampling
 
@@ -248,12 +248,11 @@ def embed(model: AnalysisModel, captions: Sequence[str]) -> tuple[np.ndarray, np
 def project(model: AnalysisModel, text: np.ndarray, mask: np.ndarray, chunk: int = 256) -> np.ndarray:
     """float32[N, L, D]: the caption tokens after the DiT's caption projection (hook_caption)."""
     cfg = model.model_cfg
-    module = dit.DiT(cfg)
 
     @jax.jit
     def caption_tokens(params, text, mask):
         x, t = dit.example_inputs(cfg, text.shape[0])[:2]
-        return dit.run_with_cache(module, params, x, t, text, mask, ["hook_caption"])[1]["hook_caption"]
+        return arch.run_with_cache(cfg, params, x, t, text, mask, ["hook_caption"])[1]["hook_caption"]
 
     out = [
         np.asarray(caption_tokens(model.params, text[i : i + chunk], mask[i : i + chunk]), np.float32)

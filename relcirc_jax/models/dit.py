@@ -467,8 +467,15 @@ class DiT(nn.Module):
         patch_source=None,
         patch_window=None,
         null_caption_rows=None,
+        repulsion=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
+        if repulsion is not None and (repulsion.config.target, repulsion.config.site) != ("image", "block_out"):
+            raise ValueError(
+                "The PixArt DiT repels only its image tokens at site 'block_out' (the image-side control): its text "
+                "tokens are the same static caption in every sample, so a text repulsion has zero gradient. Fix: "
+                "RepulsionConfig(target='image', site='block_out'), or an MM-DiT (model.arch='mmdit')."
+            )
         head_masks = {
             "self_head_mask": self_head_mask,
             "cross_head_mask": cross_head_mask,
@@ -506,6 +513,8 @@ class DiT(nn.Module):
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
             h = block(h, modulation, caption, text_mask, *layer_masks, patch_source)
+            if repulsion is not None:  # analysis/repulsion.py
+                h = repulsion.apply(h, layer, "block_out", "image", t)
 
         table = self.param(
             "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (2, cfg.hidden_size)

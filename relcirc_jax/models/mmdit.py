@@ -77,6 +77,7 @@ Total parameters (both models with their null caption; 64 px, patch 8, RGB, max_
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -261,7 +262,18 @@ class JointTransformerBlock(nn.Module):
         sow_hook(self, f"blocks.{self.layer}.{hook}", value)
 
     @nn.compact
-    def __call__(self, h, c, temb, text_mask, head_mask=None, head_mean_mask=None, head_patch=None, patch_source=None):
+    def __call__(
+        self,
+        h,
+        c,
+        temb,
+        text_mask,
+        head_mask=None,
+        head_mean_mask=None,
+        head_patch=None,
+        patch_source=None,
+        repel=lambda value, stream: value,
+    ):
         cfg, dtype = self.config, self.config.compute_dtype
         self._record("hook_resid_pre", h)  # [batch, image_pos, embed]
         self._record("hook_context_pre", c)  # [batch, text_pos, embed]
@@ -297,6 +309,7 @@ class JointTransformerBlock(nn.Module):
             patch_source=patch_source,
         )
         self._record("hook_attn_out", attn_out)  # [batch, image_pos, embed], before the gate
+        attn_out = repel(attn_out, "image")
         h = (h + gate_msa * attn_out).astype(dtype)
         ff_out = dit.FeedForward(cfg.mlp_dim, dtype, name="ff")(dit.modulate(h, shift_mlp, scale_mlp).astype(dtype))
         h = (h + gate_mlp * ff_out).astype(dtype)
@@ -305,6 +318,7 @@ class JointTransformerBlock(nn.Module):
             return h, None
 
         self._record("hook_context_attn_out", context_attn_out)  # [batch, text_pos, embed], before the gate
+        context_attn_out = repel(context_attn_out, "text")
         c = (c + c_gate_msa * context_attn_out).astype(dtype)
         ff_context = dit.FeedForward(cfg.mlp_dim, dtype, name="ff_context")
         c = (c + c_gate_mlp * ff_context(dit.modulate(c, c_shift_mlp, c_scale_mlp).astype(dtype))).astype(dtype)
@@ -338,6 +352,7 @@ class MMDiT(nn.Module):
         patch_source=None,
         patch_window=None,
         null_caption_rows=None,
+        repulsion=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
         head_masks = {
@@ -377,23 +392,25 @@ class MMDiT(nn.Module):
             last = layer == cfg.depth - 1
             block = block_cls(cfg, layer, last, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
-            h, c = block(h, c, temb, text_mask, *layer_masks, patch_source)
+            if repulsion is None:
+                h, c = block(h, c, temb, text_mask, *layer_masks, patch_source)
+                continue
+            # analysis/repulsion.py: each site and stream is a no-op unless the repulsion's config names it
+            repel = functools.partial(_repel_at, repulsion, layer, "attn_out", t=t, text_mask=text_mask)
+            h, c = block(h, c, temb, text_mask, *layer_masks, patch_source, repel=repel)
+            h = _repel_at(repulsion, layer, "block_out", h, "image", t=t, text_mask=text_mask)
+            if c is not None:
+                c = _repel_at(repulsion, layer, "block_out", c, "text", t=t, text_mask=text_mask)
 
         scale, shift = AdaLNModulation(cfg.hidden_size, 2, dtype, name="norm_out")(temb)
         return dit.output_projection(dit.modulate(h, shift, scale).astype(dtype), cfg)
 
 
+def _repel_at(repulsion, layer: int, site: str, value, stream: str, *, t, text_mask):
+    return repulsion.apply(value, layer, site, stream, t, text_mask if stream == "text" else None)
+
+
 example_inputs = dit.example_inputs
-
-
-def init_params(config: MMDiTConfig, rng: jax.Array) -> dict:
-    """Fresh float32 parameters as plain arrays (the inner "params" tree, without sharding boxes)."""
-    return dit.init_model_params(MMDiT(config), rng)
-
-
-def logical_specs(config: MMDiTConfig) -> Any:
-    """PartitionSpecs of logical axis names, same tree as `init_params` (no compute, shapes only)."""
-    return nn.get_partition_spec(dit.abstract_variables(MMDiT(config))["params"])
 
 
 def parameter_count(config) -> int:

@@ -81,7 +81,8 @@ def _run(
     stop = preemption.install_sigterm_handler()
     pending = []  # (step, device metrics) not yet checked for finiteness
     logging.info(
-        "Training DiT-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
+        "Training %s-%s (%.2fM params) on mesh %s, steps %d -> %d, batch %d, time budget %s.",
+        "MM-DiT" if config.model.arch == "mmdit" else "DiT",
         config.model.size,
         sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
         dict(setup.mesh.shape),

@@ -1,5 +1,6 @@
 """Prompts -> images: one jitted, batch-sharded call (text embedding, CFG, DPM-Solver++), plus image grids."""
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -12,12 +13,13 @@ from etils import epath
 from PIL import Image
 
 from relcirc_jax import diffusion
+from relcirc_jax.analysis import repulsion as repulsion_lib
 from relcirc_jax.config import NEGATIVES
 from relcirc_jax.data import dataset, tokenizer
 from relcirc_jax.data import prompts as prompt_grammar
 from relcirc_jax.diffusion import guidance
 from relcirc_jax.errors import UserError
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch, dit
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.host_data import shared_to_global, to_host
 from relcirc_jax.train import state as train_state
@@ -37,7 +39,7 @@ class Sampler:
 
     def __init__(
         self,
-        model_cfg: dit.DiTConfig,
+        model_cfg: arch.ModelConfig,
         conditioner,
         mesh: jax.sharding.Mesh,
         param_sh,
@@ -116,7 +118,7 @@ def negative_caption(negative: str, conditioner, params, tables, batch: int) -> 
 
 
 def generate_fn(
-    model_cfg: dit.DiTConfig,
+    model_cfg: arch.ModelConfig,
     conditioner,
     *,
     cfg_scale: float,
@@ -126,19 +128,24 @@ def generate_fn(
     negative: str,
     capture: Sequence[str] = (),
     reduce: Callable | None = None,
+    repulsion=None,
 ) -> Callable:
     """generate(params, batch, tables, noise_id, interventions=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
     and the solver in one traceable function (jit it; vmap it over `interventions` for ablation and patching screens).
 
-    interventions: None or DiT.__call__ keyword arguments (head masks, patch weights and window), e.g.
+    interventions: None or the model's keyword arguments (head masks, patch weights and window), e.g.
     {"self_head_mask": [depth, heads], "cross_head_mask": [depth, heads]}. A batch field "patch_source" [B] (int)
     names the row each row patches from; generate extends it to the CFG batch (the unconditional half of a row reads
     the unconditional half of its source).
-    With `reduce`, the model records the capture points named in `capture` (dit.hook_names) at every solver step,
+    With `reduce`, the model records the capture points named in `capture` (arch.hook_names) at every solver step,
     `reduce(cache, batch)` turns the conditional half's {name: [B, ...]} into a pytree inside the scan, and generate
     returns (images, that pytree stacked over steps [num_steps, ...]).
+    With `repulsion` (an analysis.repulsion.RepulsionConfig), `interventions` must hold its traced knobs
+    (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
+    (sweeping the knobs does not recompile).
     """
-    model = dit.DiT(model_cfg, capture=tuple(capture))
+    # No backward pass here, so no rematerialisation (it would also not pass a repulsion through the blocks).
+    model = arch.module(dataclasses.replace(model_cfg, remat=False), capture)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)
     has_aux = reduce is not None
 
@@ -146,6 +153,10 @@ def generate_fn(
         text, text_mask = conditioner.embed(tables, batch)
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
         masks = dict(interventions or {})
+        if repulsion is not None:
+            eta, window, blocks = (masks.pop(name) for name in repulsion_lib.KNOBS)
+            rows = repulsion_lib.rows_on(repulsion, text.shape[0])
+            masks["repulsion"] = repulsion_lib.Repulsion(repulsion, eta, window, blocks, rows)
         if "patch_source" in batch:
             masks["patch_source"] = jnp.concatenate([batch["patch_source"], batch["patch_source"] + text.shape[0]])
 

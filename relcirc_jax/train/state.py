@@ -12,7 +12,7 @@ from flax import struct
 from relcirc_jax import pretrained
 from relcirc_jax.config_checks import validate_config
 from relcirc_jax.errors import UserError
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.mesh import make_mesh
 from relcirc_jax.text.conditioner import make_text_conditioner
@@ -29,10 +29,12 @@ class TrainState:
     step: jax.Array
 
 
-def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> dit.DiTConfig:
-    """The DiTConfig of `config.model` (None fields keep the size's defaults), training dtype and remat included."""
-    overrides = {k: v for k, v in config.model.items() if k != "size" and v is not None}
-    return dit.dit_config(
+def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> arch.ModelConfig:
+    """The model config of `config.model` (its arch and size; None fields keep the size's defaults), training dtype
+    and remat included."""
+    overrides = {k: v for k, v in config.model.items() if k not in ("arch", "size") and v is not None}
+    return arch.model_config(
+        config.model.arch,
         config.model.size,
         image_size=config.data.image_size,
         caption_channels=caption_channels,
@@ -58,14 +60,14 @@ def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation
     )
 
 
-def init_state(model_cfg: dit.DiTConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
-    """A fresh state: DiT params from `seed`, EMA = params, step 0. Jit it with `state_shardings` as out_shardings."""
-    params = dit.init_params(model_cfg, jax.random.PRNGKey(seed))
+def init_state(model_cfg: arch.ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state: model params from `seed`, EMA = params, step 0. Jit it with `state_shardings` as out_shardings."""
+    params = arch.init_params(model_cfg, jax.random.PRNGKey(seed))
     return TrainState(params=params, opt_state=tx.init(params), ema_params=params, step=jnp.zeros((), jnp.int32))
 
 
 def state_shardings(
-    model_cfg: dit.DiTConfig,
+    model_cfg: arch.ModelConfig,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     seed: int = 0,
@@ -74,7 +76,7 @@ def state_shardings(
     """(abstract state, its shardings): params, EMA and optimizer moments follow the model's logical axes through
     `rules`, the rest (step, Adam counts) is replicated."""
     abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, seed))
-    param_sh = sharding_rules.param_shardings(abstract.params, dit.logical_specs(model_cfg), mesh, rules)
+    param_sh = sharding_rules.param_shardings(abstract.params, arch.logical_specs(model_cfg), mesh, rules)
     replicated = sharding_rules.replicated(mesh)
     opt_sh = optax.tree_map_params(
         tx, lambda _, sh: sh, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
@@ -96,7 +98,7 @@ class RunSetup(NamedTuple):
     mesh: jax.sharding.Mesh
     conditioner: Any
     tables: Any  # the conditioner's constant tables, replicated on the mesh
-    model_cfg: dit.DiTConfig
+    model_cfg: arch.ModelConfig
     tx: optax.GradientTransformation
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     state_shardings: TrainState

@@ -9,7 +9,7 @@ import optax
 from absl import logging
 
 from relcirc_jax import diffusion
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import ema
 from relcirc_jax.train.state import TrainState, learning_rate
@@ -19,9 +19,9 @@ STEP_BATCH_KEYS = ("image", "ids", "mask", "caption_index")
 _STEP_STREAM = 1  # fold-in tag separating the per-step random stream from parameter initialisation
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig) -> Callable:
+def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig) -> Callable:
     """loss_fn(params, batch, text, text_mask, key) -> (loss, aux): caption dropout, then the diffusion loss."""
-    model = dit.DiT(model_cfg)
+    model = arch.module(model_cfg)
     dropout = config.train.caption_dropout
     logit_mean, logit_std = config.train.t_logit_mean, config.train.t_logit_std
     timestep_logit_normal = None if logit_mean is None else (logit_mean, logit_std)
@@ -52,7 +52,7 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, model_cfg: dit.DiTConfig, conditioner, tx: optax.GradientTransformation
+    config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig, conditioner, tx: optax.GradientTransformation
 ) -> Callable:
     """train_step(state, batch, tables) -> (new state, {"loss", "grad_norm", "lr"}).
 

@@ -1,0 +1,192 @@
+"""On-the-fly repulsion in the contextual space (Dahary et al. 2026; spec: shared/papers/contextual_repulsion_notes.md
+sections 2 and 6.4), applied inside the model call, so inside the sampler's `lax.scan`.
+
+In an MM-DiT (models/mmdit.py) the text tokens form a residual stream that every joint block updates from the image,
+so each sample of one prompt carries its own text tokens: the "contextual space". After chosen blocks, during the
+first sampler steps, each group of B samples of one prompt has its flattened text tokens c_i [N*D] moved M times by
+gradient ascent on H, the von Neumann entropy (= log Vendi) of their cosine kernel:
+
+    rho = (K + r I) / (B (1 + r)),   H = -sum lambda log lambda (lambda: eigenvalues of rho),
+    raw:      c_i <- c_i + (eta / M) dH/dc_i                 (the paper's eta; it must scale with |c|^2)
+    angular:  c_i <- c_i + (eta / M) |c_i|^2 dH/dc_i         (dimensionless: dH/dc_i is proportional to 1 / |c_i|)
+
+The gradient is taken through the B x B entropy only (analysis.diversity's gap-free custom VJP), never through the
+network. Samples of different prompts never interact: the batch is cut into consecutive groups of `group_size` rows.
+
+What is static and what is data. `RepulsionConfig` (hashable; a change recompiles) holds M, the site, the target
+stream, the kernel and its regulariser, the step mode, the token mask and the group size. The sweep knobs are arrays
+the sampler receives with the other interventions (sampling.generate_fn's `interventions`), so a sweep over them
+compiles once and can be vmapped:
+
+    repulsion_eta      float32 []       eta (0 = off: the output is bit-identical to the base sampler)
+    repulsion_window   float32 [2]      (t_lo, t_hi): model timesteps at which it acts, inclusive; "the first tau
+                                        steps" is `first_steps_window(solver, num_steps, tau)`
+    repulsion_blocks   float32 [depth]  1 where block l's output is repelled
+
+Sites (`site`): "block_out" moves the stream leaving the block (the default: the residual stream the next block
+reads); "attn_out" moves the joint attention's output of that stream before its gate. Targets (`target`): "text"
+(the method) or "image" (the image tokens of the same blocks: the paper's negative control, notes 2.6). The image
+target also works on the PixArt DiT (models/dit.py, site "block_out" only), the labelled "image-side control (B)" of
+notes 6.3; the PixArt text stream is static, so a "text" target there is refused (its gradient is exactly 0).
+With CFG both halves of the batch are repelled by default (`branches`, the paper's SD3.5 setting); "cond" or
+"uncond" leaves the other half alone.
+"""
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from relcirc_jax.analysis import diversity
+from relcirc_jax.diffusion import model_timesteps
+
+SITES = ("block_out", "attn_out")
+TARGETS = ("text", "image")
+BRANCHES = ("both", "cond", "uncond")
+ETA_MODES = ("angular", "raw")
+TOKEN_MASKS = ("valid", "all")
+# The traced knobs, as keys of sampling.generate_fn's `interventions`.
+KNOBS = ("repulsion_eta", "repulsion_window", "repulsion_blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class RepulsionConfig:
+    """The static part of a repulsion (module docstring); the defaults are the paper's, with the angular step."""
+
+    inner_steps: int = 50  # M, Euler steps of the gradient flow within one block call
+    site: str = "block_out"
+    target: str = "text"
+    branches: str = "both"
+    kernel: str = "cosine"
+    q: float = 1.0  # entropy order (1 = von Neumann, the paper's)
+    kernel_reg: float = 1e-4  # r: rho = (K + r I) / (B (1 + r)), as the SD3.5 re-implementation
+    eta_mode: str = "angular"
+    token_mask: str = "valid"  # text target: "valid" repels the caption's tokens only, "all" the padding too
+    group_size: int = 4  # B: consecutive rows of the batch share a prompt
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("site", SITES),
+            ("target", TARGETS),
+            ("branches", BRANCHES),
+            ("kernel", diversity.KERNELS),
+            ("eta_mode", ETA_MODES),
+            ("token_mask", TOKEN_MASKS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RepulsionConfig.{name}={getattr(self, name)!r} is unknown; choose one of {allowed}.")
+        if self.inner_steps < 1 or self.group_size < 2:
+            raise ValueError(
+                f"RepulsionConfig needs inner_steps >= 1 and group_size >= 2 (got {self.inner_steps}, "
+                f"{self.group_size}): a repulsion acts between at least two samples of one prompt."
+            )
+
+
+class Repulsion(NamedTuple):
+    """What a model call receives: the static config, the traced knobs and which rows may move ([B] bool: the CFG
+    branches `branches` selects)."""
+
+    config: RepulsionConfig
+    eta: jax.Array
+    window: jax.Array
+    blocks: jax.Array
+    rows_on: jax.Array
+
+    def apply(self, value: jax.Array, layer: int, site: str, stream: str, t: jax.Array, token_mask=None) -> jax.Array:
+        """`value` [batch, tokens, D] of `stream` ("text" / "image") at `site` of block `layer`, repelled within each
+        group where the knobs switch it on at timestep t [batch]; unchanged (the same array) elsewhere."""
+        cfg = self.config
+        if site != cfg.site or stream != cfg.target:
+            return value
+        in_window = (t >= self.window[0]) & (t <= self.window[1])
+        rows = self.rows_on & in_window & (self.eta > 0) & (self.blocks[layer] > 0)
+        if token_mask is None or cfg.token_mask == "all":
+            token_mask = jnp.ones(value.shape[:2], bool)
+        return repel_groups(value, token_mask, rows, self.eta, cfg)
+
+
+def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, eta, config: RepulsionConfig):
+    """tokens [batch, N, D] repelled group by group (consecutive `group_size` rows), in groups whose rows are all
+    switched on by rows_on [batch]; other groups, and masked-out tokens (token_mask [batch, N] False), are returned
+    unchanged. Skips the work (lax.cond) when no group is on."""
+    batch, b = tokens.shape[0], config.group_size
+    if batch % b:
+        raise ValueError(
+            f"A repulsion batch of {batch} rows does not split into groups of {b} samples per prompt. Fix: make the "
+            "number of images per prompt (and the sampling batch) a multiple of the group size."
+        )
+    groups = tokens.reshape((batch // b, b) + tokens.shape[1:])
+    masks = token_mask.reshape(batch // b, b, -1)
+    group_on = jnp.all(rows_on.reshape(batch // b, b), axis=1)
+
+    def repel_all(groups):
+        moved = jax.vmap(lambda x, m: repel_group(x, m, eta, config))(groups, masks)
+        return jnp.where(group_on[:, None, None, None], moved, groups)
+
+    out = jax.lax.cond(jnp.any(group_on), repel_all, lambda g: g, groups)
+    return out.reshape(tokens.shape)
+
+
+def group_entropy(vectors: jax.Array, config: RepulsionConfig) -> jax.Array:
+    """H_q of the regularised kernel of vectors [B, F] (module docstring)."""
+    kernel = diversity.kernel_matrix(vectors, config.kernel)
+    n, reg = vectors.shape[0], config.kernel_reg
+    rho = (kernel + reg * jnp.eye(n, dtype=kernel.dtype)) / (n * (1.0 + reg))
+    return diversity.spectral_entropy(rho, config.q)
+
+
+def repel_group(tokens: jax.Array, token_mask: jax.Array, eta, config: RepulsionConfig) -> jax.Array:
+    """One prompt's tokens [B, N, D] after M Euler steps of gradient ascent on the entropy of their flattened
+    masked vectors (float32 inside; returned in tokens' dtype; masked-out tokens unchanged)."""
+    mask = token_mask.astype(jnp.float32)[..., None]
+    start = jax.lax.stop_gradient(tokens.astype(jnp.float32) * mask).reshape(tokens.shape[0], -1)
+    grad = jax.grad(lambda c: group_entropy(c, config))
+    step = jnp.asarray(eta, jnp.float32) / config.inner_steps
+
+    def body(_, c):
+        g = grad(c)
+        if config.eta_mode == "angular":
+            g = g * jnp.sum(c * c, axis=1, keepdims=True)
+        return c + step * g
+
+    moved = jax.lax.fori_loop(0, config.inner_steps, body, start)
+    delta = (moved - start).reshape(tokens.shape) * mask
+    return (tokens.astype(jnp.float32) + delta).astype(tokens.dtype)
+
+
+def rows_on(config: RepulsionConfig, batch: int) -> jax.Array:
+    """bool [2 * batch] for a CFG batch laid out [cond; uncond]: the rows `config.branches` lets move."""
+    cond, uncond = {"both": (True, True), "cond": (True, False), "uncond": (False, True)}[config.branches]
+    return jnp.concatenate([jnp.full((batch,), cond), jnp.full((batch,), uncond)])
+
+
+def first_steps_window(solver: str, num_steps: int, tau: int) -> np.ndarray:
+    """float32 [2]: the model-timestep window of the first `tau` solver steps (tau = 0: an empty window)."""
+    timesteps = model_timesteps(solver, num_steps)
+    if tau <= 0:
+        return np.array([np.inf, np.inf], np.float32)
+    return np.array([timesteps[min(tau, num_steps) - 1], timesteps[0]], np.float32)
+
+
+def knobs(eta: float, window, blocks) -> dict[str, np.ndarray]:
+    """The traced knobs as `interventions` entries (float32)."""
+    return {
+        "repulsion_eta": np.float32(eta),
+        "repulsion_window": np.asarray(window, np.float32),
+        "repulsion_blocks": np.asarray(blocks, np.float32),
+    }
+
+
+def thirds(depth: int) -> dict[str, np.ndarray]:
+    """Block selections of notes 7.3: "all", and the "first", "middle" and "last" third of the blocks that have a
+    text output (the MM-DiT's last block is context_pre_only, so text repulsion there is a no-op)."""
+    usable = max(depth - 1, 1)
+    edges = np.linspace(0, usable, 4).round().astype(int)
+    out = {"all": np.r_[np.ones(usable), np.zeros(depth - usable)].astype(np.float32)}
+    for name, lo, hi in zip(("first", "middle", "last"), edges[:-1], edges[1:]):
+        sel = np.zeros(depth, np.float32)
+        sel[lo : max(hi, lo + 1)] = 1
+        out[name] = sel
+    return out

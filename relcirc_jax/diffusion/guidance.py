@@ -20,13 +20,14 @@ def cfg_denoiser_fn(
     text_mask: jax.Array,
     null_text: jax.Array,
     null_mask: jax.Array,
-    scale: float,
+    scale,
     *,
     has_aux: bool = False,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """denoiser(x, t) -> the guided prediction; model_fn(x, t, text, mask) -> the model's prediction (eps, x0 or v),
     text [B, L, D], mask [B, L].
 
+    scale: a number, or scale(t) -> per-row scales [B] (interval guidance, a traced CFG sweep).
     null_text / null_mask may have batch 1 (or B); they are broadcast to text's shape. With has_aux, model_fn returns
     (prediction, aux) and so does the denoiser; aux is of the doubled batch, the conditional half first.
     """
@@ -40,7 +41,8 @@ def cfg_denoiser_fn(
         out, aux = out if has_aux else (out, None)
         cond, uncond = jnp.split(out, 2)
         channels = x.shape[-1]
-        guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])
+        s = scale(t).reshape((-1,) + (1,) * (x.ndim - 1)).astype(cond.dtype) if callable(scale) else scale
+        guided = uncond[..., :channels] + s * (cond[..., :channels] - uncond[..., :channels])
         guided = jnp.concatenate([guided, cond[..., channels:]], axis=-1)
         return (guided, aux) if has_aux else guided
 

@@ -1,6 +1,7 @@
 """Prompts -> images: one jitted, batch-sharded call (text embedding, CFG, DPM-Solver++), plus image grids."""
 
 import dataclasses
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -13,6 +14,7 @@ from etils import epath
 from PIL import Image
 
 from relcirc_jax import diffusion
+from relcirc_jax.analysis import baselines
 from relcirc_jax.analysis import repulsion as repulsion_lib
 from relcirc_jax.config import NEGATIVES
 from relcirc_jax.data import dataset, tokenizer
@@ -129,6 +131,7 @@ def generate_fn(
     capture: Sequence[str] = (),
     reduce: Callable | None = None,
     repulsion=None,
+    group_size: int = 4,
 ) -> Callable:
     """generate(params, batch, tables, noise_id, interventions=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
     and the solver in one traceable function (jit it; vmap it over `interventions` for ablation and patching screens).
@@ -142,7 +145,9 @@ def generate_fn(
     returns (images, that pytree stacked over steps [num_steps, ...]).
     With `repulsion` (an analysis.repulsion.RepulsionConfig), `interventions` must hold its traced knobs
     (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
-    (sweeping the knobs does not recompile).
+    (sweeping the knobs does not recompile). The diversity baselines (analysis/baselines.py: a traced CFG scale,
+    interval guidance, particle guidance over groups of `group_size` captions, CADS) act when their knob is among
+    the interventions.
     """
     # No backward pass here, so no rematerialisation (it would also not pass a repulsion through the blocks).
     model = arch.module(dataclasses.replace(model_cfg, remat=False), capture)
@@ -153,6 +158,7 @@ def generate_fn(
         text, text_mask = conditioner.embed(tables, batch)
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
         masks = dict(interventions or {})
+        knobs = {name: masks.pop(name) for name in baselines.KNOBS if name in masks}
         if repulsion is not None:
             eta, window, blocks = (masks.pop(name) for name in repulsion_lib.KNOBS)
             rows = repulsion_lib.rows_on(repulsion, text.shape[0])
@@ -161,16 +167,28 @@ def generate_fn(
             masks["patch_source"] = jnp.concatenate([batch["patch_source"], batch["patch_source"] + text.shape[0]])
 
         def model_fn(x, t, txt, msk):
+            if "cads" in knobs:  # the conditional half only
+                half = text.shape[0]
+                cond = baselines.cads_condition(txt[:half], t[:half], cads_keys, knobs["cads"])
+                txt = jnp.concatenate([cond, txt[half:]])
             if not has_aux:
                 return model.apply({"params": params}, x, t, txt, msk, **masks)
             out, state = model.apply({"params": params}, x, t, txt, msk, mutable=["intermediates"], **masks)
             cache = dit.collect_sown(state["intermediates"])
             return out, reduce({name: value[: text.shape[0]] for name, value in cache.items()}, batch)
 
+        scale = cfg_scale
+        if "cfg_scale" in knobs or "guidance_window" in knobs:
+            scale = functools.partial(
+                baselines.guidance_scale, knobs.get("cfg_scale", cfg_scale), window=knobs.get("guidance_window")
+            )
         guided = guidance.cfg_denoiser_fn(
-            model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, cfg_scale, has_aux=has_aux
+            model_fn, text, text_mask, null_text.astype(text.dtype), null_mask, scale, has_aux=has_aux
         )
         eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction, has_aux=has_aux)
+        if "pg_coeff" in knobs:
+            eps_fn = _with_particle_guidance(eps_fn, knobs["pg_coeff"], group_size, has_aux)
+        cads_keys = baselines.cads_keys(seed, noise_id)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
         noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
         if not has_aux:
@@ -179,6 +197,16 @@ def generate_fn(
         return to_uint8(x0), aux
 
     return generate
+
+
+def _with_particle_guidance(eps_fn: Callable, coeff, group_size: int, has_aux: bool) -> Callable:
+    def guided(x, t):
+        out = eps_fn(x, t)
+        eps, aux = out if has_aux else (out, None)
+        eps = baselines.particle_guidance(eps, x, jnp.broadcast_to(t, x.shape[:1]), coeff, group_size)
+        return (eps, aux) if has_aux else eps
+
+    return guided
 
 
 def to_uint8(images: jax.Array) -> jax.Array:

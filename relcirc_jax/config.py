@@ -42,7 +42,9 @@ VARIANTS = (None, "cpu", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
-ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "all")
+ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "all")
+DIVERSITY_GRIDS = ("full", "small", "smoke")  # analysis.frontier.GRIDS
+DIVERSITY_METRICS = ("overall", "overall_loose")
 PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
@@ -174,6 +176,12 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.patching_prompts = 16  # eval prompts patched (x images_per_prompt pairs; two worlds each)
     c.analysis.patching_corruption = "relation"  # the twin: relation -> its converse, or "shapes" swapped
     c.analysis.patching_windows = 2  # step windows besides "all steps" (early / late with 2)
+    # kind=diversity (analysis/frontier.py; not part of "all"): eval prompts x groups x images per group, paired seeds
+    c.analysis.diversity_prompts = 16
+    c.analysis.diversity_groups = 2
+    c.analysis.diversity_group_size = 4
+    c.analysis.diversity_grid = "small"  # DIVERSITY_GRIDS: "full" is the notes' grid (~130 settings)
+    c.analysis.diversity_metric = "overall"  # what counts as a correct image: DIVERSITY_METRICS
     return c
 
 
@@ -223,3 +231,6 @@ def _apply_smoke(c: ml_collections.ConfigDict) -> None:
     c.eval.num_steps = 2
     c.analysis.images_per_prompt = 1
     c.analysis.patching_prompts = 2
+    c.analysis.diversity_prompts = 2
+    c.analysis.diversity_groups = 1
+    c.analysis.diversity_grid = "smoke"

@@ -13,6 +13,8 @@ import ml_collections
 from relcirc_jax.config import (
     ANALYSIS_KINDS,
     ARCHS,
+    DIVERSITY_GRIDS,
+    DIVERSITY_METRICS,
     ENCODERS,
     NEGATIVES,
     PATCHING_CORRUPTIONS,
@@ -124,6 +126,19 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(
             f"analysis.patching_corruption={c.analysis.patching_corruption!r} is unknown; use one of "
             f"{PATCHING_CORRUPTIONS}."
+        )
+    if c.analysis.diversity_grid not in DIVERSITY_GRIDS:
+        problems.append(
+            f"analysis.diversity_grid={c.analysis.diversity_grid!r} is unknown; use one of {DIVERSITY_GRIDS}."
+        )
+    if c.analysis.diversity_metric not in DIVERSITY_METRICS:
+        problems.append(
+            f"analysis.diversity_metric={c.analysis.diversity_metric!r} is unknown; use one of {DIVERSITY_METRICS}."
+        )
+    if c.analysis.diversity_prompts < 1 or c.analysis.diversity_groups < 1 or c.analysis.diversity_group_size < 2:
+        problems.append(
+            "analysis.diversity_prompts and diversity_groups must be >= 1 and diversity_group_size >= 2 (got "
+            f"{c.analysis.diversity_prompts}, {c.analysis.diversity_groups}, {c.analysis.diversity_group_size})."
         )
     if c.analysis.ablation_top_heads < 0:
         problems.append(f"analysis.ablation_top_heads={c.analysis.ablation_top_heads} must be >= 0 (0 = skip).")

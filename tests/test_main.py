@@ -103,6 +103,23 @@ def test_analyze_writes_arrays_figures_and_summary_of_every_kind(trained, capsys
         assert (directory / "summary.md").read_text().startswith("# ")
 
 
+def test_analyze_diversity_writes_the_frontier_on_paired_seeds(trained):
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", CONFIG, f"--workdir={trained}", "--mode=analyze"])
+    cli.FLAGS.config.analysis.kind = "diversity"
+    cli.main(["main"])
+    directory = trained / "analysis" / "diversity"
+    summary = (directory / "summary.md").read_text()
+    # the PixArt DiT has no contextual space: only the image-side control runs, and at eta 0 it is plain CFG
+    assert "image_repulsion at eta 0 vs CFG 4.5: identical images" in summary and "| repulsion |" not in summary
+    for method in ("cfg", "interval", "pg", "cads", "image_repulsion"):
+        assert f"| {method} |" in summary
+    with np.load(directory / "diversity.npz") as arrays:
+        assert arrays["cfg_accuracy"].shape == (2,) and np.isfinite(arrays["reference_vs_m"])
+    for name in ("frontier", "sample_grid"):
+        assert np.asarray(Image.open(directory / f"{name}.png").convert("L")).std() > 0
+
+
 def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
     config = f"--config={REPO}/configs/mmdit_rte_dit_nano.py:smoke"
     for mode in ("train", "evaluate"):

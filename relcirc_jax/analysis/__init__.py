@@ -14,6 +14,10 @@ workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report
                caption embeddings by factor before and after the caption projection, relation vector arithmetic
     dynamics   every saved checkpoint of the run: accuracy per component and the synopsis' head scores over training
                (skipped by "all" when the workdir has no checkpoint, e.g. with only --init_from)
+    diversity  (only when named; not part of "all") the accuracy-vs-diversity study of contextual repulsion against
+               the CFG sweep, interval guidance, particle guidance, CADS and image-token repulsion (frontier.py)
+
+On an MM-DiT (model.arch="mmdit") text and diversity run; "all" runs text.
 """
 
 import time
@@ -25,14 +29,15 @@ from etils import epath
 from relcirc_jax.config import ANALYSIS_KINDS
 from relcirc_jax.errors import UserError
 
-KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind != "all")
+# The circuit analyses, what "all" runs; "diversity" (the accuracy-vs-diversity study) runs only when named.
+KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind not in ("all", "diversity"))
 # What runs on an MM-DiT (config.model.arch="mmdit"): the others read PixArt's cross-attention heads.
-MMDIT_KINDS = ("text",)
+MMDIT_KINDS = ("text", "diversity")
 
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
     """Runs the analyses config.analysis.kind names; returns {kind: wall seconds}."""
-    from relcirc_jax.analysis import ablation, context, dynamics, patching, qk_screen, synopsis, text
+    from relcirc_jax.analysis import ablation, context, dynamics, frontier, patching, qk_screen, synopsis, text
     from relcirc_jax.train import checkpoint
 
     a = config.analysis
@@ -41,7 +46,7 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
         if a.kind != "all" and a.kind not in MMDIT_KINDS:
             raise UserError(
                 f"--config.analysis.kind={a.kind} reads PixArt's cross-attention heads, and this model is an MM-DiT "
-                f"(model.arch=mmdit). Fix: use one of {MMDIT_KINDS} (or 'all', which runs those)."
+                f"(model.arch=mmdit). Fix: use one of {MMDIT_KINDS} ('all' runs the circuit analyses among them)."
             )
         kinds = tuple(kind for kind in kinds if kind in MMDIT_KINDS)
     model = context.from_workdir(config, workdir, step)
@@ -69,6 +74,15 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
         ),
         "text": lambda: text.run(model, out_dir, images_per_prompt=a.images_per_prompt),
         "dynamics": lambda: dynamics.run(config, workdir, out_dir, images_per_prompt=a.images_per_prompt),
+        "diversity": lambda: frontier.run(
+            model,
+            out_dir,
+            num_prompts=a.diversity_prompts,
+            groups=a.diversity_groups,
+            group_size=a.diversity_group_size,
+            grid=a.diversity_grid,
+            metric=a.diversity_metric,
+        ),
     }
     seconds = {}
     for kind in kinds:
@@ -85,7 +99,7 @@ def write_index(out_dir, label: str, seconds: dict[str, float]) -> epath.Path:
     """Writes `<out_dir>/report.md`: every analysis summary found under out_dir (in KINDS order, whenever it was run)
     in one document, after a table of the kinds, their figures and the wall time of those run just now."""
     out_dir = epath.Path(out_dir)
-    present = [kind for kind in KINDS if (out_dir / kind / "summary.md").exists()]
+    present = [kind for kind in KINDS + ("diversity",) if (out_dir / kind / "summary.md").exists()]
     lines = [
         f"# Circuit analyses: {label}",
         "",

@@ -30,13 +30,15 @@ def screen(
     noise_id: np.ndarray | None = None,
     patch_source: np.ndarray | None = None,
     label: str = "screen",
+    generate_kwargs: dict | None = None,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """(uint8 images [M, len(captions), H, W, 3], {"compile_s", "run_s"}): the captions sampled under each of the M
     interventions ({DiT keyword: array [M, ...]}) with the model config's eval sampler (solver, steps, CFG, seed,
     negative).
 
     Image i starts from the noise of noise_id[i] (default i); patch_source[i] (default none) is the row image i
-    patches from. Captions are padded to a multiple of the batch shards (the padding rows patch from themselves).
+    patches from. `generate_kwargs` go to sampling.generate_fn (e.g. a repulsion config).
+    Captions are padded to a multiple of the batch shards (the padding rows patch from themselves).
     The result does not depend on the mesh, but another `chunk` changes the batched matmuls' shapes and so their
     float rounding (the odd pixel one level off).
     """
@@ -59,7 +61,8 @@ def screen(
     batch = host_data.shared_to_global(batch, mesh)
     noises = batch.pop("noise_id")
 
-    generate = sampling.generate_fn(model.model_cfg, model.conditioner, **sampling.eval_settings(model.config))
+    settings = {**sampling.eval_settings(model.config), **(generate_kwargs or {})}
+    generate = sampling.generate_fn(model.model_cfg, model.conditioner, **settings)
     batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
     screen_fn = jax.jit(
         jax.vmap(generate, in_axes=(None, None, None, None, 0)),

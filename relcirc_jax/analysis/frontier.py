@@ -1,0 +1,403 @@
+"""The accuracy-vs-diversity study (`--config.analysis.kind=diversity`; notes 7.2-7.3): contextual repulsion
+against the CFG sweep, interval guidance, latent particle guidance, CADS and image-token repulsion, on paired seeds.
+
+Protocol, fixed before looking (the grid is `GRIDS[config.analysis.diversity_grid]`): `diversity_prompts` eval
+prompts, each sampled as `diversity_groups` groups of `diversity_group_size` images; image i starts from noise i
+under every method and knob (paired). Each method compiles once and runs its whole knob sweep through one
+vmapped sampler (analysis/interventions.py). Every image is scored by the evaluator; per knob setting:
+
+    accuracy     fraction of images the evaluator passes (`diversity_metric`, "overall" = colours, shapes, unique
+                 binding and the strict relation)
+    VS_m         mean Vendi (layout RBF kernel, sigma 0.1 of the canvas) over size-m subsets (m = B - 1) of each
+                 group's correct images (diversity at a fixed count, apart from accuracy; the primary quantity)
+    ENC          Vendi of each group's correct layouts, 0 when none (accuracy and diversity in one number)
+    pixel Vendi  cosine Vendi of 32x32 pixels over all images of a group (a cross-check, not layout-specific)
+    MMD^2, coverage  of the pooled correct layouts against the scene generator's exact law for the same prompts
+    ms/image     sampling wall time per image of the method's sweep (a vmapped sweep computes every branch, so
+                 it bounds a single setting's cost from above)
+
+with 95 % bootstrap intervals over prompts, and the reference point of the generator's law (accuracy 1, VS_m^ref,
+ENC^ref). The question the report answers: at equal accuracy, does contextual repulsion reach a higher VS_m than the
+CFG sweep and particle guidance? It is stated per point as the distance above the CFG frontier (the piecewise-linear
+VS_m of the CFG sweep at the same accuracy).
+
+Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT the others run and "image_repulsion"
+is the labelled image-side control.
+"""
+
+import time
+import warnings
+
+import numpy as np
+from absl import logging
+
+from relcirc_jax.analysis import context, diversity, interventions
+from relcirc_jax.analysis import repulsion as repulsion_lib
+from relcirc_jax.data.prompts import parse
+from relcirc_jax.evaluation.scoring import score_specs
+from relcirc_jax.models import arch
+from relcirc_jax.train import evaluate, sampling
+
+METRICS = ("overall", "overall_loose")
+NUM_RESAMPLES = 1000
+REFERENCE_GROUPS = 256  # groups drawn from the generator's law per prompt for VS_m^ref / ENC^ref
+REFERENCE_LAYOUTS = 64  # reference layouts per prompt for MMD and coverage
+
+CADS_TAUS = ((0.3, 0.8), (0.6, 0.9))  # (tau1, tau2): the repulsion paper's and the flow_grpo defaults
+GRIDS = {
+    # notes 7.3 (without the M and B ablations)
+    "full": dict(
+        cfg=(1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0),
+        eta=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+        tau=(1, 2, 4),
+        blocks=("all", "first", "middle", "last"),
+        pg=(3.0, 10.0, 30.0, 100.0, 300.0),
+        cads=[(s, *taus, psi) for s in (0.05, 0.1, 0.25, 0.5) for taus in CADS_TAUS for psi in (0.5, 1.0)],
+        intervals=((0.0, 600.0), (200.0, 800.0), (400.0, 1000.0), (200.0, 1000.0)),
+    ),
+    # the same axes, thinned for a CPU: about 30 settings
+    "small": dict(
+        cfg=(1.0, 2.0, 3.0, 4.5, 8.0),
+        eta=(0.05, 0.2, 0.5, 1.0),
+        tau=(2, 4),
+        blocks=("all", "middle"),
+        pg=(10.0, 30.0, 100.0),
+        cads=[(0.1, 0.3, 0.8, 1.0), (0.25, 0.3, 0.8, 1.0), (0.5, 0.3, 0.8, 1.0)],
+        intervals=((200.0, 800.0), (400.0, 1000.0)),
+    ),
+    # one or two settings per method, for tests
+    "smoke": dict(
+        cfg=(1.0, 4.5),
+        eta=(0.5,),
+        tau=(2,),
+        blocks=("all",),
+        pg=(30.0,),
+        cads=[(0.25, 0.3, 0.8, 1.0)],
+        intervals=((200.0, 800.0),),
+    ),
+}
+
+
+def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[dict]:
+    """[{"name", "labels" (one per setting), "knobs" ({interventions key: [M, ...]}), "generate" (generate_fn
+    kwargs)}] for the model: every method of the grid that applies to its architecture."""
+    eval_config, depth = model.config.eval, model.model_cfg.depth
+    window = lambda tau: repulsion_lib.first_steps_window(eval_config.solver, eval_config.num_steps, tau)  # noqa: E731
+    thirds = repulsion_lib.thirds(depth)
+    out = [
+        dict(name="cfg", labels=[f"w={w:g}" for w in grid["cfg"]], knobs={"cfg_scale": np.float32(grid["cfg"])}),
+        dict(
+            name="interval",
+            labels=[f"CFG {eval_config.cfg_scale:g} in t [{lo:g}, {hi:g}]" for lo, hi in grid["intervals"]],
+            knobs={"guidance_window": np.float32(grid["intervals"])},
+        ),
+        dict(name="pg", labels=[f"coeff={c:g}" for c in grid["pg"]], knobs={"pg_coeff": np.float32(grid["pg"])}),
+        dict(
+            name="cads",
+            labels=[f"s={s:g} tau=({t1:g},{t2:g}) psi={p:g}" for s, t1, t2, p in grid["cads"]],
+            knobs={"cads": np.float32(grid["cads"])},
+        ),
+    ]
+    settings = [(0.0, grid["tau"][0], grid["blocks"][0])]  # eta 0: must equal CFG at the eval scale (a check)
+    settings += [(e, tau, b) for e in grid["eta"] for tau in grid["tau"] for b in grid["blocks"]]
+
+    def repulsion_method(name, target, blocks_of):
+        knobs = [repulsion_lib.knobs(e, window(tau), blocks_of(b)) for e, tau, b in settings]
+        return dict(
+            name=name,
+            labels=[f"eta={e:g} tau={tau} blocks={b}" for e, tau, b in settings],
+            knobs={k: np.stack([row[k] for row in knobs]) for k in repulsion_lib.KNOBS},
+            generate=dict(repulsion=repulsion_lib.RepulsionConfig(target=target, group_size=group_size)),
+        )
+
+    if arch.arch_of(model.model_cfg) == "mmdit":
+        out.append(repulsion_method("repulsion", "text", lambda b: thirds[b]))
+    all_blocks = np.ones(depth, np.float32)
+    image_thirds = {**thirds, "all": all_blocks}
+    out.append(repulsion_method("image_repulsion", "image", lambda b: image_thirds[b]))
+    for method in out:
+        method.setdefault("generate", {})
+        method["generate"]["group_size"] = group_size
+    return out
+
+
+def bootstrap(per_prompt: np.ndarray, num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the nan-mean of per_prompt [P] over prompt resamples (NaN entries skipped)."""
+    values = np.asarray(per_prompt, np.float64)
+    if not np.isfinite(values).any():
+        return float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, len(values), (num_resamples, len(values)))
+    means = _nanmean(values[picks], axis=1)
+    means = means[np.isfinite(means)]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmean without the warning for all-NaN slices (they stay NaN: e.g. a prompt with no sufficient group)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def point_metrics(images, scores, specs, prompts: int, groups: int, group_size: int, metric: str) -> dict:
+    """The metrics of one setting: images uint8 [N, H, W, 3] and their scores (N = prompts x groups x group_size,
+    prompt-major)."""
+    size = images.shape[1]
+    features, _, correct = diversity.layouts_from_scores(scores, size, metric=metric, specs=specs)
+    shape = (prompts * groups, group_size)
+    features, correct = features.reshape(shape + (4,)), correct.reshape(shape)
+    m = group_size - 1
+    vs = diversity.matched_size_vendi(features, correct, m).reshape(prompts, groups)
+    enc = diversity.effective_number_of_layouts(features, correct).reshape(prompts, groups)
+    pixels = diversity.pixel_features(images).reshape(shape + (-1,))
+    pixel_vendi = np.array([float(diversity.vendi_score(group)) for group in pixels])
+    accuracy = correct.reshape(prompts, -1).mean(1)
+    vs_prompt = _nanmean(vs, axis=1)
+    return {
+        "accuracy": float(accuracy.mean()),
+        "accuracy_ci": bootstrap(accuracy),
+        "vs_m": float(np.nanmean(vs)) if np.isfinite(vs).any() else float("nan"),
+        "vs_m_ci": bootstrap(vs_prompt),
+        "insufficient": float(1 - np.isfinite(vs).mean()),
+        "enc": float(enc.mean()),
+        "enc_ci": bootstrap(enc.mean(1)),
+        "pixel_vendi": float(pixel_vendi.mean()),
+        "correct_layouts": features[correct],
+    }
+
+
+def reference(prompt_list, group_size: int, size: int, radius: float, task: str) -> dict:
+    """The generator's law for these prompts: mean VS_m^ref and ENC^ref, and REFERENCE_LAYOUTS layouts per prompt."""
+    ceilings = [
+        diversity.reference_ceiling(
+            p, group_size=group_size, m=group_size - 1, num_groups=REFERENCE_GROUPS, size=size, radius=radius, task=task
+        )
+        for p in prompt_list
+    ]
+    layouts = np.concatenate(
+        [
+            diversity.reference_layouts(p, REFERENCE_LAYOUTS, seed=i, size=size, radius=radius, task=task)
+            for i, p in enumerate(prompt_list)
+        ]
+    )
+    return {
+        "vs_m": float(np.mean([c["vs_m"] for c in ceilings])),
+        "enc": float(np.mean([c["enc"] for c in ceilings])),
+        "layouts": layouts,
+    }
+
+
+def frontier_gap(points: list[dict], cfg_points: list[dict]) -> list[float]:
+    """VS_m of each point minus the CFG sweep's VS_m interpolated at the same accuracy (NaN outside its range)."""
+    usable = sorted((p["accuracy"], p["vs_m"]) for p in cfg_points if np.isfinite(p["vs_m"]))
+    if len(usable) < 2:
+        return [float("nan")] * len(points)
+    acc, vs = np.array(usable).T
+    out = []
+    for p in points:
+        inside = acc[0] <= p["accuracy"] <= acc[-1] and np.isfinite(p["vs_m"])
+        out.append(float(p["vs_m"] - np.interp(p["accuracy"], acc, vs)) if inside else float("nan"))
+    return out
+
+
+def run(
+    model: context.AnalysisModel,
+    out_dir,
+    *,
+    num_prompts: int = 16,
+    groups: int = 2,
+    group_size: int = 4,
+    grid: str = "small",
+    metric: str = "overall",
+    chunk: int = 8,
+):
+    """Runs the study (module docstring) and writes `<out_dir>/diversity/`."""
+    if grid not in GRIDS:
+        raise ValueError(f"Unknown diversity grid {grid!r}; choose one of {tuple(GRIDS)}.")
+    if metric not in METRICS:
+        raise ValueError(f"Unknown diversity metric {metric!r}; choose one of {METRICS}.")
+    if group_size < 2:
+        raise ValueError(f"diversity_group_size={group_size}: a group needs at least 2 images of a prompt.")
+    config = model.config
+    prompt_list = evaluate.eval_prompt_list(config)[:num_prompts]
+    prompts = len(prompt_list)
+    captions = [p for p in prompt_list for _ in range(groups * group_size)]
+    specs = [parse(c).spec for c in captions]
+    size = model.model_cfg.image_size
+    ref = reference(prompt_list, group_size, size, config.data.radius, config.data.task)
+    results, images_by_method, timing = {}, {}, {}
+    for method in methods(model, GRIDS[grid], group_size):
+        name = method["name"]
+        label = f"Diversity: {name}"
+        images, times = interventions.screen(
+            model, captions, method["knobs"], chunk=chunk, label=label, generate_kwargs=method["generate"]
+        )
+        start = time.perf_counter()
+        flat = images.reshape((-1,) + images.shape[2:])
+        scores = score_specs(flat, specs * len(images))
+        per_setting = [
+            {k: v[i * len(captions) : (i + 1) * len(captions)] for k, v in scores.items()} for i in range(len(images))
+        ]
+        points = [
+            point_metrics(images[i], per_setting[i], specs, prompts, groups, group_size, metric)
+            for i in range(len(images))
+        ]
+        for point in points:
+            pooled = point.pop("correct_layouts")
+            enough = len(pooled) >= 2
+            point["mmd2"] = diversity.mmd2(pooled, ref["layouts"]) if enough else float("nan")
+            point["coverage"] = diversity.knn_coverage(pooled, ref["layouts"]) if enough else float("nan")
+        results[name] = dict(labels=method["labels"], points=points)
+        images_by_method[name] = images
+        timing[name] = dict(
+            compile_s=times["compile_s"],
+            run_s=times["run_s"],
+            score_s=time.perf_counter() - start,
+            ms_per_image=1000 * times["run_s"] / images.shape[0] / images.shape[1],
+        )
+        logging.info("Diversity %s: %d settings in %.1f s.", name, len(images), times["run_s"])
+    checks = _paired_checks(images_by_method, results, config.eval.cfg_scale)
+    for name, result in results.items():
+        result["gap"] = frontier_gap(result["points"], results["cfg"]["points"])
+    arrays = _arrays(results, ref, timing)
+    figures = {"frontier": _frontier_figure(results, ref, model.label, metric)}
+    figures["sample_grid"] = _grid_figure(images_by_method, results, prompts, groups, group_size, model.label)
+    summary = _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric)
+    return context.write_report(out_dir, "diversity", arrays, figures, summary)
+
+
+def _paired_checks(images_by_method: dict, results: dict, eval_scale: float) -> list[str]:
+    """Whether each repulsion's eta = 0 row reproduced CFG at the eval scale image for image (it must)."""
+    cfg_labels = results["cfg"]["labels"]
+    base_label = f"w={eval_scale:g}"
+    if base_label not in cfg_labels:
+        return []
+    base = images_by_method["cfg"][cfg_labels.index(base_label)]
+    lines = []
+    for name in ("repulsion", "image_repulsion"):
+        if name in images_by_method:
+            same = np.array_equal(images_by_method[name][0], base)
+            lines.append(f"{name} at eta 0 vs CFG {eval_scale:g}: {'identical images' if same else 'DIFFERENT images'}")
+    return lines
+
+
+def _arrays(results: dict, ref: dict, timing: dict) -> dict[str, np.ndarray]:
+    arrays = {"reference_vs_m": np.float32(ref["vs_m"]), "reference_enc": np.float32(ref["enc"])}
+    for name, result in results.items():
+        arrays[f"{name}_labels"] = np.array(result["labels"])
+        for key in ("accuracy", "vs_m", "enc", "pixel_vendi", "mmd2", "coverage", "insufficient"):
+            arrays[f"{name}_{key}"] = np.array([p[key] for p in result["points"]], np.float32)
+        for key in ("accuracy_ci", "vs_m_ci", "enc_ci"):
+            arrays[f"{name}_{key}"] = np.array([p[key] for p in result["points"]], np.float32)
+        arrays[f"{name}_gap"] = np.array(result["gap"], np.float32)
+        arrays[f"{name}_ms_per_image"] = np.float32(timing[name]["ms_per_image"])
+    return arrays
+
+
+def _frontier_figure(results: dict, ref: dict, label: str, metric: str):
+    plt = context.pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, key, ref_value in ((axes[0], "vs_m", ref["vs_m"]), (axes[1], "enc", ref["enc"])):
+        for name, result in results.items():
+            pts = result["points"]
+            x = np.array([p["accuracy"] for p in pts])
+            y = np.array([p[key] for p in pts])
+            xerr = np.abs(np.array([p["accuracy_ci"] for p in pts]).T - x)
+            yerr = np.abs(np.array([p[f"{key}_ci"] for p in pts]).T - y)
+            order = np.argsort(x)
+            ax.errorbar(
+                x[order], y[order], xerr=np.nan_to_num(xerr[:, order]), yerr=np.nan_to_num(yerr[:, order]),
+                marker="o", ms=4, capsize=2, lw=1, label=name,
+            )  # fmt: skip
+        ax.scatter([1.0], [ref_value], marker="*", s=160, c="k", zorder=5, label="generator's law")
+        ax.set_xlabel(f"accuracy ({metric})")
+        ax.set_ylabel("VS_m (layouts, correct images)" if key == "vs_m" else "ENC (effective correct layouts)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Accuracy vs layout diversity: {label} (95 % bootstrap CIs over prompts)")
+    fig.tight_layout()
+    return fig
+
+
+def _grid_figure(images_by_method, results, prompts, groups, group_size, label):
+    """The first group of up to 4 prompts: CFG at the eval scale vs each method's most diverse setting."""
+    plt = context.pyplot()
+    rows = []
+    for name, result in results.items():
+        vs = np.array([p["pixel_vendi"] for p in result["points"]])
+        pick = int(np.nanargmax(vs))
+        rows.append((f"{name}\n{result['labels'][pick]}", images_by_method[name][pick]))
+    shown = min(prompts, 4)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * shown * group_size, 1.3 * len(rows)), squeeze=False)
+    for ax, (title, images) in zip(axes[:, 0], rows):
+        tiles = [images[p * groups * group_size + i] for p in range(shown) for i in range(group_size)]
+        ax.imshow(np.concatenate(tiles, axis=1))
+        ax.set_title(title, fontsize=7, loc="left")
+        ax.axis("off")
+    fig.suptitle(f"{label}: one group of {group_size} per prompt, the most pixel-diverse setting of each method")
+    fig.tight_layout()
+    return fig
+
+
+def _fmt(value: float, ci=None, scale: float = 1.0, digits: int = 2) -> str:
+    if not np.isfinite(value):
+        return "n/a"
+    text = f"{scale * value:.{digits}f}"
+    if ci is not None and np.isfinite(ci[0]):
+        text += f" [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
+    return text
+
+
+def _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric) -> str:
+    lines = [
+        f"# Accuracy vs diversity: {model.label}",
+        "",
+        f"{prompts} prompts x {groups} groups x {group_size} images per setting, the same noises for every setting "
+        f'(paired); grid "{grid}"; sampler {sampling.describe_eval_sampler(model.config)}. Accuracy: "{metric}". '
+        f"VS_m: m = {group_size - 1}, layout RBF kernel sigma {diversity.LAYOUT_SIGMA}. The generator's law: VS_m "
+        f'{ref["vs_m"]:.2f}, ENC {ref["enc"]:.2f} (accuracy 1). "vs CFG": VS_m minus the CFG sweep\'s VS_m at the '
+        "same accuracy (n/a outside the sweep's accuracy range). 95 % bootstrap intervals over prompts.",
+        "",
+    ]
+    lines += [f"- {line}" for line in checks] + ([""] if checks else [])
+    lines += [
+        "| method | setting | accuracy % | VS_m | vs CFG | ENC | pixel Vendi | MMD^2 | coverage | insufficient |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        for label, point, gap in zip(result["labels"], result["points"], result["gap"]):
+            lines.append(
+                f"| {name} | {label} | {_fmt(point['accuracy'], point['accuracy_ci'], 100, 1)} | "
+                f"{_fmt(point['vs_m'], point['vs_m_ci'])} | {_fmt(gap)} | {_fmt(point['enc'], point['enc_ci'])} | "
+                f"{_fmt(point['pixel_vendi'])} | {_fmt(point['mmd2'], digits=3)} | {_fmt(point['coverage'])} | "
+                f"{_fmt(point['insufficient'], scale=100, digits=0)} % |"
+            )
+    base_ms = timing["cfg"]["ms_per_image"]
+    lines += ["", "## Wall time", "", "| method | compile s | sampling ms / image | vs CFG sweep | scoring s |"]
+    lines += ["|---|---|---|---|---|"]
+    for name, t in timing.items():
+        lines.append(
+            f"| {name} | {t['compile_s']:.1f} | {t['ms_per_image']:.2f} | x{t['ms_per_image'] / base_ms:.2f} | "
+            f"{t['score_s']:.1f} |"
+        )
+    lines += ["", "## What the data says", ""] + _verdict(results)
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(results: dict) -> list[str]:
+    out = []
+    for name in ("repulsion", "image_repulsion", "pg", "cads", "interval"):
+        if name not in results:
+            continue
+        gaps = np.array(results[name]["gap"], np.float64)
+        if not np.isfinite(gaps).any():
+            out.append(f"- {name}: no setting falls inside the CFG sweep's accuracy range with a defined VS_m.")
+            continue
+        best = int(np.nanargmax(gaps))
+        point = results[name]["points"][best]
+        out.append(
+            f"- {name}: best {results[name]['labels'][best]}: VS_m {point['vs_m']:.2f} at accuracy "
+            f"{100 * point['accuracy']:.1f} %, {gaps[best]:+.2f} against the CFG sweep at that accuracy; "
+            f"{int(np.sum(gaps > 0))} of {int(np.isfinite(gaps).sum())} comparable settings lie above it."
+        )
+    return out

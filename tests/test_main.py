@@ -110,9 +110,11 @@ def test_analyze_diversity_writes_the_frontier_on_paired_seeds(trained):
     cli.main(["main"])
     directory = trained / "analysis" / "diversity"
     summary = (directory / "summary.md").read_text()
-    # the PixArt DiT has no contextual space: only the image-side control runs, and at eta 0 it is plain CFG
-    assert "image_repulsion at eta 0 vs CFG 4.5: identical images" in summary and "| repulsion |" not in summary
-    for method in ("cfg", "interval", "pg", "cads", "image_repulsion"):
+    # the PixArt DiT has no contextual space: its analogue and the image-side control run; at eta 0 both are plain CFG
+    for name in ("pseudo_repulsion", "image_repulsion"):
+        assert f"{name} at eta 0 vs CFG 4.5: identical images" in summary
+    assert "| repulsion |" not in summary
+    for method in ("cfg", "interval", "pg", "cads", "pseudo_repulsion", "image_repulsion"):
         assert f"| {method} |" in summary
     with np.load(directory / "diversity.npz") as arrays:
         assert arrays["cfg_accuracy"].shape == (2,) and np.isfinite(arrays["reference_vs_m"])

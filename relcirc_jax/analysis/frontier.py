@@ -21,8 +21,9 @@ ENC^ref). The question the report answers: at equal accuracy, does contextual re
 CFG sweep and particle guidance? It is stated per point as the distance above the CFG frontier (the piecewise-linear
 VS_m of the CFG sweep at the same accuracy).
 
-Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT the others run and "image_repulsion"
-is the labelled image-side control.
+Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT "pseudo_repulsion" (the
+pseudo-contextual analogue of notes 6.3 (A), labelled as such) runs in its place. "image_repulsion" is the
+image-side control on both.
 """
 
 import time
@@ -112,6 +113,8 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
 
     if arch.arch_of(model.model_cfg) == "mmdit":
         out.append(repulsion_method("repulsion", "text", lambda b: thirds[b]))
+    else:  # notes 6.3 (A): an analogue, not the paper's method
+        out.append(repulsion_method("pseudo_repulsion", "pseudo_text", lambda b: thirds[b]))
     all_blocks = np.ones(depth, np.float32)
     image_thirds = {**thirds, "all": all_blocks}
     out.append(repulsion_method("image_repulsion", "image", lambda b: image_thirds[b]))
@@ -274,7 +277,7 @@ def _paired_checks(images_by_method: dict, results: dict, eval_scale: float) -> 
         return []
     base = images_by_method["cfg"][cfg_labels.index(base_label)]
     lines = []
-    for name in ("repulsion", "image_repulsion"):
+    for name in ("repulsion", "pseudo_repulsion", "image_repulsion"):
         if name in images_by_method:
             same = np.array_equal(images_by_method[name][0], base)
             lines.append(f"{name} at eta 0 vs CFG {eval_scale:g}: {'identical images' if same else 'DIFFERENT images'}")
@@ -386,7 +389,7 @@ def _summary(model, results, ref, timing, checks, prompts, groups, group_size, g
 
 def _verdict(results: dict) -> list[str]:
     out = []
-    for name in ("repulsion", "image_repulsion", "pg", "cads", "interval"):
+    for name in ("repulsion", "pseudo_repulsion", "image_repulsion", "pg", "cads", "interval"):
         if name not in results:
             continue
         gaps = np.array(results[name]["gap"], np.float64)

@@ -28,6 +28,8 @@ reads); "attn_out" moves the joint attention's output of that stream before its 
 (the method) or "image" (the image tokens of the same blocks: the paper's negative control, notes 2.6). The image
 target also works on the PixArt DiT (models/dit.py, site "block_out" only), the labelled "image-side control (B)" of
 notes 6.3; the PixArt text stream is static, so a "text" target there is refused (its gradient is exactly 0).
+"pseudo_text" is the PixArt analogue (A) of notes 6.3, labelled as such: caption tokens plus what they read from
+the image are repelled, and the change is carried in a per-sample caption (dit.pseudo_contextual_repulsion).
 With CFG both halves of the batch are repelled by default (`branches`, the paper's SD3.5 setting); "cond" or
 "uncond" leaves the other half alone.
 """
@@ -43,7 +45,7 @@ from relcirc_jax.analysis import diversity
 from relcirc_jax.diffusion import model_timesteps
 
 SITES = ("block_out", "attn_out")
-TARGETS = ("text", "image")
+TARGETS = ("text", "image", "pseudo_text")
 BRANCHES = ("both", "cond", "uncond")
 ETA_MODES = ("angular", "raw")
 TOKEN_MASKS = ("valid", "all")

@@ -419,6 +419,21 @@ def gate_patches(t: jnp.ndarray, patch_window, head_masks: dict) -> jnp.ndarray:
     return gate
 
 
+def pseudo_contextual_repulsion(repulsion, layer: int, caption, h, t, text_mask):
+    """The PixArt analogue of a contextual space (notes 6.3 (A), "pseudo-contextual repulsion"; not the paper's
+    method): each caption token reads the image tokens h [B, N, D] it matches (softmax over positions of
+    caption . h / sqrt(D)), the sum f = caption + readout is repelled, and its change is added to the per-sample
+    caption [B, L, D] the later blocks' cross-attention reads. A no-op unless the repulsion's target is
+    "pseudo_text"; exactly the caption when it is off."""
+    if repulsion.config.target != "pseudo_text":
+        return caption
+    scores = jnp.einsum("bld,bnd->bln", caption.astype(jnp.float32), h.astype(jnp.float32)) / math.sqrt(h.shape[-1])
+    readout = jnp.einsum("bln,bnd->bld", jax.nn.softmax(scores, axis=-1), h.astype(jnp.float32))
+    contextual = caption.astype(jnp.float32) + readout
+    moved = repulsion.apply(contextual, layer, "block_out", "pseudo_text", t, text_mask)
+    return (caption + (moved - contextual)).astype(caption.dtype)
+
+
 def patch_residual(h: jnp.ndarray, weight: jnp.ndarray, patch_source) -> jnp.ndarray:
     """Residual-stream patching: h [B, N, D] <- h + w * (h[patch_source] - h) with per-row weights w [B]."""
     return h + weight.astype(h.dtype)[:, None, None] * (h[patch_source] - h)
@@ -470,11 +485,14 @@ class DiT(nn.Module):
         repulsion=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
-        if repulsion is not None and (repulsion.config.target, repulsion.config.site) != ("image", "block_out"):
+        if repulsion is not None and (
+            repulsion.config.target not in ("image", "pseudo_text") or repulsion.config.site != "block_out"
+        ):
             raise ValueError(
-                "The PixArt DiT repels only its image tokens at site 'block_out' (the image-side control): its text "
-                "tokens are the same static caption in every sample, so a text repulsion has zero gradient. Fix: "
-                "RepulsionConfig(target='image', site='block_out'), or an MM-DiT (model.arch='mmdit')."
+                "The PixArt DiT repels its image tokens or its pseudo-contextual caption at site 'block_out': its "
+                "text tokens are the same static caption in every sample, so a text repulsion has zero gradient. "
+                "Fix: RepulsionConfig(target='image' or 'pseudo_text', site='block_out'), or an MM-DiT "
+                "(model.arch='mmdit')."
             )
         head_masks = {
             "self_head_mask": self_head_mask,
@@ -515,6 +533,7 @@ class DiT(nn.Module):
             h = block(h, modulation, caption, text_mask, *layer_masks, patch_source)
             if repulsion is not None:  # analysis/repulsion.py
                 h = repulsion.apply(h, layer, "block_out", "image", t)
+                caption = pseudo_contextual_repulsion(repulsion, layer, caption, h, t, text_mask)
 
         table = self.param(
             "scale_shift_table", partitioned(scaled_normal(1), (axes.TABLE, axes.EMBED)), (2, cfg.hidden_size)

@@ -362,6 +362,11 @@ class MMDiT(nn.Module):
         }
         patches = {"patch_source": patch_source, "resid_patch": resid_patch, "patch_window": patch_window}
         dit.check_inputs(cfg, x, text, text_mask, head_masks, patches)
+        if repulsion is not None and repulsion.config.target == "pseudo_text":
+            raise ValueError(
+                "target='pseudo_text' is the PixArt DiT's stand-in for a contextual space; an MM-DiT has the real one. "
+                "Fix: RepulsionConfig(target='text')."
+            )
         x, text, batch = jnp.asarray(x), jnp.asarray(text), x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         null_text = dit.null_caption_param(self, cfg)

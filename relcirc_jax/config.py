@@ -44,7 +44,9 @@ TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
 ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "all")
 DIVERSITY_GRIDS = ("full", "small", "smoke")  # analysis.frontier.GRIDS
-DIVERSITY_METRICS = ("overall", "overall_loose")
+# What counts as a correct image in the diversity study (evaluation.METRICS; unique_binding: both objects drawn once
+# each, whatever their relation, for models that have not learned the relation yet).
+DIVERSITY_METRICS = ("overall", "overall_loose", "unique_binding")
 PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}

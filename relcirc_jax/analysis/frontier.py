@@ -7,7 +7,8 @@ under every method and knob (paired). Each method compiles once and runs its who
 vmapped sampler (analysis/interventions.py). Every image is scored by the evaluator; per knob setting:
 
     accuracy     fraction of images the evaluator passes (`diversity_metric`, "overall" = colours, shapes, unique
-                 binding and the strict relation)
+                 binding and the strict relation; "unique_binding" = both objects drawn once each, for a model that
+                 has not learned the relation yet)
     VS_m         mean Vendi (layout RBF kernel, sigma 0.1 of the canvas) over size-m subsets (m = B - 1) of each
                  group's correct images (diversity at a fixed count, apart from accuracy; the primary quantity)
     ENC          Vendi of each group's correct layouts, 0 when none (accuracy and diversity in one number)
@@ -34,12 +35,12 @@ from absl import logging
 
 from relcirc_jax.analysis import context, diversity, interventions
 from relcirc_jax.analysis import repulsion as repulsion_lib
+from relcirc_jax.config import DIVERSITY_METRICS
 from relcirc_jax.data.prompts import parse
 from relcirc_jax.evaluation.scoring import score_specs
 from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate, sampling
 
-METRICS = ("overall", "overall_loose")
 NUM_RESAMPLES = 1000
 REFERENCE_GROUPS = 256  # groups drawn from the generator's law per prompt for VS_m^ref / ENC^ref
 REFERENCE_LAYOUTS = 64  # reference layouts per prompt for MMD and coverage
@@ -217,8 +218,8 @@ def run(
     """Runs the study (module docstring) and writes `<out_dir>/diversity/`."""
     if grid not in GRIDS:
         raise ValueError(f"Unknown diversity grid {grid!r}; choose one of {tuple(GRIDS)}.")
-    if metric not in METRICS:
-        raise ValueError(f"Unknown diversity metric {metric!r}; choose one of {METRICS}.")
+    if metric not in DIVERSITY_METRICS:
+        raise ValueError(f"Unknown diversity metric {metric!r}; choose one of {DIVERSITY_METRICS}.")
     if group_size < 2:
         raise ValueError(f"diversity_group_size={group_size}: a group needs at least 2 images of a prompt.")
     config = model.config

@@ -20,20 +20,21 @@ import numpy as np
 
 from relcirc_jax.analysis import ablation, capture, context, groups, qk_screen, synopsis
 from relcirc_jax.config import base_config
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate, sampling
 from relcirc_jax.train import state as train_state
 
 
-def random_model(size: str, workdir: str, seed: int = 0) -> context.AnalysisModel:
-    """A DiT of `size` with fresh weights plus small noise (zero-initialised output layers would draw nothing)."""
-    config = base_config("rte", size)
+def random_model(size: str, workdir: str, seed: int = 0, model_arch: str = "pixart") -> context.AnalysisModel:
+    """A model of `size` (and arch) with fresh weights plus small noise (zero-initialised output layers would draw
+    nothing)."""
+    config = base_config("rte", size, arch=model_arch)
     model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
-    params = dit.init_params(model_cfg, jax.random.key(seed))
+    params = arch.init_params(model_cfg, jax.random.key(seed))
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
     params = jax.tree.unflatten(treedef, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    return context.from_params(config, jax.device_get(params), workdir, f"random DiT-{size}")
+    return context.from_params(config, jax.device_get(params), workdir, f"random {model_arch} {size}")
 
 
 def best_time(fn, repeats: int) -> float:

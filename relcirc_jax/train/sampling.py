@@ -169,7 +169,8 @@ def generate_fn(
         def model_fn(x, t, txt, msk):
             if "cads" in knobs:  # the conditional half only
                 half = text.shape[0]
-                cond = baselines.cads_condition(txt[:half], t[:half], cads_keys, knobs["cads"])
+                keys = baselines.cads_keys(seed, noise_id)
+                cond = baselines.cads_condition(txt[:half], t[:half], keys, knobs["cads"])
                 txt = jnp.concatenate([cond, txt[half:]])
             if not has_aux:
                 return model.apply({"params": params}, x, t, txt, msk, **masks)
@@ -188,7 +189,6 @@ def generate_fn(
         eps_fn = diffusion.eps_fn_from(guided, model_cfg.prediction, has_aux=has_aux)
         if "pg_coeff" in knobs:
             eps_fn = _with_particle_guidance(eps_fn, knobs["pg_coeff"], group_size, has_aux)
-        cads_keys = baselines.cads_keys(seed, noise_id)
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(noise_id)
         noise = jax.vmap(lambda key: jax.random.normal(key, image_shape))(keys)
         if not has_aux:

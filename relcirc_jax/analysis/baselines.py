@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from relcirc_jax.analysis import diversity
+from relcirc_jax.analysis.repulsion import check_groups
 from relcirc_jax.diffusion.parameterization import alphas_cumprod_at
 from relcirc_jax.diffusion.schedules import NUM_TRAIN_TIMESTEPS
 
@@ -43,11 +44,7 @@ def guidance_scale(scale, t: jax.Array, window=None) -> jax.Array:
 def particle_guidance(eps: jax.Array, x: jax.Array, t: jax.Array, coeff, group_size: int) -> jax.Array:
     """eps [B, ...] with latent particle guidance's repulsion within groups of `group_size` consecutive rows of x."""
     batch = x.shape[0]
-    if batch % group_size:
-        raise ValueError(
-            f"Particle guidance on a batch of {batch} rows does not split into groups of {group_size}. Fix: make the "
-            "number of images per prompt (and the sampling batch) a multiple of the group size."
-        )
+    check_groups(batch, group_size, "A particle guidance")
     flat = x.astype(jnp.float32).reshape(batch // group_size, group_size, -1)
 
     def push(group):  # sum_j k_ij (x_i - x_j) / s^2

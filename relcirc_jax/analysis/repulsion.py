@@ -114,11 +114,7 @@ def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, e
     switched on by rows_on [batch]; other groups, and masked-out tokens (token_mask [batch, N] False), are returned
     unchanged. Skips the work (lax.cond) when no group is on."""
     batch, b = tokens.shape[0], config.group_size
-    if batch % b:
-        raise ValueError(
-            f"A repulsion batch of {batch} rows does not split into groups of {b} samples per prompt. Fix: make the "
-            "number of images per prompt (and the sampling batch) a multiple of the group size."
-        )
+    check_groups(batch, b, "A repulsion")
     groups = tokens.reshape((batch // b, b) + tokens.shape[1:])
     masks = token_mask.reshape(batch // b, b, -1)
     group_on = jnp.all(rows_on.reshape(batch // b, b), axis=1)
@@ -129,6 +125,15 @@ def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, e
 
     out = jax.lax.cond(jnp.any(group_on), repel_all, lambda g: g, groups)
     return out.reshape(tokens.shape)
+
+
+def check_groups(batch: int, group_size: int, method: str) -> None:
+    """ValueError unless a batch of `batch` rows splits into groups of `group_size` samples of one prompt."""
+    if batch % group_size:
+        raise ValueError(
+            f"{method} batch of {batch} rows does not split into groups of {group_size} samples per prompt. Fix: "
+            "make the number of images per prompt (and the sampling batch) a multiple of the group size."
+        )
 
 
 def group_entropy(vectors: jax.Array, config: RepulsionConfig) -> jax.Array:

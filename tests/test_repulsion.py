@@ -95,6 +95,23 @@ def test_branch_selection_moves_only_the_chosen_half():
     np.testing.assert_array_equal(rep.apply(x, 0, "block_out", "text", jnp.full((16,), 2e4)), x)  # outside window
 
 
+def test_a_vmapped_screen_keeps_the_skip_and_equals_each_setting_alone():
+    """Under vmap over knob settings a per-setting predicate would turn the lax.cond into a select that runs the
+    repulsion always; reduced over the settings axis it stays a cond, and each setting's result is unchanged."""
+    x, mask, on = _tokens(), jnp.ones((8, 5), bool), jnp.ones(8, bool)
+    etas = jnp.array([0.0, 0.2, 0.5])
+    named = dataclasses.replace(CFG, settings_axis="settings")
+
+    def screen(config):
+        return jax.vmap(lambda eta: repulsion.repel_groups(x, mask, on & (eta > 0), eta, config), axis_name="settings")
+
+    for eta, out in zip(etas, screen(named)(etas)):
+        np.testing.assert_allclose(out, repulsion.repel_groups(x, mask, on & (eta > 0), eta, CFG), rtol=1e-6, atol=1e-6)
+    primitives = lambda config: {e.primitive.name for e in jax.make_jaxpr(screen(config))(etas).jaxpr.eqns}  # noqa: E731
+    assert "cond" in primitives(named)
+    assert "cond" not in primitives(CFG)  # the trap the axis avoids: vmap lowered the cond to a select
+
+
 def test_groups_must_divide_the_batch():
     with pytest.raises(ValueError, match="does not split into groups of 4"):
         repulsion.repel_groups(_tokens()[:6], jnp.ones((6, 5), bool), jnp.ones(6, bool), 0.5, CFG)

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from relcirc_jax.analysis import context
-from relcirc_jax.parallel import host_data
+from relcirc_jax.parallel import axes, host_data
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import sampling
 
@@ -62,10 +62,10 @@ def screen(
     noises = batch.pop("noise_id")
 
     settings = {**sampling.eval_settings(model.config), **(generate_kwargs or {})}
-    generate = sampling.generate_fn(model.model_cfg, model.conditioner, **settings)
+    generate = sampling.generate_fn(model.model_cfg, model.conditioner, settings_axis=axes.SETTINGS, **settings)
     batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
     screen_fn = jax.jit(
-        jax.vmap(generate, in_axes=(None, None, None, None, 0)),
+        jax.vmap(generate, in_axes=(None, None, None, None, 0), axis_name=axes.SETTINGS),
         in_shardings=(model.param_sh, batch_sh, replicated, batch_sh, replicated),
         out_shardings=NamedSharding(mesh, P(None, sharding_rules.BATCH_AXES)),
     )

@@ -67,6 +67,9 @@ class RepulsionConfig:
     eta_mode: str = "angular"
     token_mask: str = "valid"  # text target: "valid" repels the caption's tokens only, "all" the padding too
     group_size: int = 4  # B: consecutive rows of the batch share a prompt
+    # The vmap axis of a screen over knob settings (parallel/axes.SETTINGS; sampling.generate_fn sets it): the work
+    # is skipped only when no group of any setting is on, so that vmap keeps the skip instead of computing it always.
+    settings_axis: str | None = None
 
     def __post_init__(self):
         for name, allowed in (
@@ -123,7 +126,10 @@ def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, e
         moved = jax.vmap(lambda x, m: repel_group(x, m, eta, config))(groups, masks)
         return jnp.where(group_on[:, None, None, None], moved, groups)
 
-    out = jax.lax.cond(jnp.any(group_on), repel_all, lambda g: g, groups)
+    any_on = jnp.any(group_on)
+    if config.settings_axis is not None:
+        any_on = jax.lax.pmax(any_on.astype(jnp.int32), config.settings_axis) > 0
+    out = jax.lax.cond(any_on, repel_all, lambda g: g, groups)
     return out.reshape(tokens.shape)
 
 

@@ -18,6 +18,11 @@ config.parallel.logical_axis_rules) map each onto mesh axes:
              the continuous (scale, shift) norms (MM-DiT)
     TABLE    the rows of a scale-shift table (6 per block, 2 for the final layer)
     PATCH    the p x p x C values a token decodes to
+
+One axis that is not the mesh's: SETTINGS, the axis an intervention screen (analysis/interventions.py) vmaps the
+sampler over, one knob setting per index. A lax.cond inside the vmapped sampler reduces its predicate over it (the
+contextual repulsion's "is any group on"), so a chunk of settings skips the work when none of them needs it, where a
+predicate that differed per setting would make vmap compute both branches for all.
 """
 
 DATA, FSDP, MODEL = "data", "fsdp", "model"
@@ -26,3 +31,5 @@ BATCH_AXES = (DATA, FSDP)
 
 EMBED, HEADS, MLP, CAPTION, ADALN, TABLE, PATCH = "embed", "heads", "mlp", "caption", "adaln", "table", "patch"
 LOGICAL_AXES = (EMBED, HEADS, MLP, CAPTION, ADALN, TABLE, PATCH)
+
+SETTINGS = "settings"

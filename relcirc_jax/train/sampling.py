@@ -132,6 +132,7 @@ def generate_fn(
     reduce: Callable | None = None,
     repulsion=None,
     group_size: int = 4,
+    settings_axis: str | None = None,
 ) -> Callable:
     """generate(params, batch, tables, noise_id, interventions=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
     and the solver in one traceable function (jit it; vmap it over `interventions` for ablation and patching screens).
@@ -147,8 +148,11 @@ def generate_fn(
     (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
     (sweeping the knobs does not recompile). The diversity baselines (analysis/baselines.py: a traced CFG scale,
     interval guidance, particle guidance over groups of `group_size` captions, CADS) act when their knob is among
-    the interventions.
+    the interventions. `settings_axis`: the name of the vmap over `interventions` when there is one (see
+    parallel/axes.SETTINGS), so that the repulsion skips its work when no setting needs it.
     """
+    if repulsion is not None:
+        repulsion = dataclasses.replace(repulsion, settings_axis=settings_axis)
     # No backward pass here, so no rematerialisation (it would also not pass a repulsion through the blocks).
     model = arch.module(dataclasses.replace(model_cfg, remat=False), capture)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)

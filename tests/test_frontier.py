@@ -1,6 +1,8 @@
 """The accuracy-vs-diversity study's own arithmetic (analysis/frontier.py): the distance above the CFG frontier, the
 bootstrap over prompts and the per-setting metrics on rendered scenes whose layouts are known."""
 
+from types import SimpleNamespace
+
 import independent_scenes
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from relcirc_jax.config import base_config
 from relcirc_jax.config_checks import validate_config
 from relcirc_jax.errors import UserError
 from relcirc_jax.evaluation.scoring import score_specs
+from relcirc_jax.models.arch import model_config
 
 
 def test_frontier_gap_interpolates_the_cfg_sweep_at_equal_accuracy():
@@ -50,3 +53,24 @@ def test_bad_diversity_settings_are_named():
         validate_config(config, num_devices=1, process_count=1)
     for text in ("diversity_grid='huge' is unknown", "diversity_metric='color' is unknown", "model.arch='unet'"):
         assert text in str(error.value)
+
+
+@pytest.mark.parametrize("arch", ["mmdit", "pixart"])
+def test_the_grid_names_each_method_setting_once_with_its_ablations(arch):
+    """Only the method list (no sampling): names, labels, the window-major order, the ablations' configs."""
+    model = SimpleNamespace(config=base_config("rte", "micro", arch=arch), model_cfg=model_config(arch, "micro"))
+    grid = frontier.GRIDS["full"]
+    by_name = {m["name"]: m for m in frontier.methods(model, grid, group_size=4)}
+    contextual = "repulsion" if arch == "mmdit" else "pseudo_repulsion"
+    variants = {f"{contextual}[{v}]" for v in ("M10", "cond_only")} | (
+        {"repulsion[attn_out]"} if arch == "mmdit" else set()
+    )
+    assert set(by_name) == {"cfg", "interval", "pg", "cads", contextual, "image_repulsion"} | variants
+    main = by_name[contextual]
+    assert len(main["labels"]) == len(set(main["labels"])) == 1 + 6 * 3 * 4  # eta 0, then eta x tau x blocks
+    assert main["labels"][1:4] == ["eta=0.02 tau=1 blocks=all", "eta=0.05 tau=1 blocks=all", "eta=0.1 tau=1 blocks=all"]
+    for name in variants:
+        repulsion = by_name[name]["generate"]["repulsion"]
+        assert (repulsion.inner_steps, repulsion.site, repulsion.branches) != (50, "block_out", "both")
+        assert by_name[name]["knobs"]["repulsion_eta"].tolist() == pytest.approx([0.1, 0.2, 0.5])
+    assert all(m["generate"]["group_size"] == 4 for m in by_name.values())

@@ -24,7 +24,8 @@ VS_m of the CFG sweep at the same accuracy).
 
 Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT "pseudo_repulsion" (the
 pseudo-contextual analogue of notes 6.3 (A), labelled as such) runs in its place. "image_repulsion" is the
-image-side control on both.
+image-side control on both. The grid's ablations (VARIANTS: M = 10 inner steps, the attn_out site, the conditional
+branch only) run as "repulsion[M10]" and so on, each an eta sweep at one (tau, blocks) point.
 """
 
 import time
@@ -46,8 +47,12 @@ REFERENCE_GROUPS = 256  # groups drawn from the generator's law per prompt for V
 REFERENCE_LAYOUTS = 64  # reference layouts per prompt for MMD and coverage
 
 CADS_TAUS = ((0.3, 0.8), (0.6, 0.9))  # (tau1, tau2): the repulsion paper's and the flow_grpo defaults
+# Ablations of the contextual repulsion (notes 7.3's M in {10, 50}, 7.4 D4's site and CFG branches): each a method
+# "repulsion[NAME]" with RepulsionConfig fields overridden, swept over eta at one (tau, blocks) point. The attn_out
+# site exists on the MM-DiT only. B = 8 is a run-level choice: --config.analysis.diversity_group_size=8.
+VARIANTS = {"M10": dict(inner_steps=10), "attn_out": dict(site="attn_out"), "cond_only": dict(branches="cond")}
 GRIDS = {
-    # notes 7.3 (without the M and B ablations)
+    # notes 7.3
     "full": dict(
         cfg=(1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0),
         eta=(0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
@@ -56,6 +61,7 @@ GRIDS = {
         pg=(3.0, 10.0, 30.0, 100.0, 300.0),
         cads=[(s, *taus, psi) for s in (0.05, 0.1, 0.25, 0.5) for taus in CADS_TAUS for psi in (0.5, 1.0)],
         intervals=((0.0, 600.0), (200.0, 800.0), (400.0, 1000.0), (200.0, 1000.0)),
+        variants=dict(names=tuple(VARIANTS), eta=(0.1, 0.2, 0.5), tau=2, blocks="all"),
     ),
     # the same axes, thinned for a CPU: about 30 settings
     "small": dict(
@@ -66,6 +72,7 @@ GRIDS = {
         pg=(10.0, 30.0, 100.0),
         cads=[(0.1, 0.3, 0.8, 1.0), (0.25, 0.3, 0.8, 1.0), (0.5, 0.3, 0.8, 1.0)],
         intervals=((200.0, 800.0), (400.0, 1000.0)),
+        variants=dict(names=("M10", "attn_out"), eta=(0.2, 0.5), tau=2, blocks="all"),
     ),
     # one or two settings per method, for tests
     "smoke": dict(
@@ -76,6 +83,7 @@ GRIDS = {
         pg=(30.0,),
         cads=[(0.25, 0.3, 0.8, 1.0)],
         intervals=((200.0, 800.0),),
+        variants=dict(names=(), eta=(), tau=2, blocks="all"),
     ),
 }
 
@@ -101,21 +109,31 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
         ),
     ]
     settings = [(0.0, grid["tau"][0], grid["blocks"][0])]  # eta 0: must equal CFG at the eval scale (a check)
-    settings += [(e, tau, b) for e in grid["eta"] for tau in grid["tau"] for b in grid["blocks"]]
+    # window-major, so that a chunk of the vmapped screen mostly shares one window and skips the work outside it
+    settings += [(e, tau, b) for tau in grid["tau"] for b in grid["blocks"] for e in grid["eta"]]
 
-    def repulsion_method(name, target, blocks_of):
+    def repulsion_method(name, target, blocks_of, settings=settings, **overrides):
         knobs = [repulsion_lib.knobs(e, window(tau), blocks_of(b)) for e, tau, b in settings]
+        config = repulsion_lib.RepulsionConfig(target=target, group_size=group_size, **overrides)
         return dict(
             name=name,
             labels=[f"eta={e:g} tau={tau} blocks={b}" for e, tau, b in settings],
             knobs={k: np.stack([row[k] for row in knobs]) for k in repulsion_lib.KNOBS},
-            generate=dict(repulsion=repulsion_lib.RepulsionConfig(target=target, group_size=group_size)),
+            generate=dict(repulsion=config),
         )
 
-    if arch.arch_of(model.model_cfg) == "mmdit":
-        out.append(repulsion_method("repulsion", "text", lambda b: thirds[b]))
-    else:  # notes 6.3 (A): an analogue, not the paper's method
-        out.append(repulsion_method("pseudo_repulsion", "pseudo_text", lambda b: thirds[b]))
+    mmdit = arch.arch_of(model.model_cfg) == "mmdit"
+    # on the PixArt DiT, notes 6.3 (A): an analogue, not the paper's method
+    contextual, target = ("repulsion", "text") if mmdit else ("pseudo_repulsion", "pseudo_text")
+    out.append(repulsion_method(contextual, target, lambda b: thirds[b]))
+    ablation = grid["variants"]
+    for variant in ablation["names"]:
+        if VARIANTS[variant].get("site", "block_out") != "block_out" and not mmdit:
+            continue  # the PixArt DiT repels at block_out only
+        point = [(e, ablation["tau"], ablation["blocks"]) for e in ablation["eta"]]
+        out.append(
+            repulsion_method(f"{contextual}[{variant}]", target, lambda b: thirds[b], point, **VARIANTS[variant])
+        )
     all_blocks = np.ones(depth, np.float32)
     image_thirds = {**thirds, "all": all_blocks}
     out.append(repulsion_method("image_repulsion", "image", lambda b: image_thirds[b]))

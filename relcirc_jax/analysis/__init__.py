@@ -16,8 +16,10 @@ workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report
                (skipped by "all" when the workdir has no checkpoint, e.g. with only --init_from)
     diversity  (only when named; not part of "all") the accuracy-vs-diversity study of contextual repulsion against
                the CFG sweep, interval guidance, particle guidance, CADS and image-token repulsion (frontier.py)
+    probe      (MM-DiT only, only when named) the study's diagnostic D1: linear probes from the text and image
+               streams after each block, at each solver step, to the final layout (probe.py)
 
-On an MM-DiT (model.arch="mmdit") text and diversity run; "all" runs text.
+On an MM-DiT (model.arch="mmdit") text, diversity and probe run; "all" runs text.
 """
 
 import time
@@ -29,15 +31,15 @@ from etils import epath
 from relcirc_jax.config import ANALYSIS_KINDS
 from relcirc_jax.errors import UserError
 
-# The circuit analyses, what "all" runs; "diversity" (the accuracy-vs-diversity study) runs only when named.
-KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind not in ("all", "diversity"))
+# The circuit analyses, what "all" runs; the accuracy-vs-diversity study and its probe run only when named.
+KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind not in ("all", "diversity", "probe"))
 # What runs on an MM-DiT (config.model.arch="mmdit"): the others read PixArt's cross-attention heads.
-MMDIT_KINDS = ("text", "diversity")
+MMDIT_KINDS = ("text", "diversity", "probe")
 
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
     """Runs the analyses config.analysis.kind names; returns {kind: wall seconds}."""
-    from relcirc_jax.analysis import ablation, context, dynamics, frontier, patching, qk_screen, synopsis, text
+    from relcirc_jax.analysis import ablation, context, dynamics, frontier, patching, probe, qk_screen, synopsis, text
     from relcirc_jax.train import checkpoint
 
     a = config.analysis
@@ -49,6 +51,11 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
                 f"(model.arch=mmdit). Fix: use one of {MMDIT_KINDS} ('all' runs the circuit analyses among them)."
             )
         kinds = tuple(kind for kind in kinds if kind in MMDIT_KINDS)
+    elif a.kind == "probe":
+        raise UserError(
+            "--config.analysis.kind=probe reads an MM-DiT's text stream, and this model is a PixArt DiT, whose "
+            "caption tokens are the same static caption in every sample. Fix: analyze an MM-DiT (model.arch=mmdit)."
+        )
     model = context.from_workdir(config, workdir, step)
     out_dir = epath.Path(workdir) / "analysis"
     if a.kind == "all" and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints"):
@@ -83,6 +90,7 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
             grid=a.diversity_grid,
             metric=a.diversity_metric,
         ),
+        "probe": lambda: probe.run(model, out_dir, num_prompts=a.probe_prompts, images_per_prompt=a.probe_images),
     }
     seconds = {}
     for kind in kinds:

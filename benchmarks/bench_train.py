@@ -1,20 +1,24 @@
-"""Benchmark: training throughput (images/s) of the real compiled train step vs the same model trained with PyTorch.
+"""Benchmark: training throughput (images/s) of the real compiled train step vs the same model trained with PyTorch,
+in float32 and in bfloat16.
 
-For each DiT size: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW, EMA) on one
-fixed batch of real scenes, and diffusers' PixArtTransformer2DModel of the same size (in_channels 3, sample_size 64,
-patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, same batch size, on the same
-hardware (all CPU cores, or the GPU when JAX runs on one). The two frameworks take turns (two JAX steps, two torch
-steps, ...; only the second of each pair is timed) and each time is the median over the rounds, so the ratio holds on
-a machine shared with other jobs (the 1-minute load average is reported). Also the step's FLOPs from XLA's cost
-analysis and the achieved FLOP/s as a fraction of the measured f32 matmul peak (one jnp matmul, 2048x2048 on a CPU,
-8192x8192 on an accelerator, default precision). Data generation is not timed (see bench_data.py). The last line of
-output is one JSON object with the figures.
+For each DiT size and batch: our AOT-compiled train step (RTE text, caption dropout, diffusion loss, clip + AdamW,
+EMA) on one fixed batch of real scenes, computing in float32 and in bfloat16 (`train.compute_dtype`: float32 master
+weights, Adam state, EMA and loss), and diffusers' PixArtTransformer2DModel of the same size (in_channels 3,
+sample_size 64, patch 8, caption_channels 4096) with the same loss, clipping, torch AdamW and an EMA, in float32 and
+under bf16 autocast, same batch, on the same hardware (all CPU cores, or the GPU when JAX runs on one). The four take
+turns (an untimed then a timed step each, per round) and each time is the median over the rounds, so the ratios hold
+on a machine shared with other jobs (the 1-minute load average is reported).
 
-    python benchmarks/bench_train.py [--sizes nano,micro,mini,b] [--steps 5] [--batch 256] [--batch_b 32]
-                                     [--cpu_devices 2]
+FLOPs per step are the analytic matmul count (models/flops.py; XLA's GPU cost analysis leaves out cuBLAS calls); on a
+CPU XLA's own count is printed beside it as a check. Achieved FLOP/s are a fraction of the machine's measured matmul
+peak: the fastest of one 2048x2048 (CPU) or 8192x8192 (accelerator) matmul in JAX and torch, float32 and bfloat16.
+Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
+
+    python benchmarks/bench_train.py [--sizes nano,micro,mini] [--batches 64,256] [--dtypes float32,bfloat16]
+                                     [--steps 3] [--batch_b 32] [--cpu_devices 2]
 
 On a CPU, JAX runs data-parallel over `--cpu_devices` XLA devices that split the host (the `:cpu` configs'
-`parallel.cpu_devices`); XLA's cost analysis counts one device's share, so the FLOPs are scaled by the device count.
+`parallel.cpu_devices`); XLA's cost analysis counts one device's share, so its FLOPs are scaled by the device count.
 """
 
 import argparse
@@ -24,26 +28,48 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import torch
 from diffusers import PixArtTransformer2DModel
 
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset
 from relcirc_jax.diffusion.schedules import alphas_cumprod
+from relcirc_jax.models import flops
 from relcirc_jax.models.convert import diffusers_config
 from relcirc_jax.parallel.host_data import to_global
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 
+DTYPES = ("float32", "bfloat16")
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` f32 FLOP/s of one n x n jnp matmul."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = min(_seconds(lambda: matmul(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
+
+def matmul_peak_flops(n: int, repeats: int = 10, budget_s: float = 5.0) -> dict:
+    """Best FLOP/s of one n x n matmul in each framework and dtype over up to `repeats` timed runs, fewer once they
+    have taken `budget_s` (PyTorch's bf16 on a CPU without bf16 instructions: a minute per matmul). The machine's
+    matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one."""
+    device = torch_device()
+
+    def best_seconds(run):
+        run()  # the first calls after start-up run slow
+        times = []
+        while len(times) < repeats and sum(times) < budget_s:
+            times.append(_seconds(run))
+        return min(times)
+
+    peaks = {}
+    for dtype in DTYPES:
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+        peaks[f"jax_{dtype}"] = 2 * n**3 / best_seconds(lambda: matmul(a, a).block_until_ready())
+        b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+
+        def torch_matmul():
+            b @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        peaks[f"torch_{dtype}"] = 2 * n**3 / best_seconds(torch_matmul)
+    return peaks
 
 
 def _seconds(fn) -> float:
@@ -52,10 +78,12 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def jax_train(size: str, batch_size: int, workdir: str) -> dict:
-    """Our compiled train step for DiT-`size` at `batch_size`: a `step()` to time, its FLOPs, compile time."""
+def jax_train(size: str, batch_size: int, workdir: str, dtype: str = "float32") -> dict:
+    """Our compiled train step for DiT-`size` at `batch_size` computing in `dtype` (float32 master weights, Adam
+    state, EMA and loss): a `step()` to time, its analytic and XLA-counted FLOPs, compile time."""
     config = base_config("rte", size)
     config.train.batch_size = batch_size
+    config.train.compute_dtype = dtype
     setup = train_state.build_run_setup(config, workdir)
     local = dataset.train_batch(0, 0, global_batch=batch_size)
     batch = to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, setup.mesh)
@@ -75,7 +103,8 @@ def jax_train(size: str, batch_size: int, workdir: str) -> dict:
     return {
         "step": step,
         "compile_s": compile_s,
-        "flops_per_step": float(cost["flops"]) * setup.mesh.size,
+        "flops_per_step": flops.train_step_flops(setup.model_cfg, batch_size),
+        "xla_flops_per_step": float(cost["flops"]) * setup.mesh.size,
         "model_cfg": setup.model_cfg,
     }
 
@@ -85,8 +114,9 @@ def torch_device() -> str:
     return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
-def torch_train(model_cfg, batch_size: int):
-    """A `step()` of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA."""
+def torch_train(model_cfg, batch_size: int, dtype: str = "float32"):
+    """A `step()` of the same DiT in diffusers + torch AdamW with the same loss, clipping and EMA; `dtype`
+    "bfloat16" runs the forward and backward under bf16 autocast (float32 weights, optimizer and EMA)."""
     torch.manual_seed(0)
     device = torch_device()
     model = PixArtTransformer2DModel(**diffusers_config(model_cfg)).to(device).train()
@@ -103,14 +133,15 @@ def torch_train(model_cfg, batch_size: int):
         noise = torch.randn_like(x0)
         a = schedule[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        out = model(
-            x_t,
-            encoder_hidden_states=text,
-            encoder_attention_mask=mask,
-            timestep=t,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        ).sample
-        loss = torch.nn.functional.mse_loss(out, noise)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            out = model(
+                x_t,
+                encoder_hidden_states=text,
+                encoder_attention_mask=mask,
+                timestep=t,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            ).sample
+        loss = torch.nn.functional.mse_loss(out.float(), noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
@@ -123,13 +154,16 @@ def torch_train(model_cfg, batch_size: int):
     return step
 
 
-def alternating_step_seconds(steps: dict, rounds: int) -> dict:
+def alternating_step_seconds(steps: dict, rounds: int, slow_s: float = 30.0) -> dict:
     """Median seconds per step of each callable over `rounds` rounds; in each round every callable runs one untimed
     step and then one timed step, so a timed step never starts while the other framework's idle threads still spin
-    (measured: a JAX step right after a torch step takes up to 1.9x as long)."""
+    (measured: a JAX step right after a torch step takes up to 1.9x as long). A callable whose step took over
+    `slow_s` is timed once only (PyTorch's bf16 on a CPU without bf16 matrix instructions: minutes per step)."""
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
+            if times[name] and times[name][0] > slow_s:
+                continue
             step()
             times[name].append(_seconds(step))
     return {name: statistics.median(seconds) for name, seconds in times.items()}
@@ -137,55 +171,62 @@ def alternating_step_seconds(steps: dict, rounds: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="nano,micro,mini,b")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework (after one warm-up)")
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--sizes", default="nano,micro,mini")
+    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes of both frameworks")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework and dtype (after one warm-up)")
     parser.add_argument("--batch_b", type=int, default=32, help="batch for DiT-B (CPU memory and time)")
     parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
     parser.add_argument("--cpu_devices", type=int, default=2, help="XLA devices the host CPU is split into")
     args = parser.parse_args()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(os.cpu_count())
-    peak = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
+    dtypes = args.dtypes.split(",")
+    peaks = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
+    peak = max(peaks.values())
     print(
-        f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); "
-        f"measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); matmul peaks "
+        + ", ".join(f"{name} {flops_s / 1e9:.1f}" for name, flops_s in peaks.items())
+        + " GFLOP/s"
     )
     results = {
-        "matmul_peak_gflops": peak / 1e9,
+        "matmul_peak_gflops": {name: flops_s / 1e9 for name, flops_s in peaks.items()},
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
-        "sizes": {},
+        "rows": [],
     }
     for size in args.sizes.split(","):
-        batch_size = args.batch_b if size == "b" else args.batch
-        ours = jax_train(size, batch_size, args.workdir)
-        theirs = torch_train(ours["model_cfg"], batch_size)
-        seconds = alternating_step_seconds({"jax": ours["step"], "torch": theirs}, args.steps)
-        achieved = ours["flops_per_step"] / seconds["jax"]
-        row = {
-            "batch": batch_size,
-            "jax_images_per_s": batch_size / seconds["jax"],
-            "jax_step_s": seconds["jax"],
-            "jax_compile_s": ours["compile_s"],
-            "torch_images_per_s": batch_size / seconds["torch"],
-            "torch_step_s": seconds["torch"],
-            "speedup_vs_torch": seconds["torch"] / seconds["jax"],
-            "gflops_per_step": ours["flops_per_step"] / 1e9,
-            "achieved_gflops": achieved / 1e9,
-            "fraction_of_peak": achieved / peak,
-            "load_average_1min": os.getloadavg()[0],
-        }
-        results["sizes"][size] = row
-        print(
-            f"DiT-{size} batch {batch_size}: JAX {row['jax_images_per_s']:.1f} img/s "
-            f"({row['jax_step_s']:.2f} s/step, compile {row['jax_compile_s']:.1f} s) | "
-            f"torch {row['torch_images_per_s']:.1f} img/s ({row['torch_step_s']:.2f} s/step) | "
-            f"x{row['speedup_vs_torch']:.2f} | "
-            f"{row['gflops_per_step']:.1f} GFLOP/step, {row['achieved_gflops']:.1f} GFLOP/s = "
-            f"{100 * row['fraction_of_peak']:.0f}% of matmul peak | load {row['load_average_1min']:.1f}",
-            flush=True,
-        )
+        for batch_size in [args.batch_b] if size == "b" else [int(b) for b in args.batches.split(",")]:
+            ours = {dtype: jax_train(size, batch_size, args.workdir, dtype) for dtype in dtypes}
+            model_cfg, step_flops = ours[dtypes[0]]["model_cfg"], ours[dtypes[0]]["flops_per_step"]
+            steps = {f"jax_{dtype}": ours[dtype]["step"] for dtype in dtypes}
+            steps |= {f"torch_{dtype}": torch_train(model_cfg, batch_size, dtype) for dtype in dtypes}
+            seconds = alternating_step_seconds(steps, args.steps)
+            best_torch = min(seconds[f"torch_{dtype}"] for dtype in dtypes)
+            row = {
+                "size": size,
+                "batch": batch_size,
+                "gflops_per_step": step_flops / 1e9,
+                "xla_cpu_gflops_per_step": ours[dtypes[0]]["xla_flops_per_step"] / 1e9
+                if jax.default_backend() == "cpu"
+                else None,
+                "images_per_s": {name: batch_size / s for name, s in seconds.items()},
+                "fraction_of_peak": {name: step_flops / s / peak for name, s in seconds.items()},
+                "jax_compile_s": {dtype: ours[dtype]["compile_s"] for dtype in dtypes},
+                "best_jax_vs_best_torch": best_torch / min(seconds[f"jax_{dtype}"] for dtype in dtypes),
+                "load_average_1min": os.getloadavg()[0],
+            }
+            results["rows"].append(row)
+            print(
+                f"DiT-{size} batch {batch_size} ({row['gflops_per_step']:.1f} GFLOP/step): "
+                + " | ".join(
+                    f"{name} {row['images_per_s'][name]:.1f} img/s ({100 * row['fraction_of_peak'][name]:.0f}%)"
+                    for name in seconds
+                )
+                + f" | best JAX / best torch x{row['best_jax_vs_best_torch']:.2f}"
+                + f" | load {row['load_average_1min']:.1f}",
+                flush=True,
+            )
     print(json.dumps(results))
 
 

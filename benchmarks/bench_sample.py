@@ -1,11 +1,14 @@
-"""Benchmark: sample a batch with the micro DiT (DPM-Solver++ 2M, 14 steps, CFG 4.5) as ONE compiled call.
+"""Benchmark: sample a batch with the micro DiT (DPM-Solver++ 2M, 14 steps, CFG 4.5) as ONE compiled call, against
+diffusers sampling the same batch with the same weights, in float32 and in bfloat16.
 
-Prints compile time and images/s for JAX, then the same sampling with diffusers (PixArtTransformer2DModel of the
-same size and weights + DPMSolverMultistepScheduler, torch CPU) on a smaller batch for reference, and the largest
-difference between the two samplers' images on that batch. Random weights and random caption embeddings.
-The last line of output is one JSON object with the figures.
+JAX: the DiT computing in each dtype (`DiTConfig.dtype`; float32 weights and solver), compile time and images/s.
+diffusers: PixArtTransformer2DModel of the same size and weights + DPMSolverMultistepScheduler in diffusers' pipeline
+loop, float32 and under bf16 autocast, on the same hardware (the CPU, or the GPU when JAX runs on one), same batch,
+after a one-step warm-up. Also the largest difference between JAX's and diffusers' float32 images (the numerics
+check) and how far each framework's bf16 images are from its own float32 ones. Random weights and random caption
+embeddings. The last line of output is one JSON object with the figures.
 
-    python benchmarks/bench_sample.py [--batch 256] [--torch_batch 16] [--steps 14] [--cfg 4.5]
+    python benchmarks/bench_sample.py [--batch 64] [--steps 14] [--cfg 4.5] [--dtypes float32,bfloat16]
 """
 
 import argparse
@@ -15,6 +18,7 @@ import time
 import jax
 import numpy as np
 import torch
+from bench_train import torch_device
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
 
 from relcirc_jax.diffusion import cfg_denoiser_fn, sample
@@ -53,7 +57,7 @@ def perturbed_params(config, seed=0):
 
 
 def jax_sampler(config, num_steps, scale):
-    model = DiT(config)
+    model = DiT(config)  # config.dtype is the compute dtype
 
     def run(params, noise, text, mask, null_text, null_mask):
         model_fn = lambda x, t, c, m: model.apply({"params": params}, x, t, c, m)  # noqa: E731
@@ -63,20 +67,22 @@ def jax_sampler(config, num_steps, scale):
 
 
 def torch_model(config, params):
-    model = PixArtTransformer2DModel(**diffusers_config(config)).eval()
+    model = PixArtTransformer2DModel(**diffusers_config(config)).to(torch_device()).eval()
     model.load_state_dict({k: torch.tensor(v) for k, v in flax_to_diffusers(params).items()})
     return model
 
 
-def torch_sample(model, noise, text, mask, null_text, num_steps, scale):
-    """diffusers' PixArt pipeline loop (uncond first, as PixArtAlphaPipeline concatenates), NHWC in and out."""
+def torch_sample(model, noise, text, mask, null_text, num_steps, scale, dtype="float32"):
+    """diffusers' PixArt pipeline loop (uncond first, as PixArtAlphaPipeline concatenates), NHWC in and out; the
+    model runs under bf16 autocast when `dtype` is "bfloat16"."""
+    device = torch_device()
     scheduler = DPMSolverMultistepScheduler(**PIXART_SCHEDULER)
-    scheduler.set_timesteps(num_steps)
-    x = torch.from_numpy(noise).permute(0, 3, 1, 2)
-    captions = torch.from_numpy(np.concatenate([null_text, text]))
-    caption_mask = torch.from_numpy(np.concatenate([np.ones_like(mask), mask])).long()
+    scheduler.set_timesteps(num_steps, device=device)
+    x = torch.from_numpy(noise).permute(0, 3, 1, 2).to(device)
+    captions = torch.from_numpy(np.concatenate([null_text, text])).to(device)
+    caption_mask = torch.from_numpy(np.concatenate([np.ones_like(mask), mask])).long().to(device)
     channels = noise.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         for t in scheduler.timesteps:
             out = model(
                 torch.cat([x, x]),
@@ -84,51 +90,69 @@ def torch_sample(model, noise, text, mask, null_text, num_steps, scale):
                 timestep=t.expand(2 * len(x)),
                 encoder_attention_mask=caption_mask,
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            ).sample
+            ).sample.float()
             uncond, cond = out[:, :channels].chunk(2)
             x = scheduler.step(uncond + scale * (cond - uncond), t, x).prev_sample
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--torch_batch", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--cfg", type=float, default=4.5)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes of both frameworks")
     args = parser.parse_args()
+    dtypes = args.dtypes.split(",")
 
-    config = dit_config("micro")
-    params = perturbed_params(config)
-    noise, text, mask = random_inputs(config, args.batch)
+    params = perturbed_params(dit_config("micro"))
+    noise, text, mask = random_inputs(dit_config("micro"), args.batch)
     null_text, null_mask = (np.asarray(a) for a in null_caption(params, args.batch))
     inputs = (params, noise, text, mask, null_text, null_mask)
-
-    start = time.perf_counter()
-    compiled = jax_sampler(config, args.steps, args.cfg).lower(*inputs).compile()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    images = np.asarray(jax.block_until_ready(compiled(*inputs)))
-    jax_s = time.perf_counter() - start
-    print(
-        f"jax  ({jax.devices()[0].platform}, batch {args.batch}): compile {compile_s:.1f} s, "
-        f"sample {jax_s:.1f} s, {args.batch / jax_s:.2f} images/s"
-    )
-
-    n = min(args.torch_batch, args.batch)
-    model = torch_model(config, params)
-    torch_inputs = (noise[:n], text[:n], mask[:n], null_text[:n])
-    torch_sample(model, *torch_inputs, 1, args.cfg)  # warm-up: first calls of torch kernels are slow
-    start = time.perf_counter()
-    reference = torch_sample(model, *torch_inputs, args.steps, args.cfg)
-    torch_s = time.perf_counter() - start
-    max_diff = float(np.abs(images[:n] - reference).max())
-    relative_diff = max_diff / float(np.abs(reference).max())
-    print(
-        f"diffusers (torch CPU, {torch.get_num_threads()} threads, batch {n}): sample {torch_s:.1f} s, "
-        f"{n / torch_s:.2f} images/s; max |jax - diffusers| = {max_diff:.2e} "
-        f"({relative_diff:.1e} of the largest pixel; random weights give unbounded images)"
-    )
+    model = torch_model(dit_config("micro"), params)
+    torch_inputs = (noise, text, mask, null_text)
+    rows, images = {}, {}
+    for dtype in dtypes:
+        compiled, compile_s = _timed(lambda: jax_sampler(dit_config("micro", dtype=dtype), args.steps, args.cfg)
+                                     .lower(*inputs).compile())  # fmt: skip
+        images[f"jax_{dtype}"], jax_s = _timed(lambda: np.asarray(jax.block_until_ready(compiled(*inputs))))
+        torch_sample(model, *torch_inputs, 1, args.cfg, dtype)  # warm-up: first calls of torch kernels are slow
+        images[f"torch_{dtype}"], torch_s = _timed(
+            lambda: torch_sample(model, *torch_inputs, args.steps, args.cfg, dtype)
+        )
+        rows[dtype] = dict(
+            jax_compile_s=round(compile_s, 2),
+            jax_sample_s=round(jax_s, 2),
+            jax_images_per_s=round(args.batch / jax_s, 3),
+            torch_sample_s=round(torch_s, 2),
+            torch_images_per_s=round(args.batch / torch_s, 3),
+            jax_vs_torch=round(torch_s / jax_s, 3),
+        )
+        print(
+            f"{dtype}, batch {args.batch}: jax ({jax.devices()[0].platform}) compile {compile_s:.1f} s, sample "
+            f"{jax_s:.1f} s, {args.batch / jax_s:.2f} images/s | diffusers (torch {torch_device()}, "
+            f"{torch.get_num_threads()} threads) {torch_s:.1f} s, {args.batch / torch_s:.2f} images/s | "
+            f"jax x{torch_s / jax_s:.2f}",
+            flush=True,
+        )
+    scale = float(np.abs(images["torch_float32"]).max()) if "float32" in dtypes else 1.0
+    differences = {}
+    if "float32" in dtypes:
+        differences["jax_float32_vs_torch_float32"] = float(
+            np.abs(images["jax_float32"] - images["torch_float32"]).max()
+        )
+        for framework in ("jax", "torch"):
+            if "bfloat16" in dtypes:
+                bf16, f32 = images[f"{framework}_bfloat16"], images[f"{framework}_float32"]
+                differences[f"{framework}_bfloat16_vs_float32"] = float(np.abs(bf16 - f32).max())
+    for name, value in differences.items():
+        print(f"max |{name.replace('_vs_', ' - ')}| = {value:.2e} ({value / scale:.1e} of the largest pixel)")
     print(
         json.dumps(
             dict(
@@ -137,15 +161,10 @@ def main():
                 steps=args.steps,
                 cfg=args.cfg,
                 platform=jax.devices()[0].platform,
-                jax_batch=args.batch,
-                jax_compile_s=round(compile_s, 2),
-                jax_sample_s=round(jax_s, 2),
-                jax_images_per_s=round(args.batch / jax_s, 3),
-                torch_batch=n,
-                torch_sample_s=round(torch_s, 2),
-                torch_images_per_s=round(n / torch_s, 3),
-                max_abs_diff_vs_diffusers=max_diff,
-                max_rel_diff_vs_diffusers=relative_diff,
+                batch=args.batch,
+                rows=rows,
+                max_abs_diff=differences,
+                largest_pixel=scale,
             )
         )
     )

@@ -28,7 +28,7 @@ from relcirc_jax.analysis import capture, context, diversity
 from relcirc_jax.data.prompts import parse
 from relcirc_jax.diffusion.samplers import model_timesteps
 from relcirc_jax.evaluation.scoring import score_specs
-from relcirc_jax.models import mmdit
+from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate
 
 FOLDS = 4
@@ -116,7 +116,7 @@ def probe(model: context.AnalysisModel, captions: Sequence[str], prompt: np.ndar
 
 def run(model: context.AnalysisModel, out_dir, *, num_prompts: int = 32, images_per_prompt: int = 8):
     """Runs D1 on `num_prompts` eval prompts x `images_per_prompt` seeds and writes `<out_dir>/probe/`."""
-    if not isinstance(model.model_cfg, mmdit.MMDiTConfig):
+    if arch.arch_of(model.model_cfg) != "mmdit":
         raise ValueError("The probe reads an MM-DiT's text stream; this model is a PixArt DiT (static caption).")
     prompts = evaluate.eval_prompt_list(model.config)[:num_prompts]
     captions = [p for p in prompts for _ in range(images_per_prompt)]

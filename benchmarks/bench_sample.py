@@ -119,8 +119,8 @@ def main():
     torch_inputs = (noise, text, mask, null_text)
     rows, images = {}, {}
     for dtype in dtypes:
-        compiled, compile_s = _timed(lambda: jax_sampler(dit_config("micro", dtype=dtype), args.steps, args.cfg)
-                                     .lower(*inputs).compile())  # fmt: skip
+        sampler = jax_sampler(dit_config("micro", dtype=dtype), args.steps, args.cfg)
+        compiled, compile_s = _timed(lambda: sampler.lower(*inputs).compile())
         images[f"jax_{dtype}"], jax_s = _timed(lambda: np.asarray(jax.block_until_ready(compiled(*inputs))))
         torch_sample(model, *torch_inputs, 1, args.cfg, dtype)  # warm-up: first calls of torch kernels are slow
         images[f"torch_{dtype}"], torch_s = _timed(

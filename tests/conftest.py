@@ -11,8 +11,9 @@ import pytest  # noqa: E402 - after the XLA flags above
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tests compile the same few programs (the :smoke train step, its samplers) again and again, across files too; a
-# persistent compilation cache shared by the whole session turns each repeat from ~10 s into ~1 s on a busy 2-core
-# machine. A hit returns the very executable that was compiled, so results are unchanged.
+# persistent compilation cache shared by the whole session, both xdist workers and their subprocesses turns each repeat
+# from ~10 s into ~1 s on a busy 2-core machine. A hit returns the very executable that was compiled, so results are
+# unchanged; a half-written entry read by the other worker fails to decompress, and JAX then compiles instead.
 CACHE_OPTIONS = {
     "jax_compilation_cache_dir": None,
     "jax_persistent_cache_min_compile_time_secs": 0,
@@ -21,19 +22,29 @@ CACHE_OPTIONS = {
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Enables a persistent compilation cache for the session and returns the environment variables that give it to
-    a subprocess; restores the settings at the end."""
+def compile_cache(tmp_path_factory, worker_id):
+    """Enables a persistent compilation cache for the session, in this process and (through the environment) in every
+    subprocess the tests start; restores the settings at the end."""
     import jax
     from jax._src import compilation_cache
 
-    options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache"))}
+    base = tmp_path_factory.getbasetemp()
+    directory = base.parent / "jax_cache" if worker_id != "master" else base / "jax_cache"  # xdist: the run's root
+    directory.mkdir(exist_ok=True)
+    options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(directory)}
     previous = {name: getattr(jax.config, name) for name in options}
+    previous_env = {name.upper(): os.environ.get(name.upper()) for name in options}
     for name, value in options.items():
         jax.config.update(name, value)
-    yield {name.upper(): str(value) for name, value in options.items()}
+        os.environ[name.upper()] = str(value)
+    yield
     for name, value in previous.items():
         jax.config.update(name, value)
+    for name, value in previous_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     compilation_cache.reset_cache()
 
 

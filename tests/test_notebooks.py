@@ -62,20 +62,13 @@ def with_parameters(notebook, values: dict):
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory) -> dict:
+def kernel_env() -> dict:
     """The kernels' environment: CPU, one XLA device (conftest's 8 fake devices would pad every small batch to 8 on 2
-    cores), a persistent compilation cache shared by the six kernels (they compile the same samplers of the same
-    reference model) and no LLVM optimisation (halves each compile; the tiny workloads here run as fast either way)."""
+    cores), conftest's persistent compilation cache (the six kernels compile the same samplers of the same reference
+    model) and no LLVM optimisation (halves each compile; the tiny workloads here run as fast either way)."""
     flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in flag]
     flags.append("--xla_backend_optimization_level=0")
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": " ".join(flags),
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("notebook_jax_cache")),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
 
 
 def test_every_notebook_has_a_case():

@@ -93,7 +93,7 @@ def test_stop_and_resume_is_bitwise_identical(reference, tmp_path, caplog):
     assert losses(str(tmp_path)) == losses(reference[0])
 
 
-def start_run_and_wait(workdir, env, until, *overrides):
+def start_run_and_wait(workdir, until, *overrides):
     """A CLI training subprocess of the reference config (plus `overrides`), returned once `until(names in
     workdir/checkpoints)` holds (polled every millisecond), or when it ended or 120 s passed."""
     command = [
@@ -107,9 +107,7 @@ def start_run_and_wait(workdir, env, until, *overrides):
         "--config.sample.every_steps=1000",
         *overrides,
     ]
-    process = subprocess.Popen(
-        command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoints = os.path.join(workdir, "checkpoints")
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
@@ -119,13 +117,13 @@ def start_run_and_wait(workdir, env, until, *overrides):
     return process
 
 
-def start_run_and_wait_for_first_checkpoint(workdir, env):
+def start_run_and_wait_for_first_checkpoint(workdir):
     """The reference run as a subprocess, returned once its step-2 checkpoint is committed."""
-    return start_run_and_wait(workdir, env, lambda names: "2" in names)
+    return start_run_and_wait(workdir, lambda names: "2" in names)
 
 
-def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache, caplog):
-    process = start_run_and_wait_for_first_checkpoint(str(tmp_path), compile_cache)
+def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, caplog):
+    process = start_run_and_wait_for_first_checkpoint(str(tmp_path))
     process.send_signal(signal.SIGKILL)
     _, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it was killed:\n{stderr[-3000:]}"
@@ -137,11 +135,10 @@ def test_sigkill_mid_run_then_restart_is_bitwise_identical(reference, tmp_path, 
     assert_bitwise_equal(restarted, reference[1])
 
 
-def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(reference, tmp_path, compile_cache):
+def test_sigkill_during_an_async_save_then_restart_is_bitwise_identical(reference, tmp_path):
     # Orbax writes a step into "<step>.orbax-checkpoint-tmp-*" and renames it when complete: kill while one exists.
     process = start_run_and_wait(
         str(tmp_path),
-        compile_cache,
         lambda names: any("tmp" in n for n in names),
         "--config.checkpoint.async_save=true",
     )
@@ -169,8 +166,8 @@ def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_pat
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
 
 
-def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path, compile_cache):
-    process = start_run_and_wait_for_first_checkpoint(str(tmp_path), compile_cache)
+def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path):
+    process = start_run_and_wait_for_first_checkpoint(str(tmp_path))
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate()
     assert process.returncode == 0, stderr[-3000:]

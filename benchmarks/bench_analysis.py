@@ -55,7 +55,7 @@ def bench_synopsis(batch: int, repeats: int) -> dict:
     extra = lambda padded: {"roles": roles, "groups": token_groups}  # noqa: E731 - batch = len(captions)
     plain = capture.sampler(model, batch)
     captured = capture.sampler(
-        model, batch, synopsis.attention_names(model.model_cfg.depth), synopsis.reduce_attention, extra
+        model, batch, synopsis.attention_names(model.model_cfg), synopsis.reduce_attention, extra
     )
     plain_s = best_time(lambda: plain(model.params, model.tables, captions), repeats)
     capture_s = best_time(lambda: captured(model.params, model.tables, captions)[0], repeats)

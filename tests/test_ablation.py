@@ -12,6 +12,7 @@ from relcirc_jax.analysis import ablation, context
 from relcirc_jax.config import base_config
 from relcirc_jax.data import scenes
 from relcirc_jax.evaluation.scoring import METRICS
+from relcirc_jax.models import arch
 from relcirc_jax.models.dit import DiT, init_params, run_with_cache
 from relcirc_jax.train import evaluate, sampling
 from relcirc_jax.train import state as train_state
@@ -159,8 +160,8 @@ def screened(smoke, captions):
     return ablation.screen(model, captions, ablation.single_head_masks(2, 2), chunk=4)
 
 
-def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
-    model, _ = smoke
+def _plain_sampling(model, captions):
+    """The captions sampled by the eval sampler, without any intervention."""
     eval_config = model.config.eval
     sampler = sampling.Sampler(
         model.model_cfg,
@@ -174,8 +175,13 @@ def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
         seed=eval_config.seed,
         negative=model.config.sample.negative,
     )
+    return sampler(model.params, model.tables, captions)
+
+
+def test_screen_baseline_row_is_plain_sampling(smoke, captions, screened):
+    model, _ = smoke
     assert screened.shape == (9, 6, 64, 64, 3) and screened.dtype == np.uint8
-    np.testing.assert_array_equal(screened[0], sampler(model.params, model.tables, captions))
+    np.testing.assert_array_equal(screened[0], _plain_sampling(model, captions))
     changed = [not np.array_equal(screened[i], screened[0]) for i in range(1, 9)]
     assert all(changed[4:])  # every cross-attention head matters in the perturbed model
     assert any(changed[:4])
@@ -202,6 +208,23 @@ def test_mean_screen_does_not_depend_on_the_mesh(smoke):
     assert not np.array_equal(eight[1], eight[0]) and not np.array_equal(eight[2], eight[0])
 
 
+def test_an_mmdit_screen_ablates_its_joint_heads(tmp_path):
+    config = base_config("rte", "micro", "smoke", arch="mmdit")
+    model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
+    params = noisy(arch.init_params(model_cfg, jax.random.key(0)))
+    model = context.from_params(config, params, tmp_path, "smoke MM-DiT", devices=jax.devices()[:1])
+    kinds = ablation.head_kinds(model.model_cfg)
+    assert kinds == ("joint",) and ablation.single_head_labels(2, 2, kinds)[1] == ("joint", 0, 1)
+    captions = evaluate.eval_prompt_list(config)[:2]
+    masks = ablation.single_head_masks(2, 2, kinds)
+    images = ablation.screen(model, captions, masks, chunk=5)
+    assert images.shape == (5, 2, 64, 64, 3)
+    np.testing.assert_array_equal(images[0], _plain_sampling(model, captions))
+    assert all(not np.array_equal(images[i], images[0]) for i in range(1, 5))  # each joint head matters
+    with pytest.raises(ValueError, match=r"kinds \('joint',\)"):
+        ablation.screen(model, captions, ablation.single_head_masks(2, 2))  # PixArt's [M, 2, depth, heads]
+
+
 # ---------------------------------------------------------------- effects
 
 
@@ -221,7 +244,7 @@ def test_effects_of_known_scenes():
     rows = [right, right, right, half, right]
     images = np.stack([_scenes(r) for r in rows])
     images[2, :10] = 128  # self H1: the first 10 images blank (grey canvas)
-    result = ablation.effects(images, captions, shape=(1, 2))
+    result = ablation.effects(images, captions, shape=(2, 1, 2))
     np.testing.assert_array_equal(result["accuracy"][:, SPATIAL], [1.0, 1.0, 0.75, 0.5, 1.0])
     np.testing.assert_array_equal(result["accuracy"][:, COLOR], [1.0, 1.0, 0.75, 1.0, 1.0])
     np.testing.assert_allclose(result["effect"][:, OVERALL], [0.0, 0.0, -0.25, -0.5, 0.0])
@@ -236,7 +259,7 @@ def test_effects_of_known_scenes():
     assert result["effect_map"][1, 0, 0, SPATIAL] == -0.5 and result["effect_map"][0, 0, 1, SPATIAL] == -0.25
     np.testing.assert_array_equal(ablation.effects(images, captions)["ci_low"], low)  # seeded
     with pytest.raises(ValueError, match="single_head_masks"):
-        ablation.effects(images, captions, shape=(2, 2))
+        ablation.effects(images, captions, shape=(2, 2, 2))
 
 
 # ---------------------------------------------------------------- the report

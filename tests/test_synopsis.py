@@ -4,11 +4,12 @@ import independent_scenes
 import jax
 import numpy as np
 import pytest
+from tiny_models import noisy
 
 from relcirc_jax.analysis import capture, context, groups, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.data.spec import COLORS, SHAPES
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch, dit, mmdit
 from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
 
@@ -102,6 +103,36 @@ def test_planted_relation_head_is_ranked_first(tmp_path):
     np.testing.assert_allclose(arrays["cross"][..., :2, :].sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(arrays["self"][..., :2, :].sum(-1), 1.0, rtol=1e-5)
     assert arrays["cross"][:, 1, 0, :2, relation].min() > 0.99
+
+
+def test_an_mmdit_joint_pattern_splits_into_caption_and_image_keys():
+    """reduce_attention on an MM-DiT's captured joint patterns equals the numpy sums over its image-query rows, caption
+    keys [0, Lt) and image keys [Lt, Lt + N); padded caption keys get exactly nothing, and each object token's
+    attention sums to one over both."""
+    config = mmdit.mmdit_config("nano", hidden_size=24, depth=2, num_heads=2, caption_channels=16, max_text_len=6)
+    params = noisy(arch.init_params(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    text = rng.normal(size=(2, 6, 16)).astype(np.float32)
+    text_mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    names = synopsis.attention_names(config)
+    assert names == ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    _, cache = arch.run_with_cache(config, params, x, np.array([300.0, 800.0], np.float32), text, text_mask, names)
+    n = config.grid_size**2
+    pad = groups.TEXT_ROLES.index("pad")
+    roles = rng.choice([r for r in range(len(groups.TEXT_ROLES)) if r != pad], (2, 6))
+    roles[~text_mask] = pad
+    token_groups = rng.dirichlet(np.ones(3), (2, n)).astype(np.float32)
+    got = synopsis.reduce_attention(cache, {"roles": roles, "groups": token_groups})
+    joint = np.stack([np.asarray(cache[name], np.float64) for name in names], 1)  # [B, layers, H, 6 + N, 6 + N]
+    one_hot = np.eye(len(groups.TEXT_ROLES))[roles]
+    cross = np.einsum("bshnl,bng,blr->bshgr", joint[:, :, :, 6:, :6], token_groups, one_hot)
+    self_attention = np.einsum("bshnm,bng,bmf->bshgf", joint[:, :, :, 6:, 6:], token_groups, token_groups)
+    np.testing.assert_allclose(got["cross"], cross, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got["self"], self_attention, rtol=1e-4, atol=1e-6)
+    assert np.asarray(got["cross"])[..., pad].max() == 0.0
+    total = np.asarray(got["cross"]).sum(-1) + np.asarray(got["self"]).sum(-1)  # [B, layers, H, G]
+    np.testing.assert_allclose(total, np.broadcast_to(token_groups.sum(1)[:, None, None], total.shape), rtol=1e-4)
 
 
 def test_synopsis_on_8_devices_equals_1(tmp_path):

@@ -19,7 +19,9 @@ workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report
     probe      (MM-DiT only, only when named) the study's diagnostic D1: linear probes from the text and image
                streams after each block, at each solver step, to the final layout (probe.py)
 
-On an MM-DiT (model.arch="mmdit") text, diversity and probe run; "all" runs text.
+On an MM-DiT (model.arch="mmdit") the synopsis and the ablation read its joint attention (image queries on caption
+keys for "cross", on image keys for "self"; one kind of head); qk_screen and patching read PixArt's cross-attention
+and are refused there. "all" runs synopsis, ablation, text and dynamics.
 """
 
 import time
@@ -34,7 +36,7 @@ from relcirc_jax.errors import UserError
 # The circuit analyses, what "all" runs; the accuracy-vs-diversity study and its probe run only when named.
 KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind not in ("all", "diversity", "probe"))
 # What runs on an MM-DiT (config.model.arch="mmdit"): the others read PixArt's cross-attention heads.
-MMDIT_KINDS = ("text", "diversity", "probe")
+MMDIT_KINDS = ("synopsis", "ablation", "text", "dynamics", "diversity", "probe")
 
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
@@ -69,7 +71,9 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
             out_dir,
             images_per_prompt=a.images_per_prompt,
             mode=a.ablation_mode,
-            top_heads=ablation.top_relation_heads(model, a.ablation_top_heads) if a.ablation_top_heads else None,
+            top_heads=ablation.top_relation_heads(model, a.ablation_top_heads, out_dir)
+            if a.ablation_top_heads
+            else None,
         ),
         "patching": lambda: patching.run(
             model,

@@ -1,12 +1,13 @@
 """Head ablation: sample the eval prompts with attention heads knocked out and score what changes.
 
-A mask row is [2, depth, heads] (axis 0: self-attention, cross-attention; 1 = keep, 0 = ablate). "zero" ablation
-multiplies the head's output z by the mask (DiT `self_head_mask` / `cross_head_mask`); "mean" ablation replaces it by
-its mean over the batch and query positions of the same forward pass (`*_head_mean_mask`, models/attention.py; under
-CFG that batch holds the conditional and the unconditional halves). The masks are data, so a screen is one jitted
-`vmap(generate)` over chunks of masks. Every mask samples the same captions from the same noises (image i's noise
-depends on i alone), so effects are paired: effect = accuracy(mask) - accuracy(all-ones baseline), with paired
-bootstrap confidence intervals over images.
+A mask row is [kinds, depth, heads] (1 = keep, 0 = ablate); the kinds of head are the model's (`head_kinds`): a PixArt
+DiT's self- and cross-attention, an MM-DiT's joint attention (one head there acts on text and image queries alike).
+"zero" ablation multiplies the head's output z by the mask (`self_head_mask` / `cross_head_mask`); "mean" ablation
+replaces it by its mean over the batch and query positions of the same forward pass (`*_head_mean_mask`,
+models/attention.py, per stream in an MM-DiT; under CFG that batch holds the conditional and the unconditional
+halves). The masks are data, so a screen is one jitted `vmap(generate)` over chunks of masks. Every mask samples the
+same captions from the same noises (image i's noise depends on i alone), so effects are paired: effect =
+accuracy(mask) - accuracy(all-ones baseline), with paired bootstrap confidence intervals over images.
 """
 
 import time
@@ -18,13 +19,15 @@ from etils import epath
 
 from relcirc_jax.analysis import context, interventions
 from relcirc_jax.evaluation.scoring import METRICS
+from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import evaluate, sampling
 
-KINDS = ("self", "cross")  # axis 1 of a mask array
-MASK_KEYS = {
-    "zero": ("self_head_mask", "cross_head_mask"),
-    "mean": ("self_head_mean_mask", "cross_head_mean_mask"),
+KINDS = ("self", "cross")  # axis 1 of a PixArt DiT's mask array
+JOINT_KINDS = ("joint",)  # an MM-DiT's
+MASK_KEYS = {  # the model keyword each kind's mask goes to (an MM-DiT's joint heads are its "self" heads)
+    "zero": {"self": "self_head_mask", "cross": "cross_head_mask", "joint": "self_head_mask"},
+    "mean": {"self": "self_head_mean_mask", "cross": "cross_head_mean_mask", "joint": "self_head_mean_mask"},
 }
 RANK_METRIC = "spatial_relationship"  # heads are ranked by their effect on this metric
 REPORT_METRICS = ("spatial_relationship", "overall")  # shown in the effect maps and set comparisons
@@ -35,80 +38,105 @@ GRID_IMAGES = 8  # images per row of the sample grid
 Head = tuple[str, int, int]  # (kind, layer, head)
 
 
-def single_head_masks(depth: int, heads: int) -> np.ndarray:
-    """float32 [1 + 2 * depth * heads, 2, depth, heads]: the all-ones baseline, then one mask per head with only that
-    head zeroed, in the order of `single_head_labels` (self-attention heads layer by layer, then cross-attention)."""
-    rows = np.arange(2 * depth * heads)
-    masks = np.ones((1 + len(rows), 2, depth, heads), np.float32)
-    masks[(1 + rows, *np.unravel_index(rows, (2, depth, heads)))] = 0.0
+def head_kinds(model_cfg: arch.ModelConfig) -> tuple[str, ...]:
+    """The kinds of attention head of a model, axis 1 of its masks: KINDS (PixArt) or JOINT_KINDS (MM-DiT)."""
+    return JOINT_KINDS if arch.arch_of(model_cfg) == "mmdit" else KINDS
+
+
+def single_head_masks(depth: int, heads: int, kinds: Sequence[str] = KINDS) -> np.ndarray:
+    """float32 [1 + K * depth * heads, K, depth, heads] with K = len(kinds): the all-ones baseline, then one mask per
+    head with only that head zeroed, in the order of `single_head_labels` (kind by kind, layer by layer)."""
+    shape = (len(kinds), depth, heads)
+    rows = np.arange(int(np.prod(shape)))
+    masks = np.ones((1 + len(rows), *shape), np.float32)
+    masks[(1 + rows, *np.unravel_index(rows, shape))] = 0.0
     return masks
 
 
-def single_head_labels(depth: int, heads: int) -> list[Head]:
+def single_head_labels(depth: int, heads: int, kinds: Sequence[str] = KINDS) -> list[Head]:
     """(kind, layer, head) ablated by row i + 1 of `single_head_masks`."""
-    return [(KINDS[k], layer, head) for k in range(2) for layer in range(depth) for head in range(heads)]
+    return [(kind, layer, head) for kind in kinds for layer in range(depth) for head in range(heads)]
 
 
-def _kind_index(kind) -> int:
-    if kind in (0, 1):
+def _kind_index(kind, kinds: Sequence[str]) -> int:
+    if isinstance(kind, (int, np.integer)) and 0 <= kind < len(kinds):
         return int(kind)
-    if kind not in KINDS:
-        raise ValueError(f"Unknown head kind {kind!r}; use one of {KINDS} (or 0 / 1).")
-    return KINDS.index(kind)
+    if kind not in kinds:
+        raise ValueError(f"Unknown head kind {kind!r}; this model's are {tuple(kinds)} (or their index).")
+    return list(kinds).index(kind)
 
 
-def _normalized(heads_to_ablate: Sequence, depth: int, heads: int) -> list[Head]:
+def _normalized(heads_to_ablate: Sequence, depth: int, heads: int, kinds: Sequence[str]) -> list[Head]:
     out = []
     for kind, layer, head in heads_to_ablate:
         if not (0 <= layer < depth and 0 <= head < heads):
             raise ValueError(f"Head {(kind, layer, head)} is outside the model's {depth} layers x {heads} heads.")
-        out.append((KINDS[_kind_index(kind)], int(layer), int(head)))
+        out.append((kinds[_kind_index(kind, kinds)], int(layer), int(head)))
     if len(set(out)) != len(out):
         raise ValueError(f"Repeated head in {out}.")
     return out
 
 
-def _set_mask(depth: int, heads: int, head_set: Sequence[Head]) -> np.ndarray:
-    mask = np.ones((2, depth, heads), np.float32)
+def _set_mask(depth: int, heads: int, head_set: Sequence[Head], kinds: Sequence[str]) -> np.ndarray:
+    mask = np.ones((len(kinds), depth, heads), np.float32)
     for kind, layer, head in head_set:
-        mask[_kind_index(kind), layer, head] = 0.0
+        mask[_kind_index(kind, kinds), layer, head] = 0.0
     return mask
 
 
 def head_set_masks(
-    depth: int, heads: int, heads_to_ablate: Sequence, *, num_random: int = 0, seed: int = 0
+    depth: int,
+    heads: int,
+    heads_to_ablate: Sequence,
+    *,
+    num_random: int = 0,
+    seed: int = 0,
+    kinds: Sequence[str] = KINDS,
 ) -> tuple[np.ndarray, list[list[Head]]]:
-    """(masks [2 + num_random, 2, depth, heads], the head sets of rows 1...): row 0 the all-ones baseline, row 1 the
-    chosen heads ablated together, then `num_random` random sets of the same size and the same kinds (as many self- and
-    cross-attention heads as the chosen set), drawn without the chosen heads when enough others remain."""
-    chosen = _normalized(heads_to_ablate, depth, heads)
+    """(masks [2 + num_random, K, depth, heads], the head sets of rows 1...): row 0 the all-ones baseline, row 1 the
+    chosen heads ablated together, then `num_random` random sets of the same size and the same kinds (as many heads
+    of each kind as the chosen set), drawn without the chosen heads when enough others remain."""
+    chosen = _normalized(heads_to_ablate, depth, heads, kinds)
     rng = np.random.default_rng(seed)
     sets = [chosen]
     for _ in range(num_random):
         random_set = []
-        for kind in KINDS:
+        for kind in kinds:
             wanted = sum(k == kind for k, _, _ in chosen)
             pool = [(kind, layer, head) for layer in range(depth) for head in range(heads)]
             others = [h for h in pool if h not in chosen]
             pool = others if len(others) >= wanted else pool
             random_set += [pool[i] for i in sorted(rng.choice(len(pool), wanted, replace=False))]
         sets.append(random_set)
-    masks = np.stack([np.ones((2, depth, heads), np.float32)] + [_set_mask(depth, heads, s) for s in sets])
+    masks = np.stack(
+        [np.ones((len(kinds), depth, heads), np.float32)] + [_set_mask(depth, heads, s, kinds) for s in sets]
+    )
     return masks, sets
 
 
-def top_relation_heads(model: context.AnalysisModel, k: int) -> list[Head]:
-    """The k cross-attention heads the QK screen ranks first (weights only, no sampling)."""
-    from relcirc_jax.analysis import qk_screen
+def top_relation_heads(model: context.AnalysisModel, k: int, out_dir) -> list[Head]:
+    """The k relation heads to ablate together: a PixArt DiT's cross-attention heads the QK screen ranks first
+    (weights only, no sampling); an MM-DiT's joint heads the attention synopsis ranks first (read from
+    `<out_dir>/synopsis/synopsis.npz`, as "all" writes it before the ablation; run and written there when absent)."""
+    from relcirc_jax.analysis import qk_screen, synopsis
 
-    ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
-    return [("cross", int(layer), int(head)) for layer, head in ranking[:k]]
+    if arch.arch_of(model.model_cfg) != "mmdit":
+        ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
+        return [("cross", int(layer), int(head)) for layer, head in ranking[:k]]
+    saved = epath.Path(out_dir) / "synopsis" / "synopsis.npz"
+    if saved.exists():
+        with saved.open("rb") as f, np.load(f) as arrays:
+            score = arrays["relation_score"]
+    else:
+        logging.info("No synopsis in %s: running it to rank the MM-DiT's relation heads.", saved.parent)
+        score = synopsis.run(model, out_dir)[1]["relation_score"]
+    return [("joint", int(layer), int(head)) for layer, head in synopsis.ranking(score)[:k]]
 
 
 def screen(
     model: context.AnalysisModel, captions: Sequence[str], masks: np.ndarray, *, mode: str = "zero", chunk: int = 8
 ) -> np.ndarray:
-    """uint8 [M, len(captions), H, W, 3]: the captions sampled under each mask of `masks` [M, 2, depth, heads] with
+    """uint8 [M, len(captions), H, W, 3]: the captions sampled under each mask of `masks` [M, K, depth, heads] with
     the model config's eval sampler (solver, steps, CFG, seed, negative); image i's noise depends only on i.
 
     The masks run `chunk` at a time through one compiled `vmap(generate)`; the result does not depend on the mesh, but
@@ -121,10 +149,12 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
     cfg = model.model_cfg
     if mode not in MASK_KEYS:
         raise ValueError(f"Unknown ablation mode {mode!r}; use one of {tuple(MASK_KEYS)}.")
-    masks = np.asarray(masks, np.float32)
-    if masks.ndim != 4 or masks.shape[1:] != (2, cfg.depth, cfg.num_heads) or not len(masks):
+    masks, kinds = np.asarray(masks, np.float32), head_kinds(cfg)
+    expected = (len(kinds), cfg.depth, cfg.num_heads)
+    if masks.ndim != 4 or masks.shape[1:] != expected or not len(masks):
         raise ValueError(
-            f"masks has shape {masks.shape}; expected [M >= 1, 2, depth, heads] = [M, 2, {cfg.depth}, {cfg.num_heads}]."
+            f"masks has shape {masks.shape}; this model's are [M >= 1, kinds {kinds}, depth, heads] = [M, "
+            f"{', '.join(map(str, expected))}]."
         )
     captions = list(captions)
     shards = sharding_rules.batch_shards(model.mesh)
@@ -134,8 +164,7 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
             "means. Pass a multiple of %d captions to avoid it.",
             len(captions), shards, shards,
         )  # fmt: skip
-    keys = MASK_KEYS[mode]
-    arrays = {keys[0]: masks[:, 0], keys[1]: masks[:, 1]}
+    arrays = {MASK_KEYS[mode][kind]: masks[:, i] for i, kind in enumerate(kinds)}
     return interventions.screen(model, captions, arrays, chunk=chunk, label=f"Ablation screen ({mode})")
 
 
@@ -143,7 +172,7 @@ def effects(
     images: np.ndarray,
     captions: Sequence[str],
     *,
-    shape: tuple[int, int] | None = None,
+    shape: tuple[int, int, int] | None = None,
     detector: str = "relcirc",
     num_resamples: int = NUM_RESAMPLES,
     seed: int = 0,
@@ -153,7 +182,8 @@ def effects(
     Returns "correct" bool [M, N, K], "accuracy" [M, K], "effect" = accuracy - accuracy[0] [M, K], and "ci_low" /
     "ci_high" [M, K]: the 95 % percentile interval of the effect over `num_resamples` paired bootstrap resamples of the
     N images (the same image indices for the baseline and every mask; numpy Generator seeded `seed`). With `shape` =
-    (depth, heads) and the rows of `single_head_masks`, also "effect_map" [2, depth, heads, K] (and ci maps).
+    (kinds, depth, heads), a mask's shape, and the rows of `single_head_masks`, also "effect_map" [kinds, depth, heads,
+    K] (and ci maps).
     """
     images = np.asarray(images)
     captions = list(captions)
@@ -181,11 +211,11 @@ def effects(
         "ci_high": np.percentile(resampled_effect, 97.5, axis=0),
     }
     if shape is not None:
-        depth, heads = shape
-        if num_masks != 1 + 2 * depth * heads:
-            raise ValueError(f"{num_masks} masks are not the {1 + 2 * depth * heads} rows of single_head_masks.")
+        heads = int(np.prod(shape))
+        if num_masks != 1 + heads:
+            raise ValueError(f"{num_masks} masks are not the {1 + heads} rows of single_head_masks of shape {shape}.")
         for name in ("effect", "ci_low", "ci_high"):
-            out[f"{name}_map"] = out[name][1:].reshape(2, depth, heads, -1)
+            out[f"{name}_map"] = out[name][1:].reshape(*shape, -1)
     return out
 
 
@@ -204,7 +234,9 @@ def set_vs_random(
     {"chosen", "chosen_ci", "random" [num_random], "random_mean", "random_min", "random_max",
     "fraction_random_as_harmful"}} for the metrics in REPORT_METRICS}."""
     cfg = model.model_cfg
-    masks, sets = head_set_masks(cfg.depth, cfg.num_heads, chosen, num_random=num_random, seed=seed)
+    masks, sets = head_set_masks(
+        cfg.depth, cfg.num_heads, chosen, num_random=num_random, seed=seed, kinds=head_kinds(cfg)
+    )
     images = screen(model, captions, masks, mode=mode, chunk=chunk)
     result = effects(images, captions)
     comparison = {}
@@ -223,21 +255,21 @@ def set_vs_random(
     return {"sets": sets, "masks": masks, "effects": result, "comparison": comparison}
 
 
-def effect_map_figure(effect_map: np.ndarray, mode: str, label: str):
-    """[len(REPORT_METRICS) rows x (self, cross)] heatmaps of [layer x head] effects, values in the cells."""
+def effect_map_figure(effect_map: np.ndarray, mode: str, label: str, kinds: Sequence[str] = KINDS):
+    """[len(REPORT_METRICS) rows x kinds] heatmaps of [layer x head] effects, values in the cells."""
     plt = context.pyplot()
     depth, heads = effect_map.shape[1:3]
     fig, axes = plt.subplots(
         len(REPORT_METRICS),
-        2,
-        figsize=(2 * (2.4 + 0.55 * heads), len(REPORT_METRICS) * (1.2 + 0.45 * depth)),
+        len(kinds),
+        figsize=(len(kinds) * (2.4 + 0.55 * heads), len(REPORT_METRICS) * (1.2 + 0.45 * depth)),
         squeeze=False,
         constrained_layout=True,
     )
     for row, metric in enumerate(REPORT_METRICS):
         values = effect_map[..., METRICS.index(metric)]
         limit = max(float(np.abs(values).max()), 0.01)
-        for col, kind in enumerate(KINDS):
+        for col, kind in enumerate(kinds):
             ax = axes[row, col]
             im = ax.imshow(values[col], cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
             for layer in range(depth):
@@ -301,7 +333,7 @@ def run(
     top_heads: Sequence | None = None,
     chunk: int = 8,
 ) -> epath.Path:
-    """Single-head ablation screen of every self- and cross-attention head ("zero", "mean" or "both"), plus the
+    """Single-head ablation screen of every attention head ("zero", "mean" or "both"), plus the
     `top_heads` set vs random sets of its size when given; writes `<out_dir>/ablation/` (context.write_report) and
     returns that directory. `captions` (default: the config's eval prompts) are each sampled `images_per_prompt`
     times, every one from its own noise."""
@@ -312,16 +344,16 @@ def run(
     prompts = list(captions) if captions is not None else evaluate.eval_prompt_list(model.config)
     captions = [c for c in prompts for _ in range(images_per_prompt)]
     cfg = model.model_cfg
-    depth, heads = cfg.depth, cfg.num_heads
-    masks = single_head_masks(depth, heads)
-    labels = single_head_labels(depth, heads)
+    depth, heads, kinds = cfg.depth, cfg.num_heads, head_kinds(cfg)
+    masks = single_head_masks(depth, heads, kinds)
+    labels = single_head_labels(depth, heads, kinds)
     arrays = {"masks": masks, "captions": np.array(captions), "metrics": np.array(METRICS)}
-    arrays["heads"] = np.array([(KINDS.index(k), layer, head) for k, layer, head in labels], np.int32)
+    arrays["heads"] = np.array([(kinds.index(k), layer, head) for k, layer, head in labels], np.int32)
     figures = {}
     lines = [
         f"# Head ablation: {model.label}",
         "",
-        f"Every attention head ({depth} layers x {heads} heads, self- and cross-attention: {2 * depth * heads} "
+        f"Every attention head ({depth} layers x {heads} heads of {' and '.join(kinds)} attention: {len(labels)} "
         f"heads) ablated alone ({', '.join(modes)} ablation), {len(prompts)} prompts x {images_per_prompt} images = "
         f"{len(captions)} images per mask, the same noises for every mask (paired). Sampler: "
         f"{sampling.describe_eval_sampler(model.config)}. Zero "
@@ -335,7 +367,7 @@ def run(
     for m in modes:
         start = time.perf_counter()
         images, times = _screen(model, captions, masks, mode=m, chunk=chunk)
-        result = effects(images, captions, shape=(depth, heads))
+        result = effects(images, captions, shape=masks.shape[1:])
         score_s = time.perf_counter() - start - times["compile_s"] - times["run_s"]
         timing.append(
             f"{m}: compile {times['compile_s']:.1f} s, sampling {times['run_s']:.1f} s ({len(masks)} masks), "
@@ -343,7 +375,7 @@ def run(
         )
         for name, value in result.items():
             arrays[f"{name}_{m}"] = value
-        figures[f"effect_map_{m}"] = effect_map_figure(result["effect_map"], m, model.label)
+        figures[f"effect_map_{m}"] = effect_map_figure(result["effect_map"], m, model.label, kinds)
         order = _harm_order(result["effect"])
         if m == modes[0]:
             lines += ["## Baseline accuracy (no ablation)", "", "| " + " | ".join(METRICS) + " |"]

@@ -119,7 +119,7 @@ def _samplers(setup: train_state.RunSetup, captions: list[str]):
         pad = len(padded) - len(captions)
         return {name: np.concatenate([holder[name], holder[name][-1:].repeat(pad, 0)]) for name in ("roles", "groups")}
 
-    names = synopsis.attention_names(setup.model_cfg.depth)
+    names = synopsis.attention_names(setup.model_cfg)
     plain = capture.sampler(model, batch_size)
     captured = capture.sampler(model, batch_size, names, synopsis.reduce_attention, extra_fields)
     return model, plain, captured, holder

@@ -6,6 +6,11 @@ prompts and seeds; and the heads it ranks as relation heads (object tokens -> re
 Two sampling passes with the same noises: a plain one whose images give the image-token groups (groups.py), then one
 capture pass that reduces every attention pattern inside the solver's scan to per-example sums [B, layers, heads,
 group, role] and [B, layers, heads, group, group]; the full patterns never leave the step.
+
+Both model families: a PixArt DiT's "cross" is its cross-attention pattern [B, H, N, L] and "self" its self-attention
+[B, H, N, N]; an MM-DiT has one joint pattern [B, H, Lt + N, Lt + N] per block (text first, models/mmdit.py), whose
+image-query rows give "cross" (keys < Lt) and "self" (keys >= Lt). There one softmax spans text and image keys, so a
+head's mass on the caption is a share of all its attention, not a distribution over the caption.
 """
 
 import time
@@ -19,30 +24,40 @@ from absl import logging
 from relcirc_jax.analysis import capture, groups
 from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
 from relcirc_jax.diffusion import model_timesteps
+from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate
 
 ROLE = {name: i for i, name in enumerate(groups.TEXT_ROLES)}
 OBJECTS = (0, 1)  # object 1, object 2 in IMAGE_GROUPS
 
 
-def attention_names(depth: int) -> list[str]:
-    return [f"blocks.{layer}.{kind}.hook_pattern" for layer in range(depth) for kind in ("attn", "cross_attn")]
+def attention_names(model_cfg: arch.ModelConfig) -> list[str]:
+    """The attention patterns the synopsis reads: self- and cross-attention of every PixArt block, the joint
+    attention of every MM-DiT block."""
+    kinds = ("attn",) if arch.arch_of(model_cfg) == "mmdit" else ("attn", "cross_attn")
+    return [f"blocks.{layer}.{kind}.hook_pattern" for layer in range(model_cfg.depth) for kind in kinds]
+
+
+def _image_rows(cache: dict, layer: int, num_image_tokens: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(image -> caption [B, H, N, L], image -> image [B, H, N, N]) attention of block `layer`, from its cross- and
+    self-attention patterns (PixArt) or split out of its joint pattern (MM-DiT, text keys first)."""
+    cross = cache.get(f"blocks.{layer}.cross_attn.hook_pattern")
+    if cross is not None:
+        return cross, cache[f"blocks.{layer}.attn.hook_pattern"]
+    joint = cache[f"blocks.{layer}.attn.hook_pattern"]
+    text_len = joint.shape[-1] - num_image_tokens
+    return joint[:, :, text_len:, :text_len], joint[:, :, text_len:, text_len:]
 
 
 def reduce_attention(cache: dict, batch: dict) -> dict:
     """Per-example attention mass: cross [B, layers, heads, image group, text role] and self [B, layers, heads,
     image group, image group], each summed over the group's (weighted) query tokens."""
-    depth = len([name for name in cache if name.endswith("cross_attn.hook_pattern")])
+    depth = len([name for name in cache if name.endswith(".attn.hook_pattern")])
     roles = jax.nn.one_hot(batch["roles"], len(groups.TEXT_ROLES), dtype=jnp.float32)  # [B, L, R]
     weights = batch["groups"]  # [B, N, G]
-    cross = [
-        jnp.einsum("bhnl,bng,blr->bhgr", cache[f"blocks.{layer}.cross_attn.hook_pattern"], weights, roles)
-        for layer in range(depth)
-    ]
-    self_attention = [
-        jnp.einsum("bhnm,bng,bmf->bhgf", cache[f"blocks.{layer}.attn.hook_pattern"], weights, weights)
-        for layer in range(depth)
-    ]
+    patterns = [_image_rows(cache, layer, weights.shape[1]) for layer in range(depth)]
+    cross = [jnp.einsum("bhnl,bng,blr->bhgr", c, weights, roles) for c, _ in patterns]
+    self_attention = [jnp.einsum("bhnm,bng,bmf->bhgf", s, weights, weights) for _, s in patterns]
     return {"cross": jnp.stack(cross, 1), "self": jnp.stack(self_attention, 1)}
 
 
@@ -65,7 +80,7 @@ def synopsis(
     sampler = capture.sampler(
         model,
         batch_size or len(captions),
-        attention_names(model.model_cfg.depth),
+        attention_names(model.model_cfg),
         reduce_attention,
         extra_fields,
     )
@@ -116,25 +131,26 @@ def run(model: AnalysisModel, out_dir, *, captions: Sequence[str] | None = None,
     timing = {"plain sampling": sampled - start, "image groups": grouped - sampled, "capture pass": captured - grouped}
     logging.info("Synopsis of %d images: %s", len(captions), {k: round(v, 1) for k, v in timing.items()})
     arrays["bound_fraction"] = np.float32((token_groups[:, :, 0].sum(1) > 0).mean())
-    figures = _figures(arrays, model.label, cfg.depth, cfg.num_heads)
+    figures = _figures(arrays, model.label, cfg.depth, cfg.num_heads, joint=arch.arch_of(cfg) == "mmdit")
     directory = write_report(out_dir, "synopsis", arrays, figures, _summary(arrays, model, len(captions), timing))
     return directory, arrays
 
 
-def _figures(arrays: dict, label: str, depth: int, heads: int) -> dict:
+def _figures(arrays: dict, label: str, depth: int, heads: int, joint: bool = False) -> dict:
     plt = pyplot()
     roles = [r for r in groups.TEXT_ROLES if r != "pad"]
     object_view = arrays["cross"][:, :, :, list(OBJECTS)].mean((0, 3))  # [layers, heads, roles]
     fig_roles, axes = plt.subplots(1, len(roles), figsize=(2.1 * len(roles), 0.5 * depth + 1.6), squeeze=False)
     for ax, role in zip(axes[0], roles):
         _heatmap(ax, object_view[:, :, ROLE[role]], f"-> {role}", vmax=1.0)
-    fig_roles.suptitle(f"Cross-attention of object tokens to each caption role ({label}; mean over steps)")
+    attention = "Joint attention (share on the caption)" if joint else "Cross-attention"
+    fig_roles.suptitle(f"{attention} of object tokens to each caption role ({label}; mean over steps)")
 
     fig_rank, axes = plt.subplots(1, 3, figsize=(9, 0.5 * depth + 1.8), squeeze=False)
     _heatmap(axes[0][0], arrays["relation_score"], "relation heads: objects -> relation")
     _heatmap(axes[0][1], arrays["object_score"], "object heads: object -> own shape")
     cross_object = (arrays["self"][:, :, :, 0, 1] + arrays["self"][:, :, :, 1, 0]).mean(0) / 2
-    _heatmap(axes[0][2], cross_object, "self-attn: object -> other object")
+    _heatmap(axes[0][2], cross_object, f"{'joint' if joint else 'self'}-attn: object -> other object")
     fig_rank.suptitle(label)
 
     fig_steps, ax = plt.subplots(figsize=(6, 3.5))
@@ -164,7 +180,13 @@ def _summary(arrays: dict, model: AnalysisModel, num_images: int, timing: dict) 
         f"{model.config.eval.cfg_scale}; {100 * float(arrays['bound_fraction']):.1f} % of images had both objects "
         "bound by the evaluator (only those count towards the object groups).",
         "",
-        "Scores are attention probabilities averaged over solver steps and the two objects' tokens.",
+        "Scores are attention probabilities averaged over solver steps and the two objects' tokens"
+        + (
+            "; this MM-DiT has one softmax over caption and image keys, so a score is the share of a token's joint "
+            "attention that lands on that caption role."
+            if arch.arch_of(model.model_cfg) == "mmdit"
+            else "."
+        ),
         "",
         "| rank | relation head | objects -> relation | object head | object -> own shape |",
         "|---|---|---|---|---|",

@@ -65,9 +65,8 @@ def with_parameters(notebook, values: dict):
 def kernel_env() -> dict:
     """The kernels' environment: CPU, one XLA device (conftest's 8 fake devices would pad every small batch to 8 on 2
     cores), conftest's persistent compilation cache (the six kernels compile the same samplers of the same reference
-    model) and no LLVM optimisation (halves each compile; the tiny workloads here run as fast either way)."""
+    model) and its other XLA flags."""
     flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in flag]
-    flags.append("--xla_backend_optimization_level=0")
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
 
 

@@ -12,6 +12,7 @@ from relcirc_jax import diffusion
 from relcirc_jax.analysis import context, interventions, patching, qk_screen, synopsis
 from relcirc_jax.config import base_config
 from relcirc_jax.data import prompts, tokenizer
+from relcirc_jax.models import arch
 from relcirc_jax.models.dit import DiT, init_params, run_with_cache, sincos_2d_position_embedding
 from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
@@ -110,6 +111,10 @@ def test_windows_and_configs():
     np.testing.assert_array_equal(configs["patch_window"][row], (timesteps[13], timesteps[7]))
     inside = (timesteps >= configs["patch_window"][row, 0]) & (timesteps <= configs["patch_window"][row, 1])
     np.testing.assert_array_equal(np.flatnonzero(inside), np.arange(7, 14))
+    # an MM-DiT's joint heads patch through its self-attention keyword; it has no cross-attention
+    configs, labels = patching.patch_configs(2, 3, [(0, 13)], timesteps, patching.MMDIT_SITES)
+    assert sorted(configs) == ["patch_window", "resid_patch", "self_head_patch"] and len(labels) == 2 * 3 + 2
+    assert configs["self_head_patch"][1 + labels.index(("joint", 1, 2, 0)), 1, 2] == 1
 
 
 def test_transfer_is_the_share_of_the_change():
@@ -125,24 +130,37 @@ def test_transfer_is_the_share_of_the_change():
 # ---------------------------------------------------------------- the screen on a smoke model
 
 
-def _smoke_model(tmp_path, devices=None):
-    config = base_config("rte", "micro", "smoke")  # hidden 32, depth 2, heads 2, text dim 32, 2 solver steps
+def _smoke_model(tmp_path, devices=None, model_arch="pixart"):
+    config = base_config("rte", "micro", "smoke", arch=model_arch)  # depth 2, heads 2, text dim 32, 2 solver steps
     abstract = train_state.model_config(config, caption_channels=config.text.dim)
-    return context.from_params(config, noisy(init_params(abstract, jax.random.key(0))), tmp_path, "smoke", devices)
+    params = noisy(arch.init_params(abstract, jax.random.key(0)))
+    return context.from_params(config, params, tmp_path, "smoke", devices)
 
 
 CLEAN = ["red circle is above blue square", "blue triangle is to the left of red circle", "red square is below circle"]
 
 
-def test_clean_to_clean_patching_is_the_identity(tmp_path):
-    model = _smoke_model(tmp_path)
+@pytest.mark.parametrize("model_arch", arch.ARCHS)
+def test_clean_to_clean_patching_is_the_identity(tmp_path, model_arch):
+    model = _smoke_model(tmp_path, model_arch=model_arch)
     windows = patching.step_windows(model.config.eval.num_steps, 2)
-    configs, _ = patching.patch_configs(2, 2, windows, diffusion.model_timesteps("dpmpp_2m", 2))
+    timesteps = diffusion.model_timesteps("dpmpp_2m", 2)
+    configs, _ = patching.patch_configs(2, 2, windows, timesteps, patching.model_sites(model.model_cfg))
     patched, twin, _ = patching.screen(model, CLEAN, CLEAN, configs, chunk=8)
     plain = sampling.eval_sampler(model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, 3)
     np.testing.assert_array_equal(patched[0], plain(model.params, model.tables, CLEAN))
     for images in (*patched[1:], twin):  # every config of the 6-row batch, and the twin world, is the clean sample
         assert np.abs(images.astype(int) - patched[0]).max() <= 1
+
+
+def test_an_mmdit_patching_run_reports_its_joint_heads(tmp_path):
+    model = _smoke_model(tmp_path, jax.devices()[:1], model_arch="mmdit")
+    directory = patching.run(model, tmp_path, num_prompts=2, num_windows=1)
+    with np.load(directory / "patching.npz") as arrays:
+        assert arrays["transfer_joint"].shape == (1, 2, 2) and "transfer_self" not in arrays
+        summary = patching.summary(dict(arrays), "smoke", sampling.describe_eval_sampler(model.config), "relation", 1)
+    assert "4 joint-attention heads, and 2 residual streams" in summary
+    assert summary == (directory / "summary.md").read_text() and (directory / "transfer_maps.png").exists()
 
 
 def test_patching_screen_on_8_devices_equals_1(tmp_path):

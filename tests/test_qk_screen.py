@@ -10,7 +10,7 @@ from PIL import Image
 from relcirc_jax.analysis import context, qk_screen
 from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch, dit, mmdit
 from relcirc_jax.text.conditioner import make_text_conditioner
 from relcirc_jax.train.sampling import caption_batch
 
@@ -83,6 +83,43 @@ def reference_logits(params, cfg, conditioner) -> np.ndarray:
 def test_logits_match_numpy_reference(params, cfg, conditioner):
     got = qk_screen.screen(params, cfg, conditioner, conditioner.tables)["logits"]
     want = reference_logits(params, cfg, conditioner)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_mmdit_logits_match_numpy_reference(conditioner):
+    """The joint attention's image-query -> caption-key logits, QK RMSNorms included, by explicit loops in float64:
+    the caption through context_embedder, the logit averaged over the relation-phrase tokens."""
+    cfg = mmdit.mmdit_config("micro", hidden_size=DIM, depth=2, num_heads=2, caption_channels=DIM)
+    rng = np.random.default_rng(2)
+    init = arch.init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape) + (x.ndim == 1)).astype(np.float32), init)
+    p = np_params(params)
+    captions = list(qk_screen.relation_captions())
+    text = np.asarray(conditioner.embed(conditioner.tables, caption_batch(captions))[0], np.float64)
+    caption = text @ p["context_embedder"]["kernel"] + p["context_embedder"]["bias"]  # [R, T, D]
+    is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")
+    positions = mmdit.sincos_position_embedding(cfg).astype(np.float64)
+    dh, g = cfg.head_dim, cfg.grid_size
+
+    def rms_norm(x, scale):
+        return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * scale
+
+    want = np.zeros((cfg.depth, cfg.num_heads, len(RELATIONS), g, g))
+    for layer in range(cfg.depth):
+        attn = p[f"transformer_blocks_{layer}"]["attn"]
+        for head in range(cfg.num_heads):
+            cols = slice(head * dh, (head + 1) * dh)
+            q = rms_norm(
+                positions @ attn["to_q"]["kernel"][:, cols] + attn["to_q"]["bias"][cols], attn["norm_q"]["scale"]
+            )
+            for r in range(len(RELATIONS)):
+                k = (
+                    caption[r][is_relation[r]] @ attn["add_k_proj"]["kernel"][:, cols]
+                    + attn["add_k_proj"]["bias"][cols]
+                )
+                k = rms_norm(k, attn["norm_added_k"]["scale"])  # [relation tokens, dh]
+                want[layer, head, r] = (q @ k.T / np.sqrt(dh)).mean(1).reshape(g, g)
+    got = qk_screen.screen(params, cfg, conditioner, conditioner.tables)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 

@@ -19,9 +19,9 @@ workdir/analysis/<kind>/, and every summary there in one workdir/analysis/report
     probe      (MM-DiT only, only when named) the study's diagnostic D1: linear probes from the text and image
                streams after each block, at each solver step, to the final layout (probe.py)
 
-On an MM-DiT (model.arch="mmdit") the synopsis and the ablation read its joint attention (image queries on caption
-keys for "cross", on image keys for "self"; one kind of head); qk_screen and patching read PixArt's cross-attention
-and are refused there. "all" runs synopsis, ablation, text and dynamics.
+On an MM-DiT (model.arch="mmdit") every analysis reads its joint attention: image queries on caption keys stand for
+cross-attention, on image keys for self-attention, and there is one kind of head, "joint" (synopsis, qk_screen,
+ablation, patching, dynamics).
 """
 
 import time
@@ -35,8 +35,6 @@ from relcirc_jax.errors import UserError
 
 # The circuit analyses, what "all" runs; the accuracy-vs-diversity study and its probe run only when named.
 KINDS = tuple(kind for kind in ANALYSIS_KINDS if kind not in ("all", "diversity", "probe"))
-# What runs on an MM-DiT (config.model.arch="mmdit"): the others read PixArt's cross-attention heads.
-MMDIT_KINDS = ("synopsis", "ablation", "text", "dynamics", "diversity", "probe")
 
 
 def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = None) -> dict[str, float]:
@@ -46,14 +44,7 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
 
     a = config.analysis
     kinds = KINDS if a.kind == "all" else (a.kind,)
-    if config.model.arch == "mmdit":
-        if a.kind != "all" and a.kind not in MMDIT_KINDS:
-            raise UserError(
-                f"--config.analysis.kind={a.kind} reads PixArt's cross-attention heads, and this model is an MM-DiT "
-                f"(model.arch=mmdit). Fix: use one of {MMDIT_KINDS} ('all' runs the circuit analyses among them)."
-            )
-        kinds = tuple(kind for kind in kinds if kind in MMDIT_KINDS)
-    elif a.kind == "probe":
+    if a.kind == "probe" and config.model.arch != "mmdit":
         raise UserError(
             "--config.analysis.kind=probe reads an MM-DiT's text stream, and this model is a PixArt DiT, whose "
             "caption tokens are the same static caption in every sample. Fix: analyze an MM-DiT (model.arch=mmdit)."
@@ -71,9 +62,7 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
             out_dir,
             images_per_prompt=a.images_per_prompt,
             mode=a.ablation_mode,
-            top_heads=ablation.top_relation_heads(model, a.ablation_top_heads, out_dir)
-            if a.ablation_top_heads
-            else None,
+            top_heads=ablation.top_relation_heads(model, a.ablation_top_heads) if a.ablation_top_heads else None,
         ),
         "patching": lambda: patching.run(
             model,

@@ -114,23 +114,14 @@ def head_set_masks(
     return masks, sets
 
 
-def top_relation_heads(model: context.AnalysisModel, k: int, out_dir) -> list[Head]:
-    """The k relation heads to ablate together: a PixArt DiT's cross-attention heads the QK screen ranks first
-    (weights only, no sampling); an MM-DiT's joint heads the attention synopsis ranks first (read from
-    `<out_dir>/synopsis/synopsis.npz`, as "all" writes it before the ablation; run and written there when absent)."""
-    from relcirc_jax.analysis import qk_screen, synopsis
+def top_relation_heads(model: context.AnalysisModel, k: int) -> list[Head]:
+    """The k heads the QK screen ranks first (weights only, no sampling): a PixArt DiT's cross-attention heads, an
+    MM-DiT's joint heads."""
+    from relcirc_jax.analysis import qk_screen
 
-    if arch.arch_of(model.model_cfg) != "mmdit":
-        ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
-        return [("cross", int(layer), int(head)) for layer, head in ranking[:k]]
-    saved = epath.Path(out_dir) / "synopsis" / "synopsis.npz"
-    if saved.exists():
-        with saved.open("rb") as f, np.load(f) as arrays:
-            score = arrays["relation_score"]
-    else:
-        logging.info("No synopsis in %s: running it to rank the MM-DiT's relation heads.", saved.parent)
-        score = synopsis.run(model, out_dir)[1]["relation_score"]
-    return [("joint", int(layer), int(head)) for layer, head in synopsis.ranking(score)[:k]]
+    ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
+    kind = head_kinds(model.model_cfg)[-1]
+    return [(kind, int(layer), int(head)) for layer, head in ranking[:k]]
 
 
 def screen(

@@ -3,8 +3,10 @@
 Two worlds share every sampling batch: rows [0, N) sample the clean captions and rows [N, 2N) their corrupted twins
 (CORRUPTIONS: the relation swapped for its converse, "above" <-> "below", or the two shapes swapped), pair i from the
 same noise. A patch config says which activation of the corrupted twin replaces the clean row's own: one head's
-output z (self- or cross-attention, [layer, head]) or the residual stream entering one block ([layer]), at the solver
-steps of one window (models/dit.py `*_head_patch`, `resid_patch`, `patch_window`, read along `patch_source`). The
+output z ([layer, head]: a PixArt DiT's self- or cross-attention, an MM-DiT's joint attention, whose head patch
+replaces the head's output at text and image queries alike) or the residual stream entering one block ([layer]; in an
+MM-DiT both streams), at the solver steps of one window (models/dit.py and mmdit.py `*_head_patch`, `resid_patch`,
+`patch_window`, read along `patch_source`). The
 corrupted rows are their own source, so they stay unpatched. Every config of a screen runs through one compiled
 `vmap(generate)` (analysis/interventions.py), `chunk` configs per call.
 
@@ -27,10 +29,16 @@ from relcirc_jax.analysis import context, interventions
 from relcirc_jax.config import PATCHING_CORRUPTIONS as CORRUPTIONS
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import CONVERSE
+from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate, sampling
 
 KIND = "patching"
-SITES = ("self", "cross", "resid")  # head outputs of self- / cross-attention, the residual stream entering a block
+# Head outputs of self- / cross-attention (PixArt) or of joint attention (MM-DiT), the residual stream entering a
+# block; "sites" in patching.npz index this tuple.
+SITES = ("self", "cross", "resid", "joint")
+PIXART_SITES, MMDIT_SITES = ("self", "cross", "resid"), ("joint", "resid")
+HEAD_PATCH_KEYS = {"self": "self_head_patch", "cross": "cross_head_patch", "joint": "self_head_patch"}
+TITLES = {"self": "self-attention head", "cross": "cross-attention head", "joint": "joint-attention head"}
 SCORE_METRIC = "spatial_relationship"
 NUM_RESAMPLES = 1000
 TOP_SITES = 5
@@ -64,27 +72,34 @@ def step_windows(num_steps: int, num_windows: int) -> list[tuple[int, int]]:
     return [(0, num_steps - 1)] + (parts if num_windows > 1 else [])
 
 
+def model_sites(model_cfg: arch.ModelConfig) -> tuple[str, ...]:
+    """The sites a model can patch: PIXART_SITES or MMDIT_SITES."""
+    return MMDIT_SITES if arch.arch_of(model_cfg) == "mmdit" else PIXART_SITES
+
+
 def patch_configs(
-    depth: int, heads: int, windows: Sequence[tuple[int, int]], timesteps: np.ndarray
+    depth: int,
+    heads: int,
+    windows: Sequence[tuple[int, int]],
+    timesteps: np.ndarray,
+    sites: Sequence[str] = PIXART_SITES,
 ) -> tuple[dict[str, np.ndarray], list[Site]]:
-    """({"self_head_patch", "cross_head_patch" [M, depth, heads], "resid_patch" [M, depth], "patch_window" [M, 2]},
-    the site of rows 1...): row 0 patches nothing; then, window by window, every self-attention head, every
-    cross-attention head and every block's residual input alone. `timesteps` are the model's timestep at each
-    solver step (diffusion.model_timesteps); a window (first, last) becomes the timestep range it covers."""
+    """({"<kind>_head_patch" [M, depth, heads] per head site, "resid_patch" [M, depth], "patch_window" [M, 2]}, the
+    site of rows 1...): row 0 patches nothing; then, window by window and site by site (`sites`, e.g. a PixArt DiT's
+    self-attention heads, cross-attention heads and residual streams), every head or block's residual input alone.
+    `timesteps` are the model's timestep at each solver step (diffusion.model_timesteps); a window (first, last)
+    becomes the timestep range it covers."""
     labels = [
         (site, layer, head, w)
         for w in range(len(windows))
-        for site in SITES
+        for site in sites
         for layer in range(depth)
         for head in (range(heads) if site != "resid" else (-1,))
     ]
     num = 1 + len(labels)
-    arrays = {
-        "self_head_patch": np.zeros((num, depth, heads), np.float32),
-        "cross_head_patch": np.zeros((num, depth, heads), np.float32),
-        "resid_patch": np.zeros((num, depth), np.float32),
-        "patch_window": np.zeros((num, 2), np.float32),
-    }
+    arrays = {HEAD_PATCH_KEYS[site]: np.zeros((num, depth, heads), np.float32) for site in sites if site != "resid"}
+    arrays["resid_patch"] = np.zeros((num, depth), np.float32)
+    arrays["patch_window"] = np.zeros((num, 2), np.float32)
     arrays["patch_window"][0] = (timesteps.min(), timesteps.max())
     for row, (site, layer, head, w) in enumerate(labels, start=1):
         first, last = windows[w]
@@ -92,7 +107,7 @@ def patch_configs(
         if site == "resid":
             arrays["resid_patch"][row, layer] = 1.0
         else:
-            arrays[f"{site}_head_patch"][row, layer, head] = 1.0
+            arrays[HEAD_PATCH_KEYS[site]][row, layer, head] = 1.0
     return arrays, labels
 
 
@@ -147,9 +162,15 @@ def transfer(patched: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, s
     }
 
 
+def _head_sites(labels: Sequence[Site]) -> list[str]:
+    """The head sites among `labels`, in order."""
+    return list(dict.fromkeys(site for site, *_ in labels if site != "resid"))
+
+
 def site_maps(values: np.ndarray, labels: Sequence[Site], depth: int, heads: int, num_windows: int) -> dict:
-    """Rows 1... of a per-config array laid out as {"self", "cross": [W, depth, heads], "resid": [W, depth]}."""
-    maps = {site: np.full((num_windows, depth, heads), np.nan) for site in ("self", "cross")}
+    """Rows 1... of a per-config array laid out as {head site (e.g. "self", "cross"): [W, depth, heads], "resid":
+    [W, depth]}."""
+    maps = {site: np.full((num_windows, depth, heads), np.nan) for site in _head_sites(labels)}
     maps["resid"] = np.full((num_windows, depth), np.nan)
     for value, (site, layer, head, w) in zip(values[1:], labels):
         if site == "resid":
@@ -164,16 +185,17 @@ def _window_name(window: tuple[int, int]) -> str:
 
 
 def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str, corruption: str):
-    """One row per window: self- and cross-attention [layer x head] transfer and the residual stream per layer."""
+    """One row per window: each head site's [layer x head] transfer and the residual stream per layer."""
     plt = context.pyplot()
-    depth, heads = maps["self"].shape[1:]
+    head_sites = [site for site in maps if site != "resid"]
+    depth, heads = maps[head_sites[0]].shape[1:]
     fig, axes = plt.subplots(
         len(windows),
-        3,
-        figsize=(2 * (2.4 + 0.55 * heads) + 2.2, len(windows) * (1.3 + 0.45 * depth)),
+        len(head_sites) + 1,
+        figsize=(len(head_sites) * (2.4 + 0.55 * heads) + 2.2, len(windows) * (1.3 + 0.45 * depth)),
         squeeze=False,
         constrained_layout=True,
-        gridspec_kw={"width_ratios": [heads, heads, 1]},
+        gridspec_kw={"width_ratios": [heads] * len(head_sites) + [1]},
     )
 
     def limit(*arrays):
@@ -181,22 +203,23 @@ def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str,
         return max(float(np.nanmax(values)) if np.isfinite(values).any() else 0.0, 0.05)
 
     # heads move a share of the effect, a residual stream can move all of it: one colour scale each
-    limits = {"self": limit(maps["self"], maps["cross"]), "resid": limit(maps["resid"])}
-    limits["cross"] = limits["self"]
+    head_limit = limit(*(maps[site] for site in head_sites))
+    limits = {**{site: head_limit for site in head_sites}, "resid": limit(maps["resid"])}
     for row, window in enumerate(windows):
-        panels = (("self", maps["self"][row]), ("cross", maps["cross"][row]), ("resid", maps["resid"][row][:, None]))
+        panels = [(site, maps[site][row]) for site in head_sites] + [("resid", maps["resid"][row][:, None])]
         for col, (site, values) in enumerate(panels):
             ax = axes[row, col]
             im = ax.imshow(values, cmap="RdBu_r", vmin=-limits[site], vmax=limits[site], aspect="auto")
             for (layer, head), value in np.ndenumerate(values):
                 ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7)
-            title = {"self": "self-attention head", "cross": "cross-attention head", "resid": "residual"}[site]
+            title = TITLES.get(site, "residual")
             ax.set_title(f"{title}\n{_window_name(window)}", fontsize=8)
             ax.set_xticks(range(values.shape[1]) if site != "resid" else [])
             ax.set_yticks(range(depth))
             ax.set_ylabel("layer")
-            if site != "self":
-                fig.colorbar(im, ax=ax if site == "resid" else axes[row, :2].tolist(), shrink=0.8, label="transfer")
+            if site == "resid" or col == len(head_sites) - 1:
+                where = ax if site == "resid" else axes[row, : len(head_sites)].tolist()
+                fig.colorbar(im, ax=where, shrink=0.8, label="transfer")
     fig.suptitle(
         f"{label}: patching from the {corruption}-corrupted prompt, share of its effect transferred", fontsize=9
     )
@@ -225,7 +248,7 @@ def _labels(arrays: dict) -> list[Site]:
 
 
 def head_order(arrays: dict) -> np.ndarray:
-    """Config rows of single heads (self- and cross-attention, every window), largest transfer first (NaN last)."""
+    """Config rows of single heads (every head site and window), largest transfer first (NaN last)."""
     rows = np.array([1 + i for i, site in enumerate(_labels(arrays)) if site[0] != "resid"])
     return rows[np.argsort(-np.nan_to_num(arrays["transfer"][rows], nan=-np.inf), kind="stable")]
 
@@ -235,7 +258,8 @@ def summary(arrays: dict, label: str, sampler: str, corruption: str, images_per_
     labels, windows = _labels(arrays), [tuple(w) for w in arrays["windows"].tolist()]
     transfer, low, high = arrays["transfer"], arrays["ci_low"], arrays["ci_high"]
     against = {"clean": arrays["relation_vs_clean"], "corrupted": arrays["relation_vs_corrupted"]}
-    n, (depth, heads) = len(arrays["captions_clean"]), arrays["transfer_self"].shape[1:]
+    head_sites = _head_sites(labels)
+    n, (depth, heads) = len(arrays["captions_clean"]), arrays[f"transfer_{head_sites[0]}"].shape[1:]
     compile_s, run_s, score_s = arrays["seconds"]
     lines = [
         f"# Activation patching: {label}",
@@ -243,8 +267,8 @@ def summary(arrays: dict, label: str, sampler: str, corruption: str, images_per_
         f"{n} clean captions ({n // images_per_prompt} eval prompts x {images_per_prompt} images) and their "
         f"{corruption}-corrupted twins sampled side by side from the same noises ({sampler}). Each of the "
         f"{len(labels)} configs (and the unpatched row 0) patches one site of the clean sample from its twin: "
-        f"{depth * heads} self-attention "
-        f"heads, {depth * heads} cross-attention heads and {depth} residual streams (block inputs), in each of "
+        + "".join(f"{depth * heads} {TITLES[site]}s, " for site in head_sites)
+        + f"and {depth} residual streams (block inputs), in each of "
         f"{len(windows)} step windows ({', '.join(_window_name(w) for w in windows)}). Transfer = share of the clean "
         f"-> corrupted image change the patch reproduces (1 = the corrupted image); 95 % bootstrap intervals over the "
         f"{n} pairs.",
@@ -314,9 +338,8 @@ def run(
     clean = [prompts_all[i] for i in picks for _ in range(images_per_prompt)]
     corrupted = [corrupt(c, corruption) for c in clean]
     windows = step_windows(eval_config.num_steps, num_windows)
-    configs, labels = patch_configs(
-        cfg.depth, cfg.num_heads, windows, diffusion.model_timesteps(eval_config.solver, eval_config.num_steps)
-    )
+    timesteps = diffusion.model_timesteps(eval_config.solver, eval_config.num_steps)
+    configs, labels = patch_configs(cfg.depth, cfg.num_heads, windows, timesteps, model_sites(cfg))
     start = time.perf_counter()
     patched, corrupted_images, times = screen(model, clean, corrupted, configs, chunk=chunk)
     result = transfer(patched, patched[0], corrupted_images)

@@ -8,6 +8,11 @@ by the mean |correlation| over relations. No forward pass through the DiT and no
 
 Assumption: cross-attention queries read the residual stream h directly (PixArt's attn2(h, context=caption)), and
 the positional part of h is approximated by the input position embedding at every layer (no LayerNorm, no drift).
+
+An MM-DiT's joint attention gets the same screen on its image-query -> caption-key block: q = norm_q(to_q(position
+embedding)), k = norm_added_k(add_k_proj(context_embedder(text))) per token (the QK RMSNorms are part of the logit),
+the logit averaged over the relation-phrase tokens. Its extra assumption: the text stream entering every block is its
+input, the caption after context_embedder (no LayerNorm or modulation, no update by earlier blocks).
 """
 
 import functools
@@ -21,7 +26,7 @@ from etils import epath
 from relcirc_jax.analysis.context import pyplot
 from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
-from relcirc_jax.models import dit
+from relcirc_jax.models import arch, dit, mmdit
 
 KIND = "qk_screen"
 CANONICAL_OBJECTS = dict(shape1="circle", color1="red", shape2="square", color2="blue")
@@ -64,9 +69,9 @@ def _dense(x, layer):
     return jnp.dot(x, layer["kernel"], precision=_HIGHEST) + layer["bias"]
 
 
-def _stacked(params, layers: int, name: str, heads: int, head_dim: int):
-    """attn2's `name` projection of every layer: kernel [L, D, H, dh], bias [L, H, dh]."""
-    blocks = [params[f"transformer_blocks_{layer}"]["attn2"][name] for layer in range(layers)]
+def _stacked(params, layers: int, attention: str, name: str, heads: int, head_dim: int):
+    """Projection `name` of module `attention` (attn2, attn) in every layer: kernel [L, D, H, dh], bias [L, H, dh]."""
+    blocks = [params[f"transformer_blocks_{layer}"][attention][name] for layer in range(layers)]
     kernel = jnp.stack([b["kernel"] for b in blocks]).astype(jnp.float32)
     bias = jnp.stack([b["bias"] for b in blocks]).astype(jnp.float32)
     return kernel.reshape(kernel.shape[:2] + (heads, head_dim)), bias.reshape(layers, heads, head_dim)
@@ -80,10 +85,22 @@ def _pearson(maps, references):
     return jnp.where(denominator > 0, jnp.sum(a * b, -1) / jnp.where(denominator > 0, denominator, 1.0), 0.0)
 
 
+def _rms_norms(params, layers: int, name: str) -> jnp.ndarray:
+    """The MM-DiT's per-head RMSNorm scales `name` of every layer: [L, dh]."""
+    return jnp.stack([params[f"transformer_blocks_{layer}"]["attn"][name]["scale"] for layer in range(layers)])
+
+
+def _rms_norm(x, scale):
+    """mmdit.RMSNorm over the last axis of x [L, ..., dh] with the per-layer scale [L, dh]."""
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + mmdit.NORM_EPS)
+    return x * scale.reshape(scale.shape[:1] + (1,) * (x.ndim - 2) + scale.shape[1:])
+
+
 @functools.lru_cache(maxsize=8)
-def _screen_fn(model_cfg: dit.DiTConfig, embed):
+def _screen_fn(model_cfg: arch.ModelConfig, embed):
     """jit(f(params, tables) -> (logits [L, H, R, g, g], correlation [L, H, R])) for one model shape and encoder."""
-    cfg = model_cfg
+    cfg, joint = model_cfg, arch.arch_of(model_cfg) == "mmdit"
+    attention, key = ("attn", "add_k_proj") if joint else ("attn2", "to_k")
     grid, heads, head_dim = cfg.grid_size, cfg.num_heads, cfg.head_dim
     positions = dit.sincos_2d_position_embedding(cfg.hidden_size, grid, cfg.pos_interpolation_scale)  # [N, D]
     references = reference_maps(grid).reshape(len(RELATIONS), grid * grid)  # [R, N]
@@ -92,29 +109,36 @@ def _screen_fn(model_cfg: dit.DiTConfig, embed):
     def screen_arrays(params, tables):
         params = params["params"] if set(params) == {"params"} else params
         text, _ = embed(tables, {k: jnp.asarray(v) for k, v in batch.items()})  # [R, T, Dc]
-        projection = params["caption_projection"]
-        caption = _dense(
-            jax.nn.gelu(_dense(text.astype(jnp.float32), projection["linear_1"]), approximate=True),
-            projection["linear_2"],
-        )  # [R, T, D]
-        weights = is_relation / is_relation.sum(-1, keepdims=True)
-        relation_embedding = jnp.einsum("rt,rtd->rd", weights, caption, precision=_HIGHEST)  # [R, D]
+        text = text.astype(jnp.float32)
+        if joint:
+            caption = _dense(text, params["context_embedder"])  # [R, T, D]
+        else:
+            projection = params["caption_projection"]
+            caption = _dense(
+                jax.nn.gelu(_dense(text, projection["linear_1"]), approximate=True), projection["linear_2"]
+            )
+        weights = is_relation / is_relation.sum(-1, keepdims=True)  # [R, T]
 
-        w_q, b_q = _stacked(params, cfg.depth, "to_q", heads, head_dim)
-        w_k, b_k = _stacked(params, cfg.depth, "to_k", heads, head_dim)
+        w_q, b_q = _stacked(params, cfg.depth, attention, "to_q", heads, head_dim)
+        w_k, b_k = _stacked(params, cfg.depth, attention, key, heads, head_dim)
         q = jnp.einsum("nd,ldhe->lnhe", positions, w_q, precision=_HIGHEST) + b_q[:, None]  # [L, N, H, dh]
-        k = jnp.einsum("rd,ldhe->lrhe", relation_embedding, w_k, precision=_HIGHEST) + b_k[:, None]  # [L, R, H, dh]
-        logits = jnp.einsum("lnhe,lrhe->lhrn", q, k, precision=_HIGHEST) * head_dim**-0.5  # [L, H, R, N]
+        k = jnp.einsum("rtd,ldhe->lrthe", caption, w_k, precision=_HIGHEST) + b_k[:, None, None]  # [L, R, T, H, dh]
+        if joint and cfg.qk_norm:
+            q = _rms_norm(q, _rms_norms(params, cfg.depth, "norm_q"))
+            k = _rms_norm(k, _rms_norms(params, cfg.depth, "norm_added_k"))
+        # the logit of the relation phrase: the mean over its tokens (a linear map's key of the mean, for PixArt)
+        logits = jnp.einsum("lnhe,lrthe,rt->lhrn", q, k, weights, precision=_HIGHEST) * head_dim**-0.5
         correlation = _pearson(logits, references)  # [L, H, R]
         return logits.reshape(logits.shape[:-1] + (grid, grid)), correlation
 
     return jax.jit(screen_arrays)
 
 
-def screen(params, model_cfg: dit.DiTConfig, conditioner, tables) -> dict[str, np.ndarray]:
-    """The QK screen of a DiT's cross-attention: "logits" [L, H, R, grid, grid], "correlation" [L, H, R] (with
-    reference_maps), "head_score" [L, H] = mean_R |correlation|, "signed_score" [L, H] = mean_R correlation, and
-    "ranking" int[L*H, 2] (layer, head) by head_score, best first."""
+def screen(params, model_cfg: arch.ModelConfig, conditioner, tables) -> dict[str, np.ndarray]:
+    """The QK screen of a DiT's cross-attention (an MM-DiT's joint attention, image queries on caption keys):
+    "logits" [L, H, R, grid, grid], "correlation" [L, H, R] (with reference_maps), "head_score" [L, H] = mean_R
+    |correlation|, "signed_score" [L, H] = mean_R correlation, and "ranking" int[L*H, 2] (layer, head) by head_score,
+    best first."""
     logits, correlation = jax.block_until_ready(_screen_fn(model_cfg, conditioner.embed)(params, tables))
     correlation = np.asarray(correlation)
     head_score = np.abs(correlation).mean(-1)
@@ -134,18 +158,22 @@ def _best_relation(correlation: np.ndarray) -> str:
     return f"{RELATIONS[r]} ({correlation[r]:+.3f})"
 
 
-def summary_markdown(result: dict[str, np.ndarray], label: str, seconds: float) -> str:
+def summary_markdown(result: dict[str, np.ndarray], label: str, seconds: float, joint: bool = False) -> str:
+    heads, normed = (
+        ("joint-attention (attn) head", " and the QK RMSNorms") if joint else ("cross-attention (attn2) head", "")
+    )
     lines = [
         f"# QK screen: {label}",
         "",
-        "Weight-space screen of every cross-attention (attn2) head, no forward pass: logit map "
+        f"Weight-space screen of every {heads}, no forward pass: logit map "
         "q·k/sqrt(head_dim) with q = position embedding @ W_Q + b_Q over the image grid and k = the caption-projected "
-        "embedding of the relation words (mean over relation-phrase tokens of "
-        f"'{relation_captions()[0]}' and its 7 siblings) @ W_K + b_K. Each map's Pearson correlation with the "
+        f"embedding of each relation word @ W_K + b_K{normed} (the logit's mean over the relation-phrase tokens of "
+        f"'{relation_captions()[0]}' and its 7 siblings). Each map's Pearson correlation with the "
         "relation's reference gradient (above -y, below +y, left -x, right +x, diagonals their sums; y downwards); "
         "head score = mean |correlation| over the 8 relations, signed score = mean correlation.",
         "",
-        "Assumes the positional part of the residual stream is the input position embedding at every layer.",
+        "Assumes the positional part of the residual stream is the input position embedding at every layer"
+        + (" and the text stream is the caption after context_embedder." if joint else "."),
         "",
         f"## Top {TOP_HEADS_TABLE} heads",
         "",
@@ -220,4 +248,6 @@ def run(model, out_dir) -> epath.Path:
         "head_scores": head_score_figure(result, model.label),
         "logit_maps": logit_map_figure(result, model.label),
     }
-    return context.write_report(out_dir, KIND, arrays, figures, summary_markdown(result, model.label, seconds))
+    joint = arch.arch_of(model.model_cfg) == "mmdit"
+    summary = summary_markdown(result, model.label, seconds, joint)
+    return context.write_report(out_dir, KIND, arrays, figures, summary)

@@ -114,7 +114,7 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
 
     def repulsion_method(name, target, blocks_of, settings=settings, **overrides):
         knobs = [repulsion_lib.knobs(e, window(tau), blocks_of(b)) for e, tau, b in settings]
-        config = repulsion_lib.RepulsionConfig(target=target, group_size=group_size, **overrides)
+        config = repulsion_lib.RepulsionConfig(target=target, **overrides)
         return dict(
             name=name,
             labels=[f"eta={e:g} tau={tau} blocks={b}" for e, tau, b in settings],

@@ -66,7 +66,9 @@ class RepulsionConfig:
     kernel_reg: float = 1e-4  # r: rho = (K + r I) / (B (1 + r)), as the SD3.5 re-implementation
     eta_mode: str = "angular"
     token_mask: str = "valid"  # text target: "valid" repels the caption's tokens only, "all" the padding too
-    group_size: int = 4  # B: consecutive rows of the batch share a prompt
+    # B: consecutive rows of the batch share a prompt. sampling.generate_fn sets it from its own group_size, the one
+    # particle guidance reads too, so a sampler has one group size.
+    group_size: int = 4
     # The vmap axis of a screen over knob settings (parallel/axes.SETTINGS; sampling.generate_fn sets it): the work
     # is skipped only when no group of any setting is on, so that vmap keeps the skip instead of computing it always.
     settings_axis: str | None = None

@@ -146,13 +146,14 @@ def generate_fn(
     returns (images, that pytree stacked over steps [num_steps, ...]).
     With `repulsion` (an analysis.repulsion.RepulsionConfig), `interventions` must hold its traced knobs
     (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
-    (sweeping the knobs does not recompile). The diversity baselines (analysis/baselines.py: a traced CFG scale,
-    interval guidance, particle guidance over groups of `group_size` captions, CADS) act when their knob is among
-    the interventions. `settings_axis`: the name of the vmap over `interventions` when there is one (see
-    parallel/axes.SETTINGS), so that the repulsion skips its work when no setting needs it.
+    (this group size replaces the config's; sweeping the knobs does not recompile). The diversity baselines
+    (analysis/baselines.py: a traced CFG scale, interval guidance, particle guidance over groups of `group_size`
+    captions, CADS) act when their knob is among the interventions. `settings_axis`: the name of the vmap over
+    `interventions` when there is one (see parallel/axes.SETTINGS), so that the repulsion skips its work when no
+    setting needs it.
     """
     if repulsion is not None:
-        repulsion = dataclasses.replace(repulsion, settings_axis=settings_axis)
+        repulsion = dataclasses.replace(repulsion, settings_axis=settings_axis, group_size=group_size)
     # No backward pass here, so no rematerialisation (it would also not pass a repulsion through the blocks).
     model = arch.module(dataclasses.replace(model_cfg, remat=False), capture)
     image_shape = (model_cfg.image_size, model_cfg.image_size, model_cfg.in_channels)

@@ -140,9 +140,12 @@ def _figures(arrays: dict, label: str, depth: int, heads: int, joint: bool = Fal
     plt = pyplot()
     roles = [r for r in groups.TEXT_ROLES if r != "pad"]
     object_view = arrays["cross"][:, :, :, list(OBJECTS)].mean((0, 3))  # [layers, heads, roles]
-    fig_roles, axes = plt.subplots(1, len(roles), figsize=(2.1 * len(roles), 0.5 * depth + 1.6), squeeze=False)
+    fig_roles, axes = plt.subplots(
+        1, len(roles), figsize=(2.1 * len(roles), 0.5 * depth + 1.6), squeeze=False, constrained_layout=True
+    )
     for ax, role in zip(axes[0], roles):
-        _heatmap(ax, object_view[:, :, ROLE[role]], f"-> {role}", vmax=1.0)
+        # a joint softmax leaves the caption a small share: scale to the largest, not to 1
+        _heatmap(ax, object_view[:, :, ROLE[role]], f"-> {role}", vmax=float(object_view.max()) if joint else 1.0)
     attention = "Joint attention (share on the caption)" if joint else "Cross-attention"
     fig_roles.suptitle(f"{attention} of object tokens to each caption role ({label}; mean over steps)")
 

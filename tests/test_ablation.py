@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from tiny_models import TINY, noisy
 
-from relcirc_jax.analysis import ablation, context
+from relcirc_jax.analysis import ablation, context, interventions
 from relcirc_jax.config import base_config
 from relcirc_jax.data import scenes
 from relcirc_jax.evaluation.scoring import METRICS
@@ -213,7 +213,7 @@ def test_an_mmdit_screen_ablates_its_joint_heads(tmp_path):
     model_cfg = train_state.model_config(config, caption_channels=config.text.dim)
     params = noisy(arch.init_params(model_cfg, jax.random.key(0)))
     model = context.from_params(config, params, tmp_path, "smoke MM-DiT", devices=jax.devices()[:1])
-    kinds = ablation.head_kinds(model.model_cfg)
+    kinds = interventions.head_kinds(model.model_cfg)
     assert kinds == ("joint",) and ablation.single_head_labels(2, 2, kinds)[1] == ("joint", 0, 1)
     captions = evaluate.eval_prompt_list(config)[:2]
     masks = ablation.single_head_masks(2, 2, kinds)

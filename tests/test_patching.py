@@ -112,7 +112,7 @@ def test_windows_and_configs():
     inside = (timesteps >= configs["patch_window"][row, 0]) & (timesteps <= configs["patch_window"][row, 1])
     np.testing.assert_array_equal(np.flatnonzero(inside), np.arange(7, 14))
     # an MM-DiT's joint heads patch through its self-attention keyword; it has no cross-attention
-    configs, labels = patching.patch_configs(2, 3, [(0, 13)], timesteps, patching.MMDIT_SITES)
+    configs, labels = patching.patch_configs(2, 3, [(0, 13)], timesteps, ("joint", "resid"))
     assert sorted(configs) == ["patch_window", "resid_patch", "self_head_patch"] and len(labels) == 2 * 3 + 2
     assert configs["self_head_patch"][1 + labels.index(("joint", 1, 2, 0)), 1, 2] == 1
 

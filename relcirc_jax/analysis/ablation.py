@@ -1,6 +1,7 @@
 """Head ablation: sample the eval prompts with attention heads knocked out and score what changes.
 
-A mask row is [kinds, depth, heads] (1 = keep, 0 = ablate); the kinds of head are the model's (`head_kinds`): a PixArt
+A mask row is [kinds, depth, heads] (1 = keep, 0 = ablate); the kinds of head are the model's
+(`interventions.head_kinds`): a PixArt
 DiT's self- and cross-attention, an MM-DiT's joint attention (one head there acts on text and image queries alike).
 "zero" ablation multiplies the head's output z by the mask (`self_head_mask` / `cross_head_mask`); "mean" ablation
 replaces it by its mean over the batch and query positions of the same forward pass (`*_head_mean_mask`,
@@ -19,16 +20,11 @@ from etils import epath
 
 from relcirc_jax.analysis import context, interventions
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import evaluate, sampling
 
-KINDS = ("self", "cross")  # axis 1 of a PixArt DiT's mask array
-JOINT_KINDS = ("joint",)  # an MM-DiT's
-MASK_KEYS = {  # the model keyword each kind's mask goes to (an MM-DiT's joint heads are its "self" heads)
-    "zero": {"self": "self_head_mask", "cross": "cross_head_mask", "joint": "self_head_mask"},
-    "mean": {"self": "self_head_mean_mask", "cross": "cross_head_mean_mask", "joint": "self_head_mean_mask"},
-}
+KINDS = interventions.HEAD_KINDS["pixart"]  # axis 1 of a PixArt DiT's mask array
+MASK_KEYS = {"zero": "mask", "mean": "mean_mask"}  # the intervention (interventions.head_keyword) of each mode
 RANK_METRIC = "spatial_relationship"  # heads are ranked by their effect on this metric
 REPORT_METRICS = ("spatial_relationship", "overall")  # shown in the effect maps and set comparisons
 NUM_RESAMPLES = 1000
@@ -36,11 +32,6 @@ SCORE_BLOCK_IMAGES = 8192  # images scored per detector call (bounds the detecto
 GRID_IMAGES = 8  # images per row of the sample grid
 
 Head = tuple[str, int, int]  # (kind, layer, head)
-
-
-def head_kinds(model_cfg: arch.ModelConfig) -> tuple[str, ...]:
-    """The kinds of attention head of a model, axis 1 of its masks: KINDS (PixArt) or JOINT_KINDS (MM-DiT)."""
-    return JOINT_KINDS if arch.arch_of(model_cfg) == "mmdit" else KINDS
 
 
 def single_head_masks(depth: int, heads: int, kinds: Sequence[str] = KINDS) -> np.ndarray:
@@ -120,7 +111,7 @@ def top_relation_heads(model: context.AnalysisModel, k: int) -> list[Head]:
     from relcirc_jax.analysis import qk_screen
 
     ranking = qk_screen.screen(model.params, model.model_cfg, model.conditioner, model.tables)["ranking"]
-    kind = head_kinds(model.model_cfg)[-1]
+    kind = interventions.head_kinds(model.model_cfg)[-1]
     return [(kind, int(layer), int(head)) for layer, head in ranking[:k]]
 
 
@@ -140,7 +131,7 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
     cfg = model.model_cfg
     if mode not in MASK_KEYS:
         raise ValueError(f"Unknown ablation mode {mode!r}; use one of {tuple(MASK_KEYS)}.")
-    masks, kinds = np.asarray(masks, np.float32), head_kinds(cfg)
+    masks, kinds = np.asarray(masks, np.float32), interventions.head_kinds(cfg)
     expected = (len(kinds), cfg.depth, cfg.num_heads)
     if masks.ndim != 4 or masks.shape[1:] != expected or not len(masks):
         raise ValueError(
@@ -155,7 +146,7 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
             "means. Pass a multiple of %d captions to avoid it.",
             len(captions), shards, shards,
         )  # fmt: skip
-    arrays = {MASK_KEYS[mode][kind]: masks[:, i] for i, kind in enumerate(kinds)}
+    arrays = {interventions.head_keyword(kind, MASK_KEYS[mode]): masks[:, i] for i, kind in enumerate(kinds)}
     return interventions.screen(model, captions, arrays, chunk=chunk, label=f"Ablation screen ({mode})")
 
 
@@ -226,7 +217,7 @@ def set_vs_random(
     "fraction_random_as_harmful"}} for the metrics in REPORT_METRICS}."""
     cfg = model.model_cfg
     masks, sets = head_set_masks(
-        cfg.depth, cfg.num_heads, chosen, num_random=num_random, seed=seed, kinds=head_kinds(cfg)
+        cfg.depth, cfg.num_heads, chosen, num_random=num_random, seed=seed, kinds=interventions.head_kinds(cfg)
     )
     images = screen(model, captions, masks, mode=mode, chunk=chunk)
     result = effects(images, captions)
@@ -335,7 +326,7 @@ def run(
     prompts = list(captions) if captions is not None else evaluate.eval_prompt_list(model.config)
     captions = [c for c in prompts for _ in range(images_per_prompt)]
     cfg = model.model_cfg
-    depth, heads, kinds = cfg.depth, cfg.num_heads, head_kinds(cfg)
+    depth, heads, kinds = cfg.depth, cfg.num_heads, interventions.head_kinds(cfg)
     masks = single_head_masks(depth, heads, kinds)
     labels = single_head_labels(depth, heads, kinds)
     arrays = {"masks": masks, "captions": np.array(captions), "metrics": np.array(METRICS)}

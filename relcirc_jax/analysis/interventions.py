@@ -1,8 +1,8 @@
 """One compiled sampler over many interventions: jit(vmap(generate)) over chunks of DiT intervention arrays.
 
-Head ablation (head masks) and activation patching (patch weights and windows) are data for the DiT (models/dit.py),
-so a screen of M interventions samples the same captions from the same noises under each of them, `chunk`
-interventions per call of one compiled function, with the batch sharded over the mesh like training.
+Head ablation (head masks) and activation patching (patch weights and windows) are data for the DiT (models/dit.py,
+models/mmdit.py), so a screen of M interventions samples the same captions from the same noises under each of them,
+`chunk` interventions per call of one compiled function, with the batch sharded over the mesh like training.
 """
 
 import math
@@ -16,9 +16,25 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from relcirc_jax.analysis import context
+from relcirc_jax.models import arch
 from relcirc_jax.parallel import axes, host_data
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import sampling
+
+# The kinds of attention head per model family, and the prefix of each kind's keyword arguments (`<prefix>_mask`,
+# `_mean_mask`, `_patch`): an MM-DiT's joint-attention heads take its "self" keywords.
+HEAD_KINDS = {"pixart": ("self", "cross"), "mmdit": ("joint",)}
+_KEYWORD_PREFIX = {"self": "self_head", "cross": "cross_head", "joint": "self_head"}
+
+
+def head_kinds(model_cfg: arch.ModelConfig) -> tuple[str, ...]:
+    """The kinds of attention head of a model: ("self", "cross") for a PixArt DiT, ("joint",) for an MM-DiT."""
+    return HEAD_KINDS[arch.arch_of(model_cfg)]
+
+
+def head_keyword(kind: str, intervention: str) -> str:
+    """The model keyword of `intervention` ("mask", "mean_mask" or "patch") on heads of `kind`."""
+    return f"{_KEYWORD_PREFIX[kind]}_{intervention}"
 
 
 def screen(

@@ -36,8 +36,7 @@ KIND = "patching"
 # Head outputs of self- / cross-attention (PixArt) or of joint attention (MM-DiT), the residual stream entering a
 # block; "sites" in patching.npz index this tuple.
 SITES = ("self", "cross", "resid", "joint")
-PIXART_SITES, MMDIT_SITES = ("self", "cross", "resid"), ("joint", "resid")
-HEAD_PATCH_KEYS = {"self": "self_head_patch", "cross": "cross_head_patch", "joint": "self_head_patch"}
+PIXART_SITES = interventions.HEAD_KINDS["pixart"] + ("resid",)
 TITLES = {"self": "self-attention head", "cross": "cross-attention head", "joint": "joint-attention head"}
 SCORE_METRIC = "spatial_relationship"
 NUM_RESAMPLES = 1000
@@ -73,8 +72,8 @@ def step_windows(num_steps: int, num_windows: int) -> list[tuple[int, int]]:
 
 
 def model_sites(model_cfg: arch.ModelConfig) -> tuple[str, ...]:
-    """The sites a model can patch: PIXART_SITES or MMDIT_SITES."""
-    return MMDIT_SITES if arch.arch_of(model_cfg) == "mmdit" else PIXART_SITES
+    """The sites a model can patch: its kinds of head (interventions.head_kinds), then "resid"."""
+    return interventions.head_kinds(model_cfg) + ("resid",)
 
 
 def patch_configs(
@@ -97,7 +96,8 @@ def patch_configs(
         for head in (range(heads) if site != "resid" else (-1,))
     ]
     num = 1 + len(labels)
-    arrays = {HEAD_PATCH_KEYS[site]: np.zeros((num, depth, heads), np.float32) for site in sites if site != "resid"}
+    keys = {site: interventions.head_keyword(site, "patch") for site in sites if site != "resid"}
+    arrays = {key: np.zeros((num, depth, heads), np.float32) for key in keys.values()}
     arrays["resid_patch"] = np.zeros((num, depth), np.float32)
     arrays["patch_window"] = np.zeros((num, 2), np.float32)
     arrays["patch_window"][0] = (timesteps.min(), timesteps.max())
@@ -107,7 +107,7 @@ def patch_configs(
         if site == "resid":
             arrays["resid_patch"][row, layer] = 1.0
         else:
-            arrays[HEAD_PATCH_KEYS[site]][row, layer, head] = 1.0
+            arrays[keys[site]][row, layer, head] = 1.0
     return arrays, labels
 
 

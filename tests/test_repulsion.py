@@ -144,10 +144,10 @@ def tiny_mmdit():
     return cfg, text, params, batch
 
 
-def _sampler(model_cfg, text, config=CFG, steps=4):
+def _sampler(model_cfg, text, config=CFG, steps=4, group_size=4):
     generate = sampling.generate_fn(
         model_cfg, text, cfg_scale=3.0, num_steps=steps, solver="dpmpp_2m", seed=0, negative="empty_prompt",
-        repulsion=config,
+        repulsion=config, group_size=group_size,
     )  # fmt: skip
     return jax.jit(generate)
 
@@ -173,6 +173,18 @@ def test_eta_zero_is_bit_identical_to_the_base_sampler_and_knobs_do_not_recompil
     np.testing.assert_array_equal(last_only, base)  # the context_pre_only block has no text output to repel
     generate(params, batch, text.tables, noise_id, _knobs(0.5, cfg.depth, tau=1, blocks=np.eye(cfg.depth)[0]))
     assert generate._cache_size() == 1
+
+
+def test_the_samplers_group_size_is_the_repulsions(tiny_mmdit):
+    cfg, text, params, batch = tiny_mmdit
+    noise_id, knobs = jnp.arange(8), _knobs(2.0, cfg.depth)
+    fours = _sampler(cfg, text)(params, batch, text.tables, noise_id, knobs)  # config and sampler: groups of 4
+    config_says_8 = _sampler(cfg, text, dataclasses.replace(CFG, group_size=8))(
+        params, batch, text.tables, noise_id, knobs
+    )
+    np.testing.assert_array_equal(config_says_8, fours)
+    sampler_says_8 = _sampler(cfg, text, group_size=8)(params, batch, text.tables, noise_id, knobs)
+    assert not np.array_equal(sampler_says_8, fours)  # one group of 8 spans both prompts
 
 
 def test_repulsion_spreads_the_text_stream_of_each_group(tiny_mmdit):

@@ -1,13 +1,12 @@
 """Head ablation: sample the eval prompts with attention heads knocked out and score what changes.
 
 A mask row is [kinds, depth, heads] (1 = keep, 0 = ablate); the kinds of head are the model's
-(`interventions.head_kinds`): a PixArt
-DiT's self- and cross-attention, an MM-DiT's joint attention (one head there acts on text and image queries alike).
-"zero" ablation multiplies the head's output z by the mask (`self_head_mask` / `cross_head_mask`); "mean" ablation
-replaces it by its mean over the batch and query positions of the same forward pass (`*_head_mean_mask`,
-models/attention.py, per stream in an MM-DiT; under CFG that batch holds the conditional and the unconditional
-halves). The masks are data, so a screen is one jitted `vmap(generate)` over chunks of masks. Every mask samples the
-same captions from the same noises (image i's noise depends on i alone), so effects are paired: effect =
+(`interventions.head_kinds`): a PixArt DiT's self- and cross-attention, an MM-DiT's joint attention (one head there acts
+on text and image queries alike). "zero" ablation multiplies the head's output z by the mask (`self_head_mask` /
+`cross_head_mask`); "mean" ablation replaces it by its mean over the batch and query positions of the same forward pass
+(`*_head_mean_mask`, models/attention.py, per stream in an MM-DiT; under CFG that batch holds the conditional and the
+unconditional halves). The masks are data, so a screen is one jitted `vmap(generate)` over chunks of masks. Every mask
+samples the same captions from the same noises (image i's noise depends on i alone), so effects are paired: effect =
 accuracy(mask) - accuracy(all-ones baseline), with paired bootstrap confidence intervals over images.
 """
 

@@ -6,9 +6,8 @@ same noise. A patch config says which activation of the corrupted twin replaces 
 output z ([layer, head]: a PixArt DiT's self- or cross-attention, an MM-DiT's joint attention, whose head patch
 replaces the head's output at text and image queries alike) or the residual stream entering one block ([layer]; in an
 MM-DiT both streams), at the solver steps of one window (models/dit.py and mmdit.py `*_head_patch`, `resid_patch`,
-`patch_window`, read along `patch_source`). The
-corrupted rows are their own source, so they stay unpatched. Every config of a screen runs through one compiled
-`vmap(generate)` (analysis/interventions.py), `chunk` configs per call.
+`patch_window`, read along `patch_source`). The corrupted rows are their own source, so they stay unpatched. Every
+config of a screen runs through one compiled `vmap(generate)` (analysis/interventions.py), `chunk` configs per call.
 
 Scores per config, over the N clean-world images:
   transfer   the share of the clean -> corrupted image change that the patch reproduces,

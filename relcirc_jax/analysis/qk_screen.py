@@ -85,15 +85,10 @@ def _pearson(maps, references):
     return jnp.where(denominator > 0, jnp.sum(a * b, -1) / jnp.where(denominator > 0, denominator, 1.0), 0.0)
 
 
-def _rms_norms(params, layers: int, name: str) -> jnp.ndarray:
-    """The MM-DiT's per-head RMSNorm scales `name` of every layer: [L, dh]."""
-    return jnp.stack([params[f"transformer_blocks_{layer}"]["attn"][name]["scale"] for layer in range(layers)])
-
-
-def _rms_norm(x, scale):
-    """mmdit.RMSNorm over the last axis of x [L, ..., dh] with the per-layer scale [L, dh]."""
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + mmdit.NORM_EPS)
-    return x * scale.reshape(scale.shape[:1] + (1,) * (x.ndim - 2) + scale.shape[1:])
+def _rms_norm(x, params, name: str):
+    """The MM-DiT's QK RMSNorm `name` of every layer applied to x [L, ..., dh]."""
+    scale = jnp.stack([params[f"transformer_blocks_{layer}"]["attn"][name]["scale"] for layer in range(len(x))])
+    return mmdit.rms_norm(x, scale.reshape(scale.shape[:1] + (1,) * (x.ndim - 2) + scale.shape[1:]))
 
 
 @functools.lru_cache(maxsize=8)
@@ -124,8 +119,7 @@ def _screen_fn(model_cfg: arch.ModelConfig, embed):
         q = jnp.einsum("nd,ldhe->lnhe", positions, w_q, precision=_HIGHEST) + b_q[:, None]  # [L, N, H, dh]
         k = jnp.einsum("rtd,ldhe->lrthe", caption, w_k, precision=_HIGHEST) + b_k[:, None, None]  # [L, R, T, H, dh]
         if joint and cfg.qk_norm:
-            q = _rms_norm(q, _rms_norms(params, cfg.depth, "norm_q"))
-            k = _rms_norm(k, _rms_norms(params, cfg.depth, "norm_added_k"))
+            q, k = _rms_norm(q, params, "norm_q"), _rms_norm(k, params, "norm_added_k")
         # the logit of the relation phrase: the mean over its tokens (a linear map's key of the mean, for PixArt)
         logits = jnp.einsum("lnhe,lrthe,rt->lhrn", q, k, weights, precision=_HIGHEST) * head_dim**-0.5
         correlation = _pearson(logits, references)  # [L, H, R]

@@ -132,6 +132,12 @@ def masked_mean(text: jnp.ndarray, text_mask: jnp.ndarray) -> jnp.ndarray:
     return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
 
 
+def rms_norm(x: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+    """x / rms(x) * scale over the last axis, in float32 (scale broadcasts against x)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS) * scale
+
+
 class RMSNorm(nn.Module):
     """diffusers RMSNorm(head_dim, eps=1e-6) over the last axis, in float32, with a learned scale (init ones)."""
 
@@ -140,9 +146,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", partitioned(nn.initializers.ones_init(), (None,)), (x.shape[-1],))
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
-        return (x * scale).astype(self.dtype)
+        return rms_norm(x, scale).astype(self.dtype)
 
 
 class AdaLNModulation(nn.Module):

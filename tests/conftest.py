@@ -37,18 +37,13 @@ def compile_cache(tmp_path_factory, worker_id):
     directory.mkdir(exist_ok=True)
     options = {**CACHE_OPTIONS, "jax_compilation_cache_dir": str(directory)}
     previous = {name: getattr(jax.config, name) for name in options}
-    previous_env = {name.upper(): os.environ.get(name.upper()) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-        os.environ[name.upper()] = str(value)
-    yield
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in options.items():
+            jax.config.update(name, value)
+            environment.setenv(name.upper(), str(value))
+        yield
     for name, value in previous.items():
         jax.config.update(name, value)
-    for name, value in previous_env.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
     compilation_cache.reset_cache()
 
 

@@ -193,6 +193,9 @@ def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path):
 
 
 def test_cpu_devices_cannot_change_a_running_jax():
+    import jax
+
+    jax.devices()  # start JAX here, so the test does not rely on an earlier one having done it
     config = base_config("rte", "nano", "smoke")
     config.parallel.cpu_devices = 8  # what JAX already runs with (conftest): nothing to change
     cli.apply_runtime_options(config)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from relcirc_jax.analysis import frontier
+from relcirc_jax.analysis.repulsion import RepulsionConfig
 from relcirc_jax.config import base_config
 from relcirc_jax.config_checks import validate_config
 from relcirc_jax.errors import UserError
@@ -62,15 +63,17 @@ def test_the_grid_names_each_method_setting_once_with_its_ablations(arch):
     grid = frontier.GRIDS["full"]
     by_name = {m["name"]: m for m in frontier.methods(model, grid, group_size=4)}
     contextual = "repulsion" if arch == "mmdit" else "pseudo_repulsion"
-    variants = {f"{contextual}[{v}]" for v in ("M10", "cond_only")} | (
-        {"repulsion[attn_out]"} if arch == "mmdit" else set()
+    variants = {f"{contextual}[{v}]" for v in ("M10", "cond_only", "no_relation", "objects", "padding")} | (
+        {"repulsion[attn_out]", "repulsion[text_and_image]"} if arch == "mmdit" else set()
     )
     assert set(by_name) == {"cfg", "interval", "pg", "cads", contextual, "image_repulsion"} | variants
     main = by_name[contextual]
+    target = "text" if arch == "mmdit" else "pseudo_text"
+    assert main["generate"]["repulsion"] == RepulsionConfig(target=target)
     assert len(main["labels"]) == len(set(main["labels"])) == 1 + 6 * 3 * 4  # eta 0, then eta x tau x blocks
     assert main["labels"][1:4] == ["eta=0.02 tau=1 blocks=all", "eta=0.05 tau=1 blocks=all", "eta=0.1 tau=1 blocks=all"]
     for name in variants:
         repulsion = by_name[name]["generate"]["repulsion"]
-        assert (repulsion.inner_steps, repulsion.site, repulsion.branches) != (50, "block_out", "both")
+        assert repulsion != main["generate"]["repulsion"], name  # each ablation changes the method's config
         assert by_name[name]["knobs"]["repulsion_eta"].tolist() == pytest.approx([0.1, 0.2, 0.5])
     assert all(m["generate"]["group_size"] == 4 for m in by_name.values())

@@ -143,7 +143,7 @@ def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["model"]["arch"] == "mmdit"
     cli.FLAGS.unparse_flags()
     cli.FLAGS(["main", config, f"--workdir={tmp_path}", "--mode=analyze"])
-    for kind in ("synopsis", "qk_screen", "ablation"):  # the analyses that read an MM-DiT's joint attention
+    for kind in ("synopsis", "qk_screen", "ablation", "diversity"):  # joint attention; the text stream
         cli.FLAGS.config.analysis.kind = kind
         cli.main(["main"])
     with np.load(tmp_path / "analysis" / "ablation" / "ablation.npz") as arrays:  # one kind of head: joint
@@ -153,6 +153,12 @@ def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
         assert arrays["relation_score"].shape == (2, 2) and arrays["cross"].shape[-2:] == (3, len(TEXT_ROLES))
     assert "joint" in (tmp_path / "analysis" / "ablation" / "summary.md").read_text()
     assert "joint-attention (attn) head" in (tmp_path / "analysis" / "qk_screen" / "summary.md").read_text()
+    diversity = tmp_path / "analysis" / "diversity"
+    assert "repulsion at eta 0 vs CFG 4.5: identical images" in (diversity / "summary.md").read_text()
+    assert "## Which caption tokens move (D3)" in (diversity / "summary.md").read_text()
+    with np.load(diversity / "diversity.npz") as arrays:
+        assert arrays["token_moves_share"].sum() == pytest.approx(1.0) and arrays["token_moves_share"][0] == 0  # pad
+    assert np.asarray(Image.open(diversity / "token_moves.png").convert("L")).std() > 0
 
 
 def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(trained, tmp_path, caplog):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_models import noisy
 
-from relcirc_jax.analysis import diversity, repulsion
+from relcirc_jax.analysis import diversity, groups, repulsion
 from relcirc_jax.models import arch, dit, mmdit
 from relcirc_jax.text import conditioner
 from relcirc_jax.train import sampling
@@ -93,6 +93,53 @@ def test_branch_selection_moves_only_the_chosen_half():
     assert float(jnp.abs(out[:8] - x[:8]).max()) > 1e-3
     assert rep.apply(x, 0, "attn_out", "text", jnp.full((16,), 500.0)) is x  # another site: untouched
     np.testing.assert_array_equal(rep.apply(x, 0, "block_out", "text", jnp.full((16,), 2e4)), x)  # outside window
+
+
+def _moved_tokens(before, after):
+    return np.asarray(jnp.abs(after - before).max(-1) > 0)
+
+
+def test_token_masks_move_only_their_tokens_and_the_negative_caption_counts_as_padding():
+    x = _tokens(groups=2, shape=(4, 8, 6))  # [cond: 1 group; uncond: 1 group], 8 caption tokens
+    text_mask = jnp.ones((8, 8), bool).at[:, 6:].set(False)
+    role = {name: groups.TEXT_ROLES.index(name) for name in groups.TEXT_ROLES}
+    caption = [role[r] for r in ("color1", "shape1", "relation", "relation", "color2", "shape2", "pad", "pad")]
+    roles = jnp.asarray([caption] * 4, jnp.int32)
+    t = jnp.full((8,), 500.0)
+    expected = {  # per token: cond rows, uncond rows (the empty caption: no object or relation words)
+        "valid": ([1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]),
+        "all": ([1] * 8, [1] * 8),
+        "padding": ([0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]),
+        "no_relation": ([1, 1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]),
+        "objects": ([1, 1, 0, 0, 1, 1, 0, 0], [0] * 8),
+    }
+    for mask, (cond, uncond) in expected.items():
+        config = dataclasses.replace(CFG, token_mask=mask)
+        rep = repulsion.Repulsion(
+            config, jnp.float32(0.5), jnp.array([0.0, 1e4]), jnp.ones(2), jnp.ones(8, bool),
+            repulsion.cfg_roles(config, roles),
+        )  # fmt: skip
+        moved = _moved_tokens(x, rep.apply(x, 0, "block_out", "text", t, text_mask))
+        assert moved[:4].tolist() == [[bool(v) for v in cond]] * 4, mask
+        assert moved[4:].tolist() == [[bool(v) for v in uncond]] * 4, mask
+    no_roles = repulsion.Repulsion(dataclasses.replace(CFG, token_mask="objects"), *rep[1:5])
+    with pytest.raises(ValueError, match="selects caption tokens by role"):
+        no_roles.apply(x, 0, "block_out", "text", t, text_mask)
+
+
+def test_the_both_target_repels_each_stream_as_its_own_target_does():
+    x = _tokens(groups=2)
+    t, text_mask = jnp.full((8,), 500.0), jnp.ones(x.shape[:2], bool)
+    knobs = (jnp.float32(0.5), jnp.array([0.0, 1e4]), jnp.ones(2), jnp.ones(8, bool))
+    both = repulsion.Repulsion(dataclasses.replace(CFG, target="both"), *knobs)
+    for stream in ("text", "image"):
+        alone = repulsion.Repulsion(dataclasses.replace(CFG, target=stream), *knobs)
+        np.testing.assert_array_equal(
+            both.apply(x, 0, "block_out", stream, t, text_mask), alone.apply(x, 0, "block_out", stream, t, text_mask)
+        )
+        assert float(jnp.abs(alone.apply(x, 0, "block_out", stream, t, text_mask) - x).max()) > 1e-3
+    text_only = repulsion.Repulsion(CFG, *knobs)
+    assert text_only.apply(x, 0, "block_out", "image", t, text_mask) is x
 
 
 def test_a_vmapped_screen_keeps_the_skip_and_equals_each_setting_alone():

@@ -31,15 +31,17 @@ def sampler(
     names: Sequence[str] = (),
     reduce: Callable | None = None,
     extra_fields: Callable[[Sequence[str]], dict] | None = None,
+    **generate,
 ) -> Sampler:
     """The model's eval sampler; with `reduce`, its calls return (images, reduce's outputs stacked over steps).
 
     reduce(cache {name: conditional-half value}, batch) -> pytree whose leaves keep the batch axis first; the call
     returns them as [num_steps, len(captions), ...]. extra_fields(captions) -> {name: [len(captions), ...]} adds
     per-caption inputs (token roles, image-token groups) to the batch reduce reads. Without reduce it samples plainly
-    (the same noises, so the same images).
+    (the same noises, so the same images). `generate` takes Sampler's generate_kwargs and interventions (e.g. a
+    repulsion at one setting).
     """
     capture = {} if reduce is None else dict(capture=tuple(names), reduce=reduce, extra_fields=extra_fields)
     return eval_sampler(
-        model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, batch_size, **capture
+        model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, batch_size, **capture, **generate
     )

@@ -25,7 +25,9 @@ VS_m of the CFG sweep at the same accuracy).
 Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT "pseudo_repulsion" (the
 pseudo-contextual analogue of notes 6.3 (A), labelled as such) runs in its place. "image_repulsion" is the
 image-side control on both. The grid's ablations (VARIANTS: M = 10 inner steps, the attn_out site, the conditional
-branch only) run as "repulsion[M10]" and so on, each an eta sweep at one (tau, blocks) point.
+branch only, text and image streams together, and the token masks: relation words frozen, only the object words, only
+the padding) run as "repulsion[M10]" and so on, each an eta sweep at one (tau, blocks) point. On the MM-DiT the
+report ends with diagnostic D3 (repulsion_tokens.py): which caption tokens the method moves, by role.
 """
 
 import time
@@ -34,7 +36,7 @@ import warnings
 import numpy as np
 from absl import logging
 
-from relcirc_jax.analysis import context, diversity, interventions
+from relcirc_jax.analysis import context, diversity, interventions, repulsion_tokens
 from relcirc_jax.analysis import repulsion as repulsion_lib
 from relcirc_jax.config import DIVERSITY_METRICS
 from relcirc_jax.data.prompts import parse
@@ -47,10 +49,20 @@ REFERENCE_GROUPS = 256  # groups drawn from the generator's law per prompt for V
 REFERENCE_LAYOUTS = 64  # reference layouts per prompt for MMD and coverage
 
 CADS_TAUS = ((0.3, 0.8), (0.6, 0.9))  # (tau1, tau2): the repulsion paper's and the flow_grpo defaults
-# Ablations of the contextual repulsion (notes 7.3's M in {10, 50}, 7.4 D4's site and CFG branches): each a method
+# Ablations of the contextual repulsion (notes 7.3's M in {10, 50}; 7.4 D4's site, streams and CFG branches; D3's
+# token masks: the relation words frozen, only the colour and shape words, only the padding): each a method
 # "repulsion[NAME]" with RepulsionConfig fields overridden, swept over eta at one (tau, blocks) point. The attn_out
-# site exists on the MM-DiT only. B = 8 is a run-level choice: --config.analysis.diversity_group_size=8.
-VARIANTS = {"M10": dict(inner_steps=10), "attn_out": dict(site="attn_out"), "cond_only": dict(branches="cond")}
+# site and the "both" target exist on the MM-DiT only. B = 8 is a run-level choice:
+# --config.analysis.diversity_group_size=8.
+VARIANTS = {
+    "M10": dict(inner_steps=10),
+    "attn_out": dict(site="attn_out"),
+    "cond_only": dict(branches="cond"),
+    "text_and_image": dict(target="both"),
+    "no_relation": dict(token_mask="no_relation"),
+    "objects": dict(token_mask="objects"),
+    "padding": dict(token_mask="padding"),
+}
 GRIDS = {
     # notes 7.3
     "full": dict(
@@ -72,7 +84,7 @@ GRIDS = {
         pg=(10.0, 30.0, 100.0),
         cads=[(0.1, 0.3, 0.8, 1.0), (0.25, 0.3, 0.8, 1.0), (0.5, 0.3, 0.8, 1.0)],
         intervals=((200.0, 800.0), (400.0, 1000.0)),
-        variants=dict(names=("M10", "attn_out"), eta=(0.2, 0.5), tau=2, blocks="all"),
+        variants=dict(names=("M10", "attn_out", "no_relation"), eta=(0.2, 0.5), tau=2, blocks="all"),
     ),
     # one or two settings per method, for tests
     "smoke": dict(
@@ -112,9 +124,9 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
     # window-major, so that a chunk of the vmapped screen mostly shares one window and skips the work outside it
     settings += [(e, tau, b) for tau in grid["tau"] for b in grid["blocks"] for e in grid["eta"]]
 
-    def repulsion_method(name, target, blocks_of, settings=settings, **overrides):
+    def repulsion_method(name, blocks_of, settings=settings, **fields):
         knobs = [repulsion_lib.knobs(e, window(tau), blocks_of(b)) for e, tau, b in settings]
-        config = repulsion_lib.RepulsionConfig(target=target, **overrides)
+        config = repulsion_lib.RepulsionConfig(**fields)
         return dict(
             name=name,
             labels=[f"eta={e:g} tau={tau} blocks={b}" for e, tau, b in settings],
@@ -125,18 +137,19 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
     mmdit = arch.arch_of(model.model_cfg) == "mmdit"
     # on the PixArt DiT, notes 6.3 (A): an analogue, not the paper's method
     contextual, target = ("repulsion", "text") if mmdit else ("pseudo_repulsion", "pseudo_text")
-    out.append(repulsion_method(contextual, target, lambda b: thirds[b]))
+    out.append(repulsion_method(contextual, lambda b: thirds[b], target=target))
     ablation = grid["variants"]
     for variant in ablation["names"]:
-        if VARIANTS[variant].get("site", "block_out") != "block_out" and not mmdit:
-            continue  # the PixArt DiT repels at block_out only
+        overrides = VARIANTS[variant]
+        if not mmdit and (overrides.get("site", "block_out") != "block_out" or overrides.get("target") == "both"):
+            continue  # the PixArt DiT repels one stream, at block_out
         point = [(e, ablation["tau"], ablation["blocks"]) for e in ablation["eta"]]
         out.append(
-            repulsion_method(f"{contextual}[{variant}]", target, lambda b: thirds[b], point, **VARIANTS[variant])
+            repulsion_method(f"{contextual}[{variant}]", lambda b: thirds[b], point, **{"target": target, **overrides})
         )
     all_blocks = np.ones(depth, np.float32)
     image_thirds = {**thirds, "all": all_blocks}
-    out.append(repulsion_method("image_repulsion", "image", lambda b: image_thirds[b]))
+    out.append(repulsion_method("image_repulsion", lambda b: image_thirds[b], target="image"))
     for method in out:
         method.setdefault("generate", {})
         method["generate"]["group_size"] = group_size
@@ -285,7 +298,26 @@ def run(
     figures = {"frontier": _frontier_figure(results, ref, model.label, metric)}
     figures["sample_grid"] = _grid_figure(images_by_method, results, prompts, groups, group_size, model.label)
     summary = _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric)
+    if arch.arch_of(model.model_cfg) == "mmdit":
+        setting, moved = _token_moves(model, captions, GRIDS[grid], group_size)
+        arrays.update({f"token_moves_{key}": value.astype(np.float32) for key, value in moved.items()})
+        figures["token_moves"] = repulsion_tokens.figure(moved, model.label, setting)
+        summary += "\n## Which caption tokens move (D3)\n\n" + "\n".join(repulsion_tokens.summary_lines(moved, setting))
     return context.write_report(out_dir, "diversity", arrays, figures, summary)
+
+
+def _token_moves(model: context.AnalysisModel, captions, grid: dict, group_size: int) -> tuple[str, dict]:
+    """Diagnostic D3 for the method's config at the ablations' (tau, blocks) point and the grid's largest eta:
+    (that setting's label, repulsion_tokens.shares)."""
+    eta, tau, blocks = max(grid["eta"]), grid["variants"]["tau"], grid["variants"]["blocks"]
+    solver, steps = model.config.eval.solver, model.config.eval.num_steps
+    knobs = repulsion_lib.knobs(
+        eta, repulsion_lib.first_steps_window(solver, steps, tau), repulsion_lib.thirds(model.model_cfg.depth)[blocks]
+    )
+    _, moves, tokens_per_role = repulsion_tokens.measure(
+        model, captions, repulsion_lib.RepulsionConfig(), knobs, group_size
+    )
+    return f"eta={eta:g} tau={tau} blocks={blocks}", repulsion_tokens.shares(moves, tokens_per_role)
 
 
 def _paired_checks(images_by_method: dict, results: dict, eval_scale: float) -> list[str]:

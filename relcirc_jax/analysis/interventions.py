@@ -15,7 +15,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from relcirc_jax.analysis import context
+from relcirc_jax.analysis import context, groups
 from relcirc_jax.models import arch
 from relcirc_jax.parallel import axes, host_data
 from relcirc_jax.parallel import rules as sharding_rules
@@ -53,7 +53,8 @@ def screen(
     negative).
 
     Image i starts from the noise of noise_id[i] (default i); patch_source[i] (default none) is the row image i
-    patches from. `generate_kwargs` go to sampling.generate_fn (e.g. a repulsion config).
+    patches from. `generate_kwargs` go to sampling.generate_fn (e.g. a repulsion config); the batch carries the
+    captions' token roles (analysis.groups.token_roles) for a repulsion's token mask by role.
     Captions are padded to a multiple of the batch shards (the padding rows patch from themselves).
     The result does not depend on the mesh, but another `chunk` changes the batched matmuls' shapes and so their
     float rounding (the odd pixel one level off).
@@ -67,7 +68,8 @@ def screen(
     num = next(iter(sizes.values()))
     n, mesh = len(captions), model.mesh
     padded = math.ceil(n / sharding_rules.batch_shards(mesh)) * sharding_rules.batch_shards(mesh)
-    batch = sampling.caption_batch(captions + [captions[-1]] * (padded - n))
+    padded_captions = captions + [captions[-1]] * (padded - n)
+    batch = {**sampling.caption_batch(padded_captions), "roles": groups.token_roles(model.conditioner, padded_captions)}
     batch["noise_id"] = np.arange(padded, dtype=np.int32)
     if noise_id is not None:
         batch["noise_id"][:n] = noise_id

@@ -25,7 +25,10 @@ compiles once and can be vmapped:
 
 Sites (`site`): "block_out" moves the stream leaving the block (the default: the residual stream the next block
 reads); "attn_out" moves the joint attention's output of that stream before its gate. Targets (`target`): "text"
-(the method) or "image" (the image tokens of the same blocks: the paper's negative control, notes 2.6). The image
+(the method), "image" (the image tokens of the same blocks: the paper's negative control, notes 2.6) or "both" (each
+stream repelled by its own group entropy, notes 7.4 D4). Which caption tokens move (`token_mask`, notes 7.4 D3):
+the caption's ("valid", the default), with or only its padding ("all", "padding"), or by role, read from the
+batch's "roles": all but the relation words ("no_relation") or only the colour and shape words ("objects"). The image
 target also works on the PixArt DiT (models/dit.py, site "block_out" only), the labelled "image-side control (B)" of
 notes 6.3; the PixArt text stream is static, so a "text" target there is refused (its gradient is exactly 0).
 "pseudo_text" is the PixArt analogue (A) of notes 6.3, labelled as such: caption tokens plus what they read from
@@ -42,13 +45,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from relcirc_jax.analysis import diversity
+from relcirc_jax.analysis.groups import TEXT_ROLES
 from relcirc_jax.diffusion import model_timesteps
 
 SITES = ("block_out", "attn_out")
-TARGETS = ("text", "image", "pseudo_text")
+# The streams each target moves; "both" repels the text and the image stream, each by its own group entropy.
+TARGETS = {"text": ("text",), "image": ("image",), "pseudo_text": ("pseudo_text",), "both": ("text", "image")}
 BRANCHES = ("both", "cond", "uncond")
 ETA_MODES = ("angular", "raw")
-TOKEN_MASKS = ("valid", "all")
+# Which caption tokens a text-side repulsion moves (notes 7.4 D3): "valid" the caption's tokens, "all" the padding
+# too, "padding" the padding only; by role (analysis.groups.TEXT_ROLES, read from the batch's "roles"):
+# "no_relation" the caption's tokens but the relation words (frozen), "objects" only colour and shape words.
+ROLE_TOKEN_MASKS = {
+    "no_relation": tuple(role for role in TEXT_ROLES if role != "relation"),
+    "objects": ("color1", "shape1", "color2", "shape2"),
+}
+TOKEN_MASKS = ("valid", "all", "padding") + tuple(ROLE_TOKEN_MASKS)
 # The traced knobs, as keys of sampling.generate_fn's `interventions`.
 KNOBS = ("repulsion_eta", "repulsion_window", "repulsion_blocks")
 
@@ -92,26 +104,59 @@ class RepulsionConfig:
 
 
 class Repulsion(NamedTuple):
-    """What a model call receives: the static config, the traced knobs and which rows may move ([B] bool: the CFG
-    branches `branches` selects)."""
+    """What a model call receives: the static config, the traced knobs, which rows may move ([B] bool: the CFG
+    branches `branches` selects) and, for a token mask by role, the caption tokens' roles ([B, L] int32 into
+    analysis.groups.TEXT_ROLES; `cfg_roles`)."""
 
     config: RepulsionConfig
     eta: jax.Array
     window: jax.Array
     blocks: jax.Array
     rows_on: jax.Array
+    roles: jax.Array | None = None
 
-    def apply(self, value: jax.Array, layer: int, site: str, stream: str, t: jax.Array, token_mask=None) -> jax.Array:
-        """`value` [batch, tokens, D] of `stream` ("text" / "image") at `site` of block `layer`, repelled within each
-        group where the knobs switch it on at timestep t [batch]; unchanged (the same array) elsewhere."""
+    def apply(self, value: jax.Array, layer: int, site: str, stream: str, t: jax.Array, text_mask=None) -> jax.Array:
+        """`value` [batch, tokens, D] of `stream` ("text", "image", "pseudo_text") at `site` of block `layer`,
+        repelled within each group where the knobs switch it on at timestep t [batch]; unchanged (the same array)
+        elsewhere. text_mask [batch, tokens]: the caption's valid tokens, for a caption-side stream."""
         cfg = self.config
-        if site != cfg.site or stream != cfg.target:
+        if site != cfg.site or stream not in TARGETS[cfg.target]:
             return value
         in_window = (t >= self.window[0]) & (t <= self.window[1])
         rows = self.rows_on & in_window & (self.eta > 0) & (self.blocks[layer] > 0)
-        if token_mask is None or cfg.token_mask == "all":
-            token_mask = jnp.ones(value.shape[:2], bool)
-        return repel_groups(value, token_mask, rows, self.eta, cfg)
+        if stream == "image":
+            tokens = jnp.ones(value.shape[:2], bool)
+        else:
+            tokens = selected_tokens(cfg.token_mask, text_mask, self.roles)
+        return repel_groups(value, tokens, rows, self.eta, cfg)
+
+
+def selected_tokens(token_mask: str, text_mask: jax.Array, roles: jax.Array | None) -> jax.Array:
+    """bool [batch, L]: the caption tokens a text-side repulsion moves under `token_mask` (TOKEN_MASKS)."""
+    text_mask = text_mask.astype(bool)
+    if token_mask == "all":
+        return jnp.ones_like(text_mask)
+    if token_mask == "valid":
+        return text_mask
+    if token_mask == "padding":
+        return ~text_mask
+    if roles is None:
+        raise ValueError(
+            f"RepulsionConfig.token_mask={token_mask!r} selects caption tokens by role, and the batch has none. Fix: "
+            "add batch['roles'] = analysis.groups.token_roles(conditioner, captions) (interventions.screen and "
+            "the capture samplers do)."
+        )
+    keep = jnp.asarray([role in ROLE_TOKEN_MASKS[token_mask] for role in TEXT_ROLES])
+    return text_mask & keep[roles]
+
+
+def cfg_roles(config: RepulsionConfig, roles) -> jax.Array | None:
+    """The roles of a CFG batch [cond; uncond] from the conditional captions' roles [B, L] (None: not needed, or
+    not given). The negative caption names no object or relation: its tokens count as padding."""
+    if config.token_mask not in ROLE_TOKEN_MASKS or roles is None:
+        return None
+    roles = jnp.asarray(roles, jnp.int32)
+    return jnp.concatenate([roles, jnp.full_like(roles, TEXT_ROLES.index("pad"))])
 
 
 def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, eta, config: RepulsionConfig):

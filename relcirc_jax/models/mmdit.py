@@ -416,7 +416,7 @@ class MMDiT(nn.Module):
 
 
 def _repel_at(repulsion, layer: int, site: str, value, stream: str, *, t, text_mask):
-    return repulsion.apply(value, layer, site, stream, t, text_mask if stream == "text" else None)
+    return repulsion.apply(value, layer, site, stream, t, text_mask)
 
 
 example_inputs = dit.example_inputs

@@ -36,7 +36,8 @@ class Sampler:
 
     With `capture` and `reduce` (see generate_fn; reduce's leaves must keep the batch axis first) a call returns
     (images, captured) with the captured leaves [num_steps, len(captions), ...]; `extra_fields(captions)` adds
-    per-caption arrays to the batch that reduce reads (e.g. token roles).
+    per-caption arrays to the batch that reduce reads (e.g. token roles). `generate_kwargs` go to generate_fn (e.g.
+    a repulsion and its group size) and `interventions` (one setting, e.g. the repulsion's knobs) to every call.
     """
 
     def __init__(
@@ -55,13 +56,16 @@ class Sampler:
         capture: Sequence[str] = (),
         reduce: Callable | None = None,
         extra_fields: Callable[[Sequence[str]], dict] | None = None,
+        generate_kwargs: dict | None = None,
+        interventions: dict | None = None,
     ):
         shards = sharding_rules.batch_shards(mesh)
         self.batch_size = math.ceil(batch_size / shards) * shards
         self._mesh = mesh
         self._extra_fields = extra_fields
         self._capturing = reduce is not None
-        batch_sh = sharding_rules.batch_sharding(mesh)
+        batch_sh, replicated = sharding_rules.batch_sharding(mesh), sharding_rules.replicated(mesh)
+        self._interventions = () if interventions is None else (jax.device_put(interventions, replicated),)
         self._generate = jax.jit(
             generate_fn(
                 model_cfg,
@@ -73,8 +77,9 @@ class Sampler:
                 negative=negative,
                 capture=capture,
                 reduce=reduce,
+                **(generate_kwargs or {}),
             ),
-            in_shardings=(param_sh, batch_sh, sharding_rules.replicated(mesh), batch_sh),
+            in_shardings=(param_sh, batch_sh, replicated, batch_sh) + (replicated,) * len(self._interventions),
             out_shardings=None if self._capturing else batch_sh,
         )
 
@@ -90,7 +95,7 @@ class Sampler:
         for start in range(0, len(padded), self.batch_size):
             chunk = shared_to_global({k: v[start : start + self.batch_size] for k, v in batch.items()}, self._mesh)
             noise_id = chunk.pop("noise_id")
-            out = self._generate(params, chunk, tables, noise_id)
+            out = self._generate(params, chunk, tables, noise_id, *self._interventions)
             if self._capturing:
                 out, aux = out
                 captured.append(jax.tree.map(to_host, aux))
@@ -146,7 +151,8 @@ def generate_fn(
     returns (images, that pytree stacked over steps [num_steps, ...]).
     With `repulsion` (an analysis.repulsion.RepulsionConfig), `interventions` must hold its traced knobs
     (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
-    (this group size replaces the config's; sweeping the knobs does not recompile). The diversity baselines
+    (this group size replaces the config's; sweeping the knobs does not recompile); a token mask by role reads the
+    batch field "roles" [B, L] (analysis.groups.token_roles). The diversity baselines
     (analysis/baselines.py: a traced CFG scale, interval guidance, particle guidance over groups of `group_size`
     captions, CADS) act when their knob is among the interventions. `settings_axis`: the name of the vmap over
     `interventions` when there is one (see parallel/axes.SETTINGS), so that the repulsion skips its work when no
@@ -167,7 +173,8 @@ def generate_fn(
         if repulsion is not None:
             eta, window, blocks = (masks.pop(name) for name in repulsion_lib.KNOBS)
             rows = repulsion_lib.rows_on(repulsion, text.shape[0])
-            masks["repulsion"] = repulsion_lib.Repulsion(repulsion, eta, window, blocks, rows)
+            roles = repulsion_lib.cfg_roles(repulsion, batch.get("roles"))
+            masks["repulsion"] = repulsion_lib.Repulsion(repulsion, eta, window, blocks, rows, roles)
         if "patch_source" in batch:
             masks["patch_source"] = jnp.concatenate([batch["patch_source"], batch["patch_source"] + text.shape[0]])
 
@@ -263,9 +270,10 @@ def describe_eval_sampler(config: ml_collections.ConfigDict) -> str:
     return f"{s['solver']} {s['num_steps']} steps, CFG {s['cfg_scale']} against {s['negative']}, seed {s['seed']}"
 
 
-def eval_sampler(config, model_cfg, conditioner, mesh, param_sh, batch_size: int, **capture) -> Sampler:
-    """A Sampler with the eval settings (eval_settings); `capture` takes Sampler's capture, reduce and extra_fields."""
-    return Sampler(model_cfg, conditioner, mesh, param_sh, batch_size=batch_size, **eval_settings(config), **capture)
+def eval_sampler(config, model_cfg, conditioner, mesh, param_sh, batch_size: int, **options) -> Sampler:
+    """A Sampler with the eval settings (eval_settings); `options` are Sampler's capture, reduce, extra_fields,
+    generate_kwargs and interventions."""
+    return Sampler(model_cfg, conditioner, mesh, param_sh, batch_size=batch_size, **eval_settings(config), **options)
 
 
 def fixed_prompts(config: ml_collections.ConfigDict) -> list[str]:

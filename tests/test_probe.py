@@ -19,26 +19,42 @@ def _data(signal: float, n_prompts=12, per_prompt=6, dim=10, seed=0):
     return probe.centre_per_prompt(features, prompt), targets, prompt % probe.FOLDS
 
 
+def _sklearn_fit_predict(features, targets, train, predict_rows, scale):
+    scaler = StandardScaler().fit(features[train])
+    z = scaler.transform(features[train])
+    ridge = Ridge(alpha=scale * np.trace(z.T @ z) / z.shape[1], fit_intercept=False).fit(z, targets[train])
+    return ridge.predict(scaler.transform(features[predict_rows]))
+
+
 def _sklearn_r2(features, targets, fold):
+    """Nested cross-validation with scikit-learn's scaler and ridge: the penalty chosen on the training folds."""
     prediction = np.zeros_like(targets)
     for k in range(probe.FOLDS):
-        train, test = fold != k, fold == k
-        scaler = StandardScaler().fit(features[train])
-        z = scaler.transform(features[train])
-        penalty = probe.RIDGE * np.trace(z.T @ z) / z.shape[1]
-        ridge = Ridge(alpha=penalty, fit_intercept=False).fit(z, targets[train])
-        prediction[test] = ridge.predict(scaler.transform(features[test]))
+        inner = [j for j in range(probe.FOLDS) if j != k]
+        sse = [
+            sum(
+                np.sum((targets[fold == j] - _sklearn_fit_predict(
+                    features, targets, (fold != k) & (fold != j), fold == j, scale)) ** 2)
+                for j in inner
+            )
+            for scale in probe.RIDGE_GRID
+        ]  # fmt: skip
+        best = probe.RIDGE_GRID[int(np.argmin(sse))]
+        prediction[fold == k] = _sklearn_fit_predict(features, targets, fold != k, fold == k, best)
     return 1 - np.sum((targets - prediction) ** 2) / np.sum(targets**2)
 
 
 def test_cross_validated_r2_equals_scikit_learn_and_separates_signal_from_noise():
     results = {}
     for signal in (0.0, 3.0):
-        features, targets, fold = _data(signal)
-        ours = float(probe.cross_validated_r2(jnp.float32(features), jnp.float32(targets), jnp.asarray(fold)))
-        assert abs(ours - _sklearn_r2(features, targets, fold)) < 2e-3
-        results[signal] = ours
-    assert results[3.0] > 0.8 and results[0.0] < 0.1, results
+        for per_prompt, dim in ((6, 10), (3, 10), (3, 60)):  # 72 or 36 samples; 60 features > a fold's 27 rows
+            features, targets, fold = _data(signal, per_prompt=per_prompt, dim=dim)
+            ours = float(probe.cross_validated_r2(jnp.float32(features), jnp.float32(targets), jnp.asarray(fold)))
+            assert abs(ours - _sklearn_r2(features, targets, fold)) < 2e-3
+            results[signal, per_prompt, dim] = ours
+    assert min(v for k, v in results.items() if k[0] == 3.0) > 0.7, results
+    # No signal: R^2 stays near 0 even with few samples (a fixed penalty of 0.1 gave -0.96 on 36 x 10 here).
+    assert all(abs(v) < 0.1 for k, v in results.items() if k[0] == 0.0), results
 
 
 def test_r2_is_computed_for_every_leading_index_at_once():

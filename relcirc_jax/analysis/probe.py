@@ -11,9 +11,10 @@ centres (diversity.layouts_from_scores); samples without both objects are droppe
 
 A prompt's relation alone fixes much of its layout, and that part is the same for every sample of the prompt, so it
 cannot be what a repulsion between samples of one prompt acts on. Features and layouts are therefore centred per
-prompt, and the probes predict the within-prompt deviation. Ridge probes (standardised features, penalty RIDGE x the
-mean eigenvalue) fitted on all prompts but one fold and scored on the held-out prompts (FOLDS folds) give the
-out-of-fold R^2 = 1 - SSE / SST per (stream, step, block); every fit is one vmapped solve. R^2 near 0 or below: the
+prompt, and the probes predict the within-prompt deviation. Ridge probes (standardised features, penalty from
+RIDGE_GRID x the mean eigenvalue, chosen by an inner cross-validation on the training folds) fitted on all prompts but
+one fold and scored on the held-out prompts (FOLDS folds) give the out-of-fold R^2 = 1 - SSE / SST per (stream,
+step, block); every fit is one vmapped solve. R^2 near 0 or below: the
 stream does not carry that sample's layout at that point of sampling. The notes' premise predicts a window where the
 text stream already predicts the layout (R^2 > 0) while the image stream does not yet.
 """
@@ -32,7 +33,7 @@ from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate
 
 FOLDS = 4
-RIDGE = 1e-1
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties, x the mean eigenvalue of the standardised Gram matrix
 STREAMS = ("text", "image")
 
 
@@ -63,21 +64,40 @@ def centre_per_prompt(values: np.ndarray, prompt: np.ndarray) -> np.ndarray:
     return out
 
 
+def _ridge_predict(x: jax.Array, targets: jax.Array, train: jax.Array, scale) -> jax.Array:
+    """Predictions for every row of x [N, F] by a ridge fitted on the rows train [N] (bool): features standardised
+    on those rows, penalty `scale` x the mean eigenvalue of their Gram matrix, no intercept (targets are centred)."""
+    weight = train.astype(x.dtype)[:, None]
+    count = jnp.maximum(weight.sum(), 1.0)
+    mean = (x * weight).sum(0) / count
+    std = jnp.sqrt(((x - mean) ** 2 * weight).sum(0) / count) + 1e-6
+    z = (x - mean) / std
+    gram = (z * weight).T @ z
+    penalty = scale * jnp.trace(gram) / gram.shape[0]
+    return z @ jnp.linalg.solve(gram + penalty * jnp.eye(gram.shape[0]), (z * weight).T @ targets)
+
+
 @jax.jit
 def cross_validated_r2(features: jax.Array, targets: jax.Array, fold: jax.Array) -> jax.Array:
     """Out-of-fold R^2 of ridge probes features [..., N, F] -> targets [N, T] with fold [N] ids in 0..FOLDS-1:
-    [...] (targets already centred, so SST is their sum of squares)."""
+    [...] (targets already centred, so SST is their sum of squares). Nested: for each held-out fold the penalty is
+    the one of RIDGE_GRID with the least squared error over the other folds, each held out in turn from a fit on the
+    rest (so the held-out fold never chooses its own penalty)."""
+    grid = jnp.asarray(RIDGE_GRID, features.dtype)
 
     def one(x):
+        def inner_sse(k, scale):
+            def split(j):
+                pred = _ridge_predict(x, targets, (fold != k) & (fold != j), scale)
+                held_out = ((fold == j) & (j != k))[:, None]
+                return jnp.sum(jnp.where(held_out, (targets - pred) ** 2, 0.0))
+
+            return jax.vmap(split)(jnp.arange(FOLDS)).sum()
+
         def predict(k):
-            train = (fold != k).astype(x.dtype)[:, None]
-            mean = (x * train).sum(0) / train.sum()
-            std = jnp.sqrt(((x - mean) ** 2 * train).sum(0) / train.sum()) + 1e-6
-            z = (x - mean) / std
-            gram = (z * train).T @ z
-            penalty = RIDGE * jnp.trace(gram) / gram.shape[0]
-            weights = jnp.linalg.solve(gram + penalty * jnp.eye(gram.shape[0]), (z * train).T @ targets)
-            return jnp.where((fold == k)[:, None], z @ weights, 0.0)
+            sse = jax.vmap(lambda scale: inner_sse(k, scale))(grid)
+            pred = _ridge_predict(x, targets, fold != k, grid[jnp.argmin(sse)])
+            return jnp.where((fold == k)[:, None], pred, 0.0)
 
         prediction = jax.vmap(predict)(jnp.arange(FOLDS)).sum(0)
         return 1.0 - jnp.sum((targets - prediction) ** 2) / jnp.sum(targets**2)

@@ -253,11 +253,16 @@ def test_pixart_repels_its_image_tokens_or_its_pseudo_contextual_caption():
     text = conditioner.make_text_conditioner("rte", dim=16, position_scale=0.5)
     cfg = dit.DiTConfig(image_size=16, patch_size=4, hidden_size=32, depth=2, num_heads=2, caption_channels=16)
     params = noisy(arch.init_params(cfg, jax.random.key(0)))
-    batch = {k: jnp.asarray(v) for k, v in sampling.caption_batch(["red square is above blue circle"] * 4).items()}
+    captions = ["red square is above blue circle"] * 4
+    batch = {k: jnp.asarray(v) for k, v in sampling.caption_batch(captions).items()}
+    batch["roles"] = jnp.asarray(groups.token_roles(text, captions))
     with pytest.raises(ValueError, match="zero gradient"):
         _sampler(cfg, text)(params, batch, text.tables, jnp.arange(4), _knobs(1.0, cfg.depth))
-    for target in ("image", "pseudo_text"):
-        generate = _sampler(cfg, text, dataclasses.replace(CFG, target=target))
+    images = {}
+    for target, token_mask in (("image", "valid"), ("pseudo_text", "valid"), ("pseudo_text", "no_relation")):
+        generate = _sampler(cfg, text, dataclasses.replace(CFG, target=target, token_mask=token_mask))
         off = generate(params, batch, text.tables, jnp.arange(4), _knobs(0.0, cfg.depth))
         on = generate(params, batch, text.tables, jnp.arange(4), _knobs(2.0, cfg.depth))
         assert np.abs(np.asarray(on, np.int32) - np.asarray(off, np.int32)).max() > 0, target
+        images[target, token_mask] = np.asarray(on)
+    assert not np.array_equal(images["pseudo_text", "valid"], images["pseudo_text", "no_relation"])

@@ -118,16 +118,17 @@ class Repulsion(NamedTuple):
     def apply(self, value: jax.Array, layer: int, site: str, stream: str, t: jax.Array, text_mask=None) -> jax.Array:
         """`value` [batch, tokens, D] of `stream` ("text", "image", "pseudo_text") at `site` of block `layer`,
         repelled within each group where the knobs switch it on at timestep t [batch]; unchanged (the same array)
-        elsewhere. text_mask [batch, tokens]: the caption's valid tokens, for a caption-side stream."""
+        elsewhere. text_mask [batch, tokens]: the caption's valid tokens, for a caption-side stream (None: all)."""
         cfg = self.config
         if site != cfg.site or stream not in TARGETS[cfg.target]:
             return value
         in_window = (t >= self.window[0]) & (t <= self.window[1])
         rows = self.rows_on & in_window & (self.eta > 0) & (self.blocks[layer] > 0)
+        every_token = jnp.ones(value.shape[:2], bool)
         if stream == "image":
-            tokens = jnp.ones(value.shape[:2], bool)
+            tokens = every_token
         else:
-            tokens = selected_tokens(cfg.token_mask, text_mask, self.roles)
+            tokens = selected_tokens(cfg.token_mask, every_token if text_mask is None else text_mask, self.roles)
         return repel_groups(value, tokens, rows, self.eta, cfg)
 
 

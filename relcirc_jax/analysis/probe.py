@@ -14,9 +14,9 @@ cannot be what a repulsion between samples of one prompt acts on. Features and l
 prompt, and the probes predict the within-prompt deviation. Ridge probes (standardised features, penalty from
 RIDGE_GRID x the mean eigenvalue, chosen by an inner cross-validation on the training folds) fitted on all prompts but
 one fold and scored on the held-out prompts (FOLDS folds) give the out-of-fold R^2 = 1 - SSE / SST per (stream,
-step, block); every fit is one vmapped solve. R^2 near 0 or below: the
-stream does not carry that sample's layout at that point of sampling. The notes' premise predicts a window where the
-text stream already predicts the layout (R^2 > 0) while the image stream does not yet.
+step, block); every fit is one vmapped solve. R^2 near 0 or below: the stream does not carry that sample's layout at
+that point of sampling. The notes' premise predicts a window where the text stream already predicts the layout
+(R^2 > 0) while the image stream does not yet.
 """
 
 from collections.abc import Sequence

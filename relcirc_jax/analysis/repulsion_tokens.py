@@ -11,6 +11,7 @@ tokens can take a large share with small moves). The study's token-mask ablation
 relation words flips it.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -57,7 +58,7 @@ def measure(
             f"Token moves are read around site 'block_out' of the text stream; got site={config.site!r}, "
             f"target={config.target!r}. Fix: RepulsionConfig(site='block_out', target='text')."
         )
-    roles = lambda batch_captions: groups.token_roles(model.conditioner, batch_captions)  # noqa: E731
+    roles = functools.partial(groups.token_roles, model.conditioner)
     step = math.lcm(group_size, sharding_rules.batch_shards(model.mesh))  # every chunk holds whole groups
     sampler = capture.sampler(
         model,

@@ -82,6 +82,10 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     # A reference model (a name under pretrained/ or a directory written by relcirc_jax.pretrained): training starts
     # from its weights, and sample/evaluate/analyze use them while the workdir has no checkpoint. None = random init.
     c.init_from = config_dict.placeholder(str)
+    # With init_from, train a model whose text encoder differs from the reference model's (e.g. MiniLM from an RTE
+    # model): every parameter whose name and shape match is loaded, the rest (the caption projection's input layer and
+    # the null-caption embedding) keep their random init. Training only; the DiT's sizes must match.
+    c.init_transfer = False
 
     c.model = ml_collections.ConfigDict()
     # "pixart": PixArt-alpha's cross-attention DiT (the paper's); "mmdit": an SD3-style dual-stream MM-DiT with the

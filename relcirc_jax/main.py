@@ -5,6 +5,8 @@ eval.md for the latest or --step checkpoint), analyze (circuit analyses: --confi
 ablation|patching|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with
 --config.train.lr=3e-4 etc. --init_from=pretrained/NAME uses a reference model's weights (and, without --config, its
 config): training starts from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
+With --config.init_transfer=True the --config may name another text encoder: training starts from every reference
+weight that fits (all but the caption projection's input layer and the null caption).
 --init_from=DIR of a diffusers PixArt transformer does the same with the checkpoint's sizes (with a --config that
 names its text encoder, e.g. configs/t5_dit_b.py --config.text.t5_path=...).
 
@@ -108,11 +110,17 @@ def config_with_init_from(config, init_from: str | None):
     if config is None:
         config = reference
     else:
-        differing = pretrained.config_differences(config, reference)
+        fields = pretrained.TRANSFER_FIELDS if config.get("init_transfer") else pretrained.MODEL_FIELDS
+        differing = pretrained.config_differences(config, reference, fields)
         if differing:
             raise UserError(
                 f"--config and --init_from={init_from} describe different models ({'; '.join(differing[:4])}). "
-                "Fix: drop --config to use the model's own config, or pick the matching config file."
+                "Fix: drop --config to use the model's own config, or pick the matching config file"
+                + (
+                    "."
+                    if config.get("init_transfer")
+                    else " (or --config.init_transfer=True for another text encoder)."
+                )
             )
     config.unlock()
     config.init_from = init_from

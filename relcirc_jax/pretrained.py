@@ -114,12 +114,16 @@ def saved_config(path) -> ml_collections.ConfigDict:
 
 # The config fields that define a model's parameters and what its outputs mean.
 MODEL_FIELDS = ("model", "text", "data.image_size")
+# Those that must still agree when config.init_transfer swaps the text encoder.
+TRANSFER_FIELDS = ("model", "data.image_size")
 
 
-def config_differences(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> list[str]:
-    """'key: value vs reference value' for every model-defining field (MODEL_FIELDS) where the configs differ."""
+def config_differences(
+    config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, fields=MODEL_FIELDS
+) -> list[str]:
+    """'key: value vs reference value' for every model-defining field (`fields`) where the configs differ."""
     mine, theirs = flatten(config.to_dict()), flatten(reference.to_dict())
-    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == f or k.startswith(f + "/") for f in MODEL_FIELDS)]
+    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == f or k.startswith(f + "/") for f in fields)]
     return [
         f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
     ]
@@ -175,6 +179,20 @@ def check_compatible(params, expected) -> None:
                 f"The reference model's {key} has shape {tuple(got[key].shape)}, the config's model "
                 f"{tuple(value.shape)}. Fix: use the model's own config (its config.json) or drop --init_from."
             )
+
+
+def transfer(params, init) -> tuple[dict, list[str]]:
+    """(`init` with every leaf replaced by the one of `params` of the same name and shape, the names kept from
+    `init`): how config.init_transfer starts a model with another text encoder from a reference model."""
+    got, fresh = flatten(params), []
+    merged = {}
+    for key, value in flatten(init).items():
+        if key in got and tuple(got[key].shape) == tuple(value.shape):
+            merged[key] = np.asarray(got[key], value.dtype)
+        else:
+            merged[key] = value
+            fresh.append(key)
+    return unflatten(merged), fresh
 
 
 def export(workdir, out_dir, step: int | None = None, readme: str | None = None) -> epath.Path:

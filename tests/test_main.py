@@ -177,6 +177,48 @@ def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(train
     assert f"Initialised the weights and their EMA from the reference model {reference}" in caplog.text
 
 
+def test_init_transfer_trains_another_text_encoder_from_every_reference_weight_that_fits(trained, tmp_path, caplog):
+    from relcirc_jax import pretrained
+
+    reference = pretrained.export(trained, tmp_path / "model")
+
+    def parse(workdir, mode, transfer=True, depth=2):
+        cli.FLAGS.unparse_flags()
+        cli.FLAGS(["main", CONFIG, f"--workdir={workdir}", f"--mode={mode}", f"--init_from={reference}"])
+        cli.FLAGS.config.text.dim = 48  # another text encoder: the caption projection's input layer differs
+        cli.FLAGS.config.init_transfer = transfer
+        cli.FLAGS.config.model.depth = depth
+
+    def run(*args, **kwargs):
+        parse(*args, **kwargs)
+        cli.main(["main"])
+
+    with pytest.raises(UserError, match=r"text.dim: 48 vs 32.*--config.init_transfer=True for another text encoder"):
+        run(tmp_path / "plain", "train", transfer=False)
+    with pytest.raises(UserError, match="init_transfer=True loads only part of .*Fix: train first"):
+        run(tmp_path / "t", "sample")
+    parse(tmp_path / "t", "train")
+    with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
+        cli.main(["main"])
+    assert "init_transfer: kept the random init of caption_projection/linear_1/kernel, y_embedding." in caplog.text
+    run(tmp_path / "t", "sample")  # from the run's own checkpoint now
+    with np.load(tmp_path / "t" / "samples" / "sample_00000004.npz") as data:
+        assert data["images"].std() > 0
+    with pytest.raises(UserError, match=r"model.depth: 3 vs 2.*pick the matching config file\.$"):
+        run(tmp_path / "deeper", "train", depth=3)
+
+
+def test_transfer_takes_each_reference_weight_of_the_same_name_and_shape_and_keeps_the_rest():
+    from relcirc_jax.pretrained import transfer
+
+    init = {"a": {"kernel": np.zeros((2, 3), np.float32)}, "b": np.zeros(4, np.float32), "c": np.zeros(1, np.float32)}
+    reference = {"a": {"kernel": np.ones((2, 3))}, "b": np.ones(5), "extra": np.ones(2)}
+    merged, fresh = transfer(reference, init)
+    assert fresh == ["b", "c"]
+    np.testing.assert_array_equal(merged["a"]["kernel"], np.ones((2, 3)))
+    assert merged["a"]["kernel"].dtype == np.float32 and merged["b"] is init["b"] and merged["c"] is init["c"]
+
+
 def test_cpu_devices_splits_the_host_cpu_in_a_fresh_process(tmp_path):
     result = subprocess.run(
         [

@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from relcirc_jax import pretrained
 from relcirc_jax.data import dataset
 from relcirc_jax.parallel.host_data import to_global
 from relcirc_jax.train import evaluate, preemption, sampling
@@ -58,11 +59,20 @@ def _init_or_restore(setup: train_state.RunSetup) -> tuple[train_state.TrainStat
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
     state = init(setup.model_cfg, setup.tx, setup.config.seed)
     if setup.config.init_from:
-        _, params = train_state.ema_weights(setup, setup.checkpointer.directory.parent)
+        params = _reference_params(setup, state.params)
         # Two buffers: the train step donates the state, and one buffer donated twice crashes XLA.
         state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
         logging.info("Initialised the weights and their EMA from the reference model %s.", setup.config.init_from)
     return state, 0
+
+
+def _reference_params(setup: train_state.RunSetup, init_params):
+    """The reference model's weights on the mesh; with config.init_transfer, only those that fit the new model."""
+    if not setup.config.init_transfer:
+        return train_state.ema_weights(setup, setup.checkpointer.directory.parent)[1]
+    params, fresh = pretrained.transfer(pretrained.load(setup.config.init_from)[1], init_params)
+    logging.info("init_transfer: kept the random init of %s.", ", ".join(fresh))
+    return train_state.place_params(setup, params)
 
 
 def _run(

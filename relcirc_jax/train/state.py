@@ -154,6 +154,11 @@ def require_weights(config: ml_collections.ConfigDict, workdir, step: int | None
     """UserError unless there are weights to use: checkpoint `step` (default any) in `workdir`, or, when the workdir has
     none, the reference model config.init_from names. Reads, creates nothing."""
     if _uses_reference_model(config, workdir):
+        if config.get("init_transfer"):
+            raise UserError(
+                f"{workdir} has no checkpoint, and --config.init_transfer=True loads only part of "
+                f"{config.init_from} (its text encoder differs). Fix: train first (--mode=train)."
+            )
         if step is not None:
             raise UserError(
                 f"--step={step} needs a checkpoint in {workdir}; a reference model has one step. Fix: drop --step."

@@ -204,6 +204,9 @@ def export(workdir, out_dir, step: int | None = None, readme: str | None = None)
     step, state = train_state.restore_or_fail(setup, workdir, step)
     config.unlock()
     config.pretrained_step = step
+    # Where the run started from is history (README.md keeps it), not part of the model: loading the export must not
+    # load (part of) that older model again.
+    config.init_from, config.init_transfer = None, False
     return save(state.ema_params, config, out_dir, readme)
 
 

@@ -35,7 +35,11 @@ CASES = {
     "text_encoders": (
         {"HELD_OUT": 1},
         ("variance_partition", "relation_arithmetic")
-        + tuple(f"{model}/text/{name}" for model in ("rte_dit_micro", "rte_nopos_dit_micro") for name in TEXT_PNGS),
+        + tuple(
+            f"{model}/text/{name}"
+            for model in ("rte_dit_micro", "rte_nopos_dit_micro", "minilm_dit_micro")
+            for name in TEXT_PNGS
+        ),
     ),
     "learning_dynamics": (
         {"MAX_CHECKPOINTS": 2},

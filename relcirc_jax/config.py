@@ -41,6 +41,7 @@ ARCHS = ("pixart", "mmdit")  # models.arch.ARCHS
 VARIANTS = (None, "cpu", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "muon")  # train.state.optimizer
 NEGATIVES = ("empty_prompt", "learned_null")
 ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "probe", "all")
 DIVERSITY_GRIDS = ("full", "small", "smoke")  # analysis.frontier.GRIDS
@@ -116,10 +117,17 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.data.caption_mix = config_dict.placeholder(str)  # None = the task's own (data.dataset.CAPTION_MIXES)
     # The paper trained on a fixed set of 10,000 scenes for 4,000 epochs; None = fresh scenes every step.
     c.data.num_scenes = config_dict.FieldReference(10_000, field_type=int)
+    # Easy-first curriculum: the first curriculum_steps steps word their captions by curriculum_caption_mix
+    # (data.dataset.CAPTION_MIXES; "canonical" names both colours in the canonical phrasing), then the task's own.
+    c.data.curriculum_steps = 0
+    c.data.curriculum_caption_mix = "canonical"
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 160_000  # 4,000 epochs of the 10,000 scenes at batch 256
     c.train.batch_size = 256
+    # "adamw" on every parameter, or "muon": Muon (momentum 0.95, updates scaled to AdamW's RMS) on the 2-D kernels
+    # inside the transformer blocks and AdamW on the rest (train.state.muon_matrices), both at train.lr.
+    c.train.optimizer = "adamw"
     c.train.lr = 1e-4
     c.train.warmup_steps = 500
     c.train.weight_decay = 3e-2
@@ -133,6 +141,10 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     # Training timesteps: None = uniform (PixArt); a float m = logit-normal, t/1000 = sigmoid(N(m, t_logit_std)).
     c.train.t_logit_mean = config_dict.placeholder(float)
     c.train.t_logit_std = 1.0
+    # A share of each batch's timesteps drawn logit-normal around t_high_noise_logit_mean instead (1.5: t/1000 ~ 0.82,
+    # the high noise levels where the layout is decided); 0 = off.
+    c.train.t_high_noise_share = 0.0
+    c.train.t_high_noise_logit_mean = 1.5
     c.train.remat = False
     # Wall-clock minutes of one invocation (compilation, sampling and evaluations included) after which the run saves,
     # samples and evaluates its last step and stops, before train.num_steps if need be; None = no budget.

@@ -17,6 +17,7 @@ from relcirc_jax.config import (
     DIVERSITY_METRICS,
     ENCODERS,
     NEGATIVES,
+    OPTIMIZERS,
     PATCHING_CORRUPTIONS,
     SIZES,
     TRAIN_COMPUTE_DTYPES,
@@ -62,6 +63,8 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(
             f"train.compute_dtype={c.train.compute_dtype!r} is unknown; choose one of {TRAIN_COMPUTE_DTYPES}."
         )
+    if c.train.optimizer not in OPTIMIZERS:
+        problems.append(f"train.optimizer={c.train.optimizer!r} is unknown; choose one of {OPTIMIZERS}.")
     for key in (
         "train.num_steps",
         "train.batch_size",
@@ -84,7 +87,7 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"train.time_budget_minutes={c.train.time_budget_minutes} must be > 0, or None for no budget.")
     if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
         problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
-    for key in ("train.ema_decay", "train.caption_dropout"):
+    for key in ("train.ema_decay", "train.caption_dropout", "train.t_high_noise_share"):
         if not 0 <= _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
     try:
@@ -114,6 +117,13 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
             f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own)."
         )
+    if c.data.curriculum_caption_mix not in dataset.CAPTION_MIXES:
+        problems.append(
+            f"data.curriculum_caption_mix={c.data.curriculum_caption_mix!r} is unknown; choose one of "
+            f"{sorted(dataset.CAPTION_MIXES)}."
+        )
+    if c.data.curriculum_steps < 0:
+        problems.append(f"data.curriculum_steps={c.data.curriculum_steps} must be >= 0 (0 = no curriculum).")
     if c.data.num_scenes is not None and c.data.num_scenes < 1:
         problems.append(f"data.num_scenes={c.data.num_scenes} must be >= 1, or None for fresh scenes every step.")
     if c.analysis.kind not in ANALYSIS_KINDS:

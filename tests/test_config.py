@@ -74,6 +74,10 @@ def test_bad_values_raise_one_error_naming_each():
     config.text.encoder = "clip"
     config.train.t_logit_std = 0.0
     config.parallel.cpu_devices = 0
+    config.train.optimizer = "sgd"
+    config.train.t_high_noise_share = 1.0
+    config.data.curriculum_steps = -1
+    config.data.curriculum_caption_mix = "easy"
     with pytest.raises(UserError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
@@ -82,6 +86,10 @@ def test_bad_values_raise_one_error_naming_each():
     assert "text.encoder='clip' is unknown" in message
     assert "train.t_logit_std=0.0 must be > 0" in message
     assert "parallel.cpu_devices=0 must be >= 1" in message
+    assert "train.optimizer='sgd' is unknown; choose one of ('adamw', 'muon')" in message
+    assert "train.t_high_noise_share=1.0 must be in [0, 1)" in message
+    assert "data.curriculum_steps=-1 must be >= 0" in message
+    assert "data.curriculum_caption_mix='easy' is unknown" in message
 
 
 def test_batch_must_split_over_processes_and_mesh_must_fit():

@@ -80,6 +80,17 @@ def test_logit_normal_timesteps_follow_the_logit_normal_quantiles(mean, std):
         assert np.mean(t < boundary) == pytest.approx(q, abs=0.01)
 
 
+def test_high_noise_share_mixes_in_its_logit_normal_component():
+    # The mixture's CDF is (1 - share) * base CDF + share * high CDF, both logit-normal in closed form.
+    share, high_mean, std = 0.3, 1.5, 1.0
+    t = np.asarray(sample_timesteps(jax.random.key(4), 100_000, 1000, (0.0, std), (share, high_mean, std)))
+    assert t.dtype == np.int32 and 0 <= t.min() and t.max() <= 999
+    for boundary in (200, 500, 800, 950):
+        logit = np.log(boundary / (1000 - boundary))
+        want = (1 - share) * scipy.stats.norm.cdf(logit / std) + share * scipy.stats.norm.cdf((logit - high_mean) / std)
+        assert np.mean(t < boundary) == pytest.approx(want, abs=0.01)
+
+
 def test_mse_loss_is_the_mean_over_all_dims():
     pred = jnp.zeros((2, 3, 3, 2))
     noise = jnp.arange(36, dtype=jnp.float32).reshape(pred.shape) / 36.0

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from relcirc_jax.config import base_config
+from relcirc_jax.data import dataset, prompts
 from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
@@ -94,6 +95,43 @@ def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_pat
         [np.abs(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))]
     )
     assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
+
+
+def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw(tmp_path):
+    # One update of random gradients. Adam's first step moves every weight by exactly lr (m / sqrt(v) = sign(g));
+    # Muon's moves a hidden matrix by its orthogonalised (Nesterov) momentum: singular values of about one size.
+    config = _config(optimizer="muon", weight_decay=0.0, grad_clip=1e6, adam_eps=1e-12)
+    setup, state, _ = _setup(tmp_path, config)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state.params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    grads = treedef.unflatten([jax.random.normal(k, p.shape) for k, (_, p) in zip(keys, leaves)])
+    updates, _ = jax.jit(setup.tx.update)(grads, setup.tx.init(state.params), state.params)
+    muon = []
+    for (path, g), u in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(updates)):
+        name, u = jax.tree_util.keystr(path), np.asarray(u)
+        if name.startswith("['transformer_blocks_") and name.endswith("['kernel']"):
+            muon.append(name)
+            singular = np.linalg.svd(u, compute_uv=False)
+            # (a random gradient's spread from ~0 to max; Newton-Schulz lifts all but the very smallest near one size)
+            assert np.percentile(singular, 10) > 0.5 * singular.max() and np.abs(u).std() > 0.2 * np.abs(u).mean()
+        else:
+            np.testing.assert_allclose(u, -config.train.lr * np.sign(np.asarray(g)), rtol=1e-5, err_msg=name)
+    assert len(muon) == 2 * (4 + 4 + 2)  # 2 blocks x (self-attention q, k, v, out + cross-attention + MLP in, out)
+
+
+def test_curriculum_words_the_first_steps_captions_by_its_mix_then_the_tasks(tmp_path):
+    config = _config()
+    config.data.curriculum_steps = 2
+    config.data.num_scenes = None
+    setup = _run_setup(tmp_path, config)
+    for step, mix in ((0, "canonical"), (1, "canonical"), (2, None), (3, None)):
+        want = dataset.train_batch(config.seed, step, global_batch=config.train.batch_size, caption_mix=mix)
+        got = loop._global_batch(config, setup.mesh, step)
+        np.testing.assert_array_equal(np.asarray(got["caption_index"]), want["caption_index"])
+        np.testing.assert_array_equal(np.asarray(got["image"]), want["image"])  # the same scenes, worded differently
+    first = np.asarray(loop._global_batch(config, setup.mesh, 0)["caption_index"])
+    captions = [prompts.all_captions()[k] for k in first]
+    assert all(caption.count("red") + caption.count("blue") == 2 for caption in captions), captions
 
 
 @pytest.mark.parametrize("dropout", [0.0, RECIPE["caption_dropout"]])

@@ -24,10 +24,26 @@ def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def sample_timesteps(
-    key: jax.Array, batch: int, num_timesteps: int = 1000, logit_normal: tuple[float, float] | None = None
+    key: jax.Array,
+    batch: int,
+    num_timesteps: int = 1000,
+    logit_normal: tuple[float, float] | None = None,
+    high_noise: tuple[float, float, float] | None = None,
 ) -> jax.Array:
     """Integer timesteps in [0, num_timesteps), int32 [batch]: uniform, or with `logit_normal=(mean, std)`
-    t = floor(num_timesteps * sigmoid(N(mean, std))) (SD3's logit-normal, over t / num_timesteps)."""
+    t = floor(num_timesteps * sigmoid(N(mean, std))) (SD3's logit-normal, over t / num_timesteps). With
+    `high_noise=(share, mean, std)` each timestep is instead drawn logit-normal around that mean with probability share
+    (a mixture that puts more of the training at the high noise levels)."""
+    if high_noise is None:
+        return _draw_timesteps(key, batch, num_timesteps, logit_normal)
+    base_key, choice_key, high_key = jax.random.split(key, 3)
+    share, mean, std = high_noise
+    high = jax.random.bernoulli(choice_key, share, (batch,))
+    base = _draw_timesteps(base_key, batch, num_timesteps, logit_normal)
+    return jnp.where(high, _draw_timesteps(high_key, batch, num_timesteps, (mean, std)), base)
+
+
+def _draw_timesteps(key, batch, num_timesteps, logit_normal):
     if logit_normal is None:
         return jax.random.randint(key, (batch,), 0, num_timesteps, dtype=jnp.int32)
     mean, std = logit_normal
@@ -101,16 +117,18 @@ def diffusion_loss(
     schedule: Schedule | None = None,
     prediction: str = "eps",
     timestep_logit_normal: tuple[float, float] | None = None,
+    high_noise: tuple[float, float, float] | None = None,
 ) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for a batch x0 [B, ...]; denoiser_fn(x_t, t) gets t as float32 integer values [B].
 
     `prediction` says what denoiser_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the
-    MSE is taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+    MSE is taken against that target. Timesteps come from sample_timesteps(timestep_logit_normal, high_noise). aux
+    holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
     """
     parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
     t_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps, timestep_logit_normal)
+    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps, timestep_logit_normal, high_noise)
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     x_t = q_sample(x0.astype(jnp.float32), noise, t, schedule)
     out = denoiser_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)

@@ -141,6 +141,7 @@ def _budget_text(minutes: float | None, seconds_left: float | None) -> str:
 
 
 def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
+    curriculum = step < config.data.curriculum_steps
     local = dataset.train_batch(
         config.seed,
         step,
@@ -150,7 +151,7 @@ def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
         size=config.data.image_size,
         radius=config.data.radius,
         task=config.data.task,
-        caption_mix=config.data.caption_mix,
+        caption_mix=config.data.curriculum_caption_mix if curriculum else config.data.caption_mix,
         num_scenes=config.data.num_scenes,
     )
     return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)

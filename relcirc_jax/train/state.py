@@ -52,12 +52,31 @@ def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm gradient clipping followed by AdamW on every parameter."""
+    """Global-norm gradient clipping, then AdamW on every parameter (train.optimizer="adamw"), or Muon on the hidden
+    matrices and the same AdamW on the rest ("muon", see optimizer_groups)."""
     t = config.train
+    adamw = optax.adamw(learning_rate(config), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    # Muon's own defaults (Nesterov momentum 0.95, 5 Newton-Schulz steps); consistent_rms=0.2 scales each
+    # orthogonalised update to AdamW's typical RMS, so one lr serves both groups.
+    muon = optax.contrib.muon(learning_rate(config), weight_decay=t.weight_decay, consistent_rms=0.2)
     return optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(learning_rate(config), b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps, weight_decay=t.weight_decay),
+        optax.clip_by_global_norm(t.grad_clip), optax.partition({"muon": muon, "adamw": adamw}, optimizer_groups)
     )
+
+
+def optimizer_groups(params):
+    """ "muon" for the hidden matrices, the 2-D kernels inside the transformer blocks (attention, MLP, modulation);
+    "adamw" for the rest: the patch, timestep and caption embeddings, the output layer and every vector, as Muon's
+    recipe keeps them."""
+
+    def group(path, leaf):
+        names = [str(getattr(key, "key", key)) for key in path]
+        hidden = leaf.ndim == 2 and names[-1] == "kernel" and names[0].startswith("transformer_blocks_")
+        return "muon" if hidden else "adamw"
+
+    return jax.tree_util.tree_map_with_path(group, params)
 
 
 def init_state(model_cfg: arch.ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -78,8 +97,16 @@ def state_shardings(
     abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, seed))
     param_sh = sharding_rules.param_shardings(abstract.params, arch.logical_specs(model_cfg), mesh, rules)
     replicated = sharding_rules.replicated(mesh)
+    # A partitioned optimizer (Muon + AdamW) keeps each group's moments as the params tree with MaskedNode in the
+    # other group's places; those stay MaskedNode (empty pytrees).
+    masked = lambda leaf: isinstance(leaf, optax.MaskedNode)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract.opt_state, param_sh, transform_non_params=lambda _: replicated
+        tx,
+        lambda leaf, sh: leaf if masked(leaf) else sh,
+        abstract.opt_state,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
     )
     shardings = TrainState(params=param_sh, opt_state=opt_sh, ema_params=param_sh, step=replicated)
     return abstract, shardings

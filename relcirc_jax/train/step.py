@@ -23,8 +23,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig)
     """loss_fn(params, batch, text, text_mask, key) -> (loss, aux): caption dropout, then the diffusion loss."""
     model = arch.module(model_cfg)
     dropout = config.train.caption_dropout
-    logit_mean, logit_std = config.train.t_logit_mean, config.train.t_logit_std
-    timestep_logit_normal = None if logit_mean is None else (logit_mean, logit_std)
+    t = config.train
+    timestep_logit_normal = None if t.t_logit_mean is None else (t.t_logit_mean, t.t_logit_std)
+    high_noise = (t.t_high_noise_share, t.t_high_noise_logit_mean, t.t_logit_std) if t.t_high_noise_share else None
 
     def loss_fn(params, batch, text, text_mask, key):
         drop_key, loss_key = jax.random.split(key)
@@ -41,6 +42,7 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig)
             learn_sigma=model_cfg.learn_sigma,
             prediction=model_cfg.prediction,
             timestep_logit_normal=timestep_logit_normal,
+            high_noise=high_noise,
         )
 
     return loss_fn

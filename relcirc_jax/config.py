@@ -126,7 +126,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.num_steps = 160_000  # 4,000 epochs of the 10,000 scenes at batch 256
     c.train.batch_size = 256
     # "adamw" on every parameter, or "muon": Muon (momentum 0.95, updates scaled to AdamW's RMS) on the 2-D kernels
-    # inside the transformer blocks and AdamW on the rest (train.state.muon_matrices), both at train.lr.
+    # inside the transformer blocks and AdamW on the rest (train.state.optimizer_groups), both at train.lr.
     c.train.optimizer = "adamw"
     c.train.lr = 1e-4
     c.train.warmup_steps = 500

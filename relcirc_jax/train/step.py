@@ -23,9 +23,13 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig)
     """loss_fn(params, batch, text, text_mask, key) -> (loss, aux): caption dropout, then the diffusion loss."""
     model = arch.module(model_cfg)
     dropout = config.train.caption_dropout
-    t = config.train
-    timestep_logit_normal = None if t.t_logit_mean is None else (t.t_logit_mean, t.t_logit_std)
-    high_noise = (t.t_high_noise_share, t.t_high_noise_logit_mean, t.t_logit_std) if t.t_high_noise_share else None
+    recipe = config.train
+    timestep_logit_normal = None if recipe.t_logit_mean is None else (recipe.t_logit_mean, recipe.t_logit_std)
+    high_noise = (
+        (recipe.t_high_noise_share, recipe.t_high_noise_logit_mean, recipe.t_logit_std)
+        if recipe.t_high_noise_share
+        else None
+    )
 
     def loss_fn(params, batch, text, text_mask, key):
         drop_key, loss_key = jax.random.split(key)

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from relcirc_jax import diffusion
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset, prompts
+from relcirc_jax.models import arch
 from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
@@ -132,6 +134,42 @@ def test_curriculum_words_the_first_steps_captions_by_its_mix_then_the_tasks(tmp
     first = np.asarray(loop._global_batch(config, setup.mesh, 0)["caption_index"])
     captions = [prompts.all_captions()[k] for k in first]
     assert all(caption.count("red") + caption.count("blue") == 2 for caption in captions), captions
+
+
+def test_high_noise_share_reaches_the_timesteps_the_loss_is_taken_at(tmp_path):
+    # The mixture itself is checked against its CDF in test_schedules_losses; this checks make_loss_fn hands it on.
+    share, mean = 0.9, 3.0
+    config = _config(caption_dropout=0.0, t_logit_mean=0.0, t_high_noise_share=share, t_high_noise_logit_mean=mean)
+    config.model.prediction = "x0"  # its loss moves with the timesteps ~10x more than the epsilon loss does here
+    setup, state, batch = _setup(tmp_path, config)
+    keys = jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.params)))
+    params = jax.tree.unflatten(  # away from init, whose zero output layers make the loss blind to the timestep
+        jax.tree.structure(state.params),
+        [p + 0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, jax.tree.leaves(state.params))],
+    )
+    text, mask = setup.conditioner.embed(setup.tables, batch)
+    key = train_step.step_key(config.seed, jnp.int32(0))
+    model = arch.module(setup.model_cfg)
+
+    def direct_loss(high_noise):  # diffusion_loss as loss_fn calls it, with loss_fn's key split and no dropout
+        return diffusion.diffusion_loss(
+            lambda x_t, t: model.apply({"params": params}, x_t, t, text, mask),
+            batch["image"],
+            jax.random.split(key)[1],
+            learn_sigma=setup.model_cfg.learn_sigma,
+            prediction=setup.model_cfg.prediction,
+            timestep_logit_normal=(config.train.t_logit_mean, config.train.t_logit_std),
+            high_noise=high_noise,
+        )[0]
+
+    def loss(share):
+        config.train.t_high_noise_share = share
+        return float(train_step.make_loss_fn(config, setup.model_cfg)(params, batch, text, mask, key)[0])
+
+    mixed = direct_loss((share, mean, config.train.t_logit_std))
+    assert loss(share) == pytest.approx(float(mixed), rel=1e-6)
+    assert loss(0.0) == pytest.approx(float(direct_loss(None)), rel=1e-6)
+    assert abs(loss(share) - loss(0.0)) > 5e-4 * loss(0.0)  # 3e-3 measured; rounding differs by ~1e-7
 
 
 @pytest.mark.parametrize("dropout", [0.0, RECIPE["caption_dropout"]])

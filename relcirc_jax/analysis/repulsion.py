@@ -65,6 +65,7 @@ TOKEN_MASKS = ("valid", "all", "padding") + tuple(ROLE_TOKEN_MASKS)
 KNOBS = ("repulsion_eta", "repulsion_window", "repulsion_blocks")
 
 
+@jax.tree_util.register_static  # a pytree without leaves: a Repulsion crosses jit boundaries as its traced knobs
 @dataclasses.dataclass(frozen=True)
 class RepulsionConfig:
     """The static part of a repulsion (module docstring); the defaults are the paper's, with the angular step."""

@@ -214,6 +214,32 @@ def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | N
     return path, variant
 
 
+def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> list[str]:
+    """`argv`, plus `--config=relcirc_jax/pretrained.py:MODEL` (`pretrained.get_config`) when it overrides config
+    values (`--config.a.b=v`) without a --config but with --init_from=MODEL: the overrides then apply to the reference
+    model's own config, the one the run would use anyway. A diffusers PixArt --init_from brings no config and is left
+    to its own error."""
+    from relcirc_jax import pretrained
+
+    argv = list(argv)
+    overrides = any(a.startswith(f"--{flag_name}.") for a in argv)
+    models = [a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")]
+    if not overrides or _config_file_arg(argv, flag_name) or not models or pretrained.is_pixart(models[-1]):
+        return argv
+    return argv[:1] + [f"--{flag_name}={pretrained.__file__}:{models[-1]}"] + argv[1:]  # absl: before overrides
+
+
+def overrides_without_config_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
+    """`--config.a.b=v` overrides given with nothing to override (no --config, and no --init_from that brings one)."""
+    given = [a.split("=", 1)[0] for a in argv if a.startswith(f"--{flag_name}.")]
+    if not given or _config_file_arg(argv, flag_name):
+        return None
+    return (
+        f"{given[0]} overrides a value of a config, but no config was given. Fix: add "
+        f"--{flag_name}=configs/<model>.py[:variant], or --init_from=pretrained/NAME (its own config is overridden)."
+    )
+
+
 def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
     """What is wrong with `--config=FILE[:variant]` in `argv` that absl would only report later or as a traceback:
     the file is missing. None when it exists (or no --config is given)."""

@@ -4,7 +4,8 @@ Modes: train (or resume), sample (PNG grid + .npz from the latest or --step chec
 eval.md for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
 ablation|patching|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with
 --config.train.lr=3e-4 etc. --init_from=pretrained/NAME uses a reference model's weights (and, without --config, its
-config): training starts from them; sample, evaluate and analyze use them while the workdir has no checkpoint.
+config, which --config.* overrides then change): training starts from them; sample, evaluate and analyze use them
+while the workdir has no checkpoint.
 With --config.init_transfer=True the --config may name another text encoder: training starts from every reference
 weight that fits (all but the caption projection's input layer and the null caption).
 --init_from=DIR of a diffusers PixArt transformer does the same with the checkpoint's sizes (with a --config that
@@ -115,7 +116,8 @@ def config_with_init_from(config, init_from: str | None):
         if differing:
             raise UserError(
                 f"--config and --init_from={init_from} describe different models ({'; '.join(differing[:4])}). "
-                "Fix: drop --config to use the model's own config, or pick the matching config file"
+                "Fix: drop --config and any --config.* override of those fields to use the model's own config, or "
+                "pick the matching config file"
                 + (
                     "."
                     if config.get("init_transfer")
@@ -170,8 +172,10 @@ def apply_runtime_options(config) -> None:
 
 
 def parse_flags(argv):
-    """absl flag parsing; a bad --config (file, variant, override key or value) ends in one line (`fail`)."""
-    problem = config_checks.config_file_problem(argv)
+    """absl flag parsing; a bad --config (file, variant, override key or value) ends in one line (`fail`).
+    `--config.*` overrides with --init_from=pretrained/NAME and no --config override that model's own config."""
+    argv = config_checks.with_init_from_config(argv)
+    problem = config_checks.config_file_problem(argv) or config_checks.overrides_without_config_problem(argv)
     if problem:
         fail(problem)
     try:

@@ -101,6 +101,12 @@ def load_config(name: str) -> tuple[ml_collections.ConfigDict, epath.Path]:
     return saved_config(directory / CONFIG_FILE), directory
 
 
+def get_config(name: str) -> ml_collections.ConfigDict:
+    """This file as an ml_collections config file: `--config=relcirc_jax/pretrained.py:NAME` is reference model
+    NAME's own config. The CLI passes it when `--config.*` overrides come with --init_from and no --config."""
+    return load_config(name)[0]
+
+
 def saved_config(path) -> ml_collections.ConfigDict:
     """A config.json written by a run or an export, laid over today's full config of its encoder and size."""
     from relcirc_jax.config import base_config

@@ -161,15 +161,21 @@ def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
     assert np.asarray(Image.open(diversity / "token_moves.png").convert("L")).std() > 0
 
 
-def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(trained, tmp_path, caplog):
+SAMPLES_4 = ["--config.sample.num_prompts=4", "--config.eval.batch_size=4"]
+
+
+def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(trained, tmp_path, caplog, monkeypatch):
     from relcirc_jax import pretrained
 
     reference = pretrained.export(trained, tmp_path / "model")
-    cli.FLAGS.unparse_flags()
-    cli.FLAGS(["main", f"--workdir={tmp_path / 'w'}", "--mode=sample", f"--init_from={reference}"])
-    cli.main(["main"])  # no --config: the model's own
+    cli.FLAGS.unparse_flags()  # no --config: the model's own, which an override still changes
+    argv = ["main", f"--workdir={tmp_path / 'w'}", "--mode=sample", f"--init_from={reference}"] + SAMPLES_4
+    with monkeypatch.context() as patch:  # as the CLI runs: ml_collections reads the overrides from sys.argv
+        patch.setattr(sys, "argv", argv)
+        cli.parse_flags(argv)
+    cli.main(["main"])
     with np.load(tmp_path / "w" / "samples" / "sample_00000004.npz") as data:
-        assert data["images"].std() > 0
+        assert data["images"].std() > 0 and len(data["images"]) == 4  # the smoke config samples 8
     cli.FLAGS.unparse_flags()
     cli.FLAGS(["main", CONFIG, f"--workdir={tmp_path / 't'}", f"--init_from={reference}"])
     with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
@@ -319,6 +325,18 @@ BAD_INPUTS = [
         None,
         [CONFIG, "--init_from=rte_dit_micro", "--mode=sample"],
         "--config and --init_from=rte_dit_micro describe different models (",
+    ),
+    (
+        "overrides without a config",
+        None,
+        ["--config.eval.cfg_scale=3.0", "--mode=sample"],
+        "--config.eval.cfg_scale overrides a value of a config, but no config was given. Fix: add --config=",
+    ),
+    (
+        "override of a reference model's size",
+        None,
+        ["--init_from=rte_dit_micro", "--config.model.depth=2", "--mode=sample"],
+        "--config and --init_from=rte_dit_micro describe different models (model.depth: 2 vs ",
     ),
 ]
 

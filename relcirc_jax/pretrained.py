@@ -127,12 +127,27 @@ TRANSFER_FIELDS = ("model", "data.image_size")
 def config_differences(
     config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, fields=MODEL_FIELDS
 ) -> list[str]:
-    """'key: value vs reference value' for every model-defining field (`fields`) where the configs differ."""
-    mine, theirs = flatten(config.to_dict()), flatten(reference.to_dict())
+    """'key: value vs reference value' for every model-defining field (`fields`) where the configs differ, with the
+    sizes a `model.size` implies filled in (a reference's saved config keeps them None)."""
+    mine, theirs = flatten(_with_sizes(config)), flatten(_with_sizes(reference))
     keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == f or k.startswith(f + "/") for f in fields)]
     return [
         f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
     ]
+
+
+def _with_sizes(config: ml_collections.ConfigDict) -> dict:
+    """`config` as a dict whose None model fields hold the values its `model.size` gives them."""
+    from relcirc_jax.models import arch
+
+    tree = config.to_dict()
+    model = tree["model"]
+    try:
+        sized = arch.model_config(model["arch"], model["size"])
+    except ValueError:  # an unknown arch or size: left to the config's validation, which names it
+        return tree
+    model.update({key: getattr(sized, key) for key, value in model.items() if value is None and hasattr(sized, key)})
+    return tree
 
 
 def pixart_config(config: ml_collections.ConfigDict, path) -> ml_collections.ConfigDict:

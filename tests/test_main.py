@@ -336,7 +336,7 @@ BAD_INPUTS = [
         "override of a reference model's size",
         None,
         ["--init_from=rte_dit_micro", "--config.model.depth=2", "--mode=sample"],
-        "--config and --init_from=rte_dit_micro describe different models (model.depth: 2 vs ",
+        "--config and --init_from=rte_dit_micro describe different models (model.depth: 2 vs 6). Fix: drop --config",
     ),
 ]
 

@@ -24,6 +24,15 @@ def test_save_then_load_returns_the_bfloat16_rounded_params_and_config(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, rounded)
 
 
+def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():
+    reference, _ = pretrained.load_config("rte_dit_micro")  # saved with depth None: micro's
+    config = base_config("rte", "micro", "cpu")
+    config.model.depth = 6
+    assert pretrained.config_differences(config, reference) == []
+    config.model.depth = 2
+    assert pretrained.config_differences(config, reference) == ["model.depth: 2 vs 6"]
+
+
 def test_unknown_model_names_the_shipped_ones():
     with pytest.raises(UserError, match=r"No reference model 'nope'.*rte_dit_micro"):
         pretrained.model_dir("nope")

@@ -214,6 +214,11 @@ def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | N
     return path, variant
 
 
+def _override_args(argv: Sequence[str], flag_name: str) -> list[str]:
+    """The `--config.a.b=v` arguments of `argv`."""
+    return [a for a in argv if a.startswith(f"--{flag_name}.")]
+
+
 def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> list[str]:
     """`argv`, plus `--config=relcirc_jax/pretrained.py:MODEL` (`pretrained.get_config`) when it overrides config
     values (`--config.a.b=v`) without a --config but with --init_from=MODEL: the overrides then apply to the reference
@@ -222,7 +227,7 @@ def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> lis
     from relcirc_jax import pretrained
 
     argv = list(argv)
-    overrides = any(a.startswith(f"--{flag_name}.") for a in argv)
+    overrides = _override_args(argv, flag_name)
     models = [a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")]
     if not overrides or _config_file_arg(argv, flag_name) or not models or pretrained.is_pixart(models[-1]):
         return argv
@@ -231,7 +236,7 @@ def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> lis
 
 def overrides_without_config_problem(argv: Sequence[str], flag_name: str = "config") -> str | None:
     """`--config.a.b=v` overrides given with nothing to override (no --config, and no --init_from that brings one)."""
-    given = [a.split("=", 1)[0] for a in argv if a.startswith(f"--{flag_name}.")]
+    given = [a.split("=", 1)[0] for a in _override_args(argv, flag_name)]
     if not given or _config_file_arg(argv, flag_name):
         return None
     return (
@@ -267,7 +272,7 @@ def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str 
         config = module.get_config(variant or None)
     except UserError as error:
         return str(error)
-    overrides = [a[len(flag_name) + 3 :].split("=", 1) for a in argv if a.startswith(f"--{flag_name}.")]
+    overrides = [a[len(flag_name) + 3 :].split("=", 1) for a in _override_args(argv, flag_name)]
     problems = [
         _unknown_key_problem(config, key) or _override_type_problem(config, key, value)
         for key, value in (o if len(o) == 2 else (o[0], None) for o in overrides)

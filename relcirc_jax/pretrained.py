@@ -130,7 +130,8 @@ def config_differences(
     """'key: value vs reference value' for every model-defining field (`fields`) where the configs differ, with the
     sizes a `model.size` implies filled in (a reference's saved config keeps them None)."""
     mine, theirs = flatten(_with_sizes(config)), flatten(_with_sizes(reference))
-    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == f or k.startswith(f + "/") for f in fields)]
+    prefixes = [field.replace(".", _SEPARATOR) for field in fields]
+    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == p or k.startswith(p + _SEPARATOR) for p in prefixes)]
     return [
         f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
     ]
@@ -225,9 +226,9 @@ def export(workdir, out_dir, step: int | None = None, readme: str | None = None)
     step, state = train_state.restore_or_fail(setup, workdir, step)
     config.unlock()
     config.pretrained_step = step
-    # Where the run started from is history (README.md keeps it), not part of the model: loading the export must not
-    # load (part of) that older model again.
-    config.init_from, config.init_transfer = None, False
+    # Where the run started from, and what taught it, is history (README.md keeps it), not part of the model: loading
+    # the export must not load (part of) that older model again.
+    config.init_from, config.init_transfer, config.train.teacher = None, False, None
     return save(state.ema_params, config, out_dir, readme)
 
 

@@ -31,6 +31,8 @@ def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():
     assert pretrained.config_differences(config, reference) == []
     config.model.depth = 2
     assert pretrained.config_differences(config, reference) == ["model.depth: 2 vs 6"]
+    config.model.depth, config.data.image_size = 6, 32  # a dotted field (data.image_size) is compared too
+    assert pretrained.config_differences(config, reference) == ["data.image_size: 32 vs 64"]
 
 
 def test_unknown_model_names_the_shipped_ones():

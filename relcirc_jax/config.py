@@ -145,6 +145,10 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     # the high noise levels where the layout is decided); 0 = off.
     c.train.t_high_noise_share = 0.0
     c.train.t_high_noise_logit_mean = 1.5
+    # Distillation (train/distill.py): a reference model (as init_from names one) whose prediction at the same noisy
+    # image, timestep and caption is mixed into the target with weight teacher_weight. None = train on the data alone.
+    c.train.teacher = config_dict.placeholder(str)
+    c.train.teacher_weight = 1.0
     c.train.remat = False
     # Wall-clock minutes of one invocation (compilation, sampling and evaluations included) after which the run saves,
     # samples and evaluates its last step and stops, before train.num_steps if need be; None = no budget.

@@ -100,6 +100,8 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"parallel.logical_axis_rules={c.parallel.logical_axis_rules!r} is not a sequence of (logical axis, mesh "
             "axes) pairs; see relcirc_jax/parallel/axes.py."
         )
+    if not 0 < c.train.teacher_weight <= 1:
+        problems.append(f"train.teacher_weight={c.train.teacher_weight} must be in (0, 1] (1: the teacher alone).")
     if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
         problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
     problems += _data_and_eval_problems(c)

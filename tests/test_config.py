@@ -78,6 +78,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.train.t_high_noise_share = 1.0
     config.data.curriculum_steps = -1
     config.data.curriculum_caption_mix = "easy"
+    config.train.teacher_weight = 0.0
     with pytest.raises(UserError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
@@ -90,6 +91,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "train.t_high_noise_share=1.0 must be in [0, 1)" in message
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
+    assert "train.teacher_weight=0.0 must be in (0, 1]" in message
 
 
 def test_batch_must_split_over_processes_and_mesh_must_fit():

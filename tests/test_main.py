@@ -132,15 +132,23 @@ def test_the_probe_refuses_a_pixart_dit_before_loading_it(trained):
     assert not (trained / "analysis" / "probe").exists()
 
 
-def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(tmp_path):
+def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(trained, tmp_path, caplog):
+    from relcirc_jax import pretrained
+
+    # Trained by distillation from the smoke PixArt DiT (another architecture, the same captions).
+    teacher = pretrained.export(trained, tmp_path / "teacher")
     config = f"--config={REPO}/configs/mmdit_rte_dit_nano.py:smoke"
     for mode in ("train", "evaluate"):
         cli.FLAGS.unparse_flags()
         cli.FLAGS(["main", config, f"--workdir={tmp_path}", f"--mode={mode}"])
-        cli.main(["main"])
+        cli.FLAGS.config.train.teacher = str(teacher)
+        with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
+            cli.main(["main"])
+    assert f"Distilling from the teacher {teacher} (DiTConfig, " in caplog.text
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["step"] == 4 and report["tables"]["relcirc"]["num_images"] == 8
     assert json.loads((tmp_path / "config.json").read_text())["model"]["arch"] == "mmdit"
+    assert pretrained.load_config(str(pretrained.export(tmp_path, tmp_path / "student")))[0].train.teacher is None
     cli.FLAGS.unparse_flags()
     cli.FLAGS(["main", config, f"--workdir={tmp_path}", "--mode=analyze"])
     for kind in ("synopsis", "qk_screen", "ablation", "diversity"):  # joint attention; the text stream

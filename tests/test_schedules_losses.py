@@ -157,3 +157,22 @@ def test_wrong_output_channels_raise_one_clear_error():
         diffusion_loss(lambda x, t: x, x0, jax.random.key(0), learn_sigma=True)
     with pytest.raises(ValueError, match="returned 6 channels but learn_sigma=False"):
         diffusion_loss(lambda x, t: jnp.concatenate([x, x], -1), x0, jax.random.key(0))
+
+
+def test_a_teacher_target_is_the_weighted_sum_of_both_losses_up_to_a_constant_and_passes_no_gradient():
+    # |p - (w a + (1-w) b)|^2 = w |p - a|^2 + (1-w) |p - b|^2 - w (1-w) |a - b|^2, a the teacher's, b the data's.
+    x0 = jax.random.uniform(jax.random.key(11), (6, 4, 4, 3), minval=-1.0, maxval=1.0)
+    key, w = jax.random.key(12), 0.3
+    student = lambda x, t: 0.5 * x  # noqa: E731
+
+    def teacher(x, t, scale=1.0):
+        return scale * jnp.tanh(x) * (t[:, None, None, None] / 1000.0)
+
+    def loss(fn, **kwargs):
+        return float(diffusion_loss(fn, x0, key, prediction="x0", **kwargs)[0])
+
+    mixed = loss(student, teacher_fn=teacher, teacher_weight=w)
+    separate = w * loss(student, teacher_fn=teacher) + (1 - w) * loss(student) - w * (1 - w) * loss(teacher)
+    assert mixed == pytest.approx(separate, rel=1e-5) and loss(teacher, teacher_fn=teacher) == 0.0
+    grad = jax.grad(lambda s: diffusion_loss(student, x0, key, teacher_fn=lambda x, t: teacher(x, t, s))[0])(1.0)
+    assert float(grad) == 0.0

@@ -1,5 +1,6 @@
 """One training step against a hand computation (clipping, AdamW, EMA), caption dropout reaching the learned null
-caption, remat gradients, and bfloat16 compute over steps that really update the weights."""
+caption, remat gradients, bfloat16 compute over steps that really update the weights, and a distillation teacher
+seeing exactly the student's inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +213,39 @@ def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp
     a, b = (np.concatenate([x.ravel() for x in jax.tree.leaves(m)]) for m in (f32_moves, bf16_moves))
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
     assert np.abs(b).mean() > 4e-4 and cosine > 0.9, (np.abs(b).mean(), cosine)  # moved, as the float32 run did
+
+
+def test_a_teacher_that_is_the_student_gives_zero_loss_and_gradient_so_it_sees_the_same_inputs(tmp_path):
+    # Caption dropout 0.5 drops rows of every batch: a teacher given other null-caption rows, another caption, noise
+    # or timestep than the student's would predict something else, and the loss would not be 0.
+    config = _config(teacher_weight=1.0)
+    setup, state, batch = _setup(tmp_path, config)
+    text, mask = setup.conditioner.embed(setup.tables, batch)
+    loss_fn = jax.jit(
+        jax.value_and_grad(train_step.make_loss_fn(config, setup.model_cfg, setup.model_cfg), has_aux=True)
+    )
+    key = train_step.step_key(config.seed, jnp.int32(1))  # step 1: the output layer is no longer all zeros
+    params = _gradients(setup, state.params, batch)  # any weights with a non-zero output layer
+    (loss, _), grads = loss_fn(params, batch, text, mask, key, params)
+    assert float(loss) == 0.0 and all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    other = jax.tree.map(lambda p: 0.9 * p, params)
+    (other_loss, _), _ = loss_fn(params, batch, text, mask, key, other)
+    assert float(other_loss) > 0
+
+
+def test_a_teacher_must_read_the_same_captions_and_predict_the_same_quantity(tmp_path):
+    from relcirc_jax import pretrained
+    from relcirc_jax.errors import UserError
+    from relcirc_jax.train import distill
+
+    teacher_config = _config()
+    teacher_config.text.dim = 48
+    teacher_config.model.prediction = "v"
+    teacher = _run_setup(tmp_path / "t", teacher_config)
+    pretrained.save(arch.init_params(teacher.model_cfg, jax.random.PRNGKey(0)), teacher_config, tmp_path / "teacher")
+    config = _config(teacher=str(tmp_path / "teacher"))
+    with pytest.raises(UserError, match=r"differs in model.prediction: 'eps' vs 'v'; text.dim: 32 vs 48 \(this run"):
+        distill.load_teacher(_run_setup(tmp_path / "s", config))
+    config.model.prediction, config.text.dim = "v", 48
+    loaded = distill.load_teacher(_run_setup(tmp_path / "s2", config))
+    assert loaded.model_cfg == teacher.model_cfg and len(jax.tree.leaves(loaded.params)) > 0

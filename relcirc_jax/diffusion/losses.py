@@ -118,12 +118,18 @@ def diffusion_loss(
     prediction: str = "eps",
     timestep_logit_normal: tuple[float, float] | None = None,
     high_noise: tuple[float, float, float] | None = None,
+    teacher_fn: DenoiserFn | None = None,
+    teacher_weight: float = 1.0,
 ) -> tuple[jax.Array, dict]:
     """(scalar loss, aux) for a batch x0 [B, ...]; denoiser_fn(x_t, t) gets t as float32 integer values [B].
 
     `prediction` says what denoiser_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the
     MSE is taken against that target. Timesteps come from sample_timesteps(timestep_logit_normal, high_noise). aux
     holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+
+    With `teacher_fn` (a trained model predicting the same quantity; distillation), the target is
+    (1 - teacher_weight) * the data's + teacher_weight * teacher_fn(x_t, t)'s first C channels (no gradient): one
+    squared error, so the gradient is that of teacher_weight * MSE(teacher) + (1 - teacher_weight) * MSE(data).
     """
     parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
@@ -142,6 +148,9 @@ def diffusion_loss(
         )
     abar = _per_example(schedule.alphas_cumprod, t, x0)
     target = parameterization.training_target(prediction, x0.astype(jnp.float32), noise, abar)
+    if teacher_fn is not None:
+        taught = jax.lax.stop_gradient(teacher_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)[..., :channels])
+        target = (1.0 - teacher_weight) * target + teacher_weight * taught
     if not learn_sigma:
         mse = mse_loss(out, target)
         return mse, {"mse": mse}

@@ -19,7 +19,7 @@ from etils import epath
 from relcirc_jax import pretrained
 from relcirc_jax.data import dataset
 from relcirc_jax.parallel.host_data import to_global
-from relcirc_jax.train import evaluate, preemption, sampling
+from relcirc_jax.train import distill, evaluate, preemption, sampling
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 from relcirc_jax.train.metrics import MetricWriter
@@ -85,7 +85,11 @@ def _run(
         return state
     # Compilation counts against the budget: it is part of the wait. Several processes agree on log steps.
     budget = preemption.TimeBudget(config.train.time_budget_minutes, sync_every=config.log.every_steps)
-    step_fn = train_step.compile_train_step(setup, _global_batch(config, setup.mesh, start))
+    teacher = distill.load_teacher(setup)
+    teacher_params = None if teacher is None else teacher.params
+    if teacher is not None:
+        logging.info(distill.describe(teacher, config))
+    step_fn = train_step.compile_train_step(setup, _global_batch(config, setup.mesh, start), teacher)
     progress = ProgressLogger(total, config.train.batch_size, config.log.every_steps, seconds_left=budget.seconds_left)
     periodic = _PeriodicSampling(setup)
     stop = preemption.install_sigterm_handler()
@@ -102,7 +106,7 @@ def _run(
         _budget_text(config.train.time_budget_minutes, budget.seconds_left()),
     )
     for step in range(start, total):
-        state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables)
+        state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables, teacher_params)
         done = step + 1
         pending.append((done, metrics))
         preempted = stop.should_stop(done)

@@ -1,4 +1,5 @@
-"""One training step (caption dropout -> diffusion loss -> AdamW -> EMA), compiled ahead of time with shardings."""
+"""One training step (caption dropout -> diffusion loss, a teacher's target if distilling -> optimizer -> EMA),
+compiled ahead of time with shardings."""
 
 import time
 from typing import Callable
@@ -11,7 +12,7 @@ from absl import logging
 from relcirc_jax import diffusion
 from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
-from relcirc_jax.train import ema
+from relcirc_jax.train import distill, ema
 from relcirc_jax.train.state import TrainState, learning_rate
 
 # The batch fields the step reads; the rest of a dataset batch (labels for analyses) stays on the host.
@@ -19,9 +20,13 @@ STEP_BATCH_KEYS = ("image", "ids", "mask", "caption_index")
 _STEP_STREAM = 1  # fold-in tag separating the per-step random stream from parameter initialisation
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig) -> Callable:
-    """loss_fn(params, batch, text, text_mask, key) -> (loss, aux): caption dropout, then the diffusion loss."""
+def make_loss_fn(
+    config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig, teacher_cfg: arch.ModelConfig | None = None
+) -> Callable:
+    """loss_fn(params, batch, text, text_mask, key, teacher_params=None) -> (loss, aux): caption dropout, then the
+    diffusion loss; with `teacher_cfg` (distill.py), its target mixes in that teacher's prediction."""
     model = arch.module(model_cfg)
+    teacher = distill.teacher_apply(teacher_cfg)
     dropout = config.train.caption_dropout
     recipe = config.train
     timestep_logit_normal = None if recipe.t_logit_mean is None else (recipe.t_logit_mean, recipe.t_logit_std)
@@ -31,13 +36,16 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig)
         else None
     )
 
-    def loss_fn(params, batch, text, text_mask, key):
+    def loss_fn(params, batch, text, text_mask, key, teacher_params=None):
         drop_key, loss_key = jax.random.split(key)
         # Caption dropout for classifier-free guidance: these examples see the model's learned null caption.
         null_caption_rows = jax.random.bernoulli(drop_key, dropout, (text.shape[0],))
 
         def denoiser_fn(x_t, t):
             return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
+
+        def teacher_fn(x_t, t):
+            return teacher(teacher_params, x_t, t, text, text_mask, null_caption_rows)
 
         return diffusion.diffusion_loss(
             denoiser_fn,
@@ -47,6 +55,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig)
             prediction=model_cfg.prediction,
             timestep_logit_normal=timestep_logit_normal,
             high_noise=high_noise,
+            teacher_fn=None if teacher is None else teacher_fn,
+            teacher_weight=recipe.teacher_weight,
         )
 
     return loss_fn
@@ -58,20 +68,26 @@ def step_key(seed: int, step: jax.Array) -> jax.Array:
 
 
 def make_train_step(
-    config: ml_collections.ConfigDict, model_cfg: arch.ModelConfig, conditioner, tx: optax.GradientTransformation
+    config: ml_collections.ConfigDict,
+    model_cfg: arch.ModelConfig,
+    conditioner,
+    tx: optax.GradientTransformation,
+    teacher_cfg: arch.ModelConfig | None = None,
 ) -> Callable:
-    """train_step(state, batch, tables) -> (new state, {"loss", "grad_norm", "lr"}).
+    """train_step(state, batch, tables, teacher_params=None) -> (new state, {"loss", "grad_norm", "lr"}).
 
     All randomness comes from step_key(config.seed, state.step), so a resumed or rerun step is bitwise the same, and it
-    does not depend on how the batch is sharded.
+    does not depend on how the batch is sharded. `teacher_cfg` and `teacher_params`: distill.Teacher's, when distilling.
     """
-    loss_fn = make_loss_fn(config, model_cfg)
+    loss_fn = make_loss_fn(config, model_cfg, teacher_cfg)
     schedule = learning_rate(config)
 
-    def train_step(state: TrainState, batch, tables):
+    def train_step(state: TrainState, batch, tables, teacher_params=None):
         text, text_mask = conditioner.embed(tables, batch)
         key = step_key(config.seed, state.step)
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, text, text_mask, key)
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, text, text_mask, key, teacher_params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
@@ -92,20 +108,23 @@ def ema_decay(config: ml_collections.ConfigDict, step: jax.Array):
     return config.train.ema_decay
 
 
-def compile_train_step(setup, batch):
+def compile_train_step(setup, batch, teacher: distill.Teacher | None = None):
     """AOT-compiles the train step of `setup` (a state.RunSetup) for the shapes of `batch` (arrays or
-    ShapeDtypeStructs): state donated, batch over ("data", "fsdp"), tables replicated. Logs the compile time."""
+    ShapeDtypeStructs): state donated, batch over ("data", "fsdp"), tables replicated, the teacher's params (when
+    distilling) as placed. Call it as compiled(state, batch, tables, teacher.params). Logs the compile time."""
     mesh, state_shardings = setup.mesh, setup.state_shardings
-    train_step = make_train_step(setup.config, setup.model_cfg, setup.conditioner, setup.tx)
+    teacher_cfg, teacher_params = (None, None) if teacher is None else teacher
+    train_step = make_train_step(setup.config, setup.model_cfg, setup.conditioner, setup.tx, teacher_cfg)
     batch_shardings = {k: sharding_rules.batch_sharding(mesh) for k in batch}
     tables_sharding = jax.tree.map(lambda _: sharding_rules.replicated(mesh), setup.tables)
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_params)
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings, tables_sharding),
+        in_shardings=(state_shardings, batch_shardings, tables_sharding, teacher_shardings),
         out_shardings=(state_shardings, sharding_rules.replicated(mesh)),
         donate_argnums=(0,),
     )
     start = time.perf_counter()
-    compiled = jitted.lower(setup.abstract_state, batch, setup.tables).compile()
+    compiled = jitted.lower(setup.abstract_state, batch, setup.tables, teacher_params).compile()
     logging.info("Compiled the train step in %.1f s.", time.perf_counter() - start)
     return compiled

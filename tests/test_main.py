@@ -219,10 +219,8 @@ def test_init_transfer_trains_another_text_encoder_from_every_reference_weight_t
     with np.load(tmp_path / "t" / "samples" / "sample_00000004.npz") as data:
         assert data["images"].std() > 0
     exported = pretrained.export(tmp_path / "t", tmp_path / "transferred")  # a model of its own, used as it is
-    assert (
-        pretrained.load_config(str(exported))[0].init_from,
-        pretrained.load_config(str(exported))[0].init_transfer,
-    ) == (None, False)
+    exported_config = pretrained.load_config(str(exported))[0]
+    assert (exported_config.init_from, exported_config.init_transfer) == (None, False)
     with pytest.raises(UserError, match=r"model.depth: 3 vs 2.*pick the matching config file\.$"):
         run(tmp_path / "deeper", "train", depth=3)
 

@@ -5,8 +5,10 @@ same noisy image, timestep and caption (its own null caption on the caption-drop
 `config.train.teacher_weight` (diffusion.losses.diffusion_loss). The teacher predicts the conditional mean that the
 data target estimates from one noise draw at a time, so the student reads what the caption decides (the layout, at
 high noise) from a far less noisy signal. What it is for: a model of another architecture or size learns the relation
-on a CPU from a reference trained elsewhere (an MM-DiT from pretrained/rte_dit_micro). The student's circuits then
-descend from the teacher's function, which a model card must say.
+on a CPU from a reference trained elsewhere (an MM-DiT from pretrained/rte_dit_micro). Measured on a 2-core CPU, it
+did not make an MM-DiT micro learn faster than the data alone (README, "MM-DiT and contextual repulsion"): there the
+steps it takes to learn to draw, not the target's noise, are the limit. The student's circuits descend from the
+teacher's function, which a model card must say.
 
 The teacher may differ from the student in architecture and size; it must read the same captions (same text encoder
 and tables), draw the same images and predict the same quantity (TEACHER_FIELDS). Its weights are not part of the

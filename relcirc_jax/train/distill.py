@@ -61,18 +61,6 @@ def load_teacher(setup: train_state.RunSetup) -> Teacher | None:
     return Teacher(model_cfg, jax.device_put(params, shardings))
 
 
-def teacher_apply(teacher_cfg: arch.ModelConfig | None):
-    """apply(teacher_params, x_t, t, text, text_mask, null_caption_rows) -> the teacher's prediction, or None."""
-    if teacher_cfg is None:
-        return None
-    model = arch.module(teacher_cfg)
-
-    def apply(params, x_t, t, text, text_mask, null_caption_rows):
-        return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
-
-    return apply
-
-
 def describe(teacher: Teacher, config: ml_collections.ConfigDict) -> str:
     size = sum(x.size for x in jax.tree.leaves(teacher.params)) / 1e6
     return (

@@ -26,7 +26,7 @@ def make_loss_fn(
     """loss_fn(params, batch, text, text_mask, key, teacher_params=None) -> (loss, aux): caption dropout, then the
     diffusion loss; with `teacher_cfg` (distill.py), its target mixes in that teacher's prediction."""
     model = arch.module(model_cfg)
-    teacher = distill.teacher_apply(teacher_cfg)
+    teacher = None if teacher_cfg is None else arch.module(teacher_cfg)
     dropout = config.train.caption_dropout
     recipe = config.train
     timestep_logit_normal = None if recipe.t_logit_mean is None else (recipe.t_logit_mean, recipe.t_logit_std)
@@ -41,21 +41,20 @@ def make_loss_fn(
         # Caption dropout for classifier-free guidance: these examples see the model's learned null caption.
         null_caption_rows = jax.random.bernoulli(drop_key, dropout, (text.shape[0],))
 
-        def denoiser_fn(x_t, t):
-            return model.apply({"params": params}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows)
-
-        def teacher_fn(x_t, t):
-            return teacher(teacher_params, x_t, t, text, text_mask, null_caption_rows)
+        def denoiser(module, weights):  # the student and the teacher read the same caption and null-caption rows
+            return lambda x_t, t: module.apply(
+                {"params": weights}, x_t, t, text, text_mask, null_caption_rows=null_caption_rows
+            )
 
         return diffusion.diffusion_loss(
-            denoiser_fn,
+            denoiser(model, params),
             batch["image"],
             loss_key,
             learn_sigma=model_cfg.learn_sigma,
             prediction=model_cfg.prediction,
             timestep_logit_normal=timestep_logit_normal,
             high_noise=high_noise,
-            teacher_fn=None if teacher is None else teacher_fn,
+            teacher_fn=None if teacher is None else denoiser(teacher, teacher_params),
             teacher_weight=recipe.teacher_weight,
         )
 

@@ -94,7 +94,7 @@ def jax_train(size: str, batch_size: int, workdir: str, dtype: str = "float32") 
     carry = {"state": init(setup.model_cfg, setup.tx, 0)}
 
     def step():
-        carry["state"], metrics = compiled(carry["state"], batch, setup.tables)
+        carry["state"], metrics = compiled(carry["state"], batch, setup.tables, None)
         jax.block_until_ready((carry["state"], metrics))
 
     setup.checkpointer.close()

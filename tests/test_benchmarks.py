@@ -1,0 +1,32 @@
+"""The benchmark scripts' step builders run against the current train-step API (nothing else calls them, so a change
+of signature would otherwise only surface when someone next runs a benchmark).
+
+Tiny figures only: DiT-nano, batch 8 (one row per fake device); no timing is checked.
+"""
+
+import importlib.util
+import os
+
+from tests.conftest import REPO
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_train_steps_run_and_count_their_flops(tmp_path):
+    bench_train = _benchmark("bench_train")
+    figures = bench_train.jax_train("nano", 8, str(tmp_path))
+    figures["step"]()
+    assert figures["compile_s"] > 0
+    # XLA counts the matmuls and more: here also 8 devices' copies of the replicated AdamW and EMA updates
+    assert 1.0 <= figures["xla_flops_per_step"] / figures["flops_per_step"] <= 1.5
+    bench_train.torch_train(figures["model_cfg"], 2)()  # the same DiT in diffusers
+
+
+def test_bench_scaleout_figures_a_compiled_step():
+    figures = _benchmark("bench_scaleout").step_figures("nano", 8, remat=False)
+    assert figures["gflops_per_step"] > 0 and figures["activations_gb"] > 0 and figures["params_m"] > 0

@@ -144,14 +144,16 @@ def test_synopsis_on_8_devices_equals_1(tmp_path):
         np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("size", [64, 128])
-def test_image_token_groups_cover_each_object(size):
-    """Scenes from the independent PIL renderer (not the training renderer), at two sizes: each object's tokens sit
-    where it was drawn, and every token's weights split between the objects and the background."""
+@pytest.mark.parametrize("size, color_words", [(64, True), (128, True), (64, False)])
+def test_image_token_groups_cover_each_object(size, color_words):
+    """Scenes from the independent PIL renderer (not the training renderer), at two sizes, captions with and without
+    colour words: each object's tokens sit where it was drawn, and every token's weights split between the objects
+    and the background (no pixel counted for both objects)."""
     layouts = independent_scenes.sample_layouts(np.random.default_rng(size), 8, size=size)
     images, centers = independent_scenes.render(*layouts, size=size)
     shapes, colors = layouts[0], layouts[1]
-    captions = [f"{COLORS[c[0]]} {SHAPES[s[0]]} is above {COLORS[c[1]]} {SHAPES[s[1]]}" for s, c in zip(shapes, colors)]
+    named = [[f"{COLORS[c[k]]} " * color_words + SHAPES[s[k]] for k in (0, 1)] for s, c in zip(shapes, colors)]
+    captions = [f"{first} is above {second}" for first, second in named]
     weights = groups.image_token_groups(images, captions, patch_size=size // 8, radius=size / 8)  # [8, 64, 3]
     token_xy = (np.stack(np.divmod(np.arange(64), 8)[::-1], 1) + 0.5) * (size // 8)  # (x, y) of each token centre
     for image in range(len(images)):

@@ -42,15 +42,18 @@ def image_token_groups(images: np.ndarray, captions: Sequence[str], patch_size: 
     any_object = coverage.any(0)
     ys, xs = np.mgrid[:size, :size] + 0.5
     pixels = np.zeros((3, n, size, size), np.float32)
+    distance = np.zeros((2, n, size, size), np.float32)
     for k, (color_field, (cx, cy)) in enumerate((("color1", (0, 1)), ("color2", (2, 3)))):
         centers = scores["centers"][:, [cx, cy]]
         found = np.isfinite(centers).all(1) & scores["unique_binding"]
-        near = np.hypot(xs - np.nan_to_num(centers[:, :1, None]), ys - np.nan_to_num(centers[:, 1:, None])) < (
-            OBJECT_REACH_PER_RADIUS * radius
-        )
+        distance[k] = np.hypot(xs - np.nan_to_num(centers[:, :1, None]), ys - np.nan_to_num(centers[:, 1:, None]))
         colors = [getattr(spec, color_field) for spec in specs]
         own = np.stack([coverage[COLORS.index(c)][i] if c else any_object[i] for i, c in enumerate(colors)])
-        pixels[k] = own & near & found[:, None, None]
+        pixels[k] = own & (distance[k] < OBJECT_REACH_PER_RADIUS * radius) & found[:, None, None]
+    # A pixel both objects claim (a caption without a colour word, or both objects in one colour) goes to the nearer.
+    claimed_by_both = (pixels[0] > 0) & (pixels[1] > 0)
+    pixels[0][claimed_by_both & (distance[0] > distance[1])] = 0
+    pixels[1][claimed_by_both & (distance[1] >= distance[0])] = 0
     pixels[2] = ~any_object
     grid = size // patch_size
     tokens = pixels.reshape(3, n, grid, patch_size, grid, patch_size).mean((3, 5))

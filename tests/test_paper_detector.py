@@ -9,7 +9,7 @@ from relcirc_jax.data.spec import COLORS, SHAPES, SceneSpec
 from relcirc_jax.evaluation import paper_detector
 from relcirc_jax.evaluation.scoring import encode_specs, score_detections
 
-_CIRCLE, _SQUARE = SHAPES.index("circle"), SHAPES.index("square")
+_CIRCLE, _SQUARE, _TRIANGLE = (SHAPES.index(s) for s in ("circle", "square", "triangle"))
 
 
 def _scenes(seed: int, n: int, size: int):
@@ -30,15 +30,15 @@ def _match(det, shape_idx, color_idx, centers):
     for i in range(len(shape_idx)):
         rows = np.flatnonzero(det.image == i)
         hits = []
-        for k in range(2):
+        for k in range(2):  # each hit: (dx, dy, is_triangle)
             error = np.stack([det.x[rows] - centers[i, k, 0], det.y[rows] - centers[i, k, 1]], -1)
             same = (det.color[rows] == color_idx[i, k]) & (det.shape[rows] == shape_idx[i, k])
             near = same & (np.abs(error).max(-1, initial=0) <= 2)
             if near.any():
-                hits.append(error[near.argmax()])
+                hits.append((*error[near.argmax()], shape_idx[i, k] == _TRIANGLE))
         errors += hits
         found[i] = len(hits) == 2 and len(rows) == 2
-    return found, np.array(errors)
+    return found, np.array(errors, float)
 
 
 @pytest.mark.parametrize("size, seed", [(128, 0), (64, 1)])
@@ -49,8 +49,29 @@ def test_finds_both_objects_in_scenes_without_overlap(size, seed):
     # Measured on these seeds: 370/372 (99.5 %) at 128 px, 368/374 (98.4 %) at 64 px; the misses are same-colour
     # objects close enough that their > 180 masks touch (8-connected) and merge into one contour.
     assert found.mean() >= 0.95, found.mean()
-    # x + w // 2 is an integer pixel index, ~0.1 px left of / above the continuous box centre on average.
-    assert np.abs(errors).max() <= 1.0
+    # x + w // 2 is an integer pixel index, ~0.1 px left of / above the continuous box centre on average; a triangle's
+    # y is its top + half the nominal height (the paper's code), up to 1.6 px above its box centre here.
+    triangle = errors[:, 2].astype(bool)
+    assert np.abs(errors[~triangle, :2]).max() <= 1.0 and np.abs(errors[triangle, 0]).max() <= 1.0
+    assert -2.0 <= errors[triangle, 1].min() and errors[triangle, 1].max() <= 1.0
+
+
+def test_a_triangle_centre_is_its_top_plus_half_the_nominal_height_as_in_the_papers_code():
+    image = _canvas()
+    for left, top, height in ((10, 10, 28), (70, 10, 40), (10, 70, 24)):  # one nominal, one taller, one shorter
+        points = np.array([[left + 16, top], [left, top + height - 1], [left + 32, top + height - 1]], np.int32)
+        cv2.fillPoly(image[0], [points], (0, 0, 255))
+    det = paper_detector.detect(image)
+    assert det.shape.tolist() == [_TRIANGLE] * 3
+    assert sorted(det.y.tolist()) == [10 + 13, 10 + 13, 70 + 13]  # 16 * sqrt(3) = 27.7 px nominal height at 128 px
+
+
+def test_a_colour_counts_by_the_integer_part_of_its_mean_as_in_the_papers_code():
+    image = _canvas()
+    cv2.circle(image[0], (32, 32), 16, (230, 0, 0), thickness=cv2.FILLED)  # mean R 230.x would pass "> 230" as floats
+    cv2.circle(image[0], (33, 32), 3, (255, 0, 0), thickness=cv2.FILLED)
+    det = paper_detector.detect(image)
+    assert det.color.tolist() == [-1]
 
 
 def _canvas(size: int = 128) -> np.ndarray:

@@ -39,6 +39,15 @@ def test_a_second_matching_object_fails_both_relation_forms():
     assert np.all(out["spatial_relationship"] <= out["unique_binding"])
 
 
+def test_every_detection_counts_however_many_larger_ones_an_image_has():
+    good = [("red", "circle", 30, 10), ("blue", "square", 30, 40)]
+    noise = [("blue", "triangle", 5 * k, 60) for k in range(12)]  # larger objects no description names
+    det = _detections([good + noise])
+    det = det._replace(area=np.r_[100, 100, np.full(12, 400)])
+    out = score_detections(det, encode_specs([RED_CIRCLE_ABOVE_BLUE_SQUARE]), size=64)
+    assert out["overall"][0] and out["unique_binding"][0]
+
+
 def test_overall_needs_colour_shape_binding_and_the_strict_relation():
     scenes = [
         [("red", "circle", 30, 10), ("blue", "square", 31.5, 40)],  # straight above within 2.5 px: strict and loose

@@ -7,9 +7,11 @@ The paper's pipeline, written for 128 px scenes with objects of radius 16:
 2. per contour: polygon = approxPolyDP(contour, 0.04 * perimeter); 3 vertices -> triangle, 4 -> square if the
    bounding rect has |w - h| < 5 (else a rectangle: no shape), more -> circle, fewer -> unknown;
    contours of area (cv2.contourArea) < 100 are dropped;
-3. colour = mean RGB inside the filled contour: red if R > 230, G < 25, B < 25; blue if B > 230, R < 25, G < 25;
-   anything else is neither;
-4. centre = integer bounding-rect centre (x + w // 2, y + h // 2).
+3. colour = the mean RGB inside the filled contour, each channel truncated to an integer as the paper's code does:
+   red if R > 230, G < 25, B < 25; blue if B > 230, R < 25, G < 25; anything else is neither;
+4. centre = integer bounding-rect centre (x + w // 2, y + h // 2), except that for a triangle h is the nominal
+   height of a triangle of radius 16, 16 * sqrt(3) = 27.7 px (the paper's code overwrites h in its triangle branch),
+   so a triangle's y is its top + 13 px whatever its drawn height.
 Here the area threshold scales with (size / 128)^2 and the |w - h| tolerance with size / 128. Objects of neither
 colour get color -1, unknown shapes and rectangles get shape -1: score_detections compares codes by equality, so
 they match no caption colour or shape (a caption colour of None still matches any colour, -1 included).
@@ -42,6 +44,7 @@ CHANNEL_THRESHOLD = 180  # a pixel is in channel k's mask when its value is > th
 APPROX_EPSILON = 0.04  # approxPolyDP tolerance as a fraction of the contour's perimeter
 MIN_AREA_AT_128 = 100.0  # contourArea below this is noise (scaled by (size / 128)^2)
 SQUARE_TOLERANCE_AT_128 = 5  # |w - h| of the bounding rect below this -> square, else rectangle (scaled by size/128)
+NOMINAL_RADIUS_AT_128 = 16.0  # the paper's triangle height for its centre: 2 * 16 * sqrt(3) / 2
 COLOR_HIGH, COLOR_LOW = 230, 25  # red: mean R > 230, G < 25, B < 25; blue alike with B
 _RED, _BLUE = COLORS.index("red"), COLORS.index("blue")
 _TRIANGLE, _CIRCLE, _SQUARE = (SHAPES.index(s) for s in ("triangle", "circle", "square"))
@@ -71,16 +74,9 @@ def detect(images_uint8: np.ndarray) -> Detections:
                     continue
                 x, y, w, h = cv2.boundingRect(contour)
                 vertices = len(cv2.approxPolyDP(contour, APPROX_EPSILON * cv2.arcLength(contour, True), True))
-                rows.append(
-                    (
-                        index,
-                        _color(image, contour, x, y, w, h),
-                        _shape(vertices, w, h, square_tolerance),
-                        x + w // 2,
-                        y + h // 2,
-                        area,
-                    )
-                )
+                shape = _shape(vertices, w, h, square_tolerance)
+                centre_h = NOMINAL_RADIUS_AT_128 * scale * np.sqrt(3.0) if vertices == 3 else h
+                rows.append((index, _color(image, contour, x, y, w, h), shape, x + w // 2, y + centre_h // 2, area))
     if not rows:
         return Detections(
             np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
@@ -109,7 +105,7 @@ def _color(image: np.ndarray, contour: np.ndarray, x: int, y: int, w: int, h: in
     """COLORS index of the mean RGB inside the filled contour (drawn on its bounding-rect crop), or -1."""
     inside = np.zeros((h, w), np.uint8)
     cv2.drawContours(inside, [contour], -1, 1, thickness=cv2.FILLED, offset=(-x, -y))
-    r, g, b = image[y : y + h, x : x + w][inside.view(bool)].mean(axis=0)
+    r, g, b = np.trunc(image[y : y + h, x : x + w][inside.view(bool)].mean(axis=0))  # the paper: tuple(map(int, ...))
     if r > COLOR_HIGH and g < COLOR_LOW and b < COLOR_LOW:
         return _RED
     if b > COLOR_HIGH and r < COLOR_LOW and g < COLOR_LOW:

@@ -38,7 +38,6 @@ PAPER_COLUMNS = {
     "Unique Binding": "unique_binding",
     "Spatial Relation": "spatial_relationship_loose",
 }
-MAX_OBJECTS_PER_IMAGE = 8  # the largest ones; more means the image is garbage anyway
 # Sign of (dx, dy) each relation asks for in the loose test; 0 = unconstrained.
 _LOOSE_SIGNS = np.array(
     [
@@ -110,17 +109,17 @@ def encode_specs(specs: list[SceneSpec]) -> dict[str, np.ndarray]:
 
 
 def _objects_per_image(det: Detections, n: int) -> dict[str, np.ndarray]:
-    """The detections as [n, MAX_OBJECTS_PER_IMAGE] arrays, largest first, with a `valid` mask."""
+    """The detections as [n, most objects in an image] arrays, largest first, with a `valid` mask: every object
+    counts, as in the paper's code (a cap would let noise blobs push the captioned objects out)."""
     order = np.lexsort((-det.area, det.image))
     image = det.image[order]
     rank = np.arange(len(order)) - np.searchsorted(image, image)
-    keep = rank < MAX_OBJECTS_PER_IMAGE
-    out = {"valid": np.zeros((n, MAX_OBJECTS_PER_IMAGE), bool)}
-    out["valid"][image[keep], rank[keep]] = True
+    width = max(1, int(np.bincount(image, minlength=n).max(initial=0)))
+    out = {"valid": np.zeros((n, width), bool)}
+    out["valid"][image, rank] = True
     for name in ("color", "shape", "x", "y"):
-        values = getattr(det, name)[order]
-        out[name] = np.zeros((n, MAX_OBJECTS_PER_IMAGE), values.dtype)
-        out[name][image[keep], rank[keep]] = values[keep]
+        out[name] = np.zeros((n, width), getattr(det, name).dtype)
+        out[name][image, rank] = getattr(det, name)[order]
     return out
 
 

@@ -1,7 +1,9 @@
-"""analysis/qk_screen.py on tiny random DiTs: exact logits against a float64 numpy reference, output shapes, a planted
-positional head ranked first, and the report files run() writes."""
+"""analysis/qk_screen.py on tiny random DiTs: exact logits against a float64 numpy reference and (MM-DiT) the model's
+own q·k, relation tokens in the conditioner's token positions, output shapes, a planted positional head ranked first,
+and the report files run() writes."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ from relcirc_jax.analysis import context, qk_screen
 from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.models import arch, dit, mmdit
-from relcirc_jax.text.conditioner import make_text_conditioner
+from relcirc_jax.text.cache import SPECIAL_ROLE
+from relcirc_jax.text.conditioner import TextConditioner, make_text_conditioner
 from relcirc_jax.train.sampling import caption_batch
 
 DIM = 32
@@ -86,41 +89,131 @@ def test_logits_match_numpy_reference(params, cfg, conditioner):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_mmdit_logits_match_numpy_reference(conditioner):
-    """The joint attention's image-query -> caption-key logits, QK RMSNorms included, by explicit loops in float64:
-    the caption through context_embedder, the logit averaged over the relation-phrase tokens."""
+@pytest.fixture(scope="module")
+def mmdit_model():
+    """A tiny MM-DiT (config, params) with random values in every leaf, the adaLN linears included."""
     cfg = mmdit.mmdit_config("micro", hidden_size=DIM, depth=2, num_heads=2, caption_channels=DIM)
     rng = np.random.default_rng(2)
     init = arch.init_params(cfg, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape) + (x.ndim == 1)).astype(np.float32), init)
+    return cfg, params
+
+
+def test_mmdit_logits_match_numpy_reference(mmdit_model, conditioner):
+    """The joint attention's image-query -> caption-key logits by explicit loops in float64, following the model's
+    forward: the pooled caption and the timestep through time_text_embed, each block's LayerNorm and adaLN modulation
+    of the position embedding and of the caption after context_embedder, the projections, the QK RMSNorms, the logit
+    averaged over the relation-phrase tokens."""
+    cfg, params = mmdit_model
     p = np_params(params)
+    timestep = 928.0
     captions = list(qk_screen.relation_captions())
-    text = np.asarray(conditioner.embed(conditioner.tables, caption_batch(captions))[0], np.float64)
+    text, mask = (np.asarray(a, np.float64) for a in conditioner.embed(conditioner.tables, caption_batch(captions)))
     caption = text @ p["context_embedder"]["kernel"] + p["context_embedder"]["bias"]  # [R, T, D]
     is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")
     positions = mmdit.sincos_position_embedding(cfg).astype(np.float64)
     dh, g = cfg.head_dim, cfg.grid_size
+
+    def dense(x, layer):
+        return x @ layer["kernel"] + layer["bias"]
+
+    def silu(x):
+        return x / (1 + np.exp(-x))
+
+    def mlp(x, m):
+        return dense(silu(dense(x, m["linear_1"])), m["linear_2"])
+
+    frequencies = np.asarray(dit.timestep_frequencies(jnp.full((len(captions),), timestep)), np.float64)
+    pooled = (text * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    embed = p["time_text_embed"]
+    temb = mlp(frequencies, embed["timestep_embedder"]) + mlp(pooled, embed["text_embedder"])  # [R, D]
+
+    def modulated(x, linear, chunks, scale_first):
+        shift, scale = np.split(dense(silu(temb), linear), chunks, -1)[:2][:: -1 if scale_first else 1]
+        normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+        return normed * (1 + scale[:, None]) + shift[:, None]
 
     def rms_norm(x, scale):
         return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + 1e-6) * scale
 
     want = np.zeros((cfg.depth, cfg.num_heads, len(RELATIONS), g, g))
     for layer in range(cfg.depth):
-        attn = p[f"transformer_blocks_{layer}"]["attn"]
+        block, last = p[f"transformer_blocks_{layer}"], layer == cfg.depth - 1
+        image = modulated(positions, block["norm1"]["linear"], 6, False)  # [R, N, D]
+        context = modulated(caption, block["norm1_context"]["linear"], 2 if last else 6, last)  # [R, T, D]
+        attn = block["attn"]
         for head in range(cfg.num_heads):
             cols = slice(head * dh, (head + 1) * dh)
-            q = rms_norm(
-                positions @ attn["to_q"]["kernel"][:, cols] + attn["to_q"]["bias"][cols], attn["norm_q"]["scale"]
-            )
             for r in range(len(RELATIONS)):
+                q = rms_norm(
+                    image[r] @ attn["to_q"]["kernel"][:, cols] + attn["to_q"]["bias"][cols], attn["norm_q"]["scale"]
+                )
                 k = (
-                    caption[r][is_relation[r]] @ attn["add_k_proj"]["kernel"][:, cols]
+                    context[r][is_relation[r]] @ attn["add_k_proj"]["kernel"][:, cols]
                     + attn["add_k_proj"]["bias"][cols]
                 )
                 k = rms_norm(k, attn["norm_added_k"]["scale"])  # [relation tokens, dh]
                 want[layer, head, r] = (q @ k.T / np.sqrt(dh)).mean(1).reshape(g, g)
-    got = qk_screen.screen(params, cfg, conditioner, conditioner.tables)["logits"]
+    got = qk_screen.screen(params, cfg, conditioner, conditioner.tables, timestep)["logits"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_mmdit_layer0_matches_model_forward(mmdit_model, conditioner):
+    """With the image stream entering block 0 equal to the position embedding (zero image, zero patch projection),
+    the screen's layer-0 logits are the model's own image-query -> relation-key logits (attn.hook_q / hook_k) at the
+    screen's timestep."""
+    cfg, params = mmdit_model
+    params = jax.tree.map(np.array, params)
+    params["pos_embed"]["proj"] = jax.tree.map(np.zeros_like, params["pos_embed"]["proj"])
+    captions = list(qk_screen.relation_captions())
+    text, mask = conditioner.embed(conditioner.tables, caption_batch(captions))
+    x = np.zeros((len(captions), cfg.image_size, cfg.image_size, cfg.in_channels), np.float32)
+    t = np.full(len(captions), qk_screen.DEFAULT_TIMESTEP, np.float32)
+    names = ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k"]
+    _, cache = mmdit.run_with_cache(mmdit.MMDiT(cfg), params, x, t, text, mask, names)
+    text_len = text.shape[1]
+    q, k = np.asarray(cache[names[0]])[:, text_len:], np.asarray(cache[names[1]])[:, :text_len]  # text first
+    is_relation = tokenizer.roles(captions) == prompts.ROLES.index("relation")
+    weights = is_relation / is_relation.sum(-1, keepdims=True)
+    want = np.einsum("rnhe,rthe,rt->hrn", q, k, weights) / np.sqrt(cfg.head_dim)
+    got = qk_screen.screen(params, cfg, conditioner, conditioner.tables)["logits"][0].reshape(want.shape)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+
+
+def shifted_conditioner(conditioner) -> TextConditioner:
+    """`conditioner` behind a fake special token at position 0 (as an HF encoder's [CLS]), with per-token roles that
+    say so (a cached encoder's token_roles, indexed by prompts.caption_index)."""
+
+    def shift(a, first):
+        return jnp.concatenate([jnp.full_like(a[:, :1], first), a[:, :-1]], 1)
+
+    def embed(tables, batch):
+        text, mask = conditioner.embed(tables, batch)
+        return shift(text, 1.0), shift(mask, True)
+
+    captions = list(qk_screen.relation_captions())
+    roles = np.zeros((len(prompts.all_captions()) + 1, tokenizer.MAX_LEN), np.int8)
+    word_roles = tokenizer.roles(captions)
+    roles[[prompts.caption_index(c) for c in captions]] = np.concatenate(
+        [np.full((len(captions), 1), SPECIAL_ROLE), word_roles[:, :-1]], 1
+    )
+    return TextConditioner("shifted", conditioner.dim, conditioner.tables, embed, roles)
+
+
+def test_relation_tokens_follow_conditioner_token_roles(params, cfg, conditioner):
+    """A conditioner whose tokens are shifted by a leading special token gives the logits of the unshifted words: the
+    screen averages the columns its token_roles name, not the grammar's word positions."""
+    shifted = shifted_conditioner(conditioner)
+    got = qk_screen.screen(params, cfg, shifted, shifted.tables)["logits"]
+    want = reference_logits(params, cfg, conditioner)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_caption_without_relation_token_raises(params, cfg, conditioner):
+    roles = np.zeros((len(prompts.all_captions()) + 1, tokenizer.MAX_LEN), np.int8)  # every token "pad"
+    no_relation = conditioner._replace(token_roles=roles)
+    with pytest.raises(ValueError, match="no relation-phrase token"):
+        qk_screen.screen(params, cfg, no_relation, no_relation.tables)
 
 
 def test_output_shapes(params, cfg, conditioner):
@@ -169,9 +262,8 @@ def test_planted_positional_head_ranks_first(params, cfg, conditioner):
 
 def test_run_writes_report(params, cfg, conditioner, tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-    model = context.AnalysisModel(
-        ml_collections.ConfigDict(), cfg, params, conditioner, conditioner.tables, mesh, None, "tiny test model"
-    )
+    config = ml_collections.ConfigDict(dict(eval=dict(solver="dpmpp_2m", num_steps=14)))
+    model = context.AnalysisModel(config, cfg, params, conditioner, conditioner.tables, mesh, None, "tiny test model")
     directory = qk_screen.run(model, tmp_path)
     assert directory == tmp_path / "qk_screen"
     assert sorted(p.name for p in directory.iterdir()) == [

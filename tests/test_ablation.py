@@ -68,17 +68,26 @@ def test_zeroing_a_last_layer_cross_head_leaves_upstream_exactly_unchanged(tiny)
 
 
 @pytest.mark.parametrize("kind", ["attn", "cross_attn"])
-def test_mean_ablation_replaces_z_by_its_batch_and_position_mean(tiny, kind):
+def test_mean_ablation_replaces_z_by_its_mean_over_the_rows_of_its_group_at_each_position(tiny, kind):
     key = "self_head_mean_mask" if kind == "attn" else "cross_head_mean_mask"
     names = [f"blocks.0.{kind}.hook_z", "blocks.0.hook_resid_pre"]
     clean_out, clean = _cached(tiny, names)
-    out, ablated = _cached(tiny, names, **{key: jnp.ones((TINY.depth, TINY.num_heads)).at[0, 0].set(0.0)})
+    mean_mask = jnp.ones((TINY.depth, TINY.num_heads)).at[0, 0].set(0.0)
+    out, ablated = _cached(tiny, names, **{key: mean_mask})
     np.testing.assert_array_equal(ablated["blocks.0.hook_resid_pre"], clean["blocks.0.hook_resid_pre"])
-    clean_z, z = np.asarray(clean[names[0]]), np.asarray(ablated[names[0]])
-    expected = clean_z[:, :, 0].astype(np.float64).mean(axis=(0, 1))  # [head_dim]
+    clean_z, z = np.asarray(clean[names[0]]).astype(np.float64), np.asarray(ablated[names[0]])
+    expected = clean_z[:, :, 0].mean(axis=0)  # [query_pos, head_dim]: one group, the mean over the batch
     np.testing.assert_allclose(z[:, :, 0], np.broadcast_to(expected, z[:, :, 0].shape), rtol=1e-6, atol=1e-6)
-    assert np.ptp(clean_z[:, :, 0], axis=(0, 1)).max() > 1e-3  # the clean z did vary: the mean is a real change
+    assert np.ptp(clean_z[:, :, 0], axis=0).max() > 1e-3  # the clean z did vary: the mean is a real change
     np.testing.assert_array_equal(z[:, :, 1], clean_z[:, :, 1])
+    # groups (the CFG halves): rows 0 and 2 share a mean; row 1 is padding, in no group, and reads 0
+    _, grouped = _cached(tiny, names, **{key: mean_mask}, mean_group=jnp.array([0, -1, 0]))
+    z = np.asarray(grouped[names[0]])
+    expected = clean_z[[0, 2], :, 0].mean(axis=0)
+    np.testing.assert_allclose(z[[0, 2], :, 0], np.broadcast_to(expected, (2,) + expected.shape), atol=1e-6)
+    np.testing.assert_array_equal(z[1, :, 0], 0.0)
+    _, alone = _cached(tiny, names, **{key: mean_mask}, mean_group=jnp.array([0, 1, 1]))
+    np.testing.assert_allclose(np.asarray(alone[names[0]])[0, :, 0], clean_z[0, :, 0], atol=1e-6)  # its own group
     assert not np.allclose(out, clean_out, atol=1e-4)
     zero_out, _ = _cached(tiny, names, **{key.replace("_mean", ""): jnp.ones((3, 2)).at[0, 0].set(0.0)})
     assert not np.allclose(out, zero_out, atol=1e-4)  # mean ablation is not zero ablation
@@ -199,7 +208,7 @@ def test_screen_does_not_depend_on_the_mesh(smoke, captions, screened):
 
 def test_mean_screen_does_not_depend_on_the_mesh(smoke):
     model, one_device = smoke
-    captions = evaluate.eval_prompt_list(model.config)  # 8: no padding rows in the batch means
+    captions = evaluate.eval_prompt_list(model.config)[:6]  # padded to 8 on 8 devices; the padding enters no mean
     masks = ablation.single_head_masks(2, 2)[[0, 2, 7]]
     eight = ablation.screen(model, captions, masks, mode="mean")
     one = ablation.screen(one_device, captions, masks, mode="mean")
@@ -244,7 +253,8 @@ def test_effects_of_known_scenes():
     rows = [right, right, right, half, right]
     images = np.stack([_scenes(r) for r in rows])
     images[2, :10] = 128  # self H1: the first 10 images blank (grey canvas)
-    result = ablation.effects(images, captions, shape=(2, 1, 2))
+    scenes_apart = np.arange(n)  # one caption, but each scene resampled as its own prompt
+    result = ablation.effects(images, captions, shape=(2, 1, 2), clusters=scenes_apart)
     np.testing.assert_array_equal(result["accuracy"][:, SPATIAL], [1.0, 1.0, 0.75, 0.5, 1.0])
     np.testing.assert_array_equal(result["accuracy"][:, COLOR], [1.0, 1.0, 0.75, 1.0, 1.0])
     np.testing.assert_allclose(result["effect"][:, OVERALL], [0.0, 0.0, -0.25, -0.5, 0.0])
@@ -257,9 +267,32 @@ def test_effects_of_known_scenes():
         assert low[row].max() == high[row].max() == 0.0
     assert result["effect_map"].shape == (2, 1, 2, len(METRICS))
     assert result["effect_map"][1, 0, 0, SPATIAL] == -0.5 and result["effect_map"][0, 0, 1, SPATIAL] == -0.25
-    np.testing.assert_array_equal(ablation.effects(images, captions)["ci_low"], low)  # seeded
+    np.testing.assert_array_equal(ablation.effects(images, captions, clusters=scenes_apart)["ci_low"], low)  # seeded
     with pytest.raises(ValueError, match="single_head_masks"):
         ablation.effects(images, captions, shape=(2, 2, 2))
+
+
+def test_effect_intervals_resample_whole_prompts(monkeypatch):
+    """Every image of a prompt agrees, so the intervals are a bootstrap over prompts (a numpy reference here), twice
+    as wide as the i.i.d. bootstrap over its 4 images."""
+    prompts, per_prompt = 40, 4
+    rng = np.random.default_rng(0)
+    correct = np.stack([rng.random(prompts) < 0.6, rng.random(prompts) < 0.35])  # [baseline, mask] per prompt
+    images = np.repeat(correct, per_prompt, axis=1).astype(np.uint8)[..., None, None, None]  # the bit as a pixel
+    captions = [f"prompt {p}" for p in range(prompts) for _ in range(per_prompt)]
+
+    def score_images(images, captions, detector):
+        return dict.fromkeys(METRICS, images[:, 0, 0, 0] > 0), None
+
+    monkeypatch.setattr(evaluate, "score_images", score_images)
+    difference = correct[1].astype(float) - correct[0]
+    picks = np.random.default_rng(1).integers(0, prompts, (20000, prompts))
+    reference = np.percentile(difference[picks].mean(1), [2.5, 97.5])
+    result = ablation.effects(images, captions, num_resamples=4000)
+    interval = np.array([result["ci_low"][1, SPATIAL], result["ci_high"][1, SPATIAL]])
+    np.testing.assert_allclose(interval, reference, atol=0.03)
+    iid = ablation.effects(images, captions, num_resamples=4000, clusters=np.arange(len(captions)))
+    assert iid["ci_high"][1, SPATIAL] - iid["ci_low"][1, SPATIAL] < 0.6 * np.ptp(reference)
 
 
 # ---------------------------------------------------------------- the report

@@ -215,12 +215,14 @@ def test_neutral_interventions_are_bit_identical_and_mean_ablation_is_per_stream
         patch_source=jnp.arange(2),  # each row its own source
     )
     np.testing.assert_array_equal(_forward(TINY, params, inputs, NAMES, **every)[0], base)
-    # mean-ablating block 0's head 1: text positions get the mean over valid text tokens, image positions the mean
-    # over all patches (batch included); the other head is untouched
+    # mean-ablating block 0's head 1: at each joint position the mean over the batch, a text position over the rows
+    # where that caption token is valid (0 where none is); the other head is untouched
     out, ablated = _forward(TINY, params, inputs, NAMES, **{**every, "self_head_mean_mask": ones.at[0, 1].set(0.0)})
-    z, ablated_z, valid = clean["blocks.0.attn.hook_z"], ablated["blocks.0.attn.hook_z"], inputs[3]
-    np.testing.assert_allclose(ablated_z[:, :5, 1], np.broadcast_to(z[:, :5, 1][valid].mean(0), (2, 5, 16)), atol=1e-6)
-    np.testing.assert_allclose(ablated_z[:, 5:, 1], np.broadcast_to(z[:, 5:, 1].mean((0, 1)), (2, 16, 16)), atol=1e-6)
+    z, ablated_z, valid = clean["blocks.0.attn.hook_z"], ablated["blocks.0.attn.hook_z"], np.asarray(inputs[3])
+    weight = valid[:, :, None].astype(np.float64)
+    text_mean = (np.asarray(z[:, :5, 1]) * weight).sum(0) / np.maximum(weight.sum(0), 1)
+    np.testing.assert_allclose(ablated_z[:, :5, 1], np.broadcast_to(text_mean, (2, 5, 16)), atol=1e-6)
+    np.testing.assert_allclose(ablated_z[:, 5:, 1], np.broadcast_to(z[:, 5:, 1].mean(0), (2, 16, 16)), atol=1e-6)
     np.testing.assert_array_equal(ablated_z[:, :, 0], z[:, :, 0])
     assert not np.allclose(out, base)
     # residual patches from the other row move the output inside their timestep window only (t = 3 and 731.5)

@@ -121,10 +121,31 @@ def test_transfer_is_the_share_of_the_change():
     rng = np.random.default_rng(0)
     clean, corrupted = rng.uniform(0, 255, (2, 5, 4, 4, 3))
     patched = np.stack([clean, corrupted, (clean + corrupted) / 2])
-    out = patching.transfer(patched, clean, corrupted)
+    captions = list("abcde")
+    out = patching.transfer(patched, clean, corrupted, captions)
     np.testing.assert_allclose(out["transfer"], [0.0, 1.0, 0.5], atol=1e-12)
     assert np.all(out["ci_low"] <= out["transfer"] + 1e-12) and np.all(out["transfer"] <= out["ci_high"] + 1e-12)
-    assert np.isnan(patching.transfer(patched, clean, clean)["transfer"]).all()  # no effect to transfer
+    assert np.isnan(patching.transfer(patched, clean, clean, captions)["transfer"]).all()  # no effect to transfer
+
+
+def test_transfer_intervals_resample_whole_prompts():
+    """Every pair of a prompt agrees, so the interval is a bootstrap over prompts (a numpy reference here), twice as
+    wide as the i.i.d. bootstrap over its 4 pairs."""
+    prompts, per_prompt = 40, 4
+    rng = np.random.default_rng(0)
+    clean = rng.uniform(0, 255, (prompts, 8))
+    change = rng.normal(size=(prompts, 8)) * rng.uniform(1, 3, (prompts, 1))
+    share = rng.uniform(0, 1, (prompts, 1))  # of the change that the patch reproduces
+    patched = np.stack([clean, clean + share * change])
+    pairs = [np.repeat(a, per_prompt, axis=-2) for a in (patched, clean, clean + change)]
+    captions = [f"prompt {p}" for p in range(prompts) for _ in range(per_prompt)]
+    numerator, denominator = (share[:, 0] * (change**2).sum(1)), (change**2).sum(1)
+    picks = np.random.default_rng(1).integers(0, prompts, (20000, prompts))
+    reference = np.percentile(numerator[picks].sum(1) / denominator[picks].sum(1), [2.5, 97.5])
+    out = patching.transfer(*pairs, captions)
+    np.testing.assert_allclose([out["ci_low"][1], out["ci_high"][1]], reference, atol=0.1 * np.ptp(reference))
+    iid = patching.transfer(*pairs, [str(i) for i in range(len(captions))])
+    assert iid["ci_high"][1] - iid["ci_low"][1] < 0.6 * np.ptp(reference)
 
 
 # ---------------------------------------------------------------- the screen on a smoke model
@@ -265,7 +286,7 @@ def test_a_planted_circuit_is_found_by_every_analysis(tmp_path):
     timesteps = diffusion.model_timesteps(model.config.eval.solver, model.config.eval.num_steps)
     configs, labels = patching.patch_configs(cfg.depth, cfg.num_heads, [(0, len(timesteps) - 1)], timesteps)
     patched, twin, _ = patching.screen(model, [ABOVE], [BELOW], configs)
-    transfer = patching.transfer(patched, patched[0], twin)["transfer"]
+    transfer = patching.transfer(patched, patched[0], twin, [ABOVE])["transfer"]
     cross = {(layer, head): transfer[1 + labels.index(("cross", layer, head, 0))] for layer, head in (PLANTED, RANDOM)}
     assert cross[PLANTED] > 0.9 and abs(cross[RANDOM]) < 0.1, cross
     assert labels[np.argmax(transfer[1:])] == ("cross", *PLANTED, 0), transfer

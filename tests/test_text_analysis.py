@@ -1,12 +1,14 @@
 """Text analyses: prompt variants, variance partition, relation arithmetic (tiny random DiT and the shipped model)."""
 
+import types
+
 import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from relcirc_jax import pretrained
-from relcirc_jax.analysis import capture, context, text
+from relcirc_jax.analysis import capture, context, groups, text
 from relcirc_jax.config import base_config
 from relcirc_jax.data.spec import SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
@@ -71,6 +73,30 @@ def test_factor_r2_finds_the_one_factor_that_matters():
     assert abs(r2["a"] + r2["c"] - 1) < 0.05 and r2["c"] > 3 * r2["a"]
 
 
+@pytest.mark.parametrize("terms", [[("relation", "phrasing")], [("shape1",), ("relation",), ("color2",)]])
+def test_phrasing_is_its_share_within_relation(monkeypatch, terms):
+    """Embeddings that sum a random vector per value of each term: one per phrase (relation and phrasing index) is
+    all relation and phrasing; shape1 + relation + color2 ignores the phrasing, which then explains nothing."""
+    captions, labels = text.partition_captions()
+    rng = np.random.default_rng(0)
+    vectors = 0
+    for term in terms:
+        names, index = np.unique([str(values) for values in zip(*(labels[f] for f in term))], return_inverse=True)
+        vectors = vectors + rng.normal(size=(len(names), 16))[index]
+    tokens = dict(zip(captions, vectors[:, None]))  # caption -> its one token, valid; the same after the projection
+    monkeypatch.setattr(text, "embed", lambda model, c: (np.stack([tokens[x] for x in c]), np.ones((len(c), 1), bool)))
+    monkeypatch.setattr(text, "project", lambda model, embedded, mask: embedded)
+    monkeypatch.setattr(groups, "token_roles", lambda conditioner, c: np.zeros((len(c), 1), int))  # only "mean" pools
+    r2 = text.variance_partition(types.SimpleNamespace(conditioner=None))["variance_partition"]  # [space, factor]
+    np.testing.assert_allclose(r2.sum(1), 1.0, atol=1e-6)  # the shares of an additive embedding add up to 100 %
+    phrasing = r2[:, text.FACTORS.index("phrasing")]
+    if len(terms) == 1:
+        np.testing.assert_allclose(r2[:, text.FACTORS.index("relation")] + phrasing, 1.0, atol=1e-6)
+        assert np.all(phrasing > 0.5)
+    else:
+        np.testing.assert_allclose(phrasing, 0.0, atol=1e-6)
+
+
 def test_variance_partition_of_rte_shape2_token_is_shape2(tiny):
     """RTE embeds each word on its own, so the shape2 word's token carries shape2 (and its position) only."""
     out = text.variance_partition(tiny)
@@ -122,4 +148,4 @@ def test_shipped_model_follows_the_replaced_relation_word_and_run_writes_the_rep
     for name in ("prompt_ablation", "variance_partition", "relation_arithmetic", "arithmetic_samples"):
         assert np.asarray(Image.open(directory / f"{name}.png")).std() > 0, name
     summary = (directory / "summary.md").read_text()
-    assert "replace_relation" in summary and "Wall time" in summary
+    assert "replace_relation" in summary and "Wall time" in summary and "phrasing within relation" in summary

@@ -3,11 +3,13 @@
 A mask row is [kinds, depth, heads] (1 = keep, 0 = ablate); the kinds of head are the model's
 (`interventions.head_kinds`): a PixArt DiT's self- and cross-attention, an MM-DiT's joint attention (one head there acts
 on text and image queries alike). "zero" ablation multiplies the head's output z by the mask (`self_head_mask` /
-`cross_head_mask`); "mean" ablation replaces it by its mean over the batch and query positions of the same forward pass
-(`*_head_mean_mask`, models/attention.py, per stream in an MM-DiT; under CFG that batch holds the conditional and the
-unconditional halves). The masks are data, so a screen is one jitted `vmap(generate)` over chunks of masks. Every mask
-samples the same captions from the same noises (image i's noise depends on i alone), so effects are paired: effect =
-accuracy(mask) - accuracy(all-ones baseline), with paired bootstrap confidence intervals over images.
+`cross_head_mask`); "mean" ablation replaces it, at each query position, by its mean over the batch of the same forward
+pass, the conditional and the unconditional CFG halves apart and padding rows left out (`*_head_mean_mask`,
+models/attention.group_mean; in an MM-DiT over the rows where a caption token is valid), so the head keeps its average
+output and its average guidance contribution and loses what is specific to the prompt and noise. The masks are data, so
+a screen is one jitted `vmap(generate)` over chunks of masks. Every mask samples the same captions from the same noises
+(image i's noise depends on i alone), so effects are paired: effect = accuracy(mask) - accuracy(all-ones baseline), with
+paired cluster bootstrap confidence intervals over prompts.
 """
 
 import time
@@ -17,9 +19,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from relcirc_jax.analysis import context, interventions
+from relcirc_jax.analysis import bootstrap, context, interventions
 from relcirc_jax.evaluation.scoring import METRICS
-from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import evaluate, sampling
 
 KINDS = interventions.HEAD_KINDS["pixart"]  # axis 1 of a PixArt DiT's mask array
@@ -137,14 +138,6 @@ def _screen(model, captions, masks, *, mode: str, chunk: int) -> tuple[np.ndarra
             f"masks has shape {masks.shape}; this model's are [M >= 1, kinds {kinds}, depth, heads] = [M, "
             f"{', '.join(map(str, expected))}]."
         )
-    captions = list(captions)
-    shards = sharding_rules.batch_shards(model.mesh)
-    if mode == "mean" and len(captions) % shards:
-        logging.warning(
-            "Mean ablation: %d captions padded to a multiple of the %d batch shards; the padding rows enter the batch "
-            "means. Pass a multiple of %d captions to avoid it.",
-            len(captions), shards, shards,
-        )  # fmt: skip
     arrays = {interventions.head_keyword(kind, MASK_KEYS[mode]): masks[:, i] for i, kind in enumerate(kinds)}
     return interventions.screen(model, captions, arrays, chunk=chunk, label=f"Ablation screen ({mode})")
 
@@ -157,14 +150,16 @@ def effects(
     detector: str = "relcirc",
     num_resamples: int = NUM_RESAMPLES,
     seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> dict[str, np.ndarray]:
     """Scores images [M, N, H, W, 3] (row 0 the baseline) against their N captions; K = len(METRICS).
 
     Returns "correct" bool [M, N, K], "accuracy" [M, K], "effect" = accuracy - accuracy[0] [M, K], and "ci_low" /
-    "ci_high" [M, K]: the 95 % percentile interval of the effect over `num_resamples` paired bootstrap resamples of the
-    N images (the same image indices for the baseline and every mask; numpy Generator seeded `seed`). With `shape` =
-    (kinds, depth, heads), a mask's shape, and the rows of `single_head_masks`, also "effect_map" [kinds, depth, heads,
-    K] (and ci maps).
+    "ci_high" [M, K]: the 95 % percentile interval of the effect over `num_resamples` paired cluster bootstrap
+    resamples (bootstrap.cluster_weights, seeded `seed`). Images of one prompt share its effect, so a resample draws
+    whole prompts: the images with one caption (or one label of `clusters` [N]), the same ones for the baseline and
+    every mask. With `shape` = (kinds, depth, heads), a mask's shape, and the rows of `single_head_masks`, also
+    "effect_map" [kinds, depth, heads, K] (and ci maps).
     """
     images = np.asarray(images)
     captions = list(captions)
@@ -178,11 +173,8 @@ def effects(
         scores, _ = evaluate.score_images(rows.reshape((-1,) + rows.shape[2:]), captions * len(rows), detector)
         correct[start : start + len(rows)] = np.stack([scores[m].reshape(len(rows), n) for m in METRICS], -1)
     accuracy = correct.mean(1)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n, size=(num_resamples, n))
-    counts = np.zeros((num_resamples, n))
-    np.add.at(counts, (np.repeat(np.arange(num_resamples), n), picks.reshape(-1)), 1.0)
-    resampled = np.einsum("rn,mnk->rmk", counts, correct.astype(np.float64)) / n  # accuracy per resample
+    weights = bootstrap.cluster_weights(captions if clusters is None else clusters, num_resamples, seed)  # [R, N]
+    resampled = np.einsum("rn,mnk->rmk", weights, correct.astype(np.float64)) / weights.sum(1)[:, None, None]
     resampled_effect = resampled - resampled[:, :1]
     out = {
         "correct": correct,
@@ -338,10 +330,10 @@ def run(
         f"heads) ablated alone ({', '.join(modes)} ablation), {len(prompts)} prompts x {images_per_prompt} images = "
         f"{len(captions)} images per mask, the same noises for every mask (paired). Sampler: "
         f"{sampling.describe_eval_sampler(model.config)}. Zero "
-        "ablation multiplies the head's output by 0; mean ablation replaces it by its mean over the batch "
-        "(conditional and unconditional halves of CFG) and positions of the same solver step. Effect = accuracy with "
-        "the head ablated - baseline accuracy, in percentage points, with 95 % paired bootstrap intervals "
-        f"({NUM_RESAMPLES} resamples of the images).",
+        "ablation multiplies the head's output by 0; mean ablation replaces it at each position by its mean over the "
+        "batch of the same solver step, each CFG half apart. Effect = accuracy with "
+        "the head ablated - baseline accuracy, in percentage points, with 95 % paired cluster bootstrap intervals "
+        f"({NUM_RESAMPLES} resamples of the prompts, each with all its images).",
         "",
     ]
     timing = []

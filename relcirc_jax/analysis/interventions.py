@@ -55,9 +55,9 @@ def screen(
     Image i starts from the noise of noise_id[i] (default i); patch_source[i] (default none) is the row image i
     patches from. `generate_kwargs` go to sampling.generate_fn (e.g. a repulsion config); the batch carries the
     captions' token roles (analysis.groups.token_roles) for a repulsion's token mask by role.
-    Captions are padded to a multiple of the batch shards (the padding rows patch from themselves).
-    The result does not depend on the mesh, but another `chunk` changes the batched matmuls' shapes and so their
-    float rounding (the odd pixel one level off).
+    Captions are padded to a multiple of the batch shards (the padding rows patch from themselves and enter no mean
+    ablation's mean). The result does not depend on the mesh, but another `chunk` changes the batched matmuls' shapes
+    and so their float rounding (the odd pixel one level off).
     """
     captions = list(captions)
     if not captions:
@@ -71,6 +71,7 @@ def screen(
     padded_captions = captions + [captions[-1]] * (padded - n)
     batch = {**sampling.caption_batch(padded_captions), "roles": groups.token_roles(model.conditioner, padded_captions)}
     batch["noise_id"] = np.arange(padded, dtype=np.int32)
+    batch["mean_group"] = np.where(np.arange(padded) < n, 0, -1).astype(np.int32)
     if noise_id is not None:
         batch["noise_id"][:n] = noise_id
     if patch_source is not None:

@@ -12,7 +12,8 @@ config of a screen runs through one compiled `vmap(generate)` (analysis/interven
 Scores per config, over the N clean-world images:
   transfer   the share of the clean -> corrupted image change that the patch reproduces,
              sum <patched - clean, corrupted - clean> / sum |corrupted - clean|^2 over pixels and pairs
-             (1: the patched sample is the corrupted one; 0: no effect), with a 95 % bootstrap interval over pairs;
+             (1: the patched sample is the corrupted one; 0: no effect), with a 95 % cluster bootstrap interval
+             over prompts (the pairs of one clean caption are resampled together);
   accuracy   the evaluator's accuracy of the patched images against the clean and against the corrupted captions.
 """
 
@@ -24,7 +25,7 @@ from absl import logging
 from etils import epath
 
 from relcirc_jax import diffusion
-from relcirc_jax.analysis import context, interventions
+from relcirc_jax.analysis import bootstrap, context, interventions
 from relcirc_jax.config import PATCHING_CORRUPTIONS as CORRUPTIONS
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import CONVERSE
@@ -138,10 +139,13 @@ def screen(
     return images[:, :n], images[0, n:], times
 
 
-def transfer(patched: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, seed: int = 0) -> dict[str, np.ndarray]:
+def transfer(
+    patched: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, captions: Sequence[str], *, seed: int = 0
+) -> dict[str, np.ndarray]:
     """{"transfer", "ci_low", "ci_high"} [M] of patched images [M, N, ...] between the unpatched clean [N, ...] and
-    corrupted [N, ...] images (module docstring), the interval from NUM_RESAMPLES bootstrap resamples of the pairs; NaN
-    when the clean and corrupted images are identical."""
+    corrupted [N, ...] images (module docstring), the interval from NUM_RESAMPLES cluster bootstrap resamples of the
+    pairs (bootstrap.cluster_weights: the pairs with one of the N clean `captions` are drawn together); NaN when the
+    clean and corrupted images are identical."""
     clean = clean.astype(np.float64).reshape(len(clean), -1)
     change = corrupted.astype(np.float64).reshape(len(corrupted), -1) - clean
     moved = patched.astype(np.float64).reshape(patched.shape[:2] + (-1,)) - clean
@@ -150,10 +154,8 @@ def transfer(patched: np.ndarray, clean: np.ndarray, corrupted: np.ndarray, *, s
     if not denominator.sum():  # the model ignores the corruption: there is no effect to transfer
         nan = np.full(len(patched), np.nan)
         return {"transfer": nan, "ci_low": nan, "ci_high": nan}
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((NUM_RESAMPLES, len(clean)))
-    np.add.at(counts, (np.repeat(np.arange(NUM_RESAMPLES), len(clean)), rng.integers(0, len(clean), counts.size)), 1)
-    resampled = (numerator @ counts.T) / np.maximum(counts @ denominator, 1e-12)  # [M, R]
+    weights = bootstrap.cluster_weights(captions, NUM_RESAMPLES, seed)  # [R, N]
+    resampled = (numerator @ weights.T) / np.maximum(weights @ denominator, 1e-12)  # [M, R]
     return {
         "transfer": numerator.sum(1) / denominator.sum(),
         "ci_low": np.percentile(resampled, 2.5, axis=1),
@@ -269,8 +271,8 @@ def summary(arrays: dict, label: str, sampler: str, corruption: str, images_per_
         + "".join(f"{depth * heads} {TITLES[site]}s, " for site in head_sites)
         + f"and {depth} residual streams (block inputs), in each of "
         f"{len(windows)} step windows ({', '.join(_window_name(w) for w in windows)}). Transfer = share of the clean "
-        f"-> corrupted image change the patch reproduces (1 = the corrupted image); 95 % bootstrap intervals over the "
-        f"{n} pairs.",
+        f"-> corrupted image change the patch reproduces (1 = the corrupted image); 95 % cluster bootstrap intervals "
+        f"over the {n // images_per_prompt} prompts (each with its {images_per_prompt} pairs).",
         "",
         f"Unpatched: {SCORE_METRIC} accuracy {100 * against['clean'][0]:.1f} % against the clean captions; the "
         f"corrupted world scores {100 * float(arrays['corrupted_world_relation']):.1f} % against its own."
@@ -341,7 +343,7 @@ def run(
     configs, labels = patch_configs(cfg.depth, cfg.num_heads, windows, timesteps, model_sites(cfg))
     start = time.perf_counter()
     patched, corrupted_images, times = screen(model, clean, corrupted, configs, chunk=chunk)
-    result = transfer(patched, patched[0], corrupted_images)
+    result = transfer(patched, patched[0], corrupted_images, clean)
     flat = patched.reshape((-1,) + patched.shape[2:])
     against = {}
     for name, captions in (("clean", clean), ("corrupted", corrupted)):

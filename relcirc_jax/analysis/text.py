@@ -5,8 +5,8 @@ prompt ablation   every eval prompt rewritten (VARIANTS: relation words dropped 
                   the original (image i of every variant starts from noise i), scored against the scene each variant
                   asks for (replace_relation: the NEW relation, i.e. does the image follow the word?)
 variance partition  fraction of the variance of pooled caption embeddings that each factor (shape1, colour1,
-                  relation, shape2, colour2, phrasing) explains on its own (one-way ANOVA R^2), in the text encoder's
-                  output and after the DiT's caption projection
+                  relation, shape2, colour2) explains on its own (one-way ANOVA R^2), and phrasing, which is nested in
+                  relation (partition_r2), in the text encoder's output and after the DiT's caption projection
 relation arithmetic  e(caption with `new`) - e(caption with `old`), averaged over caption pairs that differ only in
                   the relation, added to held-out `old` captions' embeddings: how often the images then show `new`
 
@@ -225,6 +225,16 @@ def factor_r2(vectors: np.ndarray, labels: dict[str, Sequence]) -> dict[str, flo
     return out
 
 
+def partition_r2(vectors: np.ndarray, labels: dict[str, Sequence]) -> dict[str, float]:
+    """factor_r2 of the FACTORS, except phrasing: a phrasing index names a different phrase for every relation (and
+    left/right have 2), so phrasing is nested in relation, and its share is what the (relation, phrasing) cells
+    explain beyond the relation alone. The design is balanced within each cell, so the shares add up."""
+    cells = [f"{relation}|{phrasing}" for relation, phrasing in zip(labels["relation"], labels["phrasing"])]
+    r2 = factor_r2(vectors, {**labels, "phrasing": cells})
+    r2["phrasing"] -= r2["relation"]
+    return r2
+
+
 def partition_captions() -> tuple[list[str], dict[str, list]]:
     """Every "plain" caption with both colours named (specs x phrasings) and its factor labels."""
     captions, labels = [], {f: [] for f in FACTORS}
@@ -268,9 +278,9 @@ def _pool(tokens: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def variance_partition(model: AnalysisModel) -> dict:
-    """R^2 of each factor (FACTORS) on the pooled embeddings of partition_captions(), before and after the caption
-    projection: {"variance_partition" [2 spaces, factors] (mean over valid tokens), "r2" [pools, 2, factors],
-    "factors", "pools", "spaces", "num_captions", "seconds"}."""
+    """R^2 of each factor (FACTORS, partition_r2) on the pooled embeddings of partition_captions(), before and after the
+    caption projection: {"variance_partition" [2 spaces, factors] (mean over valid tokens), "r2" [pools, 2,
+    factors], "factors", "pools", "spaces", "num_captions", "seconds"}."""
     start = time.perf_counter()
     captions, labels = partition_captions()
     text, mask = embed(model, captions)
@@ -284,7 +294,7 @@ def variance_partition(model: AnalysisModel) -> dict:
     r2 = np.zeros((len(POOLS), len(SPACES), len(FACTORS)))
     for p, pool in enumerate(POOLS):
         for s, tokens in enumerate((text, projected)):
-            scores = factor_r2(_pool(tokens, weights[pool]), labels)
+            scores = partition_r2(_pool(tokens, weights[pool]), labels)
             r2[p, s] = [scores[f] for f in FACTORS]
     return {
         "variance_partition": r2[0],
@@ -511,9 +521,12 @@ def _summary(ablation: dict, partition: dict, arithmetic: dict, model: AnalysisM
         lines.append(f"| {name} | {example} | " + " | ".join(_percent(row[metric[m]]) for m in SHOWN_METRICS) + " |")
     lines += [
         "",
-        "## Variance partition (one-way ANOVA R^2 of each factor, %)",
+        "## Variance partition (R^2 of each factor, %)",
         "",
-        f"{partition['num_captions']} plain captions (both colours, every phrasing), each pooled to one vector.",
+        f"{partition['num_captions']} plain captions (both colours, every phrasing), each pooled to one vector. Each "
+        "factor's share is its one-way ANOVA R^2, except phrasing: a phrasing index names a different phrase for each "
+        "relation, so phrasing is nested in relation and its share is what the (relation, phrasing) cells explain "
+        "beyond the relation alone (phrasing within relation). The shares add up; the rest is their interactions.",
         "",
         "| pool | space | " + " | ".join(FACTORS) + " |",
         "|---|---" + "|---" * len(FACTORS) + "|",

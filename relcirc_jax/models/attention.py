@@ -8,6 +8,7 @@ collection under their full hook name, and only when that name is in `capture` (
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from relcirc_jax.parallel import axes
@@ -19,6 +20,22 @@ def sow_hook(module: nn.Module, name: str, value) -> None:
     """Sow `value` into the "intermediates" collection under `name`, only when `module.capture` lists it."""
     if name in module.capture:
         module.sow("intermediates", name, value)
+
+
+MEAN_GROUPS = 2  # the groups a mean ablation averages within: the conditional and the unconditional half of CFG
+
+
+def group_mean(z: jnp.ndarray, mean_group=None, valid=None) -> jnp.ndarray:
+    """A mean ablation's replacement for z [B, Q, H, Dh]: at each position q, the float32 mean of z over the rows of
+    the row's group where position q is valid. mean_group [B] int in [0, MEAN_GROUPS) (a negative row is in no group:
+    it adds nothing and gets 0); None = one group of every row. valid [B, Q] (default: all) counts only the valid
+    positions (an MM-DiT's caption tokens); a position valid in no row of a group gets 0."""
+    rows = z.shape[0]
+    onehot = jnp.ones((rows, 1)) if mean_group is None else jax.nn.one_hot(mean_group, MEAN_GROUPS)  # [B, G]
+    weight = onehot[:, None, :] * (1.0 if valid is None else valid.astype(jnp.float32)[:, :, None])  # [B, Q, G]
+    sums = jnp.einsum("bqg,bqhd->gqhd", weight, z.astype(jnp.float32))
+    means = sums / jnp.maximum(weight.sum(0).T, 1.0)[:, :, None, None]
+    return jnp.einsum("bg,gqhd->bqhd", onehot, means)
 
 
 def partitioned(init, axes: tuple[str | None, ...]):
@@ -51,9 +68,10 @@ class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention; self-attention when `context` is None.
 
     head_mask [heads] multiplies each head's output z before the output projection (zero = ablate the head).
-    head_mean_mask [heads] mean-ablates: z <- m * z + (1 - m) * mean(z), the mean over the batch and query positions
-    of this call (so 0 replaces the head's z by its average over every row of the forward pass: under CFG both the
-    conditional and the unconditional halves; values in between interpolate). It acts after head_mask.
+    head_mean_mask [heads] mean-ablates: z <- m * z + (1 - m) * mean(z), per query position the mean over the rows of
+    the row's `mean_group` (see `group_mean`: under CFG each half is its own group, so a head keeps its average
+    guidance contribution, and padding rows count in no group; values in between interpolate). It acts after
+    head_mask.
     head_patch [B, heads] with patch_source [B] (int) patches: z <- z + w * (z[patch_source] - z), so row b's head
     reads row patch_source[b]'s output where w is 1 (activation patching between worlds laid along the batch; a row
     that is its own source is left bit-identical). It acts after both masks. hook_z records z after all of them, i.e.
@@ -74,7 +92,15 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x, context=None, key_mask=None, head_mask=None, head_mean_mask=None, head_patch=None, patch_source=None
+        self,
+        x,
+        context=None,
+        key_mask=None,
+        head_mask=None,
+        head_mean_mask=None,
+        head_patch=None,
+        patch_source=None,
+        mean_group=None,
     ):
         inner = self.num_heads * self.head_dim
         source = x if context is None else context
@@ -96,9 +122,8 @@ class MultiHeadAttention(nn.Module):
         if head_mask is not None:
             z = z * head_mask.astype(z.dtype)[None, None, :, None]
         if head_mean_mask is not None:
-            keep = head_mean_mask.astype(z.dtype)[None, None, :, None]
-            mean = jnp.mean(z.astype(jnp.float32), axis=(0, 1), keepdims=True).astype(z.dtype)
-            z = keep * z + (1 - keep) * mean
+            keep = head_mean_mask.astype(jnp.float32)[None, None, :, None]
+            z = (keep * z.astype(jnp.float32) + (1 - keep) * group_mean(z, mean_group)).astype(z.dtype)
         if head_patch is not None:
             z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
         self._record("hook_z", z)  # [batch, query_pos, heads, head_dim], after masks and patches

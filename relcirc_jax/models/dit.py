@@ -6,7 +6,8 @@ is params["transformer_blocks_3"]["attn1"]["to_q"]["kernel"]), see models/conver
 
 Analysis hooks: every activation listed by `hook_names(config)` can be recorded with `run_with_cache`; head
 ablations are data (`self_head_mask` / `cross_head_mask` [depth, heads] multiply heads' outputs, 0 = zero-ablate;
-`self_head_mean_mask` / `cross_head_mean_mask` 0 = mean-ablate, see attention.py), so a screen is `jax.vmap` over masks.
+`self_head_mean_mask` / `cross_head_mean_mask` 0 = mean-ablate within the row groups of `mean_group` [B], see
+attention.py), so a screen is `jax.vmap` over masks.
 Activation patching is data too: with `patch_source` [B] (the row each row reads from), `self_head_patch` /
 `cross_head_patch` [depth, heads] and `resid_patch` [depth] (the residual stream entering each block) weigh how much
 of the source row's activation replaces the row's own, at the timesteps in `patch_window` (t_low, t_high) inclusive.
@@ -324,6 +325,7 @@ class DiTBlock(nn.Module):
         self_head_patch=None,
         cross_head_patch=None,
         patch_source=None,
+        mean_group=None,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
         table = self.param(
@@ -341,6 +343,7 @@ class DiTBlock(nn.Module):
             head_mean_mask=self_head_mean_mask,
             head_patch=self_head_patch,
             patch_source=patch_source,
+            mean_group=mean_group,
         )
         h = (h + gate_msa * attn_out).astype(dtype)
         self._record("hook_resid_mid", h)  # [batch, image_pos, embed], after self-attention
@@ -356,6 +359,7 @@ class DiTBlock(nn.Module):
             head_mean_mask=cross_head_mean_mask,
             head_patch=cross_head_patch,
             patch_source=patch_source,
+            mean_group=mean_group,
         )
 
         ff_out = FeedForward(cfg.mlp_dim, dtype, name="ff")(modulate(h, shift_mlp, scale_mlp).astype(dtype))
@@ -364,9 +368,12 @@ class DiTBlock(nn.Module):
         return h
 
 
-def check_inputs(config: PatchTransformerConfig, x, text, text_mask, head_masks: dict, patches: dict) -> None:
+def check_inputs(
+    config: PatchTransformerConfig, x, text, text_mask, head_masks: dict, patches: dict, mean_group=None
+) -> None:
     """Shape checks of a DiT / MM-DiT call: `head_masks` maps argument names to [depth, heads] arrays or None (the
-    "*_patch" ones are patch weights), `patches` holds patch_source, resid_patch and patch_window."""
+    "*_patch" ones are patch weights), `patches` holds patch_source, resid_patch and patch_window; `mean_group` [B]
+    the mean ablation's row groups (attention.group_mean)."""
     cfg, model = config, type(config).__name__.removesuffix("Config")
     expected = (cfg.image_size, cfg.image_size, cfg.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -395,6 +402,8 @@ def check_inputs(config: PatchTransformerConfig, x, text, text_mask, head_masks:
         raise ValueError(f"resid_patch has shape {resid_patch.shape}; expected [depth] = ({cfg.depth},).")
     if window is not None and tuple(window.shape) != (2,):
         raise ValueError(f"patch_window has shape {window.shape}; expected [2] = (t_low, t_high).")
+    if mean_group is not None and tuple(mean_group.shape) != (x.shape[0],):
+        raise ValueError(f"mean_group has shape {mean_group.shape}; expected [B] = ({x.shape[0]},).")
 
 
 def null_caption_param(module: nn.Module, config: PatchTransformerConfig) -> jnp.ndarray:
@@ -482,6 +491,7 @@ class DiT(nn.Module):
         resid_patch=None,
         patch_source=None,
         patch_window=None,
+        mean_group=None,
         null_caption_rows=None,
         repulsion=None,
     ):
@@ -504,7 +514,7 @@ class DiT(nn.Module):
             "cross_head_patch": cross_head_patch,
         }
         patches = {"patch_source": patch_source, "resid_patch": resid_patch, "patch_window": patch_window}
-        check_inputs(cfg, x, text, text_mask, head_masks, patches)
+        check_inputs(cfg, x, text, text_mask, head_masks, patches, mean_group)
         batch = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t), (batch,))
         null_text = null_caption_param(self, cfg)  # for classifier-free guidance
@@ -531,7 +541,7 @@ class DiT(nn.Module):
                 h = patch_residual(h, resid_patch[layer] * gate, patch_source)
             block = block_cls(cfg, layer, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
-            h = block(h, modulation, caption, text_mask, *layer_masks, patch_source)
+            h = block(h, modulation, caption, text_mask, *layer_masks, patch_source, mean_group)
             if repulsion is not None:  # analysis/repulsion.py
                 h = repulsion.apply(h, layer, "block_out", "image", t)
                 caption = pseudo_contextual_repulsion(repulsion, layer, caption, h, t, text_mask)

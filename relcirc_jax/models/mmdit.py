@@ -88,7 +88,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from relcirc_jax.models import dit
-from relcirc_jax.models.attention import ATTENTION_HOOKS, logical_dense, partitioned, sow_hook
+from relcirc_jax.models.attention import ATTENTION_HOOKS, group_mean, logical_dense, partitioned, sow_hook
 from relcirc_jax.parallel import axes
 
 NORM_EPS = 1e-6  # every LayerNorm and the QK RMSNorms (diffusers' SD3 blocks)
@@ -205,7 +205,17 @@ class JointAttention(nn.Module):
         sow_hook(self, f"{self.hook_prefix}.{hook}", value)
 
     @nn.compact
-    def __call__(self, x, context, key_mask, head_mask=None, head_mean_mask=None, head_patch=None, patch_source=None):
+    def __call__(
+        self,
+        x,
+        context,
+        key_mask,
+        head_mask=None,
+        head_mean_mask=None,
+        head_patch=None,
+        patch_source=None,
+        mean_group=None,
+    ):
         inner, dtype = self.num_heads * self.head_dim, self.dtype
         split = lambda y: y.reshape(y.shape[:-1] + (self.num_heads, self.head_dim))
         project = lambda name, y: split(logical_dense(inner, (axes.EMBED, axes.HEADS), dtype, name)(y))
@@ -231,16 +241,10 @@ class JointAttention(nn.Module):
         z = jnp.einsum("bhqk,bkhd->bqhd", pattern.astype(dtype), v)
         if head_mask is not None:
             z = z * head_mask.astype(z.dtype)[None, None, :, None]
-        if head_mean_mask is not None:  # per stream: text over valid tokens, image over all patches
+        if head_mean_mask is not None:  # per joint position, text positions over the rows where the token is valid
             keep = head_mean_mask.astype(jnp.float32)[None, None, :, None]
-            z32, weight = z.astype(jnp.float32), joint_mask.astype(jnp.float32)[:, :, None, None]
-            text_mean = jnp.sum((z32 * weight)[:, :text_len], axis=(0, 1)) / jnp.maximum(
-                jnp.sum(weight[:, :text_len]), 1
-            )
-            image_mean = jnp.mean(z32[:, text_len:], axis=(0, 1))
-            is_text = (jnp.arange(z.shape[1]) < text_len)[None, :, None, None]
-            mean = jnp.where(is_text, text_mean[None, None], image_mean[None, None])
-            z = (keep * z32 + (1 - keep) * mean).astype(z.dtype)
+            mean = group_mean(z, mean_group, valid=joint_mask)
+            z = (keep * z.astype(jnp.float32) + (1 - keep) * mean).astype(z.dtype)
         if head_patch is not None:
             z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)
         self._record("hook_z", z)  # [batch, joint query_pos, heads, head_dim], after masks and patches
@@ -276,6 +280,7 @@ class JointTransformerBlock(nn.Module):
         head_mean_mask=None,
         head_patch=None,
         patch_source=None,
+        mean_group=None,
         repel=lambda value, stream: value,
     ):
         cfg, dtype = self.config, self.config.compute_dtype
@@ -311,6 +316,7 @@ class JointTransformerBlock(nn.Module):
             head_mean_mask=head_mean_mask,
             head_patch=head_patch,
             patch_source=patch_source,
+            mean_group=mean_group,
         )
         self._record("hook_attn_out", attn_out)  # [batch, image_pos, embed], before the gate
         attn_out = repel(attn_out, "image")
@@ -355,6 +361,7 @@ class MMDiT(nn.Module):
         resid_patch=None,
         patch_source=None,
         patch_window=None,
+        mean_group=None,
         null_caption_rows=None,
         repulsion=None,
     ):
@@ -365,7 +372,7 @@ class MMDiT(nn.Module):
             "self_head_patch": self_head_patch,
         }
         patches = {"patch_source": patch_source, "resid_patch": resid_patch, "patch_window": patch_window}
-        dit.check_inputs(cfg, x, text, text_mask, head_masks, patches)
+        dit.check_inputs(cfg, x, text, text_mask, head_masks, patches, mean_group)
         if repulsion is not None and repulsion.config.target == "pseudo_text":
             raise ValueError(
                 "target='pseudo_text' is the PixArt DiT's stand-in for a contextual space; an MM-DiT has the real one. "
@@ -402,11 +409,11 @@ class MMDiT(nn.Module):
             block = block_cls(cfg, layer, last, self.capture, name=f"transformer_blocks_{layer}")
             layer_masks = (None if m is None else m[layer] for m in head_masks.values())
             if repulsion is None:
-                h, c = block(h, c, temb, text_mask, *layer_masks, patch_source)
+                h, c = block(h, c, temb, text_mask, *layer_masks, patch_source, mean_group)
                 continue
             # analysis/repulsion.py: each site and stream is a no-op unless the repulsion's config names it
             repel = functools.partial(_repel_at, repulsion, layer, "attn_out", t=t, text_mask=text_mask)
-            h, c = block(h, c, temb, text_mask, *layer_masks, patch_source, repel=repel)
+            h, c = block(h, c, temb, text_mask, *layer_masks, patch_source, mean_group, repel=repel)
             h = _repel_at(repulsion, layer, "block_out", h, "image", t=t, text_mask=text_mask)
             if c is not None:
                 c = _repel_at(repulsion, layer, "block_out", c, "text", t=t, text_mask=text_mask)

@@ -145,13 +145,15 @@ def generate_fn(
     interventions: None or the model's keyword arguments (head masks, patch weights and window), e.g.
     {"self_head_mask": [depth, heads], "cross_head_mask": [depth, heads]}. A batch field "patch_source" [B] (int)
     names the row each row patches from; generate extends it to the CFG batch (the unconditional half of a row reads
-    the unconditional half of its source).
+    the unconditional half of its source). A mean ablation averages each CFG half apart, over the rows whose batch
+    field "mean_group" [B] (int, default 0) is 0; a row marked -1 (padding) enters no mean.
     With `reduce`, the model records the capture points named in `capture` (arch.hook_names) at every solver step,
     `reduce(cache, batch)` turns the conditional half's {name: [B, ...]} into a pytree inside the scan, and generate
     returns (images, that pytree stacked over steps [num_steps, ...]).
     With `repulsion` (an analysis.repulsion.RepulsionConfig), `interventions` must hold its traced knobs
     (repulsion.KNOBS: eta, timestep window, blocks), and each group of `group_size` consecutive captions is repelled
-    (this group size replaces the config's; sweeping the knobs does not recompile); a token mask by role reads the
+    (this group size replaces the config's, and must divide the batch: ValueError otherwise, since a group would
+    straddle prompts and the CFG halves; sweeping the knobs does not recompile); a token mask by role reads the
     batch field "roles" [B, L] (analysis.groups.token_roles). The diversity baselines
     (analysis/baselines.py: a traced CFG scale, interval guidance, particle guidance over groups of `group_size`
     captions, CADS) act when their knob is among the interventions. `settings_axis`: the name of the vmap over
@@ -177,6 +179,9 @@ def generate_fn(
             masks["repulsion"] = repulsion_lib.Repulsion(repulsion, eta, window, blocks, rows, roles)
         if "patch_source" in batch:
             masks["patch_source"] = jnp.concatenate([batch["patch_source"], batch["patch_source"] + text.shape[0]])
+        if any(name.endswith("_mean_mask") for name in masks):  # the CFG halves are mean-ablated apart
+            group = batch.get("mean_group", jnp.zeros(text.shape[0], jnp.int32))
+            masks["mean_group"] = jnp.concatenate([group, jnp.where(group < 0, group, 1)])
 
         def model_fn(x, t, txt, msk):
             if "cads" in knobs:  # the conditional half only

@@ -1,0 +1,17 @@
+"""Cluster bootstrap: resampling weights that draw whole clusters (e.g. all images of one prompt) at once."""
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def cluster_weights(clusters: Sequence, num_resamples: int, seed: int = 0) -> np.ndarray:
+    """float64 [num_resamples, N]: how often each of N items is drawn in each resample, when a resample draws as many
+    clusters as there are, with replacement, and takes all their items (items with equal labels in `clusters` form a
+    cluster; numpy Generator seeded `seed`)."""
+    ids = np.unique(np.asarray(clusters).astype(str), return_inverse=True)[1].reshape(-1)
+    num = int(ids.max()) + 1
+    picks = np.random.default_rng(seed).integers(0, num, (num_resamples, num))
+    offsets = num * np.arange(num_resamples)[:, None]
+    counts = np.bincount((picks + offsets).reshape(-1), minlength=num_resamples * num).reshape(num_resamples, num)
+    return counts[:, ids].astype(np.float64)

@@ -48,6 +48,8 @@ DIVERSITY_GRIDS = ("full", "small", "smoke")  # analysis.frontier.GRIDS
 # What counts as a correct image in the diversity study (evaluation.METRICS; unique_binding: both objects drawn once
 # each, whatever their relation, for models that have not learned the relation yet).
 DIVERSITY_METRICS = ("overall", "overall_loose", "unique_binding")
+# VS_m's subset size m by group size B, pre-registered in shared/papers/contextual_repulsion_notes.md 7.2.
+PREREGISTERED_M = {4: 3, 8: 4}
 PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
@@ -204,9 +206,27 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.diversity_group_size = 4
     c.analysis.diversity_grid = "small"  # DIVERSITY_GRIDS: "full" is the notes' grid (~130 settings)
     c.analysis.diversity_metric = "overall"  # what counts as a correct image: DIVERSITY_METRICS
+    c.analysis.diversity_m = 0  # VS_m's m; 0 = the pre-registered value for the group size (PREREGISTERED_M)
     c.analysis.probe_prompts = 32  # kind=probe (MM-DiT): eval prompts x images per prompt for the layout probes
     c.analysis.probe_images = 8
     return c
+
+
+def diversity_m(group_size: int, m: int = 0) -> int:
+    """VS_m's m for groups of `group_size`: `m` when > 0, else the pre-registered value (PREREGISTERED_M);
+    ValueError naming the fix when m is out of [1, group_size] or no value is pre-registered."""
+    if m == 0 and group_size in PREREGISTERED_M:
+        return PREREGISTERED_M[group_size]
+    if m == 0:
+        raise ValueError(
+            f"analysis.diversity_m=0 picks the pre-registered m, and there is none for diversity_group_size="
+            f"{group_size} (notes 7.2: {PREREGISTERED_M}). Fix: set analysis.diversity_m in 1..{group_size}."
+        )
+    if not 1 <= m <= group_size:
+        raise ValueError(
+            f"analysis.diversity_m={m} must lie in 1..diversity_group_size={group_size} (0 = pre-registered)."
+        )
+    return m
 
 
 def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> None:

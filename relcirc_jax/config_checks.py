@@ -21,6 +21,7 @@ from relcirc_jax.config import (
     PATCHING_CORRUPTIONS,
     SIZES,
     TRAIN_COMPUTE_DTYPES,
+    diversity_m,
 )
 from relcirc_jax.errors import UserError
 from relcirc_jax.parallel.rules import rule_problems, rules_from_config
@@ -152,6 +153,10 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             "analysis.diversity_prompts and diversity_groups must be >= 1 and diversity_group_size >= 2 (got "
             f"{c.analysis.diversity_prompts}, {c.analysis.diversity_groups}, {c.analysis.diversity_group_size})."
         )
+    try:
+        diversity_m(c.analysis.diversity_group_size, c.analysis.diversity_m)
+    except ValueError as error:
+        problems.append(str(error))
     if c.analysis.probe_prompts < 4 or c.analysis.probe_images < 2:
         problems.append(
             "analysis.probe_prompts must be >= 4 (the probes' folds are whole prompts) and probe_images >= 2 (a "

@@ -12,6 +12,7 @@ import pytest
 from relcirc_jax.analysis import diversity
 from relcirc_jax.data import prompts, scenes
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
+from relcirc_jax.evaluation.scoring import score_specs
 
 QS = (0.5, 1.0, 2.0)
 
@@ -262,9 +263,32 @@ def test_matched_size_vendi_and_enc_on_toy_groups():
 def test_reference_ceiling_is_within_bounds():
     ceiling = diversity.reference_ceiling("red square is above blue circle", group_size=4, m=3, num_groups=64)
     assert 1.0 <= ceiling["vs_m"] <= 3.0 and 1.0 <= ceiling["enc"] <= 4.0
-    assert ceiling["insufficient"] == 0.0 and ceiling["accuracy"] == 1.0
     tight = diversity.reference_ceiling("red square is above blue circle", num_groups=64, sigma=10.0)
     assert tight["vs_m"] == pytest.approx(1.0, abs=0.01)  # a huge length scale sees every layout as the same
+
+
+def test_the_reference_goes_through_the_evaluator_as_every_method_does():
+    """Exact renders of the generator's law, read by score_specs: overlapping objects fail the evaluator, so a
+    perfect model's accuracy on a straight relation is well below 1, and the ceiling reports it (finding 1)."""
+    caption = "red circle is to the left of the blue square"
+    spec = prompts.parse(caption).spec
+    images, specs = diversity.reference_scenes(caption, 64, seed=3)
+    layouts = diversity.reference_layouts(caption, 64, seed=3)
+    np.testing.assert_array_equal(images, scenes.render(
+        np.tile([SHAPES.index("circle"), SHAPES.index("square")], (64, 1)), np.tile([0, 1], (64, 1)),
+        layouts.reshape(64, 2, 2) * 64,
+    ))  # fmt: skip
+    assert specs == [spec] * 64
+    features, correct = diversity.measured_reference(caption, 64, seed=3)
+    expected = diversity.layouts_from_scores(score_specs(images, specs), 64, specs=specs)
+    np.testing.assert_array_equal(features, expected[0])
+    np.testing.assert_array_equal(correct, expected[2])
+    assert 0.4 < correct.mean() < 0.95
+    ceiling = diversity.reference_ceiling(caption, num_groups=32)
+    assert 0.4 < ceiling["accuracy"] < 0.95 and ceiling["enc"] < 3.5
+    good = diversity.correct_reference_layouts(caption, 40, seed=5)
+    assert good.shape == (40, 4) and np.isfinite(good).all()  # evaluator centres of images it passed
+    assert np.all(scenes.relation_index(good.reshape(40, 2, 2) * 64) == RELATIONS.index(spec.relation))
 
 
 def test_marginal_metrics_on_toy_layouts():

@@ -11,6 +11,7 @@ from tiny_models import noisy
 
 from relcirc_jax.analysis import diversity, groups, repulsion
 from relcirc_jax.models import arch, dit, mmdit
+from relcirc_jax.parallel import make_mesh
 from relcirc_jax.text import conditioner
 from relcirc_jax.train import sampling
 
@@ -70,7 +71,7 @@ def test_entropy_rises_monotonically_with_eta():
 
 
 def test_groups_are_isolated_and_masked_tokens_stay():
-    x = _tokens(groups=3)
+    x = _tokens(groups=4)  # [cond: 2 groups; uncond: 2 groups]
     mask = jnp.ones(x.shape[:2], bool).at[:, -2:].set(False)
     on = jnp.ones(x.shape[0], bool)
     out = repulsion.repel_groups(x, mask, on, 0.5, CFG)
@@ -81,7 +82,7 @@ def test_groups_are_isolated_and_masked_tokens_stay():
     np.testing.assert_array_equal(out2[:4], out[:4])
     np.testing.assert_array_equal(out2[8:], out[8:])
     off = on.at[8].set(False)  # a group with one row off is left alone
-    np.testing.assert_array_equal(repulsion.repel_groups(x, mask, off, 0.5, CFG)[8:], x[8:])
+    np.testing.assert_array_equal(repulsion.repel_groups(x, mask, off, 0.5, CFG)[8:12], x[8:12])
 
 
 def test_branch_selection_moves_only_the_chosen_half():
@@ -166,6 +167,16 @@ def test_groups_must_divide_the_batch():
         repulsion.RepulsionConfig(site="middle")
 
 
+def test_groups_are_checked_in_each_cfg_half():
+    """12 rows split into groups of 4, but each CFG half of 6 does not: the middle group would repel prompt B's
+    conditional rows against prompt A's unconditional ones (finding 4)."""
+    x = _tokens(groups=3)
+    with pytest.raises(ValueError, match="CFG half: its batch of 6 rows does not split into groups of 4"):
+        repulsion.repel_groups(x, jnp.ones(x.shape[:2], bool), jnp.ones(12, bool), 0.5, CFG)
+    with pytest.raises(ValueError, match="even number of rows; got 7"):
+        repulsion.check_cfg_groups(7, 4)
+
+
 def test_windows_and_thirds():
     window = repulsion.first_steps_window("dpmpp_2m", 14, 2)
     timesteps = sampling.diffusion.model_timesteps("dpmpp_2m", 14)
@@ -176,6 +187,18 @@ def test_windows_and_thirds():
     thirds = repulsion.thirds(7)
     assert thirds["all"].tolist() == [1, 1, 1, 1, 1, 1, 0]  # the context_pre_only last block has no text output
     assert (thirds["first"] + thirds["middle"] + thirds["last"]).tolist() == thirds["all"].tolist()
+
+
+def test_collapsed_thirds_are_named_once_and_image_thirds_span_every_block():
+    """Depth 3 (the nano MM-DiT): 2 blocks with a text output, so "middle" would repeat "last"; the image stream's
+    thirds cut all 3 blocks (finding 6)."""
+    as_lists = lambda selections: {name: sel.tolist() for name, sel in selections.items()}  # noqa: E731
+    assert as_lists(repulsion.thirds(3)) == {"all": [1, 1, 0], "first": [1, 0, 0], "last": [0, 1, 0]}
+    image = {"all": [1, 1, 1], "first": [1, 0, 0], "middle": [0, 1, 0], "last": [0, 0, 1]}
+    assert as_lists(repulsion.thirds(3, text=False)) == image
+    assert as_lists(repulsion.thirds(2)) == {"all": [1, 0]}
+    image = repulsion.thirds(7, text=False)
+    assert image["all"].tolist() == [1] * 7 and image["last"].tolist() == [0, 0, 0, 0, 0, 1, 1]
 
 
 # --- inside the sampler of a tiny MM-DiT
@@ -220,6 +243,27 @@ def test_eta_zero_is_bit_identical_to_the_base_sampler_and_knobs_do_not_recompil
     np.testing.assert_array_equal(last_only, base)  # the context_pre_only block has no text output to repel
     generate(params, batch, text.tables, noise_id, _knobs(0.5, cfg.depth, tau=1, blocks=np.eye(cfg.depth)[0]))
     assert generate._cache_size() == 1
+
+
+def test_the_sampler_refuses_groups_that_straddle_prompts_or_cfg_halves(tiny_mmdit):
+    """6 captions in groups of 4 (finding 4): generate_fn refuses the batch, and so does a Sampler whose chunk or
+    captions do not split into one-prompt groups, each naming the fix."""
+    cfg, text, params, batch = tiny_mmdit
+    six = {k: v[2:] for k, v in batch.items()}
+    with pytest.raises(ValueError, match="batch of 6 rows does not split into groups of 4.*straddle.*Fix"):
+        _sampler(cfg, text)(params, six, text.tables, jnp.arange(6), _knobs(2.0, cfg.depth))
+    settings = dict(cfg_scale=3.0, num_steps=2, solver="dpmpp_2m", seed=0)
+    repel = dict(generate_kwargs=dict(repulsion=CFG, group_size=4))
+    with pytest.raises(ValueError, match="Sampler.batch_size=6. .* Fix: make batch_size a multiple of 4"):
+        sampling.Sampler(cfg, text, make_mesh({"data": 2}, jax.devices()[:2]), None, batch_size=6, **settings, **repel)
+    sampler = sampling.Sampler(cfg, text, make_mesh({"data": 2}, jax.devices()[:2]), None, batch_size=8, **settings)
+    assert sampler.batch_size == 8  # no repulsion: no group check
+    sampler = sampling.Sampler(
+        cfg, text, make_mesh({"data": 2}, jax.devices()[:2]), None, batch_size=8, **settings, **repel
+    )
+    captions = ["red square is above blue circle"] * 2 + ["blue triangle is to the left of red circle"] * 6
+    with pytest.raises(ValueError, match="Captions 0..3 form one repulsion group but name 2 prompts"):
+        sampler(params, text.tables, captions)
 
 
 def test_the_samplers_group_size_is_the_repulsions(tiny_mmdit):

@@ -82,6 +82,7 @@ def run_analyze(config: ml_collections.ConfigDict, workdir, step: int | None = N
             group_size=a.diversity_group_size,
             grid=a.diversity_grid,
             metric=a.diversity_metric,
+            m=a.diversity_m,
         ),
         "probe": lambda: probe.run(model, out_dir, num_prompts=a.probe_prompts, images_per_prompt=a.probe_images),
     }

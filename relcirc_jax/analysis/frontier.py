@@ -9,18 +9,23 @@ vmapped sampler (analysis/interventions.py). Every image is scored by the evalua
     accuracy     fraction of images the evaluator passes (`diversity_metric`, "overall" = colours, shapes, unique
                  binding and the strict relation; "unique_binding" = both objects drawn once each, for a model that
                  has not learned the relation yet)
-    VS_m         mean Vendi (layout RBF kernel, sigma 0.1 of the canvas) over size-m subsets (m = B - 1) of each
-                 group's correct images (diversity at a fixed count, apart from accuracy; the primary quantity)
+    VS_m         mean Vendi (layout RBF kernel, sigma 0.1 of the canvas) over size-m subsets of each group's
+                 correct images (m pre-registered: 3 for B = 4, 4 for B = 8; `diversity_m`), averaged over a prompt's
+                 sufficient groups, then over prompts (diversity at a fixed count, apart from accuracy; primary)
     ENC          Vendi of each group's correct layouts, 0 when none (accuracy and diversity in one number)
     pixel Vendi  cosine Vendi of 32x32 pixels over all images of a group (a cross-check, not layout-specific)
-    MMD^2, coverage  of the pooled correct layouts against the scene generator's exact law for the same prompts
+    MMD^2, coverage  per prompt, of its correct layouts against REFERENCE_LAYOUTS evaluator-correct layouts of the
+                 generator's law for that prompt, averaged over prompts (marginal_fidelity; coverage at a fixed
+                 COVERAGE_POINTS generated layouts, so that it does not grow with accuracy)
     ms/image     sampling wall time per image of the method's sweep (a vmapped sweep computes every branch, so
                  it bounds a single setting's cost from above)
 
-with 95 % bootstrap intervals over prompts, and the reference point of the generator's law (accuracy 1, VS_m^ref,
-ENC^ref). The question the report answers: at equal accuracy, does contextual repulsion reach a higher VS_m than the
-CFG sweep and particle guidance? It is stated per point as the distance above the CFG frontier (the piecewise-linear
-VS_m of the CFG sweep at the same accuracy).
+with 95 % bootstrap intervals over prompts. The reference point is the generator's law measured as a method is
+(`reference`): exact renders of it, scored by the same evaluator, so its accuracy is that of a perfect model (< 1
+where objects overlap). The question the report answers: at equal accuracy, does contextual repulsion reach a higher
+VS_m than the CFG sweep and particle guidance? It is stated per point as the distance above the CFG frontier (the
+piecewise-linear VS_m of the CFG sweep at the same accuracy), with a paired bootstrap interval (the same prompt
+resamples for the setting and every CFG point); a setting counts as above or below only when it excludes 0.
 
 Methods by model: "repulsion" (text stream) needs an MM-DiT; on the PixArt DiT "pseudo_repulsion" (the
 pseudo-contextual analogue of notes 6.3 (A), labelled as such) runs in its place. "image_repulsion" is the
@@ -38,15 +43,16 @@ from absl import logging
 
 from relcirc_jax.analysis import context, diversity, interventions, repulsion_tokens
 from relcirc_jax.analysis import repulsion as repulsion_lib
-from relcirc_jax.config import DIVERSITY_METRICS
+from relcirc_jax.config import DIVERSITY_METRICS, diversity_m
 from relcirc_jax.data.prompts import parse
 from relcirc_jax.evaluation.scoring import score_specs
 from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate, sampling
 
 NUM_RESAMPLES = 1000
-REFERENCE_GROUPS = 256  # groups drawn from the generator's law per prompt for VS_m^ref / ENC^ref
-REFERENCE_LAYOUTS = 64  # reference layouts per prompt for MMD and coverage
+REFERENCE_GROUPS = 64  # groups of the generator's law rendered per prompt for the reference point
+REFERENCE_LAYOUTS = 64  # evaluator-correct reference layouts per prompt for MMD and coverage
+COVERAGE_POINTS = 4  # correct layouts per prompt that coverage reads (a fixed count: see marginal_fidelity)
 
 CADS_TAUS = ((0.3, 0.8), (0.6, 0.9))  # (tau1, tau2): the repulsion paper's and the flow_grpo defaults
 # Ablations of the contextual repulsion (notes 7.3's M in {10, 50}; 7.4 D4's site, streams and CFG branches; D3's
@@ -120,12 +126,18 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
             knobs={"cads": np.float32(grid["cads"])},
         ),
     ]
-    settings = [(0.0, grid["tau"][0], grid["blocks"][0])]  # eta 0: must equal CFG at the eval scale (a check)
-    # window-major, so that a chunk of the vmapped screen mostly shares one window and skips the work outside it
-    settings += [(e, tau, b) for tau in grid["tau"] for b in grid["blocks"] for e in grid["eta"]]
 
-    def repulsion_method(name, blocks_of, settings=settings, **fields):
-        knobs = [repulsion_lib.knobs(e, window(tau), blocks_of(b)) for e, tau, b in settings]
+    def sweep(blocks_of):
+        """eta 0 first (it must equal CFG at the eval scale: a check), then window-major, so that a chunk of the
+        vmapped screen mostly shares one window and skips the work outside it; block sets the depth allows."""
+        blocks = [b for b in grid["blocks"] if b in blocks_of]
+        return [(0.0, grid["tau"][0], "all")] + [
+            (e, tau, b) for tau in grid["tau"] for b in blocks for e in grid["eta"]
+        ]
+
+    def repulsion_method(name, blocks_of, settings=None, **fields):
+        settings = sweep(blocks_of) if settings is None else settings
+        knobs = [repulsion_lib.knobs(e, window(tau), blocks_of[b]) for e, tau, b in settings]
         config = repulsion_lib.RepulsionConfig(**fields)
         return dict(
             name=name,
@@ -137,19 +149,15 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
     mmdit = arch.arch_of(model.model_cfg) == "mmdit"
     # on the PixArt DiT, notes 6.3 (A): an analogue, not the paper's method
     contextual, target = ("repulsion", "text") if mmdit else ("pseudo_repulsion", "pseudo_text")
-    out.append(repulsion_method(contextual, lambda b: thirds[b], target=target))
+    out.append(repulsion_method(contextual, thirds, target=target))
     ablation = grid["variants"]
     for variant in ablation["names"]:
         overrides = VARIANTS[variant]
         if not mmdit and (overrides.get("site", "block_out") != "block_out" or overrides.get("target") == "both"):
             continue  # the PixArt DiT repels one stream, at block_out
         point = [(e, ablation["tau"], ablation["blocks"]) for e in ablation["eta"]]
-        out.append(
-            repulsion_method(f"{contextual}[{variant}]", lambda b: thirds[b], point, **{"target": target, **overrides})
-        )
-    all_blocks = np.ones(depth, np.float32)
-    image_thirds = {**thirds, "all": all_blocks}
-    out.append(repulsion_method("image_repulsion", lambda b: image_thirds[b], target="image"))
+        out.append(repulsion_method(f"{contextual}[{variant}]", thirds, point, **{"target": target, **overrides}))
+    out.append(repulsion_method("image_repulsion", repulsion_lib.thirds(depth, text=False), target="image"))
     for method in out:
         method.setdefault("generate", {})
         method["generate"]["group_size"] = group_size
@@ -159,12 +167,21 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
 def bootstrap(per_prompt: np.ndarray, num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the nan-mean of per_prompt [P] over prompt resamples (NaN entries skipped)."""
     values = np.asarray(per_prompt, np.float64)
-    if not np.isfinite(values).any():
+    return _interval(_nanmean(values[_resamples(len(values), num_resamples, seed)], axis=1))
+
+
+def _resamples(num_prompts: int, num_resamples: int, seed: int) -> np.ndarray:
+    """int [num_resamples, num_prompts]: prompt indices drawn with replacement (one seed, one set of indices: what
+    pairs the intervals of the points of one study)."""
+    return np.random.default_rng(seed).integers(0, num_prompts, (num_resamples, num_prompts))
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    """The 2.5 and 97.5 percentiles of the finite samples (NaN, NaN when none is)."""
+    finite = samples[np.isfinite(samples)]
+    if not finite.size:
         return float("nan"), float("nan")
-    picks = np.random.default_rng(seed).integers(0, len(values), (num_resamples, len(values)))
-    means = _nanmean(values[picks], axis=1)
-    means = means[np.isfinite(means)]
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))
 
 
 def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
@@ -174,65 +191,111 @@ def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(values, axis=axis)
 
 
-def point_metrics(images, scores, specs, prompts: int, groups: int, group_size: int, metric: str) -> dict:
+def point_metrics(images, scores, specs, prompts: int, groups: int, group_size: int, metric: str, m: int = 0) -> dict:
     """The metrics of one setting: images uint8 [N, H, W, 3] and their scores (N = prompts x groups x group_size,
-    prompt-major)."""
+    prompt-major); m = VS_m's subset size (0: the pre-registered one, config.diversity_m). Accuracy and VS_m are
+    means over prompts of per-prompt values ("accuracy_prompt", "vs_m_prompt"; a prompt's VS_m is the mean over its
+    sufficient groups), the estimands of their bootstrap intervals; "correct_layouts" holds each prompt's correct
+    layouts (for marginal_fidelity)."""
     size = images.shape[1]
     features, _, correct = diversity.layouts_from_scores(scores, size, metric=metric, specs=specs)
     shape = (prompts * groups, group_size)
     features, correct = features.reshape(shape + (4,)), correct.reshape(shape)
-    m = group_size - 1
-    vs = diversity.matched_size_vendi(features, correct, m).reshape(prompts, groups)
+    vs = diversity.matched_size_vendi(features, correct, diversity_m(group_size, m)).reshape(prompts, groups)
     enc = diversity.effective_number_of_layouts(features, correct).reshape(prompts, groups)
     pixels = diversity.pixel_features(images).reshape(shape + (-1,))
     pixel_vendi = np.array([float(diversity.vendi_score(group)) for group in pixels])
     accuracy = correct.reshape(prompts, -1).mean(1)
     vs_prompt = _nanmean(vs, axis=1)
+    by_prompt = zip(features.reshape(prompts, -1, 4), correct.reshape(prompts, -1))
     return {
         "accuracy": float(accuracy.mean()),
         "accuracy_ci": bootstrap(accuracy),
-        "vs_m": float(np.nanmean(vs)) if np.isfinite(vs).any() else float("nan"),
+        "accuracy_prompt": accuracy,
+        "vs_m": float(_nanmean(vs_prompt, axis=0)),
         "vs_m_ci": bootstrap(vs_prompt),
+        "vs_m_prompt": vs_prompt,
         "insufficient": float(1 - np.isfinite(vs).mean()),
         "enc": float(enc.mean()),
         "enc_ci": bootstrap(enc.mean(1)),
         "pixel_vendi": float(pixel_vendi.mean()),
-        "correct_layouts": features[correct],
+        "correct_layouts": [f[c] for f, c in by_prompt],
     }
 
 
-def reference(prompt_list, group_size: int, size: int, radius: float, task: str) -> dict:
-    """The generator's law for these prompts: mean VS_m^ref and ENC^ref, and REFERENCE_LAYOUTS layouts per prompt."""
-    ceilings = [
-        diversity.reference_ceiling(
-            p, group_size=group_size, m=group_size - 1, num_groups=REFERENCE_GROUPS, size=size, radius=radius, task=task
-        )
-        for p in prompt_list
+def marginal_fidelity(correct_layouts: list[np.ndarray], references: list[np.ndarray]) -> tuple[float, float]:
+    """(MMD^2, coverage) of each prompt's correct layouts [n_p, 4] against that prompt's reference layouts, averaged
+    over the prompts where they are defined (NaN when none is). MMD^2 (unbiased, so any n_p >= 2 estimates the same
+    quantity) reads the prompts with >= 2 correct layouts. Coverage grows with the number of generated points, so it
+    reads a fixed count, the first COVERAGE_POINTS correct layouts of the prompts that have as many: how much of the
+    prompt's law that many samples reach, whatever the accuracy."""
+    mmd = [diversity.mmd2(g, r) if len(g) >= 2 else np.nan for g, r in zip(correct_layouts, references)]
+    cov = [
+        diversity.knn_coverage(g[:COVERAGE_POINTS], r) if len(g) >= COVERAGE_POINTS else np.nan
+        for g, r in zip(correct_layouts, references)
     ]
-    layouts = np.concatenate(
-        [
-            diversity.reference_layouts(p, REFERENCE_LAYOUTS, seed=i, size=size, radius=radius, task=task)
-            for i, p in enumerate(prompt_list)
-        ]
+    return float(_nanmean(np.array(mmd), axis=0)), float(_nanmean(np.array(cov), axis=0))
+
+
+def reference(prompt_list, group_size: int, size: int, radius: float, task: str, metric: str, m: int = 0) -> dict:
+    """The generator's law measured as a method is: REFERENCE_GROUPS groups of group_size exact renders per prompt
+    (diversity.reference_scenes), scored and summarised by point_metrics (so accuracy, VS_m^ref and ENC^ref are what
+    a perfect model scores: accuracy < 1 where the objects overlap), and "layouts": per prompt, REFERENCE_LAYOUTS
+    evaluator-correct layouts of an independent draw, the MMD / coverage reference; its own "mmd2" and "coverage"
+    against them are the null values."""
+    drawn = [
+        diversity.reference_scenes(p, REFERENCE_GROUPS * group_size, seed=2 * i, size=size, radius=radius, task=task)
+        for i, p in enumerate(prompt_list)
+    ]
+    images = np.concatenate([d[0] for d in drawn])
+    specs = [spec for d in drawn for spec in d[1]]
+    point = point_metrics(
+        images, score_specs(images, specs), specs, len(prompt_list), REFERENCE_GROUPS, group_size, metric, m
     )
-    return {
-        "vs_m": float(np.mean([c["vs_m"] for c in ceilings])),
-        "enc": float(np.mean([c["enc"] for c in ceilings])),
-        "layouts": layouts,
-    }
+    layouts = [
+        diversity.correct_reference_layouts(
+            p, REFERENCE_LAYOUTS, seed=2 * i + 1, size=size, radius=radius, task=task, metric=metric
+        )
+        for i, p in enumerate(prompt_list)
+    ]
+    point["mmd2"], point["coverage"] = marginal_fidelity(point.pop("correct_layouts"), layouts)
+    return {**point, "layouts": layouts}
+
+
+def _interpolated_gap(acc, vs, cfg_acc, cfg_vs) -> np.ndarray:
+    """vs [n] minus the CFG sweep's VS_m (points cfg_acc, cfg_vs [k]) interpolated at acc [n]; NaN outside the
+    sweep's accuracy range, where vs is NaN, or when fewer than 2 CFG points have a VS_m."""
+    usable = np.isfinite(cfg_vs)
+    if usable.sum() < 2:
+        return np.full(np.shape(acc), np.nan)
+    order = np.lexsort((cfg_vs[usable], cfg_acc[usable]))
+    xs, ys = cfg_acc[usable][order], cfg_vs[usable][order]
+    inside = (acc >= xs[0]) & (acc <= xs[-1]) & np.isfinite(vs)
+    return np.where(inside, vs - np.interp(acc, xs, ys), np.nan)
 
 
 def frontier_gap(points: list[dict], cfg_points: list[dict]) -> list[float]:
     """VS_m of each point minus the CFG sweep's VS_m interpolated at the same accuracy (NaN outside its range)."""
-    usable = sorted((p["accuracy"], p["vs_m"]) for p in cfg_points if np.isfinite(p["vs_m"]))
-    if len(usable) < 2:
-        return [float("nan")] * len(points)
-    acc, vs = np.array(usable).T
-    out = []
-    for p in points:
-        inside = acc[0] <= p["accuracy"] <= acc[-1] and np.isfinite(p["vs_m"])
-        out.append(float(p["vs_m"] - np.interp(p["accuracy"], acc, vs)) if inside else float("nan"))
-    return out
+    stats = lambda pts: (np.array([p["accuracy"] for p in pts]), np.array([p["vs_m"] for p in pts], np.float64))
+    return [float(g) for g in _interpolated_gap(*stats(points), *stats(cfg_points))]
+
+
+def gap_intervals(
+    points: list[dict], cfg_points: list[dict], num_resamples: int = NUM_RESAMPLES, seed: int = 0
+) -> list[tuple[float, float]]:
+    """Paired 95 % bootstrap interval of each point's frontier_gap: every resample draws one set of prompt indices
+    for the points and the whole CFG sweep alike (paired seeds, notes 7.3), recomputes each one's accuracy and
+    VS_m (means over the drawn prompts), the interpolated frontier and the gap. Resamples in which a point falls
+    outside the sweep's accuracy range are left out of its interval."""
+    picks = _resamples(len(cfg_points[0]["accuracy_prompt"]), num_resamples, seed)
+
+    def resampled(pts):  # [len(pts), num_resamples] each
+        acc = np.stack([p["accuracy_prompt"] for p in pts])[:, picks].mean(-1)
+        return acc, _nanmean(np.stack([p["vs_m_prompt"] for p in pts])[:, picks], axis=-1)
+
+    (acc, vs), (cfg_acc, cfg_vs) = resampled(points), resampled(cfg_points)
+    gaps = np.stack([_interpolated_gap(acc[:, r], vs[:, r], cfg_acc[:, r], cfg_vs[:, r]) for r in range(num_resamples)])
+    return [_interval(column) for column in gaps.T]
 
 
 def run(
@@ -244,22 +307,25 @@ def run(
     group_size: int = 4,
     grid: str = "small",
     metric: str = "overall",
+    m: int = 0,
     chunk: int = 8,
 ):
-    """Runs the study (module docstring) and writes `<out_dir>/diversity/`."""
+    """Runs the study (module docstring) and writes `<out_dir>/diversity/`; m: VS_m's subset size (0: the
+    pre-registered one for group_size, config.diversity_m)."""
     if grid not in GRIDS:
         raise ValueError(f"Unknown diversity grid {grid!r}; choose one of {tuple(GRIDS)}.")
     if metric not in DIVERSITY_METRICS:
         raise ValueError(f"Unknown diversity metric {metric!r}; choose one of {DIVERSITY_METRICS}.")
     if group_size < 2:
         raise ValueError(f"diversity_group_size={group_size}: a group needs at least 2 images of a prompt.")
+    m = diversity_m(group_size, m)
     config = model.config
     prompt_list = evaluate.eval_prompt_list(config)[:num_prompts]
     prompts = len(prompt_list)
     captions = [p for p in prompt_list for _ in range(groups * group_size)]
     specs = [parse(c).spec for c in captions]
     size = model.model_cfg.image_size
-    ref = reference(prompt_list, group_size, size, config.data.radius, config.data.task)
+    ref = reference(prompt_list, group_size, size, config.data.radius, config.data.task, metric, m)
     results, images_by_method, timing = {}, {}, {}
     for method in methods(model, GRIDS[grid], group_size):
         name = method["name"]
@@ -274,14 +340,11 @@ def run(
             {k: v[i * len(captions) : (i + 1) * len(captions)] for k, v in scores.items()} for i in range(len(images))
         ]
         points = [
-            point_metrics(images[i], per_setting[i], specs, prompts, groups, group_size, metric)
+            point_metrics(images[i], per_setting[i], specs, prompts, groups, group_size, metric, m)
             for i in range(len(images))
         ]
         for point in points:
-            pooled = point.pop("correct_layouts")
-            enough = len(pooled) >= 2
-            point["mmd2"] = diversity.mmd2(pooled, ref["layouts"]) if enough else float("nan")
-            point["coverage"] = diversity.knn_coverage(pooled, ref["layouts"]) if enough else float("nan")
+            point["mmd2"], point["coverage"] = marginal_fidelity(point.pop("correct_layouts"), ref["layouts"])
         results[name] = dict(labels=method["labels"], points=points)
         images_by_method[name] = images
         timing[name] = dict(
@@ -294,10 +357,11 @@ def run(
     checks = _paired_checks(images_by_method, results, config.eval.cfg_scale)
     for name, result in results.items():
         result["gap"] = frontier_gap(result["points"], results["cfg"]["points"])
+        result["gap_ci"] = gap_intervals(result["points"], results["cfg"]["points"])
     arrays = _arrays(results, ref, timing)
     figures = {"frontier": _frontier_figure(results, ref, model.label, metric)}
     figures["sample_grid"] = _grid_figure(images_by_method, results, prompts, groups, group_size, model.label)
-    summary = _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric)
+    summary = _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric, m)
     if arch.arch_of(model.model_cfg) == "mmdit":
         setting, moved = _token_moves(model, captions, GRIDS[grid], group_size)
         arrays.update({f"token_moves_{key}": value.astype(np.float32) for key, value in moved.items()})
@@ -345,15 +409,19 @@ def _paired_checks(images_by_method: dict, results: dict, eval_scale: float) -> 
     return lines
 
 
+POINT_KEYS = ("accuracy", "vs_m", "enc", "pixel_vendi", "mmd2", "coverage", "insufficient")
+CI_KEYS = ("accuracy_ci", "vs_m_ci", "enc_ci")
+
+
 def _arrays(results: dict, ref: dict, timing: dict) -> dict[str, np.ndarray]:
-    arrays = {"reference_vs_m": np.float32(ref["vs_m"]), "reference_enc": np.float32(ref["enc"])}
+    arrays = {f"reference_{key}": np.float32(ref[key]) for key in POINT_KEYS}
+    arrays.update({f"reference_{key}": np.float32(ref[key]) for key in CI_KEYS})
     for name, result in results.items():
         arrays[f"{name}_labels"] = np.array(result["labels"])
-        for key in ("accuracy", "vs_m", "enc", "pixel_vendi", "mmd2", "coverage", "insufficient"):
-            arrays[f"{name}_{key}"] = np.array([p[key] for p in result["points"]], np.float32)
-        for key in ("accuracy_ci", "vs_m_ci", "enc_ci"):
+        for key in POINT_KEYS + CI_KEYS:
             arrays[f"{name}_{key}"] = np.array([p[key] for p in result["points"]], np.float32)
         arrays[f"{name}_gap"] = np.array(result["gap"], np.float32)
+        arrays[f"{name}_gap_ci"] = np.array(result["gap_ci"], np.float32)
         arrays[f"{name}_ms_per_image"] = np.float32(timing[name]["ms_per_image"])
     return arrays
 
@@ -361,7 +429,7 @@ def _arrays(results: dict, ref: dict, timing: dict) -> dict[str, np.ndarray]:
 def _frontier_figure(results: dict, ref: dict, label: str, metric: str):
     plt = context.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, key, ref_value in ((axes[0], "vs_m", ref["vs_m"]), (axes[1], "enc", ref["enc"])):
+    for ax, key in ((axes[0], "vs_m"), (axes[1], "enc")):
         for name, result in results.items():
             pts = result["points"]
             x = np.array([p["accuracy"] for p in pts])
@@ -373,7 +441,7 @@ def _frontier_figure(results: dict, ref: dict, label: str, metric: str):
                 x[order], y[order], xerr=np.nan_to_num(xerr[:, order]), yerr=np.nan_to_num(yerr[:, order]),
                 marker="o", ms=4, capsize=2, lw=1, label=name,
             )  # fmt: skip
-        ax.scatter([1.0], [ref_value], marker="*", s=160, c="k", zorder=5, label="generator's law")
+        ax.scatter([ref["accuracy"]], [ref[key]], marker="*", s=160, c="k", zorder=5, label="generator's law, scored")
         ax.set_xlabel(f"accuracy ({metric})")
         ax.set_ylabel("VS_m (layouts, correct images)" if key == "vs_m" else "ENC (effective correct layouts)")
         ax.grid(alpha=0.3)
@@ -412,30 +480,41 @@ def _fmt(value: float, ci=None, scale: float = 1.0, digits: int = 2) -> str:
     return text
 
 
-def _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric) -> str:
+def _row(name: str, label: str, point: dict, gap: float = float("nan"), gap_ci=None) -> str:
+    return (
+        f"| {name} | {label} | {_fmt(point['accuracy'], point['accuracy_ci'], 100, 1)} | "
+        f"{_fmt(point['vs_m'], point['vs_m_ci'])} | {_fmt(gap, gap_ci)} | {_fmt(point['enc'], point['enc_ci'])} | "
+        f"{_fmt(point['pixel_vendi'])} | {_fmt(point['mmd2'], digits=3)} | {_fmt(point['coverage'])} | "
+        f"{_fmt(point['insufficient'], scale=100, digits=0)} % |"
+    )
+
+
+def _summary(model, results, ref, timing, checks, prompts, groups, group_size, grid, metric, m) -> str:
     lines = [
         f"# Accuracy vs diversity: {model.label}",
         "",
         f"{prompts} prompts x {groups} groups x {group_size} images per setting, the same noises for every setting "
         f'(paired); grid "{grid}"; sampler {sampling.describe_eval_sampler(model.config)}. Accuracy: "{metric}". '
-        f"VS_m: m = {group_size - 1}, layout RBF kernel sigma {diversity.LAYOUT_SIGMA}. The generator's law: VS_m "
-        f'{ref["vs_m"]:.2f}, ENC {ref["enc"]:.2f} (accuracy 1). "vs CFG": VS_m minus the CFG sweep\'s VS_m at the '
-        "same accuracy (n/a outside the sweep's accuracy range). 95 % bootstrap intervals over prompts.",
+        f"VS_m: m = {m}, layout RBF kernel sigma {diversity.LAYOUT_SIGMA}, the mean over prompts of each prompt's "
+        "mean over its sufficient groups. MMD^2 and coverage: per prompt, against "
+        f"{REFERENCE_LAYOUTS} evaluator-correct layouts of the generator's law for that prompt, averaged over "
+        f"prompts (MMD^2 where >= 2 images are correct; coverage at a fixed {COVERAGE_POINTS} correct images, so "
+        "that it does not grow with accuracy). The generator's law (first row): "
+        f"{REFERENCE_GROUPS} groups per prompt of exact renders, scored by the same evaluator (what a perfect model "
+        "scores). \"vs CFG\": VS_m minus the CFG sweep's VS_m at the same accuracy (n/a outside the sweep's accuracy "
+        "range), with a paired 95 % bootstrap interval (the same prompt resamples for the setting and the sweep). "
+        "Other intervals: 95 % bootstrap over prompts.",
         "",
     ]
     lines += [f"- {line}" for line in checks] + ([""] if checks else [])
     lines += [
         "| method | setting | accuracy % | VS_m | vs CFG | ENC | pixel Vendi | MMD^2 | coverage | insufficient |",
         "|---|---|---|---|---|---|---|---|---|---|",
+        _row("generator's law", "rendered, scored", ref),
     ]
     for name, result in results.items():
-        for label, point, gap in zip(result["labels"], result["points"], result["gap"]):
-            lines.append(
-                f"| {name} | {label} | {_fmt(point['accuracy'], point['accuracy_ci'], 100, 1)} | "
-                f"{_fmt(point['vs_m'], point['vs_m_ci'])} | {_fmt(gap)} | {_fmt(point['enc'], point['enc_ci'])} | "
-                f"{_fmt(point['pixel_vendi'])} | {_fmt(point['mmd2'], digits=3)} | {_fmt(point['coverage'])} | "
-                f"{_fmt(point['insufficient'], scale=100, digits=0)} % |"
-            )
+        for label, point, gap, gap_ci in zip(result["labels"], result["points"], result["gap"], result["gap_ci"]):
+            lines.append(_row(name, label, point, gap, gap_ci))
     base_ms = timing["cfg"]["ms_per_image"]
     lines += ["", "## Wall time", "", "| method | compile s | sampling ms / image | vs CFG sweep | scoring s |"]
     lines += ["|---|---|---|---|---|"]
@@ -466,19 +545,25 @@ def _enc_verdict(results: dict) -> list[str]:
 
 
 def _verdict(results: dict) -> list[str]:
+    """Per method: its best gap to the CFG frontier, and how many settings lie above or below it (paired 95 %
+    interval excluding 0) of those comparable (inside the sweep's accuracy range, VS_m defined)."""
     out = []
     for name in ("repulsion", "pseudo_repulsion", "image_repulsion", "pg", "cads", "interval"):
         if name not in results:
             continue
         gaps = np.array(results[name]["gap"], np.float64)
-        if not np.isfinite(gaps).any():
+        low, high = np.array(results[name]["gap_ci"], np.float64).reshape(-1, 2).T
+        comparable = np.isfinite(gaps)
+        if not comparable.any():
             out.append(f"- {name}: no setting falls inside the CFG sweep's accuracy range with a defined VS_m.")
             continue
         best = int(np.nanargmax(gaps))
         point = results[name]["points"][best]
+        above, below = int(np.sum(comparable & (low > 0))), int(np.sum(comparable & (high < 0)))
         out.append(
             f"- {name}: best {results[name]['labels'][best]}: VS_m {point['vs_m']:.2f} at accuracy "
-            f"{100 * point['accuracy']:.1f} %, {gaps[best]:+.2f} against the CFG sweep at that accuracy; "
-            f"{int(np.sum(gaps > 0))} of {int(np.isfinite(gaps).sum())} comparable settings lie above it."
+            f"{100 * point['accuracy']:.1f} %, {_fmt(gaps[best], results[name]['gap_ci'][best], digits=3)} against "
+            f"the CFG sweep at that accuracy; of {int(comparable.sum())} comparable settings {above} lie above it and "
+            f"{below} below (paired 95 % interval excluding 0), the rest within noise."
         )
     return out

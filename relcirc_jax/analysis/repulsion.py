@@ -11,7 +11,8 @@ gradient ascent on H, the von Neumann entropy (= log Vendi) of their cosine kern
     angular:  c_i <- c_i + (eta / M) |c_i|^2 dH/dc_i         (dimensionless: dH/dc_i is proportional to 1 / |c_i|)
 
 The gradient is taken through the B x B entropy only (analysis.diversity's gap-free custom VJP), never through the
-network. Samples of different prompts never interact: the batch is cut into consecutive groups of `group_size` rows.
+network. Samples of different prompts never interact: each half of the CFG batch [cond; uncond] is cut into
+consecutive groups of `group_size` rows (a batch that does not split so raises ValueError).
 
 What is static and what is data. `RepulsionConfig` (hashable; a change recompiles) holds M, the site, the target
 stream, the kernel and its regulariser, the step mode, the token mask and the group size. The sweep knobs are arrays
@@ -162,11 +163,11 @@ def cfg_roles(config: RepulsionConfig, roles) -> jax.Array | None:
 
 
 def repel_groups(tokens: jax.Array, token_mask: jax.Array, rows_on: jax.Array, eta, config: RepulsionConfig):
-    """tokens [batch, N, D] repelled group by group (consecutive `group_size` rows), in groups whose rows are all
-    switched on by rows_on [batch]; other groups, and masked-out tokens (token_mask [batch, N] False), are returned
-    unchanged. Skips the work (lax.cond) when no group is on."""
+    """tokens [batch, N, D] of a CFG batch [cond; uncond] repelled group by group (consecutive `group_size` rows of
+    each half), in groups whose rows are all switched on by rows_on [batch]; other groups, and masked-out tokens
+    (token_mask [batch, N] False), are returned unchanged. Skips the work (lax.cond) when no group is on."""
     batch, b = tokens.shape[0], config.group_size
-    check_groups(batch, b, "A repulsion")
+    check_cfg_groups(batch, b)
     groups = tokens.reshape((batch // b, b) + tokens.shape[1:])
     masks = token_mask.reshape(batch // b, b, -1)
     group_on = jnp.all(rows_on.reshape(batch // b, b), axis=1)
@@ -186,9 +187,32 @@ def check_groups(batch: int, group_size: int, method: str) -> None:
     """ValueError unless a batch of `batch` rows splits into groups of `group_size` samples of one prompt."""
     if batch % group_size:
         raise ValueError(
-            f"{method} batch of {batch} rows does not split into groups of {group_size} samples per prompt. Fix: "
-            "make the number of images per prompt (and the sampling batch) a multiple of the group size."
+            f"{method} batch of {batch} rows does not split into groups of {group_size} samples per prompt: a group "
+            "would straddle two prompts (and, under CFG, the conditional and unconditional halves). Fix: make the "
+            "number of images per prompt (and the sampling batch) a multiple of the group size."
         )
+
+
+def check_cfg_groups(rows: int, group_size: int) -> None:
+    """ValueError unless each half of a CFG batch [cond; uncond] of `rows` rows splits into groups of `group_size`
+    (a group across the boundary would repel one prompt's conditional rows against another's unconditional ones)."""
+    if rows % 2:
+        raise ValueError(
+            f"A repulsion acts on a CFG batch [cond; uncond], which has an even number of rows; got {rows}."
+        )
+    check_groups(rows // 2, group_size, "A repulsion's CFG half: its")
+
+
+def check_caption_groups(captions, group_size: int) -> None:
+    """ValueError unless every group of `group_size` consecutive captions holds one caption (a prompt's samples)."""
+    for start in range(0, len(captions), group_size):
+        group = set(captions[start : start + group_size])
+        if len(group) > 1:
+            raise ValueError(
+                f"Captions {start}..{start + group_size - 1} form one repulsion group but name {len(group)} prompts "
+                f"({sorted(group)}): a group would straddle prompts. Fix: list each prompt's samples consecutively, "
+                f"a multiple of {group_size} of them."
+            )
 
 
 def group_entropy(vectors: jax.Array, config: RepulsionConfig) -> jax.Array:
@@ -241,14 +265,17 @@ def knobs(eta: float, window, blocks) -> dict[str, np.ndarray]:
     }
 
 
-def thirds(depth: int) -> dict[str, np.ndarray]:
-    """Block selections of notes 7.3: "all", and the "first", "middle" and "last" third of the blocks that have a
-    text output (the MM-DiT's last block is context_pre_only, so text repulsion there is a no-op)."""
-    usable = max(depth - 1, 1)
+def thirds(depth: int, *, text: bool = True) -> dict[str, np.ndarray]:
+    """Block selections of notes 7.3: "all", and the "first", "middle" and "last" third of the usable blocks: those
+    with a text output for a text-side target (the MM-DiT's last block is context_pre_only, so text repulsion there
+    is a no-op), every block for the image target (text=False). Below 3 usable blocks the thirds collapse; an empty
+    third, or one that repeats an earlier selection, is left out, so every name is a distinct setting."""
+    usable = max(depth - 1, 1) if text else depth
     edges = np.linspace(0, usable, 4).round().astype(int)
     out = {"all": np.r_[np.ones(usable), np.zeros(depth - usable)].astype(np.float32)}
     for name, lo, hi in zip(("first", "middle", "last"), edges[:-1], edges[1:]):
         sel = np.zeros(depth, np.float32)
-        sel[lo : max(hi, lo + 1)] = 1
-        out[name] = sel
+        sel[lo:hi] = 1
+        if sel.any() and not any(np.array_equal(sel, seen) for seen in out.values()):
+            out[name] = sel
     return out

@@ -26,6 +26,9 @@ from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.host_data import shared_to_global, to_host
 from relcirc_jax.train import state as train_state
 
+# Samples of one prompt per repulsion / particle-guidance group (generate_fn's default).
+GROUP_SIZE = 4
+
 
 class Sampler:
     """Generates uint8 images for captions in fixed-size, batch-sharded chunks (one compiled function per run).
@@ -38,6 +41,8 @@ class Sampler:
     (images, captured) with the captured leaves [num_steps, len(captions), ...]; `extra_fields(captions)` adds
     per-caption arrays to the batch that reduce reads (e.g. token roles). `generate_kwargs` go to generate_fn (e.g.
     a repulsion and its group size) and `interventions` (one setting, e.g. the repulsion's knobs) to every call.
+    With a repulsion, batch_size must split into its groups and each group of captions must name one prompt
+    (ValueError naming the fix otherwise).
     """
 
     def __init__(
@@ -61,6 +66,15 @@ class Sampler:
     ):
         shards = sharding_rules.batch_shards(mesh)
         self.batch_size = math.ceil(batch_size / shards) * shards
+        kwargs = generate_kwargs or {}
+        self._group_size = kwargs.get("group_size", GROUP_SIZE) if kwargs.get("repulsion") is not None else None
+        if self._group_size and self.batch_size % self._group_size:
+            raise ValueError(
+                f"Sampler(batch_size={batch_size}) samples chunks of {self.batch_size} rows (a multiple of the mesh's "
+                f"{shards} batch shards), which do not split into repulsion groups of {self._group_size}: a group "
+                "would straddle two prompts and the CFG halves. Fix: make batch_size a multiple of "
+                f"{math.lcm(self._group_size, shards)} (the group size and the batch shards)."
+            )
         self._mesh = mesh
         self._extra_fields = extra_fields
         self._capturing = reduce is not None
@@ -87,6 +101,8 @@ class Sampler:
         """uint8[len(captions), H, W, 3] images for `captions` (and the captured values, when capturing)."""
         captions = list(captions)
         padded = captions + [captions[-1]] * (-len(captions) % self.batch_size)
+        if self._group_size:
+            repulsion_lib.check_caption_groups(padded, self._group_size)
         batch = caption_batch(padded)
         if self._extra_fields is not None:
             batch.update(self._extra_fields(padded))
@@ -136,7 +152,7 @@ def generate_fn(
     capture: Sequence[str] = (),
     reduce: Callable | None = None,
     repulsion=None,
-    group_size: int = 4,
+    group_size: int = GROUP_SIZE,
     settings_axis: str | None = None,
 ) -> Callable:
     """generate(params, batch, tables, noise_id, interventions=None) -> uint8 images [B, H, W, 3]: text embedding, CFG
@@ -169,6 +185,8 @@ def generate_fn(
 
     def generate(params, batch, tables, noise_id, interventions=None):
         text, text_mask = conditioner.embed(tables, batch)
+        if repulsion is not None:
+            repulsion_lib.check_groups(text.shape[0], group_size, "A repulsion")
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
         masks = dict(interventions or {})
         knobs = {name: masks.pop(name) for name in baselines.KNOBS if name in masks}

@@ -109,17 +109,23 @@ def get_config(name: str) -> ml_collections.ConfigDict:
 
 def saved_config(path) -> ml_collections.ConfigDict:
     """A config.json written by a run or an export, laid over today's full config of its encoder and size."""
+    return config_from_dict(json.loads(epath.Path(path).read_text()))
+
+
+def config_from_dict(saved: dict) -> ml_collections.ConfigDict:
+    """A saved config (a run's config.json, a checkpoint's meta) laid over today's full config of its encoder and
+    size."""
     from relcirc_jax.config import base_config
 
-    saved = json.loads(epath.Path(path).read_text())
     config = base_config(saved["text"]["encoder"], saved["model"]["size"])
     config.unlock()
     config.update(saved)
     return config
 
 
-# The config fields that define a model's parameters and what its outputs mean.
+# The config fields that define a model's parameters and what its outputs mean, less where its weights are read from.
 MODEL_FIELDS = ("model", "text", "data.image_size")
+LOCATION_FIELDS = ("text.t5_path",)
 # Those that must still agree when config.init_transfer swaps the text encoder.
 TRANSFER_FIELDS = ("model", "data.image_size")
 
@@ -131,7 +137,12 @@ def config_differences(
     sizes a `model.size` implies filled in (a reference's saved config keeps them None)."""
     mine, theirs = flatten(_with_sizes(config)), flatten(_with_sizes(reference))
     prefixes = [field.replace(".", _SEPARATOR) for field in fields]
-    keys = [k for k in sorted(set(mine) | set(theirs)) if any(k == p or k.startswith(p + _SEPARATOR) for p in prefixes)]
+    locations = {field.replace(".", _SEPARATOR) for field in LOCATION_FIELDS}
+    keys = [
+        k
+        for k in sorted(set(mine) | set(theirs))
+        if any(k == p or k.startswith(p + _SEPARATOR) for p in prefixes) and k not in locations
+    ]
     return [
         f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
     ]

@@ -1,5 +1,6 @@
-"""Checkpointer: bitwise roundtrip, save interval, keep-N, restore onto another mesh, corrupt latest -> fallback,
-and SIGKILL during an asynchronous save -> the previous checkpoint still restores."""
+"""Checkpointer: bitwise roundtrip, save interval, keep-N, restore onto another mesh, a transient read error ->
+retried, corrupt latest -> fallback (moved aside only for training), and SIGKILL during an asynchronous save -> the
+previous checkpoint still restores."""
 
 import logging
 import os
@@ -16,7 +17,13 @@ from jax.sharding import PartitionSpec as P
 from run_records import assert_bitwise_equal
 
 from relcirc_jax.parallel import make_mesh
+from relcirc_jax.train import checkpoint
 from relcirc_jax.train.checkpoint import Checkpointer
+
+
+@pytest.fixture(autouse=True)
+def no_retry_sleep(monkeypatch):
+    monkeypatch.setattr(checkpoint, "RESTORE_RETRY_SECONDS", 0.0)
 
 
 def _state(mesh, offset=0):
@@ -107,18 +114,24 @@ def _damage(step_dir, damage):
             path.unlink()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "delete_meta"])
-def test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files(tmp_path, caplog, damage):
-    mesh = make_mesh({"data": -1})
-    ckpt = Checkpointer(tmp_path, save_every=1, async_save=False)
+def _save_steps_1_and_2(directory, mesh):
+    ckpt = Checkpointer(directory, save_every=1, async_save=False)
     for step in (1, 2):
         ckpt.save(step, _state(mesh, step), {"step": step})
     ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "delete_meta"])
+def test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files(tmp_path, caplog, damage):
+    mesh = make_mesh({"data": -1})
+    _save_steps_1_and_2(tmp_path, mesh)
     _damage(tmp_path / "2", damage)
 
     ckpt = Checkpointer(tmp_path, save_every=1)
     with caplog.at_level(logging.WARNING):
-        step, restored, meta = ckpt.restore_latest(_abstract(_state(mesh), lambda x: x.sharding))
+        step, restored, meta = ckpt.restore_latest(
+            _abstract(_state(mesh), lambda x: x.sharding), move_aside_unreadable=True
+        )
     assert step == 1 and meta == {"step": 1}
     assert_bitwise_equal(restored, _state(mesh, 1))
     assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
@@ -126,6 +139,45 @@ def test_unreadable_latest_falls_back_with_a_warning_and_keeps_the_files(tmp_pat
     assert len(moved) == 1 and (moved[0] / "state").exists()  # moved aside, never deleted
     assert ckpt.save(2, _state(mesh, 2), {"step": 2})  # the run can save that step again
     ckpt.close()
+
+
+def test_read_only_restore_of_a_damaged_latest_falls_back_and_leaves_it_in_place(tmp_path, caplog, monkeypatch):
+    mesh = make_mesh({"data": -1})
+    _save_steps_1_and_2(tmp_path, mesh)
+    _damage(tmp_path / "2", "truncate")
+
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    real_restore, reads = ckpt._manager.restore, []
+    monkeypatch.setattr(ckpt._manager, "restore", lambda step, **kw: reads.append(step) or real_restore(step, **kw))
+    with caplog.at_level(logging.WARNING):
+        step, restored, meta = ckpt.restore_latest(_abstract(_state(mesh), lambda x: x.sharding))
+    ckpt.close()
+    assert step == 1 and meta == {"step": 1}
+    assert_bitwise_equal(restored, _state(mesh, 1))
+    assert reads == [2] * checkpoint.RESTORE_ATTEMPTS + [1]
+    assert any("step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]  # e.g. a live run's step: nothing renamed
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"move_aside_unreadable": True}], ids=["read_only", "training"])
+def test_a_transient_read_error_is_retried_and_renames_nothing(tmp_path, monkeypatch, kwargs):
+    mesh = make_mesh({"data": -1})
+    _save_steps_1_and_2(tmp_path, mesh)
+
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    real_restore, failures = ckpt._manager.restore, [OSError("transient: connection reset by peer")]
+
+    def flaky_restore(step, **kw):  # the first read of the newest step fails once, as a flaky gs:// read does
+        if step == 2 and failures:
+            raise failures.pop()
+        return real_restore(step, **kw)
+
+    monkeypatch.setattr(ckpt._manager, "restore", flaky_restore)
+    step, restored, meta = ckpt.restore_latest(_abstract(_state(mesh), lambda x: x.sharding), **kwargs)
+    ckpt.close()
+    assert not failures and step == 2 and meta == {"step": 2}
+    assert_bitwise_equal(restored, _state(mesh, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
 def test_all_steps_unreadable_raises_instead_of_starting_over(tmp_path):

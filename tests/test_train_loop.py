@@ -17,6 +17,7 @@ from run_records import assert_bitwise_equal, metric_rows
 
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset
+from relcirc_jax.errors import UserError
 from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 
@@ -212,3 +213,31 @@ def test_spent_time_budget_saves_samples_and_evaluates_the_last_step_then_stops(
     assert [row["step"] for row in rows if "eval/overall" in row] == [1]  # the curve ends with the model that was saved
     assert os.listdir(tmp_path / "samples") == ["samples_00000001.png"]
     assert "time_budget_minutes=1e-09 spent: saved and evaluated the checkpoint of step 1" in caplog.text
+
+
+def test_the_last_step_is_saved_before_its_evaluation_runs(tmp_path, monkeypatch):
+    def failing_evaluation(self, state, step, writer, *, final=False):
+        if final:
+            raise RuntimeError("the evaluation failed (an out-of-memory sampler, say)")
+
+    monkeypatch.setattr(loop._PeriodicSampling, "__call__", failing_evaluation)
+    config = smoke_config(**{"train.time_budget_minutes": 1e-9, **NO_SAMPLING})
+    with pytest.raises(RuntimeError, match="the evaluation failed"):
+        loop.train(config, str(tmp_path))
+    assert os.listdir(tmp_path / "checkpoints") == ["1"]
+
+
+def test_a_checkpoint_of_another_model_stops_the_run_and_keeps_its_config(tmp_path):
+    loop.train(smoke_config(**{"train.num_steps": 2, **NO_SAMPLING}), str(tmp_path))
+    saved = (tmp_path / "config.json").read_text()
+    other = smoke_config(**{"train.num_steps": 4, **NO_SAMPLING})
+    other.text.encoder = "rte_nopos"  # the same parameter shapes: it would load silently
+    with pytest.raises(UserError, match=r"step 2 .* another model .*text\.encoder: 'rte_nopos' vs 'rte'"):
+        loop.train(other, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == saved
+    setup = train_state.build_run_setup(other, str(tmp_path))
+    try:  # evaluate, sample and export read checkpoints through restore_or_fail: the same check
+        with pytest.raises(UserError, match="another model"):
+            train_state.restore_or_fail(setup, str(tmp_path))
+    finally:
+        setup.checkpointer.close()

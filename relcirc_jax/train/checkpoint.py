@@ -2,8 +2,9 @@
 
 Saves are asynchronous, atomic (Orbax writes into a temporary directory and renames it when complete) and happen
 every `save_every` steps (or when forced, or at a preemption sync point). Restoring reads the newest step onto the
-shardings of the abstract state it is given, so a run may resume on another mesh or device count. An unreadable
-newest step is moved aside (renamed, never deleted) and the previous one is used.
+shardings of the abstract state it is given, so a run may resume on another mesh or device count. A failing read is
+retried (a transient gs:// or NFS error is not damage); a step still unreadable after that is skipped for the previous
+one, and only the training loop moves it aside (renamed, never deleted): read-only modes leave it in place.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 UNREADABLE_SUFFIX = ".unreadable"
+RESTORE_ATTEMPTS = 3  # reads of one step before it counts as unreadable
+RESTORE_RETRY_SECONDS = 1.0  # sleep before the first retry, doubled before each further one (1 s, 2 s)
 
 
 def _absolute(path: epath.Path) -> epath.Path:
@@ -78,28 +81,34 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+    def restore_latest(
+        self, abstract_state: Any, *, move_aside_unreadable: bool = False
+    ) -> tuple[int, Any, dict] | None:
         """Restores the newest readable step onto `abstract_state`'s shardings; None if there is no checkpoint.
 
-        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set for the current mesh.
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct with `.sharding` set for the current mesh. A step that
+        fails `RESTORE_ATTEMPTS` reads is skipped with a warning. With `move_aside_unreadable` (the training loop, which
+        will save those steps again) the skipped newer steps are renamed aside; otherwise nothing on disk changes.
         """
         errors = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                restored = self._manager.restore(step, args=_restore_args(abstract_state))
+                restored = self._restore_with_retries(step, abstract_state)
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint must fall back, not crash
                 logging.warning(
-                    "Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step.",
+                    "Checkpoint step %d in %s is unreadable (%s: %s); falling back to an older step%s.",
                     step,
                     self.directory,
                     type(error).__name__,
                     error,
+                    "" if move_aside_unreadable else " and leaving it in place",
                 )
                 errors.append(f"step {step}: {type(error).__name__}: {error}")
                 continue
-            for bad_step in sorted(self._manager.all_steps()):
-                if bad_step > step:
-                    self._move_aside(bad_step)
+            if move_aside_unreadable:
+                for bad_step in sorted(self._manager.all_steps()):
+                    if bad_step > step:
+                        self._move_aside(bad_step)
             return step, restored.state, restored.meta
         if errors:
             raise RuntimeError(
@@ -117,8 +126,27 @@ class Checkpointer:
                 f"No checkpoint of step {step} in {self.directory}; available steps: {steps}. "
                 "Fix: pass one of them, or leave the step out for the latest."
             )
-        restored = self._manager.restore(step, args=_restore_args(abstract_state))
+        restored = self._restore_with_retries(step, abstract_state)
         return restored.state, restored.meta
+
+    def _restore_with_retries(self, step: int, abstract_state: Any) -> Any:
+        """Orbax's restore of `step`, retried with a growing sleep; the last attempt's exception propagates."""
+        for attempt in range(RESTORE_ATTEMPTS):
+            try:
+                return self._manager.restore(step, args=_restore_args(abstract_state))
+            except Exception as error:  # noqa: BLE001 - the caller decides what a lasting failure means
+                if attempt == RESTORE_ATTEMPTS - 1:
+                    raise
+                delay = RESTORE_RETRY_SECONDS * 2**attempt
+                logging.warning(
+                    "Reading checkpoint step %d in %s failed (%s: %s); retrying in %.0f s.",
+                    step,
+                    self.directory,
+                    type(error).__name__,
+                    error,
+                    delay,
+                )
+                time.sleep(delay)
 
     def _move_aside(self, step: int) -> None:
         """Renames an unreadable step directory so new saves at that step are possible and nothing is lost."""

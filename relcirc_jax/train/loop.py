@@ -2,8 +2,10 @@
 
 A run is resumable at any checkpoint and bitwise reproducible: the data of step s and all randomness of the step are
 functions of (seed, s), and the state is restored exactly. A non-finite loss stops the run with an error naming the
-step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally; so
-does a spent `train.time_budget_minutes`, after sampling and evaluating the last step (the end of its learning curve).
+step before anything is saved, so the last checkpoint stays good. SIGTERM saves a checkpoint and returns normally
+(no sampling or evaluation in the grace period); so does a spent `train.time_budget_minutes`, which also samples and
+evaluates the last step (the end of its learning curve) after saving it. A checkpoint of another model than the config
+describes (say, another text encoder of the same shapes) stops the run with an error before config.json is written.
 """
 
 import json
@@ -30,8 +32,8 @@ def train(config: ml_collections.ConfigDict, workdir, *, devices=None) -> train_
     """Trains (or resumes) the run in `workdir` to config.train.num_steps; returns the final state."""
     workdir = epath.Path(workdir)
     setup = train_state.build_run_setup(config, workdir, devices)
-    write_config(config, workdir)
     state, start = _init_or_restore(setup)
+    write_config(config, workdir)  # after the checkpoint, if any, was found to be this config's model
     writer = MetricWriter(workdir, is_primary=jax.process_index() == 0)
     try:
         return _run(setup, state, start, writer)
@@ -51,9 +53,10 @@ def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
 
 
 def _init_or_restore(setup: train_state.RunSetup) -> tuple[train_state.TrainState, int]:
-    restored = setup.checkpointer.restore_latest(setup.abstract_state)
+    restored = setup.checkpointer.restore_latest(setup.abstract_state, move_aside_unreadable=True)
     if restored is not None:
-        step, state, _ = restored
+        step, state, meta = restored
+        train_state.check_same_model(setup, step, meta)
         logging.info("Resumed from the checkpoint of step %d.", step)
         return state, step
     init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
@@ -117,9 +120,10 @@ def _run(
             writer.scalars(done, _window_metrics(pending))
             progress.update(done, metrics["loss"], metrics["grad_norm"])
             pending = []
-        periodic(state, done, writer, final=out_of_time)
-        if saving:
+        if saving:  # before sampling and evaluating: a failure or a hard kill there must not lose the step
             setup.checkpointer.save(done, state, _meta(config, done), force=True)
+        if not preempted:  # a preemption's grace period is for the save
+            periodic(state, done, writer, final=out_of_time)
         if preempted:
             logging.warning("Preempted: saved the checkpoint of step %d; stopping.", done)
             break

@@ -217,9 +217,25 @@ def _uses_reference_model(config: ml_collections.ConfigDict, workdir) -> bool:
 
 
 def restore_or_fail(setup: RunSetup, workdir, step: int | None = None) -> tuple[int, TrainState]:
-    """(step, state) of checkpoint `step` (default the latest); a UserError when the workdir has none."""
+    """(step, state) of checkpoint `step` (default the latest); a UserError when the workdir has none or when the
+    checkpoint is another model than the config's (check_same_model)."""
     require_checkpoint(workdir, step)
-    if step is not None:
-        return step, setup.checkpointer.restore(step, setup.abstract_state)[0]
-    step, state, _ = setup.checkpointer.restore_latest(setup.abstract_state)
+    if step is None:
+        step, state, meta = setup.checkpointer.restore_latest(setup.abstract_state)
+    else:
+        state, meta = setup.checkpointer.restore(step, setup.abstract_state)
+    check_same_model(setup, step, meta)
     return step, state
+
+
+def check_same_model(setup: RunSetup, step: int, meta: dict) -> None:
+    """UserError when checkpoint `step` (its `meta`) was trained as another model than setup.config describes
+    (pretrained.MODEL_FIELDS: e.g. another text encoder with the same parameter shapes), which would load silently."""
+    differences = pretrained.config_differences(setup.config, pretrained.config_from_dict(meta["config"]))
+    if differences:
+        raise UserError(
+            f"The checkpoint of step {step} in {setup.checkpointer.directory} was trained as another model than this "
+            f"config describes: {'; '.join(differences)} (this config's value vs the checkpoint's). Fix: pass the "
+            "config file and overrides the run was trained with (WORKDIR/config.txt lists its config), or use another "
+            "--workdir."
+        )

@@ -39,7 +39,7 @@ MUTANTS = (
         "resume",
         "a restarted run resumes from its latest checkpoint",
         "relcirc_jax/train/loop.py",
-        "restored = setup.checkpointer.restore_latest(setup.abstract_state)",
+        "restored = setup.checkpointer.restore_latest(setup.abstract_state, move_aside_unreadable=True)",
         "restored = None",
         ("tests/test_train_loop.py::test_stop_and_resume_is_bitwise_identical",),
     ),
@@ -59,6 +59,22 @@ MUTANTS = (
         "        if saving:\n            setup.checkpointer.save(done, state, _meta(config, done), force=True)\n"
         "        if saving or periodic.due(done) or done % config.log.every_steps == 0:\n",
         ("tests/test_train_loop.py::test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint",),
+    ),
+    Mutant(
+        "save_before_evaluation",
+        "the last step is saved before its sample grid and evaluation run",
+        "relcirc_jax/train/loop.py",
+        "        if saving:  # before sampling and evaluating: a failure or a hard kill there must not lose the step\n",
+        "        periodic(state, done, writer, final=out_of_time)\n        if saving:\n",
+        ("tests/test_train_loop.py::test_the_last_step_is_saved_before_its_evaluation_runs",),
+    ),
+    Mutant(
+        "same_model",
+        "a checkpoint of another model than the config's is refused, not loaded",
+        "relcirc_jax/train/state.py",
+        "    if differences:\n        raise UserError(",
+        "    if False:\n        raise UserError(",
+        ("tests/test_train_loop.py::test_a_checkpoint_of_another_model_stops_the_run_and_keeps_its_config",),
     ),
     Mutant(
         "checkpoint_fallback",

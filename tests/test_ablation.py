@@ -295,6 +295,32 @@ def test_effect_intervals_resample_whole_prompts(monkeypatch):
     assert iid["ci_high"][1, SPATIAL] - iid["ci_low"][1, SPATIAL] < 0.6 * np.ptp(reference)
 
 
+def test_simultaneous_intervals_keep_their_coverage_over_every_screened_head(monkeypatch):
+    """40 heads without any effect (each flips 15 % of the baseline's prompts, both ways alike) and one that breaks
+    every image: some null heads' own intervals exclude 0 (5 % of them would), the simultaneous band excludes it for
+    none of them, and still for the real effect."""
+    prompts, per_prompt, null_heads = 40, 4, 40
+    rng = np.random.default_rng(0)
+    baseline = rng.random(prompts) < 0.5
+    null = baseline ^ (rng.random((null_heads, prompts)) < 0.15)
+    correct = np.concatenate([baseline[None], null, np.zeros((1, prompts), bool)])
+    images = np.repeat(correct, per_prompt, axis=1).astype(np.uint8)[..., None, None, None]
+    captions = [f"prompt {p}" for p in range(prompts) for _ in range(per_prompt)]
+    monkeypatch.setattr(
+        evaluate,
+        "score_images",
+        lambda images, captions, detector: (dict.fromkeys(METRICS, images[:, 0, 0, 0] > 0), None),
+    )
+    result = ablation.effects(images, captions, num_resamples=2000)
+    low, high = result["ci_low"][:, SPATIAL], result["ci_high"][:, SPATIAL]
+    sim_low, sim_high = result["sim_low"][:, SPATIAL], result["sim_high"][:, SPATIAL]
+    null = slice(1, 1 + null_heads)
+    assert ((low[null] > 0) | (high[null] < 0)).sum() >= 1
+    assert not ((sim_low[null] > 0) | (sim_high[null] < 0)).any()
+    assert np.all(sim_high[1:] - sim_low[1:] > high[1:] - low[1:])
+    assert sim_high[-1] < 0
+
+
 # ---------------------------------------------------------------- the report
 
 

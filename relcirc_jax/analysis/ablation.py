@@ -158,8 +158,11 @@ def effects(
     "ci_high" [M, K]: the 95 % percentile interval of the effect over `num_resamples` paired cluster bootstrap
     resamples (bootstrap.cluster_weights, seeded `seed`). Images of one prompt share its effect, so a resample draws
     whole prompts: the images with one caption (or one label of `clusters` [N]), the same ones for the baseline and
-    every mask. With `shape` = (kinds, depth, heads), a mask's shape, and the rows of `single_head_masks`, also
-    "effect_map" [kinds, depth, heads, K] (and ci maps).
+    every mask. "sim_low" / "sim_high" [M, K] are simultaneous 95 % intervals over masks 1..M-1 (studentized max:
+    each mask's effect +- q * its bootstrap standard deviation, q the 95th percentile over resamples of the largest
+    |deviation| / sd of any mask), so a head picked as the most harmful of many keeps its coverage. With `shape` =
+    (kinds, depth, heads), a mask's shape, and the rows of `single_head_masks`, also "effect_map" [kinds, depth,
+    heads, K] (and ci maps).
     """
     images = np.asarray(images)
     captions = list(captions)
@@ -176,12 +179,16 @@ def effects(
     weights = bootstrap.cluster_weights(captions if clusters is None else clusters, num_resamples, seed)  # [R, N]
     resampled = np.einsum("rn,mnk->rmk", weights, correct.astype(np.float64)) / weights.sum(1)[:, None, None]
     resampled_effect = resampled - resampled[:, :1]
+    effect = accuracy - accuracy[:1]
+    half_width = _simultaneous_half_width(resampled_effect, effect)
     out = {
         "correct": correct,
         "accuracy": accuracy,
-        "effect": accuracy - accuracy[:1],
+        "effect": effect,
         "ci_low": np.percentile(resampled_effect, 2.5, axis=0),
         "ci_high": np.percentile(resampled_effect, 97.5, axis=0),
+        "sim_low": effect - half_width,
+        "sim_high": effect + half_width,
     }
     if shape is not None:
         heads = int(np.prod(shape))
@@ -190,6 +197,15 @@ def effects(
         for name in ("effect", "ci_low", "ci_high"):
             out[f"{name}_map"] = out[name][1:].reshape(*shape, -1)
     return out
+
+
+def _simultaneous_half_width(resampled_effect: np.ndarray, effect: np.ndarray) -> np.ndarray:
+    """[M, K] half-widths of the studentized-max 95 % band over masks 1..M-1 (row 0, the baseline, gets 0) from the
+    bootstrap effects [R, M, K]; a mask whose effect never varies gets 0."""
+    sd = resampled_effect.std(axis=0)  # [M, K]
+    studentized = np.abs(resampled_effect - effect) / np.where(sd > 0, sd, np.inf)
+    q = np.percentile(studentized[:, 1:].max(axis=1), 95, axis=0) if len(effect) > 1 else np.zeros(effect.shape[1:])
+    return np.concatenate([np.zeros_like(sd[:1]), q * sd[1:]])
 
 
 def set_vs_random(
@@ -288,12 +304,10 @@ def _harm_order(effect: np.ndarray) -> np.ndarray:
     return 1 + np.lexsort((rows[:, METRICS.index("overall")], rows[:, METRICS.index(RANK_METRIC)]))
 
 
-def _fmt_effect(result: dict, row: int, metric: str) -> str:
+def _fmt_effect(result: dict, row: int, metric: str, low: str = "ci_low", high: str = "ci_high") -> str:
     k = METRICS.index(metric)
-    return (
-        f"{100 * result['effect'][row, k]:+.1f} [{100 * result['ci_low'][row, k]:+.1f}, "
-        f"{100 * result['ci_high'][row, k]:+.1f}]"
-    )
+    effect, low, high = (100 * result[name][row, k] for name in ("effect", low, high))
+    return f"{effect:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def run(
@@ -361,13 +375,19 @@ def run(
         lines += [
             f"## The 5 most harmful heads, {m} ablation (ranked by {RANK_METRIC})",
             "",
-            "| head | " + " | ".join(f"{metric} effect [95 % CI]" for metric in REPORT_METRICS) + " |",
-            "|---" * (1 + len(REPORT_METRICS)) + "|",
+            f"Picked as the most harmful of {len(labels)}, a head's own 95 % interval is too optimistic; the last "
+            f"column is simultaneous over all {len(labels)} heads (studentized max over the same resamples).",
+            "",
+            "| head | "
+            + " | ".join(f"{metric} effect [95 % CI]" for metric in REPORT_METRICS)
+            + f" | {RANK_METRIC} [simultaneous 95 %] |",
+            "|---" * (2 + len(REPORT_METRICS)) + "|",
         ]
         for row in order[:5]:
             kind, layer, head = labels[row - 1]
             cells = " | ".join(_fmt_effect(result, row, metric) for metric in REPORT_METRICS)
-            lines.append(f"| {kind} L{layer} H{head} | {cells} |")
+            simultaneous = _fmt_effect(result, row, RANK_METRIC, "sim_low", "sim_high")
+            lines.append(f"| {kind} L{layer} H{head} | {cells} | {simultaneous} |")
         lines.append("")
         if top_heads:
             comparison = set_vs_random(model, captions, top_heads, mode=m, chunk=chunk)

@@ -26,7 +26,9 @@ from relcirc_jax.train import evaluate, sampling
 KINDS = interventions.HEAD_KINDS["pixart"]  # axis 1 of a PixArt DiT's mask array
 MASK_KEYS = {"zero": "mask", "mean": "mean_mask"}  # the intervention (interventions.head_keyword) of each mode
 RANK_METRIC = "spatial_relationship"  # heads are ranked by their effect on this metric
-REPORT_METRICS = ("spatial_relationship", "overall")  # shown in the effect maps and set comparisons
+# Shown in the effect maps and set comparisons: the strict relation (its +-2.5 px at 64 px makes straight relations
+# mostly position jitter), the loose one (the paper's column), the binding it is gated on, and overall.
+REPORT_METRICS = ("spatial_relationship", "spatial_relationship_loose", "unique_binding", "overall")
 NUM_RESAMPLES = 1000
 SCORE_BLOCK_IMAGES = 8192  # images scored per detector call (bounds the detector's memory)
 GRID_IMAGES = 8  # images per row of the sample grid

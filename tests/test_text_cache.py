@@ -10,6 +10,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import safetensors.numpy  # noqa: E402
 import tiny_checkpoints  # noqa: E402
 
 from relcirc_jax.data import prompts, tokenizer  # noqa: E402
@@ -99,6 +100,21 @@ def test_fingerprint_follows_the_checkpoint(tmp_path):
     with open(checkpoint / "config.json", "a") as f:
         f.write("\n ")  # same JSON content: same fingerprint
     assert before == cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+    # new weights of the same shapes saved over the old ones (the file's size and even its mtime kept): another table
+    weights, stat = checkpoint / "model.safetensors", os.stat(checkpoint / "model.safetensors")
+    tensors = safetensors.numpy.load_file(weights)
+    largest = max(tensors, key=lambda name: tensors[name].size)  # a fine-tune moves (nearly) every weight
+    tensors = {name: value + (name == largest) for name, value in tensors.items()}
+    safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(weights) == stat.st_size
+    retrained = cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)
+    assert retrained != before
+    vocab = (checkpoint / "vocab.txt").read_text().splitlines(keepends=True)
+    red, blue = vocab.index("red\n"), vocab.index("blue\n")
+    vocab[red], vocab[blue] = vocab[blue], vocab[red]  # another tokenizer: other ids for the same captions
+    (checkpoint / "vocab.txt").write_text("".join(vocab))
+    assert cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32) != retrained
     os.remove(checkpoint / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="No weights"):
         cache._fingerprint("minilm", "bert", str(checkpoint), CAPTIONS, 20, jnp.float32)

@@ -22,7 +22,7 @@ from relcirc_jax.data.tokenizer import MAX_LEN
 from relcirc_jax.text import bert, hf_loading, t5
 
 SPECIAL_ROLE = -1
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: the checkpoint fingerprint hashes the tokenizer files and samples the weights
 _ROLE_ID = {role: index for index, role in enumerate(prompts.ROLES)}
 
 # family -> (load(path, dtype) -> (config, params), encode(config, params, ids, mask) -> float32[B, L, D]).

@@ -3,6 +3,7 @@ the T5 and BERT loaders share, and the tensor conversions they use. The weight f
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 from typing import Callable
@@ -37,11 +38,42 @@ def load_encoder(path: str, config_cls, params_from_state: Callable, keep: Calla
     return config, params_from_state(config, hf_weights.read_weights(path, keep), dtype)
 
 
+# The files a Hugging Face tokenizer reads: the ids, mask and roles a text cache stores come from them.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "spiece.model",
+    "vocab.txt",
+)
+_WEIGHT_SAMPLES, _SAMPLE_BYTES = 64, 4096  # a strided content sample: cheap on a 19 GB T5-XXL
+
+
 def checkpoint_fingerprint(path: str) -> str:
-    """A cheap identity of a checkpoint (config text, weight file names and sizes) for cache keys; weights unhashed."""
+    """A cheap identity of a checkpoint for cache keys: its config text, the tokenizer files (hashed whole) and each
+    weight file's name, size, modification time and a strided sample of its bytes (new weights of the same shapes
+    saved over old ones change it)."""
     parts = [json.dumps(read_config(path), sort_keys=True)]
-    parts += [f"{os.path.basename(f)}:{os.path.getsize(f)}" for f in hf_weights.weight_files(path)]
+    for file in hf_weights.weight_files(path):
+        size = os.path.getsize(file)
+        offsets = sorted({size * k // _WEIGHT_SAMPLES for k in range(_WEIGHT_SAMPLES)})
+        parts.append(f"{os.path.basename(file)}:{size}:{os.stat(file).st_mtime_ns}:{_digest(file, offsets)}")
+    for name in TOKENIZER_FILES:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            parts.append(f"{name}:{_digest(file, [0], chunk=os.path.getsize(file))}")
     return "\n".join(parts)
+
+
+def _digest(file: str, offsets, chunk: int = _SAMPLE_BYTES) -> str:
+    """sha256 (hex, 16 digits) of `chunk` bytes of `file` at each offset."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]
 
 
 def dense_kernel(torch_linear_weight: np.ndarray, dtype) -> np.ndarray:

@@ -23,7 +23,10 @@ def word_table(seed: int, vocab_size: int, dim: int = 4096) -> jax.Array:
         raise ValueError(
             f"word_table needs vocab_size >= 1 and an even dim >= 2, got vocab_size={vocab_size}, dim={dim}"
         )
-    normal = jax.random.normal(jax.random.key(seed), (vocab_size, dim), jnp.float32)
+    # Pinned PRNG: a model's word vectors must not change with jax_default_prng_impl (rbg on TPUs) or
+    # jax_threefry_partitionable; the shipped RTE models were trained with these (tests/test_rte.py checks the bits).
+    with jax.threefry_partitionable(True):
+        normal = jax.random.normal(jax.random.key(seed, impl="threefry2x32"), (vocab_size, dim), jnp.float32)
     return normal * (WORD_VECTOR_NORM / np.sqrt(dim))
 
 

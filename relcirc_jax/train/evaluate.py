@@ -12,7 +12,6 @@ from typing import Sequence
 
 import ml_collections
 import numpy as np
-from absl import logging
 from etils import epath
 from PIL import Image
 
@@ -30,14 +29,10 @@ GRID_IMAGES = 64  # images drawn with their verdicts in eval_grid_{detector}.png
 
 def eval_prompt_list(config: ml_collections.ConfigDict) -> list[str]:
     """The first eval.num_prompts prompts of a fixed shuffle of the eval prompt set: all of them when it holds no more
-    (the default 96 is all of paper_main, a subset of the larger sets, which is logged)."""
+    (the default 96 is all of paper_main, a subset of the larger sets; the tables name the prompt count)."""
     captions = dataset.eval_prompts(config.eval.prompt_set)
     if config.eval.num_prompts >= len(captions):
         return captions
-    logging.info(
-        "Evaluating a fixed subset of %d of the %d prompts of eval.prompt_set=%s (raise eval.num_prompts for all).",
-        config.eval.num_prompts, len(captions), config.eval.prompt_set,
-    )  # fmt: skip
     keep = np.random.default_rng(_SUBSET_SEED).permutation(len(captions))[: config.eval.num_prompts]
     return [captions[i] for i in sorted(keep)]
 

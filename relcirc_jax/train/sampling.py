@@ -185,8 +185,6 @@ def generate_fn(
 
     def generate(params, batch, tables, noise_id, interventions=None):
         text, text_mask = conditioner.embed(tables, batch)
-        if repulsion is not None:
-            repulsion_lib.check_groups(text.shape[0], group_size, "A repulsion")
         null_text, null_mask = negative_caption(negative, conditioner, params, tables, text.shape[0])
         masks = dict(interventions or {})
         knobs = {name: masks.pop(name) for name in baselines.KNOBS if name in masks}

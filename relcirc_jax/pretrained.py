@@ -174,6 +174,13 @@ def pixart_config(config: ml_collections.ConfigDict, path) -> ml_collections.Con
     config.model.arch = "pixart"
     config.model.prediction = "eps"  # what PixArt predicts
     config.data.image_size = model_cfg.image_size
+    if config.sample.negative == "learned_null" and not convert.has_null_caption(str(path)):
+        raise UserError(
+            f"--config.sample.negative=learned_null, but the PixArt checkpoint {path} has no learned null caption "
+            f"({convert.NULL_CAPTION}: diffusers' PixArtTransformer2DModel does not keep it), so the negative would be "
+            "random. Fix: use --config.sample.negative=empty_prompt (the default), or add the checkpoint's "
+            f"{convert.NULL_CAPTION} [max_text_len, caption_channels] to its safetensors."
+        )
     return config
 
 

@@ -6,13 +6,14 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_checkpoints
 from PIL import Image
 
-from relcirc_jax import analysis, pretrained
+from relcirc_jax import analysis, hf_weights, pretrained
 from relcirc_jax.models import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,3 +88,26 @@ def test_a_latent_pixart_only_gets_the_weights_only_screen(checkpoints, tmp_path
     run_cli(tmp_path, "sample", *flags, expect_error="4 input channels.*kind=qk_screen")
     run_cli(tmp_path, "analyze", *flags, "--config.analysis.kind=qk_screen")
     assert (tmp_path / "analysis" / "qk_screen" / "summary.md").exists()
+
+
+def test_learned_null_negative_needs_the_checkpoints_null_caption(checkpoints, tmp_path):
+    """diffusers drops PixArt's y_embedding, so a learned-null CFG negative would be the random one convert draws."""
+    from safetensors.numpy import save_file
+
+    from relcirc_jax.config import base_config
+    from relcirc_jax.errors import UserError
+
+    _, pixart, _ = checkpoints
+    config = base_config("t5", "b")
+    config.sample.negative = "learned_null"
+    with pytest.raises(UserError, match="no learned null caption.*--config.sample.negative=empty_prompt"):
+        pretrained.pixart_config(config, pixart)
+    with_null = tmp_path / "with_null"
+    with_null.mkdir()
+    (with_null / "config.json").write_text((Path(pixart) / "config.json").read_text())
+    state = hf_weights.read_weights(pixart, names=(convert.WEIGHT_FILE,))
+    null = np.ones((8, state["caption_projection.linear_1.weight"].shape[1]), np.float32)
+    save_file({**state, convert.NULL_CAPTION: null}, str(with_null / convert.WEIGHT_FILE))
+    assert pretrained.pixart_config(config, with_null).sample.negative == "learned_null"
+    config.sample.negative = "empty_prompt"
+    assert pretrained.pixart_config(config, pixart).model.depth == 2

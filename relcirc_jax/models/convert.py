@@ -263,6 +263,13 @@ def _config_from_shapes(state: Mapping[str, np.ndarray], overrides: dict) -> DiT
     return DiTConfig(**{**fields, **overrides})
 
 
+def has_null_caption(directory: str) -> bool:
+    """Whether the diffusers PixArt checkpoint in `directory` carries the learned null caption (reads no other tensor
+    of a safetensors checkpoint)."""
+    names = (WEIGHT_FILE,)
+    return bool(hf_weights.read_weights(directory, keep=lambda key: key == NULL_CAPTION, names=names))
+
+
 def load_pixart_checkpoint(path: str, **overrides) -> tuple[DiTConfig, dict]:
     """Load a diffusers PixArt transformer: a directory (config.json + diffusion_pytorch_model.safetensors,
     possibly sharded) or a single .safetensors file (uses a config.json beside it when there is one).

@@ -85,12 +85,20 @@ def test_param_shardings_follow_the_rules_on_a_2x2x2_mesh():
     assert shardings["fc1"]["bias"].spec == P()  # unannotated -> replicated
 
 
-def test_param_shardings_replicate_a_dim_the_mesh_axis_does_not_divide():
+def test_param_shardings_replicate_a_dim_the_mesh_axis_does_not_divide_and_say_so(caplog):
     mesh = make_mesh({"data": 1, "fsdp": 2, "model": 4})
     abstract, specs = _abstract_toy()
-    shardings = param_shardings(abstract, specs, mesh)["params"]
+    with caplog.at_level("WARNING"):
+        shardings = param_shardings(abstract, specs, mesh)["params"]
     assert shardings["odd_heads"]["kernel"].spec == P("fsdp", None)  # 6 heads over model=4 -> replicated
     assert shardings["table"].spec == P(None, None)  # embed dim 3 over fsdp=2 -> replicated
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("2 parameter dims are replicated"), warning
+    assert "['odd_heads']['kernel'] dim 6 over model (4)" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        param_shardings(abstract, specs, make_mesh({"data": 4, "fsdp": 1, "model": 2}))
+    assert not caplog.records  # every annotated dim divides: nothing to say
 
 
 def test_optimizer_state_inherits_the_param_shardings():

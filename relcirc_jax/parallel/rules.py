@@ -93,7 +93,8 @@ def _axes_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
     return math.prod(mesh.shape[name] for name in names)
 
 
-def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str) -> P:
+def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str, replicated: list[str]) -> P:
+    """`mesh_spec` with each dim's mesh axes dropped where they do not divide it (noted in `replicated`)."""
     if len(mesh_spec) > len(shape):
         raise ValueError(
             f"Parameter {path} has shape {shape} but its logical spec {mesh_spec} names "
@@ -103,9 +104,7 @@ def _fitting_spec(shape: tuple[int, ...], mesh_spec: P, mesh: Mesh, path: str) -
     for dim, mesh_axes in zip(shape, mesh_spec):
         size = _axes_size(mesh, mesh_axes)
         if dim % size:
-            log.debug(
-                "Replicating dim of size %d of %s: mesh axes %s (size %d) do not divide it.", dim, path, mesh_axes, size
-            )
+            replicated.append(f"{path} dim {dim} over {mesh_axes} ({size})")
             mesh_axes = None
         fitted.append(mesh_axes)
     return P(*fitted)
@@ -119,11 +118,22 @@ def param_shardings(abstract_params: Any, logical_specs: Any, mesh: Mesh, rules:
     `boxed = jax.eval_shape(init_state, ...)`; `param_shardings(nn.unbox(boxed), nn.get_partition_spec(boxed), mesh)`.
     """
 
+    replicated: list[str] = []
+
     def sharding(path, spec: P, leaf) -> NamedSharding:
         mesh_spec = logical_to_mesh_spec(spec, rules)
-        return NamedSharding(mesh, _fitting_spec(tuple(leaf.shape), mesh_spec, mesh, jax.tree_util.keystr(path)))
+        path = jax.tree_util.keystr(path)
+        return NamedSharding(mesh, _fitting_spec(tuple(leaf.shape), mesh_spec, mesh, path, replicated))
 
-    return jax.tree_util.tree_map_with_path(sharding, logical_specs, abstract_params, is_leaf=_is_spec)
+    shardings = jax.tree_util.tree_map_with_path(sharding, logical_specs, abstract_params, is_leaf=_is_spec)
+    if replicated:  # a silent fallback would hide memory that is not split over the mesh
+        log.warning(
+            "%d parameter dims are replicated, not sharded, because their mesh axes do not divide them (e.g. %s). "
+            "Their memory is not split over those axes; to split it, pick mesh sizes (parallel.mesh) that divide "
+            "the model's sizes.",
+            len(replicated), "; ".join(replicated[:3]),
+        )  # fmt: skip
+    return shardings
 
 
 def batch_shards(mesh: Mesh) -> int:

@@ -10,7 +10,7 @@ true captions accepted (target >= 98) and % of each wrong kind (colours swapped,
 relation; target <= 1) at 64 / 128 px x clean / degraded x anchor. The last line of output is one JSON object with
 all figures.
 
-    python benchmarks/bench_eval.py [--n 10000] [--n128 10000] [--robust_n 1000] [--seed 0]
+    python benchmarks/bench_eval.py [--n 10000] [--n128 10000] [--robust_n 1000] [--speed_n 4096] [--seed 0]
 """
 
 import argparse

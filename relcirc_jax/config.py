@@ -1,11 +1,11 @@
 """The one training recipe behind every configs/*.py file and its run-size variants (checks: config_checks.py).
 
-The paper's recipe (Wang et al. 2026, following PixArt-alpha): its task (data.dataset.TASKS["paper"]) on a fixed set of
-10,000 scenes trained for 4,000 epochs = 160,000 steps at batch 256 for every model size, AdamW lr 1e-4, weight decay
-3e-2, eps 1e-10, 500 linear warm-up steps then constant, gradient clipping at global norm 0.01, EMA of the weights
+The paper's recipe (Wang et al. 2026, following PixArt-alpha): its task (data.task="paper", data/dataset.py) on a fixed
+set of 10,000 scenes trained for 4,000 epochs = 160,000 steps at batch 256 for every model size, AdamW lr 1e-4, weight
+decay 3e-2, eps 1e-10, 500 linear warm-up steps then constant, gradient clipping at global norm 0.01, EMA of the weights
 (decay 0.9999, PixArt's `ema_rate`) used for sampling, caption dropout 0.1 so one model also gives the unconditional
-prediction for CFG; evaluation with the paper's protocol: its 96 `paper_main` prompts x 100 images, DPM-Solver++ (2M)
-14 steps, CFG 4.5 against the encoder's empty-prompt embedding.
+prediction for CFG; evaluation with the paper's protocol: its 96 `paper_main` prompts x 100 images, DPM-Solver++ (2M) 14
+steps, CFG 4.5 against the encoder's empty-prompt embedding.
 
 Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:cpu`):
 
@@ -192,8 +192,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.sample.negative = "empty_prompt"
 
     c.analysis = ml_collections.ConfigDict()
-    c.analysis.kind = "all"  # relcirc_jax.analysis.KINDS
-    c.analysis.images_per_prompt = 2  # seeds per eval prompt for the sampling analyses (synopsis, ablation)
+    c.analysis.kind = "all"  # ANALYSIS_KINDS
+    c.analysis.images_per_prompt = 2  # seeds per eval prompt for the sampling analyses
     c.analysis.ablation_mode = "zero"  # "zero", "mean" or "both"
     # The top-k cross-attention heads of the QK screen ablated together vs 8 random sets of k heads; 0 = skip.
     c.analysis.ablation_top_heads = 2
@@ -204,7 +204,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.analysis.diversity_prompts = 16
     c.analysis.diversity_groups = 2
     c.analysis.diversity_group_size = 4
-    c.analysis.diversity_grid = "small"  # DIVERSITY_GRIDS: "full" is the notes' grid (~130 settings)
+    c.analysis.diversity_grid = "small"  # DIVERSITY_GRIDS: "full" is the notes' grid (~200 settings)
     c.analysis.diversity_metric = "overall"  # what counts as a correct image: DIVERSITY_METRICS
     c.analysis.diversity_m = 0  # VS_m's m; 0 = the pre-registered value for the group size (PREREGISTERED_M)
     c.analysis.probe_prompts = 32  # kind=probe (MM-DiT): eval prompts x images per prompt for the layout probes

@@ -1,11 +1,11 @@
 """Command-line entry: python -m relcirc_jax.main --config=configs/rte_dit_micro.py:cpu --workdir=DIR --mode=train.
 
-Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json +
-eval.md for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
-ablation|patching|text|dynamics|all, written under WORKDIR/analysis/). Override any config value with
---config.train.lr=3e-4 etc. --init_from=pretrained/NAME uses a reference model's weights (and, without --config, its
-config, which --config.* overrides then change): training starts from them; sample, evaluate and analyze use them
-while the workdir has no checkpoint.
+Modes: train (or resume), sample (PNG grid + .npz from the latest or --step checkpoint), evaluate (eval.json + eval.md
+for the latest or --step checkpoint), analyze (circuit analyses: --config.analysis.kind=synopsis|qk_screen|
+ablation|patching|text|dynamics|all, or diversity|probe, which "all" leaves out; written under WORKDIR/analysis/).
+Override any config value with --config.train.lr=3e-4 etc. --init_from=pretrained/NAME uses a reference model's weights
+(and, without --config, its config, which --config.* overrides then change): training starts from them; sample, evaluate
+and analyze use them while the workdir has no checkpoint.
 With --config.init_transfer=True the --config may name another text encoder: training starts from every reference
 weight that fits (all but the caption projection's input layer and the null caption).
 --init_from=DIR of a diffusers PixArt transformer does the same with the checkpoint's sizes (with a --config that
@@ -47,9 +47,13 @@ flags.DEFINE_bool(
     "Join a multi-process job via jax.distributed.initialize(), auto-detecting "
     "the cluster (Cloud TPU, SLURM, Open MPI) for any of the three flags below left unset.",
 )
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator (implies --distributed).")
-flags.DEFINE_integer("num_processes", None, "Number of processes in the job (implies --distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --distributed).")
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (all three together imply --distributed)."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes in the job (all three together imply --distributed).")
+flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes) (all three together imply --distributed)."
+)
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 

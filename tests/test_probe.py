@@ -93,3 +93,14 @@ def test_streams_are_pooled_over_valid_caption_tokens_and_all_image_tokens():
             pooled["text"][row, 1], np.asarray(cache["blocks.1.hook_context_post"])[row, mask[row]].mean(0), rtol=1e-6
         )
     np.testing.assert_allclose(pooled["image"][:, 0], np.asarray(cache["blocks.0.hook_resid_post"]).mean(1), rtol=1e-6)
+
+
+def test_the_probe_summary_goes_into_the_analysis_report(tmp_path):
+    from relcirc_jax.analysis import write_index
+
+    for kind in ("synopsis", "diversity", "probe"):
+        (tmp_path / kind).mkdir()
+        (tmp_path / kind / "summary.md").write_text(f"# {kind} summary\n\nbody of {kind}\n")
+    report = write_index(tmp_path, "model", {"probe": 1.5}).read_text()
+    assert report.index("body of synopsis") < report.index("body of diversity") < report.index("body of probe")
+    assert "| [probe](probe/summary.md) |  | 1.5 s |" in report and "## probe summary" in report

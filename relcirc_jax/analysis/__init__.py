@@ -101,7 +101,7 @@ def write_index(out_dir, label: str, seconds: dict[str, float]) -> epath.Path:
     """Writes `<out_dir>/report.md`: every analysis summary found under out_dir (in KINDS order, whenever it was run)
     in one document, after a table of the kinds, their figures and the wall time of those run just now."""
     out_dir = epath.Path(out_dir)
-    present = [kind for kind in KINDS + ("diversity",) if (out_dir / kind / "summary.md").exists()]
+    present = [kind for kind in KINDS + ("diversity", "probe") if (out_dir / kind / "summary.md").exists()]
     lines = [
         f"# Circuit analyses: {label}",
         "",

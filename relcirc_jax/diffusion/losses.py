@@ -1,8 +1,9 @@
-"""The training objective: epsilon-prediction MSE, plus IDDPM's variational bound term when the model learns sigma.
+"""The training objective: the MSE of an eps-, v- or x0-prediction (parameterization.py), plus IDDPM's variational
+bound term when the model learns sigma.
 
 diffusion_loss is the one function the trainer calls. With learn_sigma the model returns 2C channels (last axis):
-eps and an interpolation value v in [-1, 1] between log(beta_t) and the clipped log posterior variance (IDDPM's
-"learned_range", which PixArt uses). As in IDDPM, the VLB term sees a stop-gradient copy of eps, so it trains
+its prediction and an interpolation value v in [-1, 1] between log(beta_t) and the clipped log posterior variance
+(IDDPM's "learned_range", which PixArt uses). As in IDDPM, the VLB term sees a stop-gradient copy of eps, so it trains
 only the variance and the MSE alone trains the mean. Images are channel-last in [-1, 1].
 """
 

@@ -158,6 +158,48 @@ def test_to_global_rejects_a_batch_that_does_not_split():
         to_global({"images": np.zeros((6, 2))}, mesh)
 
 
+@pytest.mark.parametrize(
+    "starts, calls",
+    [
+        ([0, 16, 32, 48], [(0, 1)]),  # one process holds the whole batch: one call
+        ([32, 48], [(1, 2)]),  # process-major: the process's own half
+        ([16, 48], [(1, 4), (3, 4)]),  # a mesh that interleaves the processes' devices
+        ([16, 32], [(1, 4), (2, 4)]),  # adjacent, but [16, 48) is no aligned slice of 64
+        ([0, 16, 48], [(0, 2), (3, 4)]),
+    ],
+)
+def test_slice_calls_cover_a_processs_row_blocks(starts, calls):
+    from relcirc_jax.parallel.host_data import slice_calls
+
+    assert slice_calls(starts, 16, 64) == calls
+
+
+def test_local_rows_are_the_rows_the_devices_hold_whatever_the_device_order():
+    """A process's training rows are those its devices hold in the batch sharding, made by slice calls; here one
+    process holds every device, so a mesh in reversed device order still gets the whole batch in row order, and the
+    slices of a process holding blocks 1 and 3 equal those rows of the whole batch (dataset.train_batch is a pure
+    function of the row)."""
+    from relcirc_jax.data import dataset
+    from relcirc_jax.parallel.host_data import local_rows, slice_calls
+
+    calls = []
+
+    def make_slice(k, n):
+        calls.append((k, n))
+        return dataset.train_batch(3, 5, global_batch=64, process_index=k, process_count=n)
+
+    whole = dataset.train_batch(3, 5, global_batch=64)
+    mesh = make_mesh({"data": -1}, devices=jax.devices()[::-1])
+    got = local_rows(mesh, 64, make_slice)
+    assert calls == [(0, 1)] and sorted(got) == sorted(whole)
+    np.testing.assert_array_equal(got["image"], whole["image"])
+    parts = [make_slice(k, n) for k, n in slice_calls([16, 48], 16, 64)]
+    for key in ("image", "ids", "centers"):
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key][np.r_[16:32, 48:64]])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        local_rows(mesh, 60, make_slice)
+
+
 def test_rules_are_config_data():
     """config.parallel.logical_axis_rules (as a config.json stores it: lists) decide the parameter shardings."""
     import json

@@ -20,7 +20,7 @@ from etils import epath
 
 from relcirc_jax import pretrained
 from relcirc_jax.data import dataset
-from relcirc_jax.parallel.host_data import to_global
+from relcirc_jax.parallel.host_data import local_rows, to_global
 from relcirc_jax.train import distill, evaluate, preemption, sampling
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
@@ -150,18 +150,19 @@ def _budget_text(minutes: float | None, seconds_left: float | None) -> str:
 
 def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
     curriculum = step < config.data.curriculum_steps
-    local = dataset.train_batch(
+    make_slice = lambda k, n: dataset.train_batch(  # noqa: E731
         config.seed,
         step,
         global_batch=config.train.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=k,
+        process_count=n,
         size=config.data.image_size,
         radius=config.data.radius,
         task=config.data.task,
         caption_mix=config.data.curriculum_caption_mix if curriculum else config.data.caption_mix,
         num_scenes=config.data.num_scenes,
     )
+    local = local_rows(mesh, config.train.batch_size, make_slice)
     return to_global({k: local[k] for k in train_step.STEP_BATCH_KEYS}, mesh)
 
 

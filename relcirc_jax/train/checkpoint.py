@@ -81,6 +81,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def read_meta(self, step: int) -> dict | None:
+        """The `meta` item of checkpoint `step` alone (no array is read); None when it cannot be read."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception:  # noqa: BLE001 - an unreadable step is the restore's business (fallback, move aside)
+            return None
+
     def restore_latest(
         self, abstract_state: Any, *, move_aside_unreadable: bool = False
     ) -> tuple[int, Any, dict] | None:

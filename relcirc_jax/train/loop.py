@@ -53,6 +53,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None
 
 
 def _init_or_restore(setup: train_state.RunSetup) -> tuple[train_state.TrainState, int]:
+    train_state.check_model_before_restore(setup)
     restored = setup.checkpointer.restore_latest(setup.abstract_state, move_aside_unreadable=True)
     if restored is not None:
         step, state, meta = restored

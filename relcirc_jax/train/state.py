@@ -216,10 +216,20 @@ def _uses_reference_model(config: ml_collections.ConfigDict, workdir) -> bool:
     return bool(config.get("init_from")) and not checkpoint.saved_steps(epath.Path(workdir) / "checkpoints")
 
 
+def check_model_before_restore(setup: RunSetup, step: int | None = None) -> None:
+    """check_same_model on checkpoint `step`'s (default the latest's) meta alone, before any array is read: another
+    model's checkpoint is refused with the differing fields named, not with Orbax's shape errors after retries."""
+    step = setup.checkpointer.latest_step() if step is None else step
+    meta = None if step is None else setup.checkpointer.read_meta(step)
+    if meta is not None:
+        check_same_model(setup, step, meta)
+
+
 def restore_or_fail(setup: RunSetup, workdir, step: int | None = None) -> tuple[int, TrainState]:
     """(step, state) of checkpoint `step` (default the latest); a UserError when the workdir has none or when the
     checkpoint is another model than the config's (check_same_model)."""
     require_checkpoint(workdir, step)
+    check_model_before_restore(setup, step)
     if step is None:
         step, state, meta = setup.checkpointer.restore_latest(setup.abstract_state)
     else:

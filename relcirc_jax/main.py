@@ -21,15 +21,13 @@ Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command 
 """
 
 import os
-import sys
-from typing import NoReturn
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from relcirc_jax import config_checks
-from relcirc_jax.errors import UserError
+from relcirc_jax.errors import UserError, fail
 
 MODES = ("train", "sample", "evaluate", "analyze")
 
@@ -199,11 +197,6 @@ def main_or_fail(argv):
         if FLAGS.verbosity >= 1:
             raise
         fail(str(error))
-
-
-def fail(message: str) -> NoReturn:
-    print(f"Error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from relcirc_jax.errors import UserError
+from relcirc_jax.errors import UserError, fail
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -236,10 +236,22 @@ def transfer(params, init) -> tuple[dict, list[str]]:
 
 
 def export(workdir, out_dir, step: int | None = None, readme: str | None = None) -> epath.Path:
-    """Writes the EMA weights of checkpoint `step` (default the latest) of run `workdir` as a reference model."""
+    """Writes the EMA weights of checkpoint `step` (default the latest) of run `workdir` as a reference model into
+    `out_dir`, which must be new or empty (an export never overwrites a model)."""
     from relcirc_jax.train import state as train_state
 
-    config = saved_config(epath.Path(workdir) / CONFIG_FILE)
+    out_dir, run_config = epath.Path(out_dir), epath.Path(workdir) / CONFIG_FILE
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(
+            f"--out={out_dir} already exists and is not an empty directory; an export would overwrite what is there. "
+            "Fix: pass a new or empty directory."
+        )
+    if not run_config.exists():
+        raise UserError(
+            f"--workdir={workdir} holds no training run (no {CONFIG_FILE}). Fix: pass the --workdir a training run "
+            "wrote its checkpoints to."
+        )
+    config = saved_config(run_config)
     setup = train_state.build_run_setup(config, workdir)
     step, state = train_state.restore_or_fail(setup, workdir, step)
     config.unlock()
@@ -254,13 +266,26 @@ def _main(argv) -> None:
     from absl import flags
 
     flags.DEFINE_string("workdir", None, "Run directory whose checkpoint to export.", required=True)
-    flags.DEFINE_string("out", None, "Directory to write model.safetensors, config.json (and README.md) into.")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "New or empty directory to write model.safetensors, config.json (and README.md) into.",
+        required=True,
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("readme", None, "A markdown file to copy in as README.md.")
-    flags.FLAGS(argv)
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as error:
+        fail(f"{error}. Usage: python -m relcirc_jax.pretrained --workdir=RUN --out=NEW_DIR [--step=N] [--readme=FILE]")
     f = flags.FLAGS
+    if f.readme and not os.path.isfile(f.readme):
+        fail(f"--readme={f.readme} is not a file. Fix: pass the markdown file to copy in as README.md.")
     readme = epath.Path(f.readme).read_text() if f.readme else None
-    out = export(f.workdir, f.out, f.step, readme)
+    try:
+        out = export(f.workdir, f.out, f.step, readme)
+    except UserError as error:
+        fail(str(error))
     size = os.path.getsize(out / WEIGHTS_FILE) / 2**20
     print(f"Wrote {out / WEIGHTS_FILE} ({size:.1f} MiB) and {out / CONFIG_FILE}.")
 

@@ -24,6 +24,31 @@ def test_save_then_load_returns_the_bfloat16_rounded_params_and_config(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, rounded)
 
 
+def test_the_export_command_refuses_bad_input_in_one_line_and_never_overwrites_a_model(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"a model saved earlier")
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def export_cli(*flags):
+        command = [sys.executable, "-m", "relcirc_jax.pretrained", *flags]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+        return result.stderr
+
+    missing_out = export_cli(f"--workdir={run}")
+    assert "--out" in missing_out and "Usage: python -m relcirc_jax.pretrained --workdir=RUN" in missing_out
+    error = export_cli(f"--workdir={run}", f"--out={model}")
+    assert "already exists and is not an empty directory" in error and "Fix: pass a new or empty directory" in error
+    assert (model / "model.safetensors").read_bytes() == b"a model saved earlier"
+    assert "holds no training run (no config.json)" in export_cli(f"--workdir={run}", f"--out={tmp_path / 'new'}")
+    assert not (tmp_path / "new").exists()
+
+
 def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():
     reference, _ = pretrained.load_config("rte_dit_micro")  # saved with depth None: micro's
     config = base_config("rte", "micro", "cpu")

@@ -105,12 +105,34 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         problems.append(f"train.teacher_weight={c.train.teacher_weight} must be in (0, 1] (1: the teacher alone).")
     if c.parallel.cpu_devices is not None and c.parallel.cpu_devices < 1:
         problems.append(f"parallel.cpu_devices={c.parallel.cpu_devices} must be >= 1, or None for JAX's default.")
-    problems += _data_and_eval_problems(c)
+    problems += _model_problems(c) + _data_and_eval_problems(c)
+    return problems
+
+
+def _model_problems(c: ml_collections.ConfigDict) -> list[str]:
+    from relcirc_jax.diffusion.parameterization import PREDICTIONS  # imports jax: only when a config is checked
+
+    m, problems = c.model, []
+    if m.prediction not in PREDICTIONS:
+        problems.append(f"model.prediction={m.prediction!r} is unknown; choose one of {PREDICTIONS}.")
+    sizes = {"model.hidden_size": m.hidden_size, "model.depth": m.depth, "model.num_heads": m.num_heads}
+    sizes.update({"model.patch_size": m.patch_size, "text.dim": c.text.dim, "data.image_size": c.data.image_size})
+    problems += [f"{key}={value} must be >= 1." for key, value in sizes.items() if value is not None and value < 1]
+    if m.patch_size >= 1 and c.data.image_size >= 1 and c.data.image_size % m.patch_size:
+        problems.append(
+            f"data.image_size={c.data.image_size} is not a multiple of model.patch_size={m.patch_size}; the image "
+            "must split into whole patches."
+        )
+    if (m.hidden_size or 0) >= 1 and (m.num_heads or 0) >= 1 and m.hidden_size % m.num_heads:
+        problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.")
+    if not m.mlp_ratio > 0:
+        problems.append(f"model.mlp_ratio={m.mlp_ratio} must be > 0.")
     return problems
 
 
 def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
     from relcirc_jax.data import dataset  # the data package is heavier than this module needs at import
+    from relcirc_jax.diffusion.samplers import SOLVERS
 
     problems = []
     if c.data.task not in dataset.TASKS:
@@ -172,6 +194,12 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"analysis.patching_windows={c.analysis.patching_windows} must be in [1, eval.num_steps="
             f"{c.eval.num_steps}]."
         )
+    if c.eval.solver not in SOLVERS:
+        problems.append(f"eval.solver={c.eval.solver!r} is unknown; choose one of {sorted(SOLVERS)}.")
+    if not math.isfinite(c.eval.cfg_scale):
+        problems.append(f"eval.cfg_scale={c.eval.cfg_scale} must be a finite number (1 = no guidance).")
+    if c.analysis.images_per_prompt < 1:
+        problems.append(f"analysis.images_per_prompt={c.analysis.images_per_prompt} must be >= 1.")
     if c.sample.negative not in NEGATIVES:
         problems.append(f"sample.negative={c.sample.negative!r} is unknown; choose one of {NEGATIVES}.")
     if c.eval.images_per_prompt < 1:

@@ -94,6 +94,30 @@ def test_bad_values_raise_one_error_naming_each():
     assert "train.teacher_weight=0.0 must be in (0, 1]" in message
 
 
+def test_bad_model_sampler_and_analysis_values_are_named_before_anything_runs():
+    config = base_config("rte", "nano", "smoke")
+    config.model.prediction = "x1"
+    config.model.depth = 0
+    config.model.patch_size = 7
+    config.model.num_heads = 3
+    config.model.mlp_ratio = 0.0
+    config.text.dim = 0
+    config.eval.solver = "dpm"
+    config.eval.cfg_scale = float("nan")
+    config.analysis.images_per_prompt = 0
+    with pytest.raises(UserError) as error:
+        validate_config(config, num_devices=8, process_count=1)
+    message = str(error.value)
+    assert "model.prediction='x1' is unknown; choose one of ('eps', 'v', 'x0')" in message
+    assert "model.depth=0 must be >= 1" in message and "text.dim=0 must be >= 1" in message
+    assert "data.image_size=64 is not a multiple of model.patch_size=7" in message
+    assert "model.hidden_size=32 is not a multiple of model.num_heads=3" in message
+    assert "model.mlp_ratio=0.0 must be > 0" in message
+    assert "eval.solver='dpm' is unknown; choose one of ['ddim', 'dpmpp_2m', 'euler']" in message
+    assert "eval.cfg_scale=nan must be a finite number" in message
+    assert "analysis.images_per_prompt=0 must be >= 1" in message
+
+
 def test_batch_must_split_over_processes_and_mesh_must_fit():
     config = base_config("rte", "nano", "smoke")
     with pytest.raises(UserError, match="not divisible by the process count 3"):

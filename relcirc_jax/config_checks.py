@@ -240,9 +240,25 @@ def _get(c: ml_collections.ConfigDict, dotted: str):
     return c
 
 
+def _equals_form(argv: Sequence[str], flag_name: str) -> list[str]:
+    """`argv` with absl's other spelling of the flags read here, `--config FILE`, `--config.a.b V` and
+    `--init_from MODEL`, joined into `--name=value` (only for reading them; absl parses both)."""
+    joined, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        takes_value = arg in (f"--{flag_name}", "--init_from") or (arg.startswith(f"--{flag_name}.") and "=" not in arg)
+        if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            joined.append(f"{arg}={argv[i + 1]}")
+            i += 2
+        else:
+            joined.append(arg)
+            i += 1
+    return joined
+
+
 def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | None:
-    """(path, variant) of the last `--config=FILE[:variant]` in `argv`, or None."""
-    files = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{flag_name}=")]
+    """(path, variant) of the last `--config=FILE[:variant]` (or `--config FILE[:variant]`) in `argv`, or None."""
+    files = [a.split("=", 1)[1] for a in _equals_form(argv, flag_name) if a.startswith(f"--{flag_name}=")]
     if not files:
         return None
     path, _, variant = files[-1].partition(":")
@@ -250,8 +266,8 @@ def _config_file_arg(argv: Sequence[str], flag_name: str) -> tuple[str, str] | N
 
 
 def _override_args(argv: Sequence[str], flag_name: str) -> list[str]:
-    """The `--config.a.b=v` arguments of `argv`."""
-    return [a for a in argv if a.startswith(f"--{flag_name}.")]
+    """The `--config.a.b=v` arguments of `argv` (`--config.a.b v` joined into that form)."""
+    return [a for a in _equals_form(argv, flag_name) if a.startswith(f"--{flag_name}.")]
 
 
 def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> list[str]:
@@ -263,7 +279,7 @@ def with_init_from_config(argv: Sequence[str], flag_name: str = "config") -> lis
 
     argv = list(argv)
     overrides = _override_args(argv, flag_name)
-    models = [a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")]
+    models = [a.split("=", 1)[1] for a in _equals_form(argv, flag_name) if a.startswith("--init_from=")]
     if not overrides or _config_file_arg(argv, flag_name) or not models or pretrained.is_pixart(models[-1]):
         return argv
     return argv[:1] + [f"--{flag_name}={pretrained.__file__}:{models[-1]}"] + argv[1:]  # absl: before overrides

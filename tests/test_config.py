@@ -165,3 +165,16 @@ def test_overrides_and_the_explanation_of_bad_override_keys_and_values():
     assert "--config.checkpoint.async_save=maybe: checkpoint.async_save takes a bool" in message
     assert message.count("--config.") == 4  # the good overrides (lr=1, async_save=false) are not named
     assert explain_config_flags(argv[:2]) is None
+
+
+def test_the_early_flag_checks_read_absls_space_separated_spelling_too():
+    from relcirc_jax import config_checks
+
+    spaced = ["main", "--config", "configs/rte_dit_nano.py:smoke", "--config.eval.num_steps", "2", "--mode=train"]
+    assert config_checks.overrides_without_config_problem(spaced) is None  # was: "no config was given"
+    missing = config_checks.config_file_problem(["main", "--config", "configs/nope.py"])
+    assert "'configs/nope.py' does not exist" in missing
+    argv = ["main", "--init_from", "rte_dit_micro", "--config.eval.num_steps", "2"]
+    assert config_checks.with_init_from_config(argv)[1].endswith("pretrained.py:rte_dit_micro")
+    bad = ["main", "--config", "configs/rte_dit_nano.py:smoke", "--config.eval.num_step", "2"]
+    assert "eval has no key 'num_step'" in explain_config_flags(bad)

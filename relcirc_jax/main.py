@@ -58,7 +58,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments {argv[1:]}; pass options as --name=value.")
+        raise UserError(f"Unexpected arguments {argv[1:]}. Fix: pass options as --name=value (see --help).")
+    if FLAGS.prompt and FLAGS.mode != "sample":
+        raise UserError(f"--prompt is read by --mode=sample only, not --mode={FLAGS.mode}. Fix: drop it, or sample.")
+    if FLAGS.step is not None and FLAGS.mode == "train":
+        raise UserError(
+            "--step picks the checkpoint to sample, evaluate or analyze; training always resumes from the latest. "
+            "Fix: drop --step (set --config.train.num_steps for where training ends)."
+        )
     workdir = FLAGS.workdir
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
@@ -139,7 +146,7 @@ def join_distributed_job() -> None:
         return
     if given and len(given) < len(explicit) and not FLAGS.distributed:
         missing = sorted(set(explicit) - set(given))
-        raise app.UsageError(
+        raise UserError(
             f"Got --{' --'.join(sorted(given))} but not --{' --'.join(missing)}. Fix: pass all three "
             "of --coordinator_address, --num_processes and --process_id, or add --distributed to "
             "auto-detect the missing ones on a TPU pod or SLURM."
@@ -147,7 +154,7 @@ def join_distributed_job() -> None:
     try:
         jax.distributed.initialize(**given)
     except ValueError as error:  # jax names the one value it could neither detect nor was given
-        raise app.UsageError(
+        raise UserError(
             f"--distributed found no cluster to join ({error}). Fix: run under a TPU pod, SLURM or "
             "Open MPI, or pass --coordinator_address, --num_processes and --process_id."
         ) from error

@@ -344,6 +344,14 @@ BAD_INPUTS = [
         ["--init_from=rte_dit_micro", "--config.model.depth=2", "--mode=sample"],
         "--config and --init_from=rte_dit_micro describe different models (model.depth: 2 vs 6). Fix: drop --config",
     ),
+    (
+        "a flag the mode does not read",
+        None,
+        [CONFIG, "--mode=evaluate", "--prompt=red circle is above blue square"],
+        "--prompt is read by --mode=sample only, not --mode=evaluate. Fix: drop it",
+    ),
+    ("step with train", None, [CONFIG, "--step=2"], "--step picks the checkpoint to sample, evaluate or analyze;"),
+    ("a stray argument", None, [CONFIG, "evaluate"], "Unexpected arguments ['evaluate']. Fix: pass options as"),
 ]
 
 

@@ -118,7 +118,7 @@ def test_partial_distributed_flags_fail_with_the_fix(tmp_path):
         ]
     )
     try:
-        with pytest.raises(cli.app.UsageError, match="but not --num_processes --process_id. Fix: pass all three"):
+        with pytest.raises(cli.UserError, match="but not --num_processes --process_id. Fix: pass all three"):
             cli.join_distributed_job()
     finally:
         cli.FLAGS.unparse_flags()
@@ -141,7 +141,7 @@ def test_distributed_without_a_cluster_fails_with_the_fix(tmp_path):
         text=True,
         timeout=TIMEOUT_SECONDS,
     )
-    assert result.returncode != 0
+    assert result.returncode == 2 and "Error: --distributed found no cluster to join" in result.stderr
     assert "--distributed found no cluster to join" in result.stderr and "pass --coordinator_address" in result.stderr
 
 

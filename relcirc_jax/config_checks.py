@@ -302,6 +302,8 @@ def config_file_problem(argv: Sequence[str], flag_name: str = "config") -> str |
     arg = _config_file_arg(argv, flag_name)
     if arg and not os.path.isfile(arg[0]):
         return f"Config file {arg[0]!r} does not exist; pass e.g. --config=configs/rte_dit_micro.py:cpu."
+    if arg and not arg[0].endswith(".py"):
+        return f"--config={arg[0]} is not a Python config file; pass e.g. --config=configs/rte_dit_micro.py:cpu."
     return None
 
 
@@ -318,7 +320,16 @@ def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str 
     path, variant = arg
     spec = importlib.util.spec_from_file_location("_config_file", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    not_a_config = (
+        f"--config={path} is not a config file (it must define get_config(arg)); pass e.g. "
+        "--config=configs/rte_dit_micro.py:cpu."
+    )
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # noqa: BLE001 - whatever running the file raised, the file is the problem
+        return f"{not_a_config} Running it raised {type(error).__name__}: {error}"
+    if not callable(getattr(module, "get_config", None)):
+        return not_a_config
     try:
         config = module.get_config(variant or None)
     except UserError as error:

@@ -189,7 +189,7 @@ def parse_flags(argv):
         fail(problem)
     try:
         return FLAGS(argv)
-    except (flags.Error, AttributeError, ValueError) as error:  # what absl and ml_collections raise for bad values
+    except (flags.Error, AttributeError, ValueError, SyntaxError) as error:  # absl's and ml_collections' for bad values
         explained = config_checks.explain_config_flags(argv)
         if explained is None and not isinstance(error, flags.Error):
             raise

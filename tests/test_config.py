@@ -178,3 +178,15 @@ def test_the_early_flag_checks_read_absls_space_separated_spelling_too():
     assert config_checks.with_init_from_config(argv)[1].endswith("pretrained.py:rte_dit_micro")
     bad = ["main", "--config", "configs/rte_dit_nano.py:smoke", "--config.eval.num_step", "2"]
     assert "eval has no key 'num_step'" in explain_config_flags(bad)
+
+
+def test_a_config_flag_naming_no_config_file_is_one_message(tmp_path):
+    from relcirc_jax import config_checks
+
+    assert "--config=README.md is not a Python config file" in config_checks.config_file_problem(
+        ["main", "--config=README.md"]
+    )
+    assert "must define get_config(arg)" in explain_config_flags(["main", "--config=relcirc_jax/errors.py"])
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg:\n")
+    assert "Running it raised SyntaxError" in explain_config_flags(["main", f"--config={broken}"])

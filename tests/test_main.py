@@ -32,20 +32,29 @@ def trained(smoke_run):
     return smoke_run
 
 
+def sample_prompts(workdir, prompts: list[str]):
+    """Samples `prompts` through the CLI; the path of the .npz it wrote (the one file of step 4 holding them)."""
+    run_cli(workdir, "sample", *(f"--prompt={p}" for p in prompts))
+    paths = [p for p in (workdir / "samples").glob("sample_00000004_*.npz") if list(np.load(p)["captions"]) == prompts]
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
 def test_train_then_sample_writes_grid_and_images(trained):
-    run_cli(trained, "sample", "--prompt=red circle is above blue square", "--prompt=blue square is left of red circle")
-    with np.load(trained / "samples" / "sample_00000004.npz") as data:
+    run_cli(trained, "sample")  # the fixed prompt grid
+    grid = trained / "samples" / "sample_00000004.npz"
+    written = grid.read_bytes()
+    path = sample_prompts(trained, ["red circle is above blue square", "blue square is left of red circle"])
+    with np.load(path) as data:
         assert data["images"].shape == (2, 64, 64, 3) and data["images"].dtype == np.uint8
-        assert list(data["captions"]) == ["red circle is above blue square", "blue square is left of red circle"]
-    assert (trained / "samples" / "sample_00000004.png").exists()
+    assert path.with_suffix(".png").exists() and grid.read_bytes() == written  # other prompts: the grid is kept
 
 
 def test_two_sample_runs_draw_the_same_images(trained):
-    prompts = ["--prompt=red circle is above blue square", "--prompt=blue triangle is below red circle"]
+    prompts = ["red circle is above blue square", "blue triangle is below red circle"]
     images = []
     for _ in range(2):
-        run_cli(trained, "sample", *prompts)
-        with np.load(trained / "samples" / "sample_00000004.npz") as data:
+        with np.load(sample_prompts(trained, prompts)) as data:
             images.append(data["images"])
     np.testing.assert_array_equal(images[0], images[1])
     assert images[0].std() > 0  # not a constant image

@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import hashlib
 import math
 from typing import Callable, Sequence
 
@@ -310,9 +311,11 @@ def run_sample(
     """Samples `captions` (default: the fixed prompts) from checkpoint `step` (default the latest) of `workdir` with
     EMA weights.
 
-    Writes samples/sample_{step}.png (a grid) and samples/sample_{step}.npz (images uint8, captions); returns the
-    .npz path.
+    Writes samples/sample_{step}.png (a grid) and samples/sample_{step}.npz (images uint8, captions); given captions
+    go to sample_{step}_{digest of the captions} instead, so sampling other prompts never replaces an earlier output
+    (the same prompts give the same images again). Returns the .npz path.
     """
+    suffix = "_" + hashlib.sha1("\n".join(captions).encode()).hexdigest()[:8] if captions else ""
     captions = list(captions) if captions else fixed_prompts(config)
     try:
         caption_batch(captions)
@@ -324,7 +327,7 @@ def run_sample(
     images = make_sampler(setup, len(captions))(ema_params, setup.tables, captions)
     out = epath.Path(workdir) / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sample_{step:08d}"
+    path = out / f"sample_{step:08d}{suffix}"
     with path.with_suffix(".png").open("wb") as f:
         Image.fromarray(image_grid(images)).save(f, format="PNG")
     with path.with_suffix(".npz").open("wb") as f:

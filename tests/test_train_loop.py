@@ -245,3 +245,6 @@ def test_a_checkpoint_of_another_model_stops_the_run_and_keeps_its_config(tmp_pa
     with pytest.raises(UserError, match=r"step 2 .* another model .*hidden_size: 64 vs"):
         loop.train(wider, str(tmp_path))  # named from the checkpoint's meta, before Orbax fails on the shapes
     assert os.listdir(tmp_path / "checkpoints") == ["2"] and (tmp_path / "config.json").read_text() == saved
+    muon = smoke_config(**{"train.num_steps": 4, "train.optimizer": "muon", **NO_SAMPLING})  # other optimizer state
+    with pytest.raises(UserError, match=r"step 2 .* another optimizer.*train\.optimizer: 'muon' vs 'adamw'"):
+        loop.train(muon, str(tmp_path))

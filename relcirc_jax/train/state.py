@@ -238,14 +238,20 @@ def restore_or_fail(setup: RunSetup, workdir, step: int | None = None) -> tuple[
     return step, state
 
 
+# What a checkpoint's state is: the model (pretrained.MODEL_FIELDS) and the optimizer, whose state it holds.
+STATE_FIELDS = pretrained.MODEL_FIELDS + ("train.optimizer",)
+
+
 def check_same_model(setup: RunSetup, step: int, meta: dict) -> None:
-    """UserError when checkpoint `step` (its `meta`) was trained as another model than setup.config describes
-    (pretrained.MODEL_FIELDS: e.g. another text encoder with the same parameter shapes), which would load silently."""
-    differences = pretrained.config_differences(setup.config, pretrained.config_from_dict(meta["config"]))
+    """UserError when checkpoint `step` (its `meta`) was trained as another model, or with another optimizer, than
+    setup.config describes (STATE_FIELDS: e.g. another text encoder with the same parameter shapes, which would load
+    silently, or other shapes, which Orbax would refuse only after its retries)."""
+    saved = pretrained.config_from_dict(meta["config"])
+    differences = pretrained.config_differences(setup.config, saved, STATE_FIELDS)
     if differences:
         raise UserError(
-            f"The checkpoint of step {step} in {setup.checkpointer.directory} was trained as another model than this "
-            f"config describes: {'; '.join(differences)} (this config's value vs the checkpoint's). Fix: pass the "
-            "config file and overrides the run was trained with (WORKDIR/config.txt lists its config), or use another "
-            "--workdir."
+            f"The checkpoint of step {step} in {setup.checkpointer.directory} was trained as another model (or with "
+            f"another optimizer) than this config describes: {'; '.join(differences)} (this config's value vs the "
+            "checkpoint's). Fix: pass the config file and overrides the run was trained with (WORKDIR/config.txt lists "
+            "its config), or use another --workdir."
         )

@@ -107,6 +107,8 @@ def main():
     parser.add_argument("--ablation_batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    if min(args.synopsis_batch, args.ablation_batch, args.repeats) < 1:
+        parser.error("--synopsis_batch, --ablation_batch and --repeats must be >= 1")
     print(f"JAX {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} devices)")
     figures = {}
     figures.update(bench_synopsis(args.synopsis_batch, args.repeats))

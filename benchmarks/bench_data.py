@@ -23,6 +23,8 @@ def main():
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--batches", type=int, default=20)
     args = parser.parse_args()
+    if min(args.size, args.batch, args.batches) < 1:
+        parser.error("--size, --batch and --batches must be >= 1")
     radius = args.size * 8 / 64
     rng = np.random.default_rng(0)
 

@@ -36,6 +36,8 @@ def main():
     parser.add_argument("--speed_n", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if min(args.n, args.n128, args.robust_n, args.speed_n) < 1:
+        parser.error("--n, --n128, --robust_n and --speed_n must be >= 1")
 
     images, specs = random_scenes(np.random.default_rng(args.seed), args.speed_n)
     speed = {}

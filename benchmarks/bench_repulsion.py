@@ -25,6 +25,7 @@ import numpy as np
 from bench_analysis import best_time, random_model
 
 from relcirc_jax.analysis import interventions, repulsion
+from relcirc_jax.config import SIZES
 from relcirc_jax.train import evaluate, sampling
 
 
@@ -32,9 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64, help="images per call (groups of 4)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--size", default="micro")
+    parser.add_argument("--size", default="micro", choices=SIZES)
     parser.add_argument("--sweep", type=int, default=4, help="settings per vmapped sweep (0: skip the sweeps)")
     args = parser.parse_args()
+    if args.batch < 4 or args.batch % 4 or args.repeats < 1 or args.sweep < 0:
+        parser.error("--batch must be a positive multiple of 4 (groups of 4), --repeats >= 1 and --sweep >= 0")
     model = random_model(args.size, f"/tmp/bench_repulsion_{args.size}", model_arch="mmdit")
     prompts = evaluate.eval_prompt_list(model.config)
     captions = [p for p in prompts[: args.batch // 4] for _ in range(4)]

@@ -109,6 +109,8 @@ def main():
     parser.add_argument("--cfg", type=float, default=4.5)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes of both frameworks")
     args = parser.parse_args()
+    if min(args.batch, args.steps) < 1 or not set(args.dtypes.split(",")) <= {"float32", "bfloat16"}:
+        parser.error("--batch and --steps must be >= 1 and --dtypes a comma-separated list of float32, bfloat16")
     dtypes = args.dtypes.split(",")
 
     params = perturbed_params(dit_config("micro"))

@@ -15,7 +15,7 @@ import tempfile
 
 import jax
 
-from relcirc_jax.config import base_config
+from relcirc_jax.config import SIZES, base_config
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 
@@ -59,6 +59,8 @@ def main():
     parser.add_argument("--batch", type=int, default=256, help="per-device batch")
     parser.add_argument("--remat", action="store_true", help="rematerialise each block (less activation memory)")
     args = parser.parse_args()
+    if not set(args.sizes.split(",")) <= set(SIZES) or args.batch < 1:
+        parser.error(f"--sizes takes a comma-separated list of {SIZES} and --batch must be >= 1")
     rows = [step_figures(size, args.batch, args.remat) for size in args.sizes.split(",")]
     print(f"per device, batch {args.batch}{' with remat' if args.remat else ''}:")
     print(

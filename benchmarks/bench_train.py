@@ -31,7 +31,7 @@ import jax
 import torch
 from diffusers import PixArtTransformer2DModel
 
-from relcirc_jax.config import base_config
+from relcirc_jax.config import SIZES, base_config
 from relcirc_jax.data import dataset
 from relcirc_jax.diffusion.schedules import alphas_cumprod
 from relcirc_jax.models import flops
@@ -179,7 +179,10 @@ def main():
     parser.add_argument("--workdir", default="/tmp/bench_train", help="for the text conditioner and checkpointer")
     parser.add_argument("--cpu_devices", type=int, default=2, help="XLA devices the host CPU is split into")
     args = parser.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if not set(args.sizes.split(",")) <= set(SIZES) or not set(args.dtypes.split(",")) <= set(DTYPES):
+        parser.error(f"--sizes takes a comma-separated list of {SIZES}, --dtypes of {DTYPES}")
+    if min([int(b) for b in args.batches.split(",")] + [args.steps, args.batch_b, args.cpu_devices]) < 1:
+        parser.error("--batches, --steps, --batch_b and --cpu_devices must be >= 1")
     torch.set_num_threads(os.cpu_count())
     dtypes = args.dtypes.split(",")
     peaks = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)

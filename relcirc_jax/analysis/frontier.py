@@ -43,6 +43,7 @@ from absl import logging
 
 from relcirc_jax.analysis import context, diversity, interventions, repulsion_tokens
 from relcirc_jax.analysis import repulsion as repulsion_lib
+from relcirc_jax.analysis.bootstrap import resample_indices
 from relcirc_jax.config import DIVERSITY_METRICS, diversity_m
 from relcirc_jax.data.prompts import parse
 from relcirc_jax.evaluation.scoring import score_specs
@@ -167,13 +168,7 @@ def methods(model: context.AnalysisModel, grid: dict, group_size: int) -> list[d
 def bootstrap(per_prompt: np.ndarray, num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> tuple[float, float]:
     """95 % percentile interval of the nan-mean of per_prompt [P] over prompt resamples (NaN entries skipped)."""
     values = np.asarray(per_prompt, np.float64)
-    return _interval(_nanmean(values[_resamples(len(values), num_resamples, seed)], axis=1))
-
-
-def _resamples(num_prompts: int, num_resamples: int, seed: int) -> np.ndarray:
-    """int [num_resamples, num_prompts]: prompt indices drawn with replacement (one seed, one set of indices: what
-    pairs the intervals of the points of one study)."""
-    return np.random.default_rng(seed).integers(0, num_prompts, (num_resamples, num_prompts))
+    return _interval(_nanmean(values[resample_indices(len(values), num_resamples, seed)], axis=1))
 
 
 def _interval(samples: np.ndarray) -> tuple[float, float]:
@@ -287,7 +282,7 @@ def gap_intervals(
     for the points and the whole CFG sweep alike (paired seeds, notes 7.3), recomputes each one's accuracy and
     VS_m (means over the drawn prompts), the interpolated frontier and the gap. Resamples in which a point falls
     outside the sweep's accuracy range are left out of its interval."""
-    picks = _resamples(len(cfg_points[0]["accuracy_prompt"]), num_resamples, seed)
+    picks = resample_indices(len(cfg_points[0]["accuracy_prompt"]), num_resamples, seed)
 
     def resampled(pts):  # [len(pts), num_resamples] each
         acc = np.stack([p["accuracy_prompt"] for p in pts])[:, picks].mean(-1)

@@ -11,7 +11,7 @@ on a machine shared with other jobs (the 1-minute load average is reported).
 
 FLOPs per step are the analytic matmul count (models/flops.py; XLA's GPU cost analysis leaves out cuBLAS calls); on a
 CPU XLA's own count is printed beside it as a check. Achieved FLOP/s are a fraction of the machine's measured matmul
-peak: the fastest of one 2048x2048 (CPU) or 8192x8192 (accelerator) matmul in JAX and torch, float32 and bfloat16.
+peak: the fastest of one 2048x2048 (CPU) or 8192x8192 (accelerator) matmul in JAX and torch in the `--dtypes` timed.
 Data generation is not timed (see bench_data.py). The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_train.py [--sizes nano,micro,mini] [--batches 64,256] [--dtypes float32,bfloat16]
@@ -43,10 +43,10 @@ from relcirc_jax.train import step as train_step
 DTYPES = ("float32", "bfloat16")
 
 
-def matmul_peak_flops(n: int, repeats: int = 10, budget_s: float = 5.0) -> dict:
-    """Best FLOP/s of one n x n matmul in each framework and dtype over up to `repeats` timed runs, fewer once they
-    have taken `budget_s` (PyTorch's bf16 on a CPU without bf16 instructions: a minute per matmul). The machine's
-    matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one."""
+def matmul_peak_flops(n: int, dtypes=DTYPES, repeats: int = 10, budget_s: float = 5.0) -> dict:
+    """Best FLOP/s of one n x n matmul in each framework and of `dtypes` over up to `repeats` timed runs, fewer once
+    they have taken `budget_s` (PyTorch's bf16 on a CPU without bf16 instructions: a minute per matmul). The
+    machine's matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one."""
     device = torch_device()
 
     def best_seconds(run):
@@ -57,7 +57,7 @@ def matmul_peak_flops(n: int, repeats: int = 10, budget_s: float = 5.0) -> dict:
         return min(times)
 
     peaks = {}
-    for dtype in DTYPES:
+    for dtype in dtypes:
         a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
         matmul = jax.jit(lambda x, y: x @ y)
         peaks[f"jax_{dtype}"] = 2 * n**3 / best_seconds(lambda: matmul(a, a).block_until_ready())
@@ -183,9 +183,10 @@ def main():
         parser.error(f"--sizes takes a comma-separated list of {SIZES}, --dtypes of {DTYPES}")
     if min([int(b) for b in args.batches.split(",")] + [args.steps, args.batch_b, args.cpu_devices]) < 1:
         parser.error("--batches, --steps, --batch_b and --cpu_devices must be >= 1")
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(os.cpu_count())
     dtypes = args.dtypes.split(",")
-    peaks = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192)
+    peaks = matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192, dtypes)
     peak = max(peaks.values())
     print(
         f"devices: {jax.devices()}; torch on {torch_device()} ({torch.get_num_threads()} threads); matmul peaks "

@@ -5,7 +5,10 @@ Tiny figures only: DiT-nano, batch 8 (one row per fake device); no timing is che
 """
 
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 
 from tests.conftest import REPO
 
@@ -30,3 +33,14 @@ def test_bench_train_steps_run_and_count_their_flops(tmp_path):
 def test_bench_scaleout_figures_a_compiled_step():
     figures = _benchmark("bench_scaleout").step_figures("nano", 8, remat=False)
     assert figures["gflops_per_step"] > 0 and figures["activations_gb"] > 0 and figures["params_m"] > 0
+
+
+def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
+    # The whole script, smallest figures: its JSON line names the XLA devices the step really ran on.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 fake devices
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--sizes=nano", "--batches=8"]
+    command += ["--dtypes=float32", "--steps=1", "--cpu_devices=2", f"--workdir={tmp_path}"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["devices"] == 2 and set(figures["matmul_peak_gflops"]) == {"jax_float32", "torch_float32"}
+    assert [row["batch"] for row in figures["rows"]] == [8]

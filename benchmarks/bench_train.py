@@ -169,10 +169,17 @@ def alternating_step_seconds(steps: dict, rounds: int, slow_s: float = 30.0) -> 
     return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 64,256") from None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="nano,micro,mini")
-    parser.add_argument("--batches", default="64,256")
+    parser.add_argument("--batches", type=_int_list, default="64,256", help="comma-separated batch sizes")
     parser.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes of both frameworks")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per framework and dtype (after one warm-up)")
     parser.add_argument("--batch_b", type=int, default=32, help="batch for DiT-B (CPU memory and time)")
@@ -181,7 +188,7 @@ def main():
     args = parser.parse_args()
     if not set(args.sizes.split(",")) <= set(SIZES) or not set(args.dtypes.split(",")) <= set(DTYPES):
         parser.error(f"--sizes takes a comma-separated list of {SIZES}, --dtypes of {DTYPES}")
-    if min([int(b) for b in args.batches.split(",")] + [args.steps, args.batch_b, args.cpu_devices]) < 1:
+    if min(args.batches + [args.steps, args.batch_b, args.cpu_devices]) < 1:
         parser.error("--batches, --steps, --batch_b and --cpu_devices must be >= 1")
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     torch.set_num_threads(os.cpu_count())
@@ -200,7 +207,7 @@ def main():
         "rows": [],
     }
     for size in args.sizes.split(","):
-        for batch_size in [args.batch_b] if size == "b" else [int(b) for b in args.batches.split(",")]:
+        for batch_size in [args.batch_b] if size == "b" else args.batches:
             ours = {dtype: jax_train(size, batch_size, args.workdir, dtype) for dtype in dtypes}
             model_cfg, step_flops = ours[dtypes[0]]["model_cfg"], ours[dtypes[0]]["flops_per_step"]
             steps = {f"jax_{dtype}": ours[dtype]["step"] for dtype in dtypes}

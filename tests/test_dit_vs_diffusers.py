@@ -131,3 +131,45 @@ def test_unsupported_diffusers_config_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="use_additional_conditions"):
         dit_config_from_diffusers({**diffusers_config(TINY_CONFIGS["latent_8_p2"]), "use_additional_conditions": True})
+
+
+@pytest.mark.parametrize("name", ["latent_8_p2", "pixel_64_p8"])
+def test_parameter_gradients_match_diffusers_autograd(name):
+    # The backward pass against torch autograd: every Dense layer's weight gradient is our own VJP
+    # (models/dense.py). Loss = <output, fixed random weights>, so every output element sends a gradient.
+    import jax
+
+    config = TINY_CONFIGS[name]
+    torch_model = _torch_model(config)
+    x, t, text, mask = _inputs(config)
+    weights = np.random.default_rng(2).normal(size=_torch_forward(torch_model, x, t, text, mask).shape)
+    out = torch_model(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        encoder_hidden_states=torch.from_numpy(text),
+        timestep=torch.from_numpy(t),
+        encoder_attention_mask=torch.from_numpy(mask).long(),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    (out.permute(0, 2, 3, 1) * torch.from_numpy(weights).float()).sum().backward()
+    torch_grads = {
+        key: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+        for key, p in torch_model.named_parameters()
+    }
+    theirs = diffusers_to_flax(torch_grads, config)  # the layout map is linear, so it carries gradients too
+
+    params = diffusers_to_flax(torch_model.state_dict(), config)
+    model = DiT(config)
+    loss = lambda p: (model.apply({"params": p}, x, t, text, mask) * weights).sum()  # noqa: E731
+    ours = jax.grad(loss)(params)
+    flat_ours = dict(jax.tree_util.tree_flatten_with_path(ours)[0])
+    flat_theirs = dict(jax.tree_util.tree_flatten_with_path(theirs)[0])
+    assert set(flat_ours) == set(flat_theirs)
+    # per leaf relative to its scale, with a floor for the gradients that are 0 in exact arithmetic (a key bias
+    # shifts every logit of a query alike) and float noise here
+    floor = 1e-6 * max(float(np.abs(g).max()) for g in flat_theirs.values())
+    for path, grad in flat_ours.items():
+        if path[0].key == "y_embedding":
+            continue  # the null caption: diffusers has no such parameter, both sides are 0
+        expected = flat_theirs[path]
+        error = float(np.abs(np.asarray(grad) - expected).max())
+        assert error <= 1e-4 * float(np.abs(expected).max()) + floor, (jax.tree_util.keystr(path), error)

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from relcirc_jax.models.dense import dense_dot_general
 from relcirc_jax.parallel import axes
 
 ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
@@ -52,11 +53,13 @@ def logical_dense(
 ) -> nn.Dense:
     """A Dense layer (float32 params, `dtype` compute) with logical axes on kernel and bias.
 
-    The default kernel init is xavier-uniform, as PixArt initialises its linear layers.
+    The default kernel init is xavier-uniform, as PixArt initialises its linear layers. The product is
+    `dense.dense_dot_general` (autodiff's maths, a faster weight gradient on the CPU).
     """
     return nn.Dense(
         features,
         dtype=dtype,
+        dot_general=dense_dot_general,
         param_dtype=jnp.float32,
         kernel_init=partitioned(kernel_init, axes),
         bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)),

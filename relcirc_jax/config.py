@@ -23,6 +23,8 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
   split into two XLA devices (`parallel.cpu_devices`; the two data-parallel halves overlap each other's serial ops,
   ~10 % faster for micro). The step count is the time budget divided by the per-size step time at batch 64
   (`CPU_STEP_SECONDS`), and `train.time_budget_minutes` stops a slower machine on time, with fewer steps.
+* ``long`` - the ``cpu`` recipe with a 150-minute budget (the same margin for compilation and evaluations), evaluated
+  about every 15 minutes.
 * ``quick`` - the ``cpu`` recipe with a 10-minute budget, so that the README quickstart (this training, then
   `--mode=evaluate`) ends within 15 minutes: colours and shapes, little relation.
 * ``smoke`` - seconds: a tiny DiT, batch 8, 4 steps, 2-step sampling on 8 prompts. For tests and for checking a set-up.
@@ -38,7 +40,7 @@ from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
 ARCHS = ("pixart", "mmdit")  # models.arch.ARCHS
-VARIANTS = (None, "cpu", "quick", "smoke")
+VARIANTS = (None, "cpu", "long", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "muon")  # train.state.optimizer
@@ -54,7 +56,10 @@ PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
 CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
+LONG_BUDGET_SECONDS = 8700  # the same margin in 150 minutes
 QUICK_BUDGET_SECONDS = 600  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
+BUDGET_SECONDS = {"cpu": CPU_BUDGET_SECONDS, "long": LONG_BUDGET_SECONDS, "quick": QUICK_BUDGET_SECONDS}
+EVAL_EVERY_SECONDS = 900  # the CPU variants evaluate about every 15 minutes of their budget (the learning curve)
 
 
 def base_config(encoder: str, size: str, arg: str | None = None, arch: str = "pixart") -> ml_collections.ConfigDict:
@@ -65,13 +70,13 @@ def base_config(encoder: str, size: str, arg: str | None = None, arch: str = "pi
     if size not in SIZES:
         raise UserError(f"Unknown DiT size {size!r}; choose one of {SIZES}.")
     if arg not in VARIANTS:
-        raise UserError(f"Unknown config variant {arg!r}; use one of 'cpu', 'quick', 'smoke' or no ':variant' suffix.")
+        raise UserError(
+            f"Unknown config variant {arg!r}; use one of 'cpu', 'long', 'quick', 'smoke' or no ':variant' suffix."
+        )
     config = _paper_recipe(encoder, size)
     config.model.arch = arch
-    if arg in ("cpu", "quick"):
-        _apply_cpu(config, size, budget_seconds=CPU_BUDGET_SECONDS if arg == "cpu" else QUICK_BUDGET_SECONDS)
-    if arg == "quick":  # one evaluation, at the end: the quickstart's --mode=evaluate prints the table
-        config.eval.every_steps = config.train.num_steps
+    if arg in BUDGET_SECONDS:
+        _apply_cpu(config, size, budget_seconds=BUDGET_SECONDS[arg])  # :quick evaluates once, at its end
     elif arg == "smoke":
         _apply_smoke(config)
     return config
@@ -245,7 +250,8 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25
     c.data.num_scenes = None  # fresh scenes: a short run sees each scene about once either way
-    c.eval.every_steps = c.train.num_steps // 4  # four evaluations: the learning curve, the last one at the end
+    evaluations = max(1, round(budget_seconds / EVAL_EVERY_SECONDS))  # :cpu 4, :long 10, the last one at the end
+    c.eval.every_steps = c.train.num_steps // evaluations
     c.sample.every_steps = c.eval.every_steps
     c.eval.images_per_prompt = 4  # 96 prompts x 4 = 384 images per evaluation, ~20 s of sampling
     c.eval.batch_size = 384

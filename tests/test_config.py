@@ -41,7 +41,7 @@ def test_one_config_file_per_encoder_and_size():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-@pytest.mark.parametrize("arg", [None, "cpu", "quick", "smoke"])
+@pytest.mark.parametrize("arg", [None, "cpu", "long", "quick", "smoke"])
 def test_config_files_load_and_validate(path, arg):
     module = _load(path)
     config = module.get_config(arg)
@@ -190,3 +190,18 @@ def test_a_config_flag_naming_no_config_file_is_one_message(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(arg:\n")
     assert "Running it raised SyntaxError" in explain_config_flags(["main", f"--config={broken}"])
+
+
+def test_long_variant_is_the_cpu_recipe_over_150_minutes_with_a_denser_curve():
+    def flat(config, prefix=""):
+        items = {}
+        for key, value in config.items():
+            items |= flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value}
+        return items
+
+    cpu, long = flat(base_config("rte", "micro", "cpu")), flat(base_config("rte", "micro", "long"))
+    changed = {key for key in cpu if cpu[key] != long[key]}
+    assert changed == {"train.num_steps", "train.time_budget_minutes", "eval.every_steps", "sample.every_steps"}
+    assert cpu["train.time_budget_minutes"] < long["train.time_budget_minutes"] <= 150
+    evaluations = [run["train.num_steps"] // run["eval.every_steps"] for run in (cpu, long)]
+    assert evaluations == [4, 10]

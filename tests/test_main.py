@@ -295,7 +295,12 @@ def _a_file(path):
 # (case, workdir maker, arguments after --workdir, the words the one line must hold). Workdir makers get a fresh path.
 BAD_INPUTS = [
     ("missing config file", None, ["--config=configs/nope.py"], "Config file 'configs/nope.py' does not exist"),
-    ("misspelt variant", None, [f"{CONFIG}x"], "Unknown config variant 'smokex'; use one of 'cpu', 'quick', 'smoke'"),
+    (
+        "misspelt variant",
+        None,
+        [f"{CONFIG}x"],
+        "Unknown config variant 'smokex'; use one of 'cpu', 'long', 'quick', 'smoke'",
+    ),
     (
         "unknown key",
         None,

@@ -55,16 +55,21 @@ def _inputs(config: DiTConfig, seed: int = 1):
     return x, t, text, mask
 
 
+def _torch_output(model, x, t, text, mask) -> torch.Tensor:
+    """diffusers' output in our layout [batch, height, width, channels], with autograd."""
+    out = model(
+        torch.from_numpy(x).permute(0, 3, 1, 2),
+        encoder_hidden_states=torch.from_numpy(text),
+        timestep=torch.from_numpy(t),
+        encoder_attention_mask=torch.from_numpy(mask).long(),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    ).sample
+    return out.permute(0, 2, 3, 1)
+
+
 def _torch_forward(model, x, t, text, mask) -> np.ndarray:
     with torch.no_grad():
-        out = model(
-            torch.from_numpy(x).permute(0, 3, 1, 2),
-            encoder_hidden_states=torch.from_numpy(text),
-            timestep=torch.from_numpy(t),
-            encoder_attention_mask=torch.from_numpy(mask).long(),
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        ).sample
-    return out.permute(0, 2, 3, 1).numpy()
+        return _torch_output(model, x, t, text, mask).numpy()
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
@@ -143,14 +148,7 @@ def test_parameter_gradients_match_diffusers_autograd(name):
     torch_model = _torch_model(config)
     x, t, text, mask = _inputs(config)
     weights = np.random.default_rng(2).normal(size=_torch_forward(torch_model, x, t, text, mask).shape)
-    out = torch_model(
-        torch.from_numpy(x).permute(0, 3, 1, 2),
-        encoder_hidden_states=torch.from_numpy(text),
-        timestep=torch.from_numpy(t),
-        encoder_attention_mask=torch.from_numpy(mask).long(),
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-    ).sample
-    (out.permute(0, 2, 3, 1) * torch.from_numpy(weights).float()).sum().backward()
+    (_torch_output(torch_model, x, t, text, mask) * torch.from_numpy(weights).float()).sum().backward()
     torch_grads = {
         key: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
         for key, p in torch_model.named_parameters()

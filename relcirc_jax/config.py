@@ -55,10 +55,12 @@ PREREGISTERED_M = {4: 3, 8: 4}
 PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
 CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
-CPU_BUDGET_SECONDS = 3300  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
-LONG_BUDGET_SECONDS = 8700  # the same margin in 150 minutes
-QUICK_BUDGET_SECONDS = 600  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
-BUDGET_SECONDS = {"cpu": CPU_BUDGET_SECONDS, "long": LONG_BUDGET_SECONDS, "quick": QUICK_BUDGET_SECONDS}
+# Training budget of each CPU variant, in seconds.
+BUDGET_SECONDS = {
+    "cpu": 3300,  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
+    "long": 8700,  # the same margin in 150 minutes
+    "quick": 600,  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
+}
 EVAL_EVERY_SECONDS = 900  # the CPU variants evaluate about every 15 minutes of their budget (the learning curve)
 
 
@@ -70,9 +72,8 @@ def base_config(encoder: str, size: str, arg: str | None = None, arch: str = "pi
     if size not in SIZES:
         raise UserError(f"Unknown DiT size {size!r}; choose one of {SIZES}.")
     if arg not in VARIANTS:
-        raise UserError(
-            f"Unknown config variant {arg!r}; use one of 'cpu', 'long', 'quick', 'smoke' or no ':variant' suffix."
-        )
+        named = ", ".join(repr(variant) for variant in VARIANTS if variant)
+        raise UserError(f"Unknown config variant {arg!r}; use one of {named} or no ':variant' suffix.")
     config = _paper_recipe(encoder, size)
     config.model.arch = arch
     if arg in BUDGET_SECONDS:

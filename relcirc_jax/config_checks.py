@@ -69,6 +69,7 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     for key in (
         "train.num_steps",
         "train.batch_size",
+        "train.microbatches",
         "checkpoint.every_steps",
         "checkpoint.keep",
         "log.every_steps",
@@ -225,6 +226,12 @@ def _mesh_problems(c: ml_collections.ConfigDict, num_devices: int, process_count
         problems.append(
             f"train.batch_size={c.train.batch_size} is not divisible by the data-parallel size "
             f"data*fsdp={batch_shards}; pick a multiple of {batch_shards}."
+        )
+    elif c.train.microbatches >= 1 and c.train.batch_size % (c.train.microbatches * batch_shards):
+        problems.append(
+            f"train.batch_size={c.train.batch_size} does not split into train.microbatches={c.train.microbatches} "
+            f"microbatches of a multiple of the data-parallel size data*fsdp={batch_shards}; pick a batch size that "
+            f"is a multiple of {c.train.microbatches * batch_shards}, or fewer microbatches."
         )
     if c.train.batch_size % process_count:
         problems.append(

@@ -281,7 +281,10 @@ def _main(argv) -> None:
     f = flags.FLAGS
     if f.readme and not os.path.isfile(f.readme):
         fail(f"--readme={f.readme} is not a file. Fix: pass the markdown file to copy in as README.md.")
-    readme = epath.Path(f.readme).read_text() if f.readme else None
+    try:
+        readme = epath.Path(f.readme).read_text() if f.readme else None
+    except UnicodeDecodeError:
+        fail(f"--readme={f.readme} is not UTF-8 text. Fix: pass the markdown file to copy in as README.md.")
     try:
         out = export(f.workdir, f.out, f.step, readme)
     except UserError as error:

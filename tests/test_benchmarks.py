@@ -39,8 +39,9 @@ def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
     # The whole script, smallest figures: its JSON line names the XLA devices the step really ran on.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 fake devices
     command = [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--sizes=nano", "--batches=8"]
-    command += ["--dtypes=float32", "--steps=1", "--cpu_devices=2", f"--workdir={tmp_path}"]
+    command += ["--dtypes=float32", "--steps=1", "--cpu_devices=2", "--microbatch=4", f"--workdir={tmp_path}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["devices"] == 2 and set(figures["matmul_peak_gflops"]) == {"jax_float32", "torch_float32"}
     assert [row["batch"] for row in figures["rows"]] == [8]
+    assert set(figures["rows"][0]["images_per_s"]) == {"jax_float32", "jax_float32_mb4", "torch_float32"}

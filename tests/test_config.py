@@ -125,6 +125,13 @@ def test_batch_must_split_over_processes_and_mesh_must_fit():
     config.parallel.mesh.fsdp = 3
     with pytest.raises(UserError, match="does not fit 8 devices"):
         validate_config(config, num_devices=8, process_count=1)
+    config.parallel.mesh.fsdp = 1
+    config.train.microbatches = 3  # batch 8 on 2 devices: microbatches of 8 / 3 images
+    with pytest.raises(UserError, match=r"does not split into train.microbatches=3 .* a multiple of 6, or fewer"):
+        validate_config(config, num_devices=2, process_count=1)
+    config.train.microbatches = 0
+    with pytest.raises(UserError, match="train.microbatches=0 must be >= 1"):
+        validate_config(config, num_devices=2, process_count=1)
 
 
 def test_unknown_encoder_size_or_variant():

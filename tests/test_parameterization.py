@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler
 from test_samplers_vs_diffusers import PIXART_SCHEDULER_CONFIG, eps_jax, eps_torch, make_scheduler, max_rel_error
 
-from relcirc_jax.diffusion import diffusion_loss, eps_fn_from, sample
+from relcirc_jax.diffusion import Noising, diffusion_loss, draw_noising, eps_fn_from, sample
 from relcirc_jax.diffusion.parameterization import training_target
 from relcirc_jax.diffusion.schedules import alphas_cumprod
 
@@ -38,22 +38,19 @@ def test_v_target_matches_diffusers_get_velocity():
 
 def test_v_loss_is_zero_for_the_oracle_v():
     x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3))
-    key = jax.random.PRNGKey(1)
-    # Recreate the loss's own draws to build a perfect v-predictor.
-    t_key, noise_key = jax.random.split(key)
-    t = jax.random.randint(t_key, (8,), 0, 1000)
-    noise = jax.random.normal(noise_key, x0.shape)
+    t = jax.random.randint(jax.random.PRNGKey(1), (8,), 0, 1000)
+    noise = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
     abar = jnp.asarray(alphas_cumprod(), jnp.float32)[t].reshape(-1, 1, 1, 1)
-    v = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
-    loss, _ = diffusion_loss(lambda x_t, tt: v, x0, key, prediction="v")
+    v = jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0  # the perfect v-predictor for these draws
+    loss, _ = diffusion_loss(lambda x_t, tt: v, x0, Noising(t, noise), prediction="v")
     assert float(loss) < 1e-10
     with pytest.raises(ValueError, match="prediction type"):
-        diffusion_loss(lambda x_t, tt: v, x0, key, prediction="sample")
+        diffusion_loss(lambda x_t, tt: v, x0, Noising(t, noise), prediction="sample")
 
 
 def test_x0_loss_is_zero_for_the_oracle_x0_and_the_target_is_x0():
     x0 = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 3))
-    loss, _ = diffusion_loss(lambda x_t, tt: x0, x0, jax.random.PRNGKey(1), prediction="x0")
+    loss, _ = diffusion_loss(lambda x_t, tt: x0, x0, draw_noising(jax.random.PRNGKey(1), x0.shape), prediction="x0")
     assert float(loss) == 0.0
     assert training_target("x0", x0, jnp.zeros_like(x0), jnp.full((8, 1, 1, 1), 0.5)) is x0
 

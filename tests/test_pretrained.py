@@ -47,6 +47,10 @@ def test_the_export_command_refuses_bad_input_in_one_line_and_never_overwrites_a
     assert (model / "model.safetensors").read_bytes() == b"a model saved earlier"
     assert "holds no training run (no config.json)" in export_cli(f"--workdir={run}", f"--out={tmp_path / 'new'}")
     assert not (tmp_path / "new").exists()
+    binary = tmp_path / "weights.bin"  # a README that is not text, e.g. a weights file passed by mistake
+    binary.write_bytes(bytes(range(256)))
+    error = export_cli(f"--workdir={run}", f"--out={tmp_path / 'new'}", f"--readme={binary}")
+    assert f"--readme={binary} is not UTF-8 text" in error and not (tmp_path / "new").exists()
 
 
 def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():

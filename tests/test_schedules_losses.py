@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 from diffusers import DDPMScheduler
 
-from relcirc_jax.diffusion import diffusion_loss, linear_schedule, mse_loss, q_sample, sample_timesteps
+from relcirc_jax.diffusion import diffusion_loss, draw_noising, linear_schedule, mse_loss, q_sample, sample_timesteps
 from relcirc_jax.diffusion.losses import vlb_term
 from relcirc_jax.diffusion.schedules import alphas_cumprod, linear_betas
 
@@ -101,17 +101,17 @@ def test_mse_loss_is_the_mean_over_all_dims():
 
 def test_diffusion_loss_is_zero_for_the_oracle_and_one_for_zero_prediction(schedule):
     x0 = jax.random.uniform(jax.random.key(2), (16, 8, 8, 3), minval=-1.0, maxval=1.0)
-    loss_fn = jax.jit(lambda fn_x0, key: diffusion_loss(oracle_eps_fn(fn_x0, schedule), fn_x0, key))
-    loss, aux = loss_fn(x0, jax.random.key(3))
+    noising = draw_noising(jax.random.key(3), x0.shape)
+    loss, aux = jax.jit(lambda fn_x0: diffusion_loss(oracle_eps_fn(fn_x0, schedule), fn_x0, noising))(x0)
     assert loss.shape == () and float(loss) < 1e-5 and set(aux) == {"mse"}
-    zero_loss, _ = jax.jit(lambda key: diffusion_loss(lambda x, t: jnp.zeros_like(x), x0, key))(jax.random.key(3))
+    zero_loss, _ = jax.jit(lambda: diffusion_loss(lambda x, t: jnp.zeros_like(x), x0, noising))()
     assert float(zero_loss) == pytest.approx(1.0, abs=0.05)
 
 
 def test_diffusion_loss_is_deterministic_per_key_and_vmappable():
     x0 = jnp.ones((4, 4, 4, 3)) * 0.3
     fn = lambda x, t: 0.5 * x  # noqa: E731
-    loss_fn = jax.jit(lambda key: diffusion_loss(fn, x0, key)[0])
+    loss_fn = jax.jit(lambda key: diffusion_loss(fn, x0, draw_noising(key, x0.shape))[0])
     assert float(loss_fn(jax.random.key(5))) == float(loss_fn(jax.random.key(5)))
     keys = jax.random.split(jax.random.key(6), 3)
     per_key = jax.jit(jax.vmap(loss_fn))(keys)
@@ -139,7 +139,7 @@ def test_learn_sigma_vlb_trains_only_the_variance_channels():
 
     def loss_parts(params):
         eps_fn = lambda x, t: jnp.concatenate([params["mean"] * x, params["var"] * jnp.ones_like(x)], -1)  # noqa: E731
-        return diffusion_loss(eps_fn, x0, jax.random.key(10), learn_sigma=True)
+        return diffusion_loss(eps_fn, x0, draw_noising(jax.random.key(10), x0.shape), learn_sigma=True)
 
     params = {"mean": jnp.float32(0.8), "var": jnp.float32(0.1)}
     loss, aux = jax.jit(loss_parts)(params)
@@ -153,26 +153,27 @@ def test_learn_sigma_vlb_trains_only_the_variance_channels():
 
 def test_wrong_output_channels_raise_one_clear_error():
     x0 = jnp.zeros((2, 4, 4, 3))
+    noising = draw_noising(jax.random.key(0), x0.shape)
     with pytest.raises(ValueError, match="returned 3 channels but learn_sigma=True"):
-        diffusion_loss(lambda x, t: x, x0, jax.random.key(0), learn_sigma=True)
+        diffusion_loss(lambda x, t: x, x0, noising, learn_sigma=True)
     with pytest.raises(ValueError, match="returned 6 channels but learn_sigma=False"):
-        diffusion_loss(lambda x, t: jnp.concatenate([x, x], -1), x0, jax.random.key(0))
+        diffusion_loss(lambda x, t: jnp.concatenate([x, x], -1), x0, noising)
 
 
 def test_a_teacher_target_is_the_weighted_sum_of_both_losses_up_to_a_constant_and_passes_no_gradient():
     # |p - (w a + (1-w) b)|^2 = w |p - a|^2 + (1-w) |p - b|^2 - w (1-w) |a - b|^2, a the teacher's, b the data's.
     x0 = jax.random.uniform(jax.random.key(11), (6, 4, 4, 3), minval=-1.0, maxval=1.0)
-    key, w = jax.random.key(12), 0.3
+    noising, w = draw_noising(jax.random.key(12), x0.shape), 0.3
     student = lambda x, t: 0.5 * x  # noqa: E731
 
     def teacher(x, t, scale=1.0):
         return scale * jnp.tanh(x) * (t[:, None, None, None] / 1000.0)
 
     def loss(fn, **kwargs):
-        return float(diffusion_loss(fn, x0, key, prediction="x0", **kwargs)[0])
+        return float(diffusion_loss(fn, x0, noising, prediction="x0", **kwargs)[0])
 
     mixed = loss(student, teacher_fn=teacher, teacher_weight=w)
     separate = w * loss(student, teacher_fn=teacher) + (1 - w) * loss(student) - w * (1 - w) * loss(teacher)
     assert mixed == pytest.approx(separate, rel=1e-5) and loss(teacher, teacher_fn=teacher) == 0.0
-    grad = jax.grad(lambda s: diffusion_loss(student, x0, key, teacher_fn=lambda x, t: teacher(x, t, s))[0])(1.0)
+    grad = jax.grad(lambda s: diffusion_loss(student, x0, noising, teacher_fn=lambda x, t: teacher(x, t, s))[0])(1.0)
     assert float(grad) == 0.0

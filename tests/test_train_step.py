@@ -49,14 +49,18 @@ def _setup(tmp_path, config):
 
 
 def _gradients(setup, params, batch, step=0):
-    """d loss / d params of update `step`, computed outside the train step. Batch, caption and key are arguments of
+    """d loss / d params of update `step`, computed outside the train step. Batch, caption and draws are arguments of
     the jitted gradient, not constants in it: one compilation serves every call with this config (across tests too,
     through conftest's compilation cache)."""
     config = setup.config
     text, mask = setup.conditioner.embed(setup.tables, batch)
     loss_fn = train_step.make_loss_fn(config, setup.model_cfg)
-    key = train_step.step_key(config.seed, jnp.int32(step))
-    return jax.jit(jax.grad(lambda *args: loss_fn(*args)[0]))(params, batch, text, mask, key)
+    draws = _draws(config, batch, step)
+    return jax.jit(jax.grad(lambda *args: loss_fn(*args)[0]))(params, batch, text, mask, draws)
+
+
+def _draws(config, batch, step):
+    return train_step.draw_step(config, train_step.step_key(config.seed, jnp.int32(step)), batch["image"].shape)
 
 
 def _step_fn(setup):
@@ -138,7 +142,7 @@ def test_curriculum_words_the_first_steps_captions_by_its_mix_then_the_tasks(tmp
 
 
 def test_high_noise_share_reaches_the_timesteps_the_loss_is_taken_at(tmp_path):
-    # The mixture itself is checked against its CDF in test_schedules_losses; this checks make_loss_fn hands it on.
+    # The mixture itself is checked against its CDF in test_schedules_losses; this checks the step's draws use it.
     share, mean = 0.9, 3.0
     config = _config(caption_dropout=0.0, t_logit_mean=0.0, t_high_noise_share=share, t_high_noise_logit_mean=mean)
     config.model.prediction = "x0"  # its loss moves with the timesteps ~10x more than the epsilon loss does here
@@ -152,20 +156,25 @@ def test_high_noise_share_reaches_the_timesteps_the_loss_is_taken_at(tmp_path):
     key = train_step.step_key(config.seed, jnp.int32(0))
     model = arch.module(setup.model_cfg)
 
-    def direct_loss(high_noise):  # diffusion_loss as loss_fn calls it, with loss_fn's key split and no dropout
+    def direct_loss(high_noise):  # diffusion_loss as loss_fn calls it, with draw_step's key split and no dropout
+        noising = diffusion.draw_noising(
+            jax.random.split(key)[1],
+            batch["image"].shape,
+            timestep_logit_normal=(config.train.t_logit_mean, config.train.t_logit_std),
+            high_noise=high_noise,
+        )
         return diffusion.diffusion_loss(
             lambda x_t, t: model.apply({"params": params}, x_t, t, text, mask),
             batch["image"],
-            jax.random.split(key)[1],
+            noising,
             learn_sigma=setup.model_cfg.learn_sigma,
             prediction=setup.model_cfg.prediction,
-            timestep_logit_normal=(config.train.t_logit_mean, config.train.t_logit_std),
-            high_noise=high_noise,
         )[0]
 
     def loss(share):
         config.train.t_high_noise_share = share
-        return float(train_step.make_loss_fn(config, setup.model_cfg)(params, batch, text, mask, key)[0])
+        draws = train_step.draw_step(config, key, batch["image"].shape)
+        return float(train_step.make_loss_fn(config, setup.model_cfg)(params, batch, text, mask, draws)[0])
 
     mixed, plain = loss(share), loss(0.0)
     assert mixed == pytest.approx(float(direct_loss((share, mean, config.train.t_logit_std))), rel=1e-6)
@@ -215,6 +224,43 @@ def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp
     assert np.abs(b).mean() > 4e-4 and cosine > 0.9, (np.abs(b).mean(), cosine)  # moved, as the float32 run did
 
 
+def test_microbatches_accumulate_the_whole_batch_gradient_each_slice_with_its_own_draws(tmp_path):
+    # Caption dropout 0.5 and per-example noise: a slice paired with other examples' draws (or drawing its own)
+    # would give another gradient, not the whole batch's up to rounding.
+    config = _config()
+    setup, state, batch = _setup(tmp_path, config)
+    state, _ = _step_fn(setup)(state, batch, setup.tables)  # step 1: the output layer is no longer all zeros
+    text, mask = setup.conditioner.embed(setup.tables, batch)
+    examples = (batch, text, mask, _draws(config, batch, 1))
+    loss_and_grads = jax.jit(train_step.mean_loss_and_grads, static_argnums=(0, 3))
+    loss_fn = train_step.make_loss_fn(config, setup.model_cfg)
+    (whole_loss, whole), (sliced_loss, sliced) = (loss_and_grads(loss_fn, state.params, examples, k) for k in (1, 4))
+    assert float(sliced_loss) == pytest.approx(float(whole_loss), rel=1e-6)
+    scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(whole))
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sliced)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
+
+
+def test_a_microbatched_step_over_two_devices_is_the_whole_batch_step_and_keeps_the_batch_split(tmp_path):
+    runs = {}
+    for microbatches, devices in ((1, 1), (4, 2)):
+        config = _config(microbatches=microbatches)
+        setup = train_state.build_run_setup(config, tmp_path / str(microbatches), devices=jax.devices()[:devices])
+        setup.checkpointer.close()
+        init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
+        state = init(setup.model_cfg, setup.tx, config.seed)
+        compiled = train_step.compile_train_step(setup, loop._global_batch(config, setup.mesh, 0))
+        # Each slice takes rows of both devices' halves; slices of one device's rows would gather the batch.
+        assert "all-gather" not in compiled.as_text()
+        for step in range(2):
+            state, metrics = compiled(state, loop._global_batch(config, setup.mesh, step), setup.tables, None)
+        runs[microbatches] = (jax.device_get(state.params), {k: float(v) for k, v in metrics.items()})
+    (whole, whole_metrics), (sliced, sliced_metrics) = runs[1], runs[4]
+    assert sliced_metrics == pytest.approx(whole_metrics, rel=1e-5)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sliced)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-3 * RECIPE["lr"])
+
+
 def test_a_teacher_that_is_the_student_gives_zero_loss_and_gradient_so_it_sees_the_same_inputs(tmp_path):
     # Caption dropout 0.5 drops rows of every batch: a teacher given other null-caption rows, another caption, noise
     # or timestep than the student's would predict something else, and the loss would not be 0.
@@ -224,12 +270,12 @@ def test_a_teacher_that_is_the_student_gives_zero_loss_and_gradient_so_it_sees_t
     loss_fn = jax.jit(
         jax.value_and_grad(train_step.make_loss_fn(config, setup.model_cfg, setup.model_cfg), has_aux=True)
     )
-    key = train_step.step_key(config.seed, jnp.int32(1))  # step 1: the output layer is no longer all zeros
+    draws = _draws(config, batch, 1)  # step 1: the output layer is no longer all zeros
     params = _gradients(setup, state.params, batch)  # any weights with a non-zero output layer
-    (loss, _), grads = loss_fn(params, batch, text, mask, key, params)
+    (loss, _), grads = loss_fn(params, batch, text, mask, draws, params)
     assert float(loss) == 0.0 and all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
     other = jax.tree.map(lambda p: 0.9 * p, params)
-    (other_loss, _), _ = loss_fn(params, batch, text, mask, key, other)
+    (other_loss, _), _ = loss_fn(params, batch, text, mask, draws, other)
     assert float(other_loss) > 0
 
 

@@ -1,13 +1,14 @@
 """The training objective: the MSE of an eps-, v- or x0-prediction (parameterization.py), plus IDDPM's variational
 bound term when the model learns sigma.
 
-diffusion_loss is the one function the trainer calls. With learn_sigma the model returns 2C channels (last axis):
+diffusion_loss is the one function the trainer calls, on the timesteps and noise of draw_noising (drawn for a whole
+batch, so that microbatches can slice the same draws). With learn_sigma the model returns 2C channels (last axis):
 its prediction and an interpolation value v in [-1, 1] between log(beta_t) and the clipped log posterior variance
 (IDDPM's "learned_range", which PixArt uses). As in IDDPM, the VLB term sees a stop-gradient copy of eps, so it trains
 only the variance and the MSE alone trains the mean. Images are channel-last in [-1, 1].
 """
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,13 @@ from relcirc_jax.diffusion import parameterization
 from relcirc_jax.diffusion.schedules import Schedule, linear_schedule
 
 DenoiserFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t) -> the model's prediction (eps, x0 or v)
+
+
+class Noising(NamedTuple):
+    """The random part of one loss evaluation, per example."""
+
+    t: jax.Array  # int32 [B]: integer timesteps
+    noise: jax.Array  # float32, the images' shape [B, ...]: the Gaussian noise added to them
 
 
 def _per_example(table: jax.Array, t: jax.Array, like: jax.Array) -> jax.Array:
@@ -109,24 +117,35 @@ def vlb_term(
     return jnp.where(t == 0, decoder_nll, kl)
 
 
+def draw_noising(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    num_timesteps: int = 1000,
+    timestep_logit_normal: tuple[float, float] | None = None,
+    high_noise: tuple[float, float, float] | None = None,
+) -> Noising:
+    """Timesteps (sample_timesteps(timestep_logit_normal, high_noise)) and noise for a batch of images of `shape`."""
+    t_key, noise_key = jax.random.split(key)
+    t = sample_timesteps(t_key, shape[0], num_timesteps, timestep_logit_normal, high_noise)
+    return Noising(t, jax.random.normal(noise_key, shape, jnp.float32))
+
+
 def diffusion_loss(
     denoiser_fn: DenoiserFn,
     x0: jax.Array,
-    key: jax.Array,
+    noising: Noising,
     *,
     learn_sigma: bool = False,
     schedule: Schedule | None = None,
     prediction: str = "eps",
-    timestep_logit_normal: tuple[float, float] | None = None,
-    high_noise: tuple[float, float, float] | None = None,
     teacher_fn: DenoiserFn | None = None,
     teacher_weight: float = 1.0,
 ) -> tuple[jax.Array, dict]:
-    """(scalar loss, aux) for a batch x0 [B, ...]; denoiser_fn(x_t, t) gets t as float32 integer values [B].
+    """(scalar loss, aux) for a batch x0 [B, ...] noised by `noising` (draw_noising's, with the schedule's
+    num_timesteps); denoiser_fn(x_t, t) gets t as float32 integer values [B].
 
     `prediction` says what denoiser_fn's first C channels predict ("eps", "v" or "x0", see parameterization.py); the
-    MSE is taken against that target. Timesteps come from sample_timesteps(timestep_logit_normal, high_noise). aux
-    holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
+    MSE is taken against that target. aux holds "mse" and, with learn_sigma, "vb" (batch means) for logging.
 
     With `teacher_fn` (a trained model predicting the same quantity; distillation), the target is
     (1 - teacher_weight) * the data's + teacher_weight * teacher_fn(x_t, t)'s first C channels (no gradient): one
@@ -134,9 +153,7 @@ def diffusion_loss(
     """
     parameterization.check_prediction(prediction)
     schedule = linear_schedule() if schedule is None else schedule
-    t_key, noise_key = jax.random.split(key)
-    t = sample_timesteps(t_key, x0.shape[0], schedule.num_timesteps, timestep_logit_normal, high_noise)
-    noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+    t, noise = noising
     x_t = q_sample(x0.astype(jnp.float32), noise, t, schedule)
     out = denoiser_fn(x_t, t.astype(jnp.float32)).astype(jnp.float32)
 

@@ -94,8 +94,7 @@ def jax_train(size: str, batch_size: int, workdir: str, dtype: str = "float32", 
     start = time.perf_counter()
     compiled = train_step.compile_train_step(setup, batch)
     compile_s = time.perf_counter() - start
-    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
-    carry = {"state": init(setup.model_cfg, setup.tx, 0)}
+    carry = {"state": train_state.initial_state(setup)}
 
     def step():
         carry["state"], metrics = compiled(carry["state"], batch, setup.tables, None)

@@ -247,8 +247,7 @@ def test_a_microbatched_step_over_two_devices_is_the_whole_batch_step_and_keeps_
         config = _config(microbatches=microbatches)
         setup = train_state.build_run_setup(config, tmp_path / str(microbatches), devices=jax.devices()[:devices])
         setup.checkpointer.close()
-        init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
-        state = init(setup.model_cfg, setup.tx, config.seed)
+        state = train_state.initial_state(setup)
         compiled = train_step.compile_train_step(setup, loop._global_batch(config, setup.mesh, 0))
         # Each slice takes rows of both devices' halves; slices of one device's rows would gather the batch.
         assert "all-gather" not in compiled.as_text()

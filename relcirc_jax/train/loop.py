@@ -60,8 +60,7 @@ def _init_or_restore(setup: train_state.RunSetup) -> tuple[train_state.TrainStat
         train_state.check_same_model(setup, step, meta)
         logging.info("Resumed from the checkpoint of step %d.", step)
         return state, step
-    init = jax.jit(train_state.init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
-    state = init(setup.model_cfg, setup.tx, setup.config.seed)
+    state = train_state.initial_state(setup)
     if setup.config.init_from:
         params = _reference_params(setup, state.params)
         # Two buffers: the train step donates the state, and one buffer donated twice crashes XLA.

@@ -161,6 +161,12 @@ def build_run_setup(config: ml_collections.ConfigDict, workdir, devices=None) ->
     )
 
 
+def initial_state(setup: RunSetup) -> TrainState:
+    """init_state of the setup's model from config.seed, computed straight into its state_shardings on the mesh."""
+    init = jax.jit(init_state, static_argnums=(0, 1, 2), out_shardings=setup.state_shardings)
+    return init(setup.model_cfg, setup.tx, setup.config.seed)
+
+
 def require_checkpoint(workdir, step: int | None = None) -> None:
     """UserError unless `workdir` holds checkpoint `step` (default: any); reads the directory, creates nothing."""
     directory = epath.Path(workdir) / "checkpoints"

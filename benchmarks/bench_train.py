@@ -196,8 +196,10 @@ def main():
         parser.error(f"--sizes takes a comma-separated list of {SIZES}, --dtypes of {DTYPES}")
     if min(args.batches + [args.steps, args.batch_b, args.cpu_devices]) < 1:
         parser.error("--batches, --steps, --batch_b and --cpu_devices must be >= 1")
+    batches = {size: [args.batch_b] if size == "b" else args.batches for size in args.sizes.split(",")}
+    timed = {batch for size_batches in batches.values() for batch in size_batches}
     if args.microbatch is not None and (
-        args.microbatch < 0 or any(b % args.microbatch for b in args.batches if args.microbatch and b > args.microbatch)
+        args.microbatch < 0 or any(b > args.microbatch > 0 and b % args.microbatch for b in timed)
     ):
         parser.error(f"--microbatch {args.microbatch} must divide every batch larger than it, or be 0 (none)")
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -218,8 +220,8 @@ def main():
         "devices": len(jax.devices()),
         "rows": [],
     }
-    for size in args.sizes.split(","):
-        for batch_size in [args.batch_b] if size == "b" else args.batches:
+    for size, size_batches in batches.items():
+        for batch_size in size_batches:
             ours = {dtype: jax_train(size, batch_size, args.workdir, dtype) for dtype in dtypes}
             if args.microbatch and batch_size > args.microbatch:
                 microbatches = batch_size // args.microbatch

@@ -136,7 +136,7 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.batch_size = 256
     # Gradient accumulation: each step's batch is taken as this many equal microbatches, one after another, whose
     # gradients are averaged: the same update (up to float rounding) with a microbatch's activations in memory. On a
-    # CPU, microbatches of 64 images are also faster than one batch of 256 (README, Benchmarks).
+    # CPU, microbatches of 32 images are also faster than one batch of 64 or 256 (README, Benchmarks).
     c.train.microbatches = 1
     # "adamw" on every parameter, or "muon": Muon (momentum 0.95, updates scaled to AdamW's RMS) on the 2-D kernels
     # inside the transformer blocks and AdamW on the rest (train.state.optimizer_groups), both at train.lr.

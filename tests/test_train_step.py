@@ -35,8 +35,8 @@ def _config(**train):
     return config
 
 
-def _run_setup(tmp_path, config):
-    setup = train_state.build_run_setup(config, tmp_path, devices=jax.devices()[:1])
+def _run_setup(tmp_path, config, devices=1):
+    setup = train_state.build_run_setup(config, tmp_path, devices=jax.devices()[:devices])
     setup.checkpointer.close()
     return setup
 
@@ -245,8 +245,7 @@ def test_a_microbatched_step_over_two_devices_is_the_whole_batch_step_and_keeps_
     runs = {}
     for microbatches, devices in ((1, 1), (4, 2)):
         config = _config(microbatches=microbatches)
-        setup = train_state.build_run_setup(config, tmp_path / str(microbatches), devices=jax.devices()[:devices])
-        setup.checkpointer.close()
+        setup = _run_setup(tmp_path / str(microbatches), config, devices)
         state = train_state.initial_state(setup)
         compiled = train_step.compile_train_step(setup, loop._global_batch(config, setup.mesh, 0))
         # Each slice takes rows of both devices' halves; slices of one device's rows would gather the batch.

@@ -164,7 +164,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.teacher_weight = 1.0
     c.train.remat = False
     # Wall-clock minutes of one invocation (compilation, sampling and evaluations included) after which the run saves,
-    # samples and evaluates its last step and stops, before train.num_steps if need be; None = no budget.
+    # samples and evaluates its last step and stops, before train.num_steps if need be; None or inf = no budget
+    # (inf on the command line, which cannot set None: `--config.train.time_budget_minutes=inf` lifts a variant's).
     c.train.time_budget_minutes = config_dict.placeholder(float)
     c.train.compute_dtype = "float32"
 

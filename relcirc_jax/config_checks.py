@@ -86,7 +86,9 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         if not _get(c, key) > 0:
             problems.append(f"{key}={_get(c, key)} must be > 0.")
     if c.train.time_budget_minutes is not None and not c.train.time_budget_minutes > 0:
-        problems.append(f"train.time_budget_minutes={c.train.time_budget_minutes} must be > 0, or None for no budget.")
+        problems.append(
+            f"train.time_budget_minutes={c.train.time_budget_minutes} must be > 0, or inf (None) for no budget."
+        )
     if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
         problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
     for key in ("train.ema_decay", "train.caption_dropout", "train.t_high_noise_share"):
@@ -350,6 +352,10 @@ def explain_config_flags(argv: Sequence[str], flag_name: str = "config") -> str 
     return " ".join(problems) if problems else None
 
 
+# What a command line passes for None, for the typed keys whose None means something.
+NONE_SPELLINGS = {"train.time_budget_minutes": "pass inf for no budget"}
+
+
 def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value: str | None) -> str | None:
     """`value` does not parse as the type of config key `dotted` (ml_collections keeps a key's type)."""
     *parents, leaf = dotted.split(".")
@@ -362,6 +368,9 @@ def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value
     try:
         parse(value)
     except (ValueError, KeyError):
+        if value.lower() == "none":  # ml_collections parses an override as the key's type; None is no such value
+            instead = NONE_SPELLINGS.get(dotted, f"give {kind} (e.g. {node[leaf]!r}) or set None in a config file")
+            return f"--config.{dotted}=None: the command line cannot set None for {kind} key; {instead}."
         return f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not {value!r}; fix the value."
     return None
 

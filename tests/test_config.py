@@ -11,6 +11,7 @@ from ml_collections import config_flags
 from relcirc_jax.config import ENCODERS, SIZES, base_config
 from relcirc_jax.config_checks import explain_config_flags, validate_config
 from relcirc_jax.errors import UserError
+from relcirc_jax.train.preemption import TimeBudget
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*_dit_*.py")))
@@ -172,6 +173,24 @@ def test_overrides_and_the_explanation_of_bad_override_keys_and_values():
     assert "--config.checkpoint.async_save=maybe: checkpoint.async_save takes a bool" in message
     assert message.count("--config.") == 4  # the good overrides (lr=1, async_save=false) are not named
     assert explain_config_flags(argv[:2]) is None
+
+
+def test_inf_lifts_a_variants_time_budget_from_the_command_line_where_none_cannot_be_typed():
+    lifted = _parse_config_flag("--config.train.time_budget_minutes=inf")
+    validate_config(lifted, num_devices=8, process_count=1)
+    assert TimeBudget(lifted.train.time_budget_minutes).seconds_left() is None  # the loop logs "time budget none"
+    assert not TimeBudget(lifted.train.time_budget_minutes).spent(0)
+    with pytest.raises(UserError, match=r"time_budget_minutes=nan must be > 0, or inf \(None\) for no budget"):
+        validate_config(_parse_config_flag("--config.train.time_budget_minutes=nan"), num_devices=8, process_count=1)
+    argv = ["prog", f"--config={os.path.join(REPO, 'configs', 'rte_dit_micro.py')}:long"]
+    typed_none = explain_config_flags([*argv, "--config.train.time_budget_minutes=None"])
+    assert typed_none == (
+        "--config.train.time_budget_minutes=None: the command line cannot set None for a float key; pass inf for no "
+        "budget."
+    )
+    assert "give a float (e.g. 0.0005) or set None in a config file" in explain_config_flags(
+        [*argv, "--config.train.lr=none"]
+    )
 
 
 def test_the_early_flag_checks_read_absls_space_separated_spelling_too():

@@ -7,6 +7,7 @@ budget follows process 0's clock for the same reason.
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -43,7 +44,8 @@ def install_sigterm_handler() -> PreemptionFlag:
 
 
 class TimeBudget:
-    """`.spent(step)` turns True once `minutes` of wall time have passed since construction (None: never).
+    """`.spent(step)` turns True once `minutes` of wall time have passed since construction (None or inf: never;
+    inf is how a command line lifts a config's budget, as it cannot type None).
 
     One process reads its clock at every step. On several processes the answer is a collective (process 0's clock
     decides, so all stop at the same step), taken only at steps that are multiples of `sync_every`; others say False.
@@ -52,7 +54,7 @@ class TimeBudget:
     def __init__(self, minutes: float | None, *, sync_every: int = 1, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._sync_every = sync_every
-        self._deadline = None if minutes is None else clock() + 60.0 * minutes
+        self._deadline = None if minutes is None or math.isinf(minutes) else clock() + 60.0 * minutes
 
     def seconds_left(self) -> float | None:
         """Wall seconds until the deadline on this process's clock (None: no budget)."""

@@ -104,9 +104,20 @@ MUTANTS = (
         "caption_dropout",
         "caption dropout trains the null caption CFG needs",
         "relcirc_jax/train/step.py",
-        "jax.random.bernoulli(drop_key, dropout, (text.shape[0],))",
-        "jax.random.bernoulli(drop_key, 0.0, (text.shape[0],))",
+        "jax.random.bernoulli(drop_key, recipe.caption_dropout, image_shape[:1])",
+        "jax.random.bernoulli(drop_key, 0.0, image_shape[:1])",
         ("tests/test_train_step.py::test_caption_dropout_is_what_trains_the_null_caption",),
+    ),
+    Mutant(
+        "microbatch_slices",
+        "microbatches give the whole batch's update and keep the batch split over the data-parallel devices",
+        "relcirc_jax/train/step.py",
+        "return jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]), 0, 1)",
+        "return x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])",
+        (
+            "tests/test_train_step.py::"
+            "test_a_microbatched_step_over_two_devices_is_the_whole_batch_step_and_keeps_the_batch_split",
+        ),
     ),
     Mutant(
         "data_process_count",
@@ -128,7 +139,7 @@ MUTANTS = (
         "cfg",
         "sampling applies classifier-free guidance at eval.cfg_scale",
         "relcirc_jax/diffusion/guidance.py",
-        "guided = uncond[..., :channels] + scale * (cond[..., :channels] - uncond[..., :channels])",
+        "guided = uncond[..., :channels] + s * (cond[..., :channels] - uncond[..., :channels])",
         "guided = cond[..., :channels]",
         ("tests/test_samplers_vs_diffusers.py::test_cfg_guides_first_channels_in_one_batched_call",),
     ),
@@ -155,15 +166,27 @@ def copy_tree(destination: str) -> None:
             shutil.copy2(source, os.path.join(destination, name))
 
 
+def stale_mutants(tree: str = REPO, mutants=MUTANTS) -> list[str]:
+    """One line per mutant that no longer fits the code in `tree`: its snippet does not occur exactly once in its
+    file, or a test it names is not defined in its test file (tests/test_mutants.py runs this in CI)."""
+    problems = []
+    for mutant in mutants:
+        with open(os.path.join(tree, mutant.path)) as f:
+            count = f.read().count(mutant.old)
+        if count != 1:
+            problems.append(f"Mutant {mutant.name!r}: the snippet occurs {count} times in {mutant.path}, not once.")
+        for test in mutant.tests:
+            path, name = test.split("::")[0], test.split("::")[-1].split("[")[0]
+            with open(os.path.join(tree, path)) as f:
+                if f"def {name}(" not in f.read():
+                    problems.append(f"Mutant {mutant.name!r}: {path} defines no test {name}.")
+    return problems
+
+
 def plant(tree: str, mutant: Mutant) -> None:
     path = os.path.join(tree, mutant.path)
     with open(path) as f:
         text = f.read()
-    if text.count(mutant.old) != 1:
-        raise SystemExit(
-            f"Mutant {mutant.name!r}: the snippet occurs {text.count(mutant.old)} times in "
-            f"{mutant.path}, not once. Fix: update MUTANTS in {__file__} to the current code."
-        )
     with open(path, "w") as f:
         f.write(text.replace(mutant.old, mutant.new))
 
@@ -188,6 +211,9 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees")
     args = parser.parse_args()
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    stale = stale_mutants(REPO, chosen)  # before any test runs: a stale mutant would otherwise stop the run midway
+    if stale:
+        raise SystemExit("\n".join(stale) + f"\nFix: update MUTANTS in {__file__} to the current code.")
     work = tempfile.mkdtemp(prefix="relcirc_mutation_")
     baseline = os.path.join(work, "baseline")
     copy_tree(baseline)

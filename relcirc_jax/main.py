@@ -20,6 +20,7 @@ Multi-process jobs (TPU pods, SLURM, several GPU hosts): start the same command 
 --process_id explicitly (e.g. several processes on one machine). See launch/README.md.
 """
 
+import math
 import os
 
 import jax
@@ -70,6 +71,8 @@ def main(argv):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; pass a directory (created if missing).")
     config = config_with_init_from(FLAGS.config, FLAGS.init_from)
+    if config.train.time_budget_minutes == math.inf:  # the command line's None (it cannot type None)
+        config.train.time_budget_minutes = None  # so config.json says null, not JSON-less Infinity
     config_checks.validate_config(config, check_mesh=False)  # before JAX starts; the mesh is checked once it has
     if config.model.in_channels != 3 and not (FLAGS.mode == "analyze" and config.analysis.kind == "qk_screen"):
         raise UserError(

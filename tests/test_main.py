@@ -3,6 +3,7 @@ it and the fix, before any slow work and without writing anything."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,6 +49,21 @@ def test_train_then_sample_writes_grid_and_images(trained):
     with np.load(path) as data:
         assert data["images"].shape == (2, 64, 64, 3) and data["images"].dtype == np.uint8
     assert path.with_suffix(".png").exists() and grid.read_bytes() == written  # other prompts: the grid is kept
+
+
+def test_inf_lifts_the_time_budget_and_the_saved_config_says_null(trained, tmp_path, caplog, monkeypatch):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)  # already at its last step: the command resumes, writes its config, trains none
+    cli.FLAGS.unparse_flags()
+    argv = ["main", CONFIG, f"--workdir={workdir}", "--mode=train", "--config.train.time_budget_minutes=inf"]
+    with monkeypatch.context() as patch:  # as the CLI runs: ml_collections reads the overrides from sys.argv
+        patch.setattr(sys, "argv", argv)
+        cli.parse_flags(argv)
+    assert cli.FLAGS.config.train.time_budget_minutes == float("inf")
+    with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
+        cli.main(["main"])
+    config = json.loads((workdir / "config.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert config["train"]["time_budget_minutes"] is None and "nothing to train" in caplog.text
 
 
 def test_two_sample_runs_draw_the_same_images(trained):

@@ -28,6 +28,15 @@ def run_cli(workdir, mode, *extra):
     cli.main(["main"])
 
 
+def parse_as_the_cli(monkeypatch, *args):
+    """Parses `args` as `python -m relcirc_jax.main` does, `--config.*` overrides included (ml_collections reads
+    those from sys.argv, which `run_cli`'s direct parse does not set)."""
+    cli.FLAGS.unparse_flags()
+    with monkeypatch.context() as patch:
+        patch.setattr(sys, "argv", ["main", *args])
+        cli.parse_flags(["main", *args])
+
+
 @pytest.fixture
 def trained(smoke_run):
     return smoke_run
@@ -54,11 +63,9 @@ def test_train_then_sample_writes_grid_and_images(trained):
 def test_inf_lifts_the_time_budget_and_the_saved_config_says_null(trained, tmp_path, caplog, monkeypatch):
     workdir = tmp_path / "run"
     shutil.copytree(trained, workdir)  # already at its last step: the command resumes, writes its config, trains none
-    cli.FLAGS.unparse_flags()
-    argv = ["main", CONFIG, f"--workdir={workdir}", "--mode=train", "--config.train.time_budget_minutes=inf"]
-    with monkeypatch.context() as patch:  # as the CLI runs: ml_collections reads the overrides from sys.argv
-        patch.setattr(sys, "argv", argv)
-        cli.parse_flags(argv)
+    parse_as_the_cli(
+        monkeypatch, CONFIG, f"--workdir={workdir}", "--mode=train", "--config.train.time_budget_minutes=inf"
+    )
     assert cli.FLAGS.config.train.time_budget_minutes == float("inf")
     with caplog.at_level("INFO", logger="absl"):  # after flag parsing, which sets absl's level
         cli.main(["main"])
@@ -201,11 +208,10 @@ def test_a_reference_model_exported_from_a_run_is_sampled_and_trained_from(train
     from relcirc_jax import pretrained
 
     reference = pretrained.export(trained, tmp_path / "model")
-    cli.FLAGS.unparse_flags()  # no --config: the model's own, which an override still changes
-    argv = ["main", f"--workdir={tmp_path / 'w'}", "--mode=sample", f"--init_from={reference}"] + SAMPLES_4
-    with monkeypatch.context() as patch:  # as the CLI runs: ml_collections reads the overrides from sys.argv
-        patch.setattr(sys, "argv", argv)
-        cli.parse_flags(argv)
+    # no --config: the model's own, which an override still changes
+    parse_as_the_cli(
+        monkeypatch, f"--workdir={tmp_path / 'w'}", "--mode=sample", f"--init_from={reference}", *SAMPLES_4
+    )
     cli.main(["main"])
     with np.load(tmp_path / "w" / "samples" / "sample_00000004.npz") as data:
         assert data["images"].std() > 0 and len(data["images"]) == 4  # the smoke config samples 8

@@ -142,7 +142,7 @@ def _run(
 def _budget_text(minutes: float | None, seconds_left: float | None) -> str:
     """The time budget as the start-up log states it: its length and the clock time training stops by (from the
     budget's own deadline, which compilation has already eaten into)."""
-    if seconds_left is None:  # no budget (None, or inf from the command line)
+    if seconds_left is None:  # no budget: None, or inf from an API caller (the CLI already turned inf into None)
         return "none"
     stop = time.strftime("%H:%M", time.localtime(time.time() + seconds_left))
     return f"{minutes:g} min (training stops by {stop} at the latest, then samples and evaluates its last step)"

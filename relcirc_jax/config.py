@@ -179,7 +179,11 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 2000
-    c.checkpoint.keep = 3
+    c.checkpoint.keep = 3  # the latest checkpoints kept; older ones are deleted unless keep_period keeps them
+    # Checkpoints at multiples of this step count are never deleted (Orbax's keep_period), so `--mode=analyze
+    # --config.analysis.kind=dynamics` sees the run's whole history; None = only the `keep` latest. Every evaluated step
+    # is saved, so keep_period = eval.every_steps keeps the checkpoint behind each point of the run's eval curve.
+    c.checkpoint.keep_period = config_dict.placeholder(int)
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()
@@ -263,6 +267,7 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     evaluations = max(1, round(budget_seconds / EVAL_EVERY_SECONDS))  # :cpu 4, :long 10, the last one at the end
     c.eval.every_steps = c.train.num_steps // evaluations
     c.sample.every_steps = c.eval.every_steps
+    c.checkpoint.keep_period = c.eval.every_steps  # each evaluated checkpoint stays, for the dynamics analysis
     c.eval.images_per_prompt = 4  # 96 prompts x 4 = 384 images per evaluation
     # Sampled 48 at a time: on the 2-core CPU a smaller batch's activations stay in the caches (micro, 14 CFG steps:
     # 8.1 images/s at 48 per call vs 6.4 at 384; `--mode=evaluate` of pretrained/rte_dit_micro 65 vs 76 s, same table).

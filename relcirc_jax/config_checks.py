@@ -82,6 +82,8 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     ):
         if _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be >= 1.")
+    if c.checkpoint.keep_period is not None and c.checkpoint.keep_period < 1:
+        problems.append(f"checkpoint.keep_period={c.checkpoint.keep_period} must be >= 1 (None: keep only the latest).")
     for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
         if not _get(c, key) > 0:
             problems.append(f"{key}={_get(c, key)} must be > 0.")

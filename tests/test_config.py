@@ -80,6 +80,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.data.curriculum_steps = -1
     config.data.curriculum_caption_mix = "easy"
     config.train.teacher_weight = 0.0
+    config.checkpoint.keep_period = 0
     with pytest.raises(UserError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
@@ -93,6 +94,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
     assert "train.teacher_weight=0.0 must be in (0, 1]" in message
+    assert "checkpoint.keep_period=0 must be >= 1 (None: keep only the latest)" in message
 
 
 def test_bad_model_sampler_and_analysis_values_are_named_before_anything_runs():
@@ -227,7 +229,9 @@ def test_long_variant_is_the_cpu_recipe_over_150_minutes_with_a_denser_curve():
 
     cpu, long = flat(base_config("rte", "micro", "cpu")), flat(base_config("rte", "micro", "long"))
     changed = {key for key in cpu if cpu[key] != long[key]}
-    assert changed == {"train.num_steps", "train.time_budget_minutes", "eval.every_steps", "sample.every_steps"}
+    periods = {"eval.every_steps", "sample.every_steps", "checkpoint.keep_period"}
+    assert changed == {"train.num_steps", "train.time_budget_minutes"} | periods
+    assert all(run["checkpoint.keep_period"] == run["eval.every_steps"] for run in (cpu, long))  # dynamics sees each
     assert cpu["train.time_budget_minutes"] < long["train.time_budget_minutes"] <= 150
     evaluations = [run["train.num_steps"] // run["eval.every_steps"] for run in (cpu, long)]
     assert evaluations == [4, 10]

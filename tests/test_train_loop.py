@@ -227,6 +227,21 @@ def test_the_last_step_is_saved_before_its_evaluation_runs(tmp_path, monkeypatch
     assert os.listdir(tmp_path / "checkpoints") == ["1"]
 
 
+def test_evaluated_steps_are_saved_and_keep_period_keeps_them_past_keep(tmp_path, monkeypatch):
+    evaluated = []
+
+    def record_evaluations(self, state, step, writer, *, final=False):  # the saving is under test, not the sampling
+        if step % self.setup.config.eval.every_steps == 0:
+            evaluated.append(step)
+
+    monkeypatch.setattr(loop._PeriodicSampling, "__call__", record_evaluations)
+    periods = {"eval.every_steps": 3, "checkpoint.every_steps": 4, "checkpoint.keep": 1, "checkpoint.keep_period": 3}
+    loop.train(smoke_config(**{"sample.every_steps": 1000, **periods}), str(tmp_path))
+    assert evaluated == [3, 6]
+    # saved: 3 (evaluated), 4 (interval), 6 (last); keep=1 deletes 4, keep_period=3 keeps 3
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["3", "6"]
+
+
 def test_a_checkpoint_of_another_model_stops_the_run_and_keeps_its_config(tmp_path):
     loop.train(smoke_config(**{"train.num_steps": 2, **NO_SAMPLING}), str(tmp_path))
     saved = (tmp_path / "config.json").read_text()

@@ -114,7 +114,14 @@ def _run(
         pending.append((done, metrics))
         preempted = stop.should_stop(done)
         out_of_time = budget.spent(done)
-        saving = done % config.checkpoint.every_steps == 0 or done == total or preempted or out_of_time
+        # An evaluated step is saved too, so every point of the eval curve can be analysed again (--step=N).
+        saving = (
+            done % config.checkpoint.every_steps == 0
+            or done % config.eval.every_steps == 0
+            or done == total
+            or preempted
+            or out_of_time
+        )
         if saving or periodic.due(done) or done % config.log.every_steps == 0:
             _check_finite(pending, setup)
             writer.scalars(done, _window_metrics(pending))

@@ -181,9 +181,9 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 2000
     c.checkpoint.keep = 3  # the latest checkpoints kept; older ones are deleted unless keep_period keeps them
     # Checkpoints at multiples of this step count are never deleted (Orbax's keep_period), so `--mode=analyze
-    # --config.analysis.kind=dynamics` sees the run's whole history; None = only the `keep` latest. Every evaluated step
+    # --config.analysis.kind=dynamics` sees the run's whole history; 0 = only the `keep` latest. Every evaluated step
     # is saved, so keep_period = eval.every_steps keeps the checkpoint behind each point of the run's eval curve.
-    c.checkpoint.keep_period = config_dict.placeholder(int)
+    c.checkpoint.keep_period = 0
     c.checkpoint.async_save = True
 
     c.log = ml_collections.ConfigDict()

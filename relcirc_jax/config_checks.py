@@ -82,8 +82,8 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
     ):
         if _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be >= 1.")
-    if c.checkpoint.keep_period is not None and c.checkpoint.keep_period < 1:
-        problems.append(f"checkpoint.keep_period={c.checkpoint.keep_period} must be >= 1 (None: keep only the latest).")
+    if c.checkpoint.keep_period < 0:
+        problems.append(f"checkpoint.keep_period={c.checkpoint.keep_period} must be >= 0 (0: keep only the latest).")
     for key in ("train.lr", "train.grad_clip", "train.adam_eps", "train.t_logit_std"):
         if not _get(c, key) > 0:
             problems.append(f"{key}={_get(c, key)} must be > 0.")
@@ -371,7 +371,8 @@ def _override_type_problem(config: ml_collections.ConfigDict, dotted: str, value
         parse(value)
     except (ValueError, KeyError):
         if value.lower() == "none":  # ml_collections parses an override as the key's type; None is no such value
-            instead = NONE_SPELLINGS.get(dotted, f"give {kind} (e.g. {node[leaf]!r}) or set None in a config file")
+            example = "" if node[leaf] is None else f" (e.g. {node[leaf]!r})"
+            instead = NONE_SPELLINGS.get(dotted, f"give {kind}{example} or set None in a config file")
             return f"--config.{dotted}=None: the command line cannot set None for {kind} key; {instead}."
         return f"--config.{dotted}={value}: {dotted} takes {kind} (e.g. {node[leaf]!r}), not {value!r}; fix the value."
     return None

@@ -80,7 +80,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.data.curriculum_steps = -1
     config.data.curriculum_caption_mix = "easy"
     config.train.teacher_weight = 0.0
-    config.checkpoint.keep_period = 0
+    config.checkpoint.keep_period = -1
     with pytest.raises(UserError) as error:
         validate_config(config, num_devices=8, process_count=1)
     message = str(error.value)
@@ -94,7 +94,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
     assert "train.teacher_weight=0.0 must be in (0, 1]" in message
-    assert "checkpoint.keep_period=0 must be >= 1 (None: keep only the latest)" in message
+    assert "checkpoint.keep_period=-1 must be >= 0 (0: keep only the latest)" in message
 
 
 def test_bad_model_sampler_and_analysis_values_are_named_before_anything_runs():
@@ -193,6 +193,9 @@ def test_inf_lifts_a_variants_time_budget_from_the_command_line_where_none_canno
     assert "give a float (e.g. 0.0005) or set None in a config file" in explain_config_flags(
         [*argv, "--config.train.lr=none"]
     )
+    base = [argv[0], argv[1].removesuffix(":long")]  # the base config leaves cpu_devices None (:long sets 2)
+    none_by_default = explain_config_flags([*base, "--config.parallel.cpu_devices=None"])
+    assert none_by_default.endswith("give an int or set None in a config file.")  # no "(e.g. None)" example
 
 
 def test_the_early_flag_checks_read_absls_space_separated_spelling_too():

@@ -52,13 +52,11 @@ class Checkpointer:
     """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...). Creating one hides Orbax's
     INFO log lines (`quiet_orbax_info_logs`) for every mode that reads or writes checkpoints."""
 
-    def __init__(
-        self, directory, *, save_every: int, keep: int = 3, keep_period: int | None = None, async_save: bool = True
-    ):
-        if save_every < 1 or keep < 1 or (keep_period is not None and keep_period < 1):
+    def __init__(self, directory, *, save_every: int, keep: int = 3, keep_period: int = 0, async_save: bool = True):
+        if save_every < 1 or keep < 1 or keep_period < 0:
             raise ValueError(
-                f"save_every, keep and keep_period must be >= 1, got save_every={save_every}, keep={keep}, "
-                f"keep_period={keep_period}."
+                f"save_every and keep must be >= 1 and keep_period >= 0 (0: off), got save_every={save_every}, "
+                f"keep={keep}, keep_period={keep_period}."
             )
         quiet_orbax_info_logs()
         self.directory = _absolute(epath.Path(directory))
@@ -70,7 +68,7 @@ class Checkpointer:
         )
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
-            keep_period=keep_period,
+            keep_period=keep_period or None,  # Orbax's off is None
             enable_async_checkpointing=async_save,
             save_decision_policy=policy,
             create=True,

@@ -154,7 +154,7 @@ def build_run_setup(config: ml_collections.ConfigDict, workdir, devices=None) ->
         epath.Path(workdir) / "checkpoints",
         save_every=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
-        keep_period=config.checkpoint.keep_period or None,
+        keep_period=config.checkpoint.keep_period,
         async_save=config.checkpoint.async_save,
     )
     return RunSetup(

@@ -198,7 +198,9 @@ def _heads_figure(plt, score: np.ndarray, steps: np.ndarray, depth: int, heads: 
     """Left: a [steps x layer*head] heatmap of `score` [S, L, H]; right: the top 3 heads of the last checkpoint (and
     the mean of the others) over training."""
     flat = score.reshape(len(steps), depth * heads)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.35 * len(steps) + 3), width_ratios=(3, 2))
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(12, 0.35 * len(steps) + 3), width_ratios=(3, 2), layout="constrained"
+    )  # constrained: the colour bar's ticks otherwise run under the right panel's axis label
     image = left.imshow(flat, cmap="viridis", vmin=0, aspect="auto")
     names = [f"L{layer}H{head}" for layer in range(depth) for head in range(heads)]
     left.set(xticks=range(len(names)), yticks=range(len(steps)), xlabel="head", ylabel="training step")

@@ -1,6 +1,6 @@
-"""Checkpointer: bitwise roundtrip, save interval, keep-N, restore onto another mesh, a transient read error ->
-retried, corrupt latest -> fallback (moved aside only for training), and SIGKILL during an asynchronous save -> the
-previous checkpoint still restores."""
+"""Checkpointer: bitwise roundtrip, replicated arrays saved without compiling slices, save interval, keep-N, restore
+onto another mesh, a transient read error -> retried, corrupt latest -> fallback (moved aside only for training), and
+SIGKILL during an asynchronous save -> the previous checkpoint still restores."""
 
 import logging
 import os
@@ -55,6 +55,22 @@ def test_roundtrip_is_bitwise_and_returns_meta(tmp_path):
     assert step == 5 and restored_meta == meta
     assert_bitwise_equal(restored, state)
     assert restored["params"]["w"].sharding == state["params"]["w"].sharding
+
+
+def test_replicated_arrays_on_cpu_are_saved_from_one_replica_without_compiling(tmp_path, caplog):
+    """Orbax's replica-parallel save cuts each replicated array into one jitted slice per device (a compilation per
+    device and shape, all in the same host memory); on CPU devices the Checkpointer writes it from one replica."""
+    replicated = NamedSharding(make_mesh({"data": -1}), P())
+    state = {"w": jnp.arange(48.0).reshape(16, 3), "b": jnp.linspace(-1, 1, 8, dtype=jnp.bfloat16)}
+    state = jax.device_put(state, replicated)
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        assert ckpt.save(1, state, {"step": 1})
+        ckpt.wait()
+    assert "Compiling" not in caplog.text and "overriding" not in caplog.text
+    _, restored, _ = ckpt.restore_latest(_abstract(state, lambda x: replicated))
+    ckpt.close()
+    assert_bitwise_equal(restored, state)
 
 
 def test_empty_directory_restores_none_and_relative_paths_work(tmp_path, monkeypatch):

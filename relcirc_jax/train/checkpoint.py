@@ -30,14 +30,36 @@ def _absolute(path: epath.Path) -> epath.Path:
 
 
 def _drop_orbax_info(record: logging_lib.LogRecord) -> bool:
-    return record.levelno >= logging_lib.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+        return True
+    # Orbax warns of every handler it replaces; the one replacement made here is save_cpu_arrays_whole's.
+    return record.levelno >= logging_lib.WARNING and not record.getMessage().startswith("Type handler registry type")
 
 
 def quiet_orbax_info_logs() -> None:
-    """Hides Orbax's INFO lines (about 30 per checkpoint) so the progress lines stay readable; warnings still show."""
+    """Hides Orbax's INFO lines (about 30 per checkpoint) so the progress lines stay readable; warnings still show, but
+    for Orbax's note that save_cpu_arrays_whole replaced its jax.Array handler."""
     absl_logger = logging_lib.getLogger("absl")
     if _drop_orbax_info not in absl_logger.filters:
         absl_logger.addFilter(_drop_orbax_info)
+
+
+def save_cpu_arrays_whole() -> None:
+    """Has Orbax save each replicated jax.Array on CPU devices from one replica, as it does on GPUs.
+
+    Outside GPUs Orbax splits a replicated array's save among its replicas ("replica-parallel"): each device's piece is
+    cut by a jitted slice, compiled once per device and array shape. On CPU devices, which all share this process's
+    memory, that parallelises nothing and costs compilations: 96 of them (~5 s) in a 30-s `:smoke` run on 8 devices,
+    and the checkpointing test files take a third less time without them (its checkpoint also shrinks from 4.0 to
+    1.4 MB, one chunk per array instead of one per piece). The arrays restored are the same, bit for bit, and earlier
+    checkpoints read as before. The handler is otherwise Orbax's default one (its array-metadata store included);
+    Orbax versions that name the store differently keep their default."""
+    default = ocp.type_handlers.get_type_handler(jax.Array)
+    store = getattr(default, "_array_metadata_store", None)  # private; see the docstring
+    if jax.default_backend() != "cpu" or store is None or not getattr(default, "_use_replica_parallel", False):
+        return
+    handler = ocp.type_handlers.ArrayHandler(array_metadata_store=store, use_replica_parallel=False)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
 def saved_steps(directory) -> list[int]:
@@ -50,7 +72,8 @@ def saved_steps(directory) -> list[int]:
 
 class Checkpointer:
     """Save/restore of ("state", "meta") items in `directory` (a local path or gs://...). Creating one hides Orbax's
-    INFO log lines (`quiet_orbax_info_logs`) for every mode that reads or writes checkpoints."""
+    INFO log lines (`quiet_orbax_info_logs`) for every mode that reads or writes checkpoints, and on CPU saves
+    replicated arrays without replica-parallel slicing (`save_cpu_arrays_whole`)."""
 
     def __init__(self, directory, *, save_every: int, keep: int = 3, keep_period: int = 0, async_save: bool = True):
         if save_every < 1 or keep < 1 or keep_period < 0:
@@ -59,6 +82,7 @@ class Checkpointer:
                 f"keep={keep}, keep_period={keep_period}."
             )
         quiet_orbax_info_logs()
+        save_cpu_arrays_whole()
         self.directory = _absolute(epath.Path(directory))
         policy = ocp.checkpoint_managers.AnySavePolicy(
             [

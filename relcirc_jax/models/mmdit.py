@@ -429,6 +429,7 @@ def _repel_at(repulsion, layer: int, site: str, value, stream: str, *, t, text_m
 example_inputs = dit.example_inputs
 
 
+@functools.cache  # configs are frozen dataclasses; each MM-DiT config built (matched_size) would trace a DiT again
 def parameter_count(config) -> int:
     """Number of parameters of an MMDiTConfig's or a DiTConfig's model, from the module's shapes (no compute)."""
     model = MMDiT(config) if isinstance(config, MMDiTConfig) else dit.DiT(config)

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+from xla_env import subprocess_env
+
 from tests.conftest import REPO
 
 
@@ -37,7 +39,7 @@ def test_bench_scaleout_figures_a_compiled_step():
 
 def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
     # The whole script, smallest figures: its JSON line names the XLA devices the step really ran on.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 fake devices
+    env = subprocess_env()  # not conftest's 8 fake devices
     command = [sys.executable, os.path.join(REPO, "benchmarks", "bench_train.py"), "--sizes=nano", "--batches=8"]
     command += ["--dtypes=float32", "--steps=1", "--cpu_devices=2", "--microbatch=4", f"--workdir={tmp_path}"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from run_records import metric_series
+from xla_env import subprocess_env
 
 from relcirc_jax import main as cli
 from relcirc_jax.parallel import make_mesh, shared_to_global, to_host
@@ -31,7 +32,7 @@ def start(workdir, cache_dir, num_steps, local_devices, *distributed_flags):
     """A CLI training process of the micro :smoke config, one block deep (what is compared does not depend on depth;
     each process compiles a third less), on `local_devices` fake CPU devices, with a checkpoint, a sample grid and an
     evaluation every 3 steps."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={local_devices}"}
+    env = subprocess_env(local_devices)
     command = [
         sys.executable,
         "-m",

@@ -2,13 +2,13 @@
 and 2 sampler steps; learning_dynamics on the :smoke run) and save every figure as a non-blank PNG. They are committed
 without outputs, each with its Colab badge and a parameters cell."""
 
-import os
 import pathlib
 
 import nbformat
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import subprocess_env
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 COLABS = REPO / "colabs"
@@ -68,8 +68,7 @@ def kernel_env() -> dict:
     """The kernels' environment: CPU, one XLA device (conftest's 8 fake devices would pad every small batch to 8 on 2
     cores), conftest's persistent compilation cache (the six kernels compile the same samplers of the same reference
     model) and its other XLA flags."""
-    flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in flag]
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join(flags)}
+    return subprocess_env()
 
 
 def test_every_notebook_has_a_case():

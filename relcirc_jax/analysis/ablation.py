@@ -263,18 +263,7 @@ def effect_map_figure(effect_map: np.ndarray, mode: str, label: str, kinds: Sequ
         for col, kind in enumerate(kinds):
             ax = axes[row, col]
             im = ax.imshow(values[col], cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-            for layer in range(depth):
-                for head in range(heads):
-                    value = values[col, layer, head]
-                    ax.text(
-                        head,
-                        layer,
-                        f"{value:+.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if abs(value) > 0.6 * limit else "black",
-                    )
+            context.annotate_cells(ax, im, values[col], "+.2f")
             ax.set_title(f"{kind}-attention\n{metric}", fontsize=8)
             ax.set_xlabel("head")
             ax.set_ylabel("layer")

@@ -73,6 +73,15 @@ def pyplot():
     return plt
 
 
+def annotate_cells(ax, image, values: np.ndarray, fmt: str = ".2f") -> None:
+    """Writes each value of a [rows, columns] heatmap drawn by `image = ax.imshow(values, ...)` on its cell, in black
+    or white by the luminance of the cell's colour, so the numbers stay readable at both ends of any colour map."""
+    for (row, column), value in np.ndenumerate(values):
+        red, green, blue, _ = image.cmap(image.norm(value)) if np.isfinite(value) else (1.0, 1.0, 1.0, 1.0)
+        colour = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 0.5 else "white"
+        ax.text(column, row, format(value, fmt), ha="center", va="center", fontsize=7, color=colour)
+
+
 def write_report(out_dir, kind: str, arrays: dict[str, np.ndarray], figures: dict, summary: str) -> epath.Path:
     """Writes `<out_dir>/<kind>/{kind}.npz`, one PNG per matplotlib figure in `figures` (name -> Figure) and
     summary.md; closes the figures; returns the directory."""

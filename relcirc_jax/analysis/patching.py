@@ -211,8 +211,7 @@ def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str,
         for col, (site, values) in enumerate(panels):
             ax = axes[row, col]
             im = ax.imshow(values, cmap="RdBu_r", vmin=-limits[site], vmax=limits[site], aspect="auto")
-            for (layer, head), value in np.ndenumerate(values):
-                ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7)
+            context.annotate_cells(ax, im, values)
             title = TITLES.get(site, "residual")
             ax.set_title(f"{title}\n{_window_name(window)}", fontsize=8)
             ax.set_xticks(range(values.shape[1]) if site != "resid" else [])

@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 
 from relcirc_jax.analysis import groups
-from relcirc_jax.analysis.context import pyplot
+from relcirc_jax.analysis.context import annotate_cells, pyplot
 from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import RELATIONS, SceneSpec
 from relcirc_jax.diffusion import model_timesteps
@@ -237,11 +237,7 @@ def head_score_figure(result: dict[str, np.ndarray], label: str):
     layers, heads = scores.shape
     figure, axis = plt.subplots(figsize=(1.0 + 0.7 * heads, 1.0 + 0.45 * layers))
     image = axis.imshow(scores, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    for layer in range(layers):
-        for head in range(heads):
-            value = scores[layer, head]
-            color = "black" if value > 0.6 else "white"
-            axis.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    annotate_cells(axis, image, scores)
     axis.set_xticks(range(heads))
     axis.set_yticks(range(layers))
     axis.set_xlabel("head")

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from relcirc_jax.analysis import capture, groups
-from relcirc_jax.analysis.context import AnalysisModel, pyplot, write_report
+from relcirc_jax.analysis.context import AnalysisModel, annotate_cells, pyplot, write_report
 from relcirc_jax.diffusion import model_timesteps
 from relcirc_jax.models import arch
 from relcirc_jax.train import evaluate
@@ -168,8 +168,7 @@ def _figures(arrays: dict, label: str, depth: int, heads: int, joint: bool = Fal
 
 def _heatmap(ax, values: np.ndarray, title: str, vmax: float | None = None) -> None:
     image = ax.imshow(values, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
-    for (layer, head), value in np.ndenumerate(values):
-        ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+    annotate_cells(ax, image, values)
     ax.set(title=title, xlabel="head", ylabel="layer", xticks=range(values.shape[1]), yticks=range(values.shape[0]))
     ax.title.set_fontsize(8)
     ax.figure.colorbar(image, ax=ax, fraction=0.05)

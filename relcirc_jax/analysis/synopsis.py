@@ -149,7 +149,7 @@ def _figures(arrays: dict, label: str, depth: int, heads: int, joint: bool = Fal
     attention = "Joint attention (share on the caption)" if joint else "Cross-attention"
     fig_roles.suptitle(f"{attention} of object tokens to each caption role ({label}; mean over steps)")
 
-    fig_rank, axes = plt.subplots(1, 3, figsize=(9, 0.5 * depth + 1.8), squeeze=False)
+    fig_rank, axes = plt.subplots(1, 3, figsize=(9, 0.5 * depth + 1.8), squeeze=False, constrained_layout=True)
     _heatmap(axes[0][0], arrays["relation_score"], "relation heads: objects -> relation")
     _heatmap(axes[0][1], arrays["object_score"], "object heads: object -> own shape")
     cross_object = (arrays["self"][:, :, :, 0, 1] + arrays["self"][:, :, :, 1, 0]).mean(0) / 2

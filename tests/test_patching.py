@@ -71,8 +71,9 @@ def test_patching_the_first_residual_stream_is_patching_the_input_tokens(tiny):
 def test_the_step_window_gates_the_patch(tiny):
     reference, _ = _forward(tiny)
     weights = jnp.zeros((TINY.depth, TINY.num_heads)).at[1, 0].set(1.0)
-    outside = _forward(tiny, cross_head_patch=weights, patch_source=SWAP, patch_window=jnp.array([500.0, 900.0]))[0]
-    np.testing.assert_array_equal(outside, reference)
+    for window in ([500.0, 900.0], [100.0, 300.0]):  # the timestep 400 lies above the one, below the other
+        outside = _forward(tiny, cross_head_patch=weights, patch_source=SWAP, patch_window=jnp.array(window))[0]
+        np.testing.assert_array_equal(outside, reference)
     inside = _forward(tiny, cross_head_patch=weights, patch_source=SWAP, patch_window=jnp.array([400.0, 400.0]))[0]
     assert not np.array_equal(inside, reference)
 

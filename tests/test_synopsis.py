@@ -105,6 +105,32 @@ def test_planted_relation_head_is_ranked_first(tmp_path):
     assert arrays["cross"][:, 1, 0, :2, relation].min() > 0.99
 
 
+def test_scores_read_each_object_groups_attention_to_its_own_words():
+    """summarize on hand-made capture sums: head (0, 0) sends object 1's tokens to shape1 and object 2's to shape2 (an
+    object head), head (1, 1) sends each object to the other's shape word (not one), head (0, 1) sends both to the
+    relation word, head (1, 0) spreads evenly; the background, all on the relation word, counts for neither score."""
+    role = {name: groups.TEXT_ROLES.index(name) for name in ("shape1", "shape2", "relation")}
+    steps, batch, roles = 2, 3, len(groups.TEXT_ROLES)
+    token_groups = np.zeros((batch, 8, 3), np.float32)
+    token_groups[:, :3, 0], token_groups[:, 3:5, 1], token_groups[:, 5:, 2] = 1, 1, 1  # 3, 2 and 3 tokens
+    per_token = np.full((2, 2, 3, roles), 1 / roles)  # [layers, heads, group, role], rows sum to 1
+    per_token[..., 2, :] = np.eye(roles)[role["relation"]]
+    for (layer, head), (first, second) in {
+        (0, 0): ("shape1", "shape2"),
+        (1, 1): ("shape2", "shape1"),
+        (0, 1): ("relation", "relation"),
+    }.items():
+        per_token[layer, head, 0], per_token[layer, head, 1] = np.eye(roles)[[role[first], role[second]]]
+    counts = token_groups.sum(1)[None, :, None, None, :, None]  # [1, B, 1, 1, G, 1]
+    cross = np.broadcast_to(per_token, (steps, batch) + per_token.shape) * counts
+    sums = {"cross": cross, "self": np.zeros((steps, batch, 2, 2, 3, 3))}
+    arrays = synopsis.summarize(sums, token_groups)
+    np.testing.assert_allclose(arrays["object_score"], [[1, 0], [1 / roles, 0]], atol=1e-12)
+    np.testing.assert_allclose(arrays["relation_score"], [[0, 1], [1 / roles, 0]], atol=1e-12)
+    assert tuple(synopsis.ranking(arrays["object_score"])[0]) == (0, 0)
+    np.testing.assert_array_equal(arrays["group_tokens"], [9, 6, 9])
+
+
 def test_an_mmdit_joint_pattern_splits_into_caption_and_image_keys():
     """reduce_attention on an MM-DiT's captured joint patterns equals the numpy sums over its image-query rows, caption
     keys [0, Lt) and image keys [Lt, Lt + N); padded caption keys get exactly nothing, and each object token's

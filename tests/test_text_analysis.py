@@ -10,6 +10,7 @@ from PIL import Image
 from relcirc_jax import pretrained
 from relcirc_jax.analysis import capture, context, groups, text
 from relcirc_jax.config import base_config
+from relcirc_jax.data import prompts
 from relcirc_jax.data.spec import SceneSpec
 from relcirc_jax.evaluation.scoring import METRICS
 from relcirc_jax.models import dit
@@ -129,6 +130,19 @@ def test_zero_delta_reproduces_the_baseline_images(tiny, plain_sampler):
     plain = plain_sampler(tiny.params, tiny.tables, list(out["captions"][0]))
     np.testing.assert_allclose(baseline.astype(int), plain.astype(int), atol=1)
     np.testing.assert_array_equal(out["arithmetic"][0, 0], out["arithmetic"][0, 1])
+
+
+@pytest.mark.parametrize("old, new", [("above", "below"), ("left", "right")])
+def test_the_relation_delta_carries_a_held_out_caption_to_the_new_relation(tiny, old, new):
+    """RTE embeds each word and position on its own and the paired captions differ only in the relation word, so
+    e(caption with old) + delta = e(caption with new) on every held-out scene (the delta is e(new) - e(old))."""
+    delta = text.relation_delta(tiny, old, new)
+    held_out = text._pair_specs(old)[1][:3]
+    old_text, old_mask = text.embed(tiny, [prompts.caption(s) for s in held_out])
+    new_text, new_mask = text.embed(tiny, [prompts.caption(s._replace(relation=new)) for s in held_out])
+    np.testing.assert_array_equal(old_mask, new_mask)
+    np.testing.assert_allclose(old_text + delta, new_text, atol=1e-6)
+    assert np.abs(delta).max() > 0.1
 
 
 def test_shipped_model_follows_the_replaced_relation_word_and_run_writes_the_report(tmp_path):

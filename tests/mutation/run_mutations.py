@@ -5,10 +5,12 @@ code makes this script fail loudly instead of silently testing nothing), then ru
 the copy. A mutant is "killed" when those tests fail. The unmutated copy is run first on the same tests, so a kill
 is the bug's doing. Prints a table and, as the last line, one JSON object {mutant: {"killed", "by", "seconds"}}.
 
-    python tests/mutation/run_mutations.py [--only resume,ema] [--keep]
+    python tests/mutation/run_mutations.py [--set training|analysis|all] [--only resume,ema] [--keep]
 
-Takes ~10-15 minutes on a 2-core CPU; not part of CI (.ci/run), run it before landing changes to the loop, the
-checkpointer, the data pipeline, the evaluator or the sampler.
+The training set (the loop, the checkpointer, the data pipeline, the evaluator, the sampler) takes ~10-15 minutes on a
+2-core CPU, the analysis set (head masks and patches in the model, ablation, patching, synopsis, QK screen, text
+analyses, Vendi, contextual repulsion, the diversity frontier) ~5 minutes. Not part of CI (.ci/run); run the set
+that covers a change before landing it.
 """
 
 import argparse
@@ -34,7 +36,7 @@ class Mutant(NamedTuple):
     tests: tuple[str, ...]
 
 
-MUTANTS = (
+TRAINING_MUTANTS = (
     Mutant(
         "resume",
         "a restarted run resumes from its latest checkpoint",
@@ -162,6 +164,153 @@ MUTANTS = (
 )
 
 
+# Behind the circuit-analysis and diversity promises of README "Library" and issue 14/17's tests.
+ANALYSIS_MUTANTS = (
+    Mutant(
+        "head_zero_ablation",
+        "a zero head mask removes that head's output",
+        "relcirc_jax/models/attention.py",
+        "z = z * head_mask.astype(z.dtype)[None, None, :, None]",
+        "z = z",
+        ("tests/test_ablation.py::test_zeroing_a_last_layer_cross_head_leaves_upstream_exactly_unchanged",),
+    ),
+    Mutant(
+        "head_mean_ablation",
+        "mean ablation replaces a head's output by its mean over the rows of its group",
+        "relcirc_jax/models/attention.py",
+        "z = (keep * z.astype(jnp.float32) + (1 - keep) * group_mean(z, mean_group)).astype(z.dtype)",
+        "z = (keep * z.astype(jnp.float32)).astype(z.dtype)",
+        (
+            "tests/test_ablation.py::test_mean_ablation_replaces_z_by_its_mean_over_the_rows_of_its_group_at_each_position",
+        ),
+    ),
+    Mutant(
+        "head_patch_source",
+        "a patched head reads the output of the row patch_source names",
+        "relcirc_jax/models/attention.py",
+        "z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[patch_source] - z)",
+        "z = z + head_patch.astype(z.dtype)[:, None, :, None] * (z[::-1] - z)",
+        ("tests/test_patching.py::test_patching_one_head_copies_its_output_and_leaves_upstream_unchanged",),
+    ),
+    Mutant(
+        "patch_window",
+        "patching acts only at the timesteps inside patch_window",
+        "relcirc_jax/models/dit.py",
+        "gate = ((t >= patch_window[0]) & (t <= patch_window[1])).astype(jnp.float32)",
+        "gate = (t >= patch_window[0]).astype(jnp.float32)",
+        ("tests/test_patching.py::test_the_step_window_gates_the_patch",),
+    ),
+    Mutant(
+        "ablation_prompt_bootstrap",
+        "ablation intervals resample whole prompts",
+        "relcirc_jax/analysis/ablation.py",
+        "weights = bootstrap.cluster_weights(captions if clusters is None else clusters, num_resamples, seed)",
+        "weights = bootstrap.cluster_weights(np.arange(len(captions)), num_resamples, seed)",
+        ("tests/test_ablation.py::test_effect_intervals_resample_whole_prompts",),
+    ),
+    Mutant(
+        "ablation_simultaneous_band",
+        "simultaneous intervals keep their coverage over every screened head (studentized max)",
+        "relcirc_jax/analysis/ablation.py",
+        "q = np.percentile(studentized[:, 1:].max(axis=1), 95, axis=0)",
+        "q = np.percentile(studentized[:, 1:].mean(axis=1), 95, axis=0)",
+        ("tests/test_ablation.py::test_simultaneous_intervals_keep_their_coverage_over_every_screened_head",),
+    ),
+    Mutant(
+        "synopsis_object_score",
+        "an object head's score is each object's attention to its own shape word",
+        "relcirc_jax/analysis/synopsis.py",
+        'object_score = (cross[:, :, :, 0, ROLE["shape1"]] + cross[:, :, :, 1, ROLE["shape2"]]).mean(0) / 2',
+        'object_score = (cross[:, :, :, 0, ROLE["shape2"]] + cross[:, :, :, 1, ROLE["shape1"]]).mean(0) / 2',
+        ("tests/test_synopsis.py::test_scores_read_each_object_groups_attention_to_its_own_words",),
+    ),
+    Mutant(
+        "synopsis_joint_split",
+        "an MM-DiT's joint pattern is read at its image queries",
+        "relcirc_jax/analysis/synopsis.py",
+        "return joint[:, :, text_len:, :text_len], joint[:, :, text_len:, text_len:]",
+        "return joint[:, :, :num_image_tokens, :text_len], joint[:, :, text_len:, text_len:]",
+        ("tests/test_synopsis.py::test_an_mmdit_joint_pattern_splits_into_caption_and_image_keys",),
+    ),
+    Mutant(
+        "object_masks_nearest",
+        "a pixel both objects claim goes to the nearer object",
+        "relcirc_jax/analysis/groups.py",
+        "pixels[0][claimed_by_both & (distance[0] > distance[1])] = 0",
+        "pixels[0][claimed_by_both & (distance[0] > distance[1])] = 1",
+        ("tests/test_synopsis.py::test_image_token_groups_cover_each_object",),
+    ),
+    Mutant(
+        "qk_reference_gradient",
+        'the QK screen scores the relation "above" against the -y gradient',
+        "relcirc_jax/analysis/qk_screen.py",
+        '"above": -y,',
+        '"above": y,',
+        ("tests/test_qk_screen.py::test_planted_positional_head_ranks_first",),
+    ),
+    Mutant(
+        "vendi_normalisation",
+        "the Vendi score is exp of the entropy of the eigenvalues of K / N",
+        "relcirc_jax/analysis/diversity.py",
+        "rho = kernel / n",
+        "rho = kernel / (n + 1)",
+        ("tests/test_diversity.py::test_vendi_matches_float64_reference",),
+    ),
+    Mutant(
+        "vendi_vjp",
+        "the Vendi score's custom VJP equals autodiff",
+        "relcirc_jax/analysis/diversity.py",
+        "return (cotangent * ((vec * slope[None, :]) @ vec.T),)",
+        "return (cotangent * ((vec * slope[None, :]) @ vec.T) / 2,)",
+        ("tests/test_diversity.py::test_custom_vjp_matches_autodiff_and_finite_differences",),
+    ),
+    Mutant(
+        "repulsion_ascent",
+        "contextual repulsion ascends the log-Vendi of each group",
+        "relcirc_jax/analysis/repulsion.py",
+        "return c + step * g",
+        "return c - step * g",
+        ("tests/test_repulsion.py::test_entropy_rises_monotonically_with_eta",),
+    ),
+    Mutant(
+        "repulsion_branches",
+        "the repulsion moves only the CFG branch it is asked to",
+        "relcirc_jax/analysis/repulsion.py",
+        "group_on = jnp.all(rows_on.reshape(batch // b, b), axis=1)",
+        "group_on = jnp.ones(batch // b, bool)",
+        ("tests/test_repulsion.py::test_branch_selection_moves_only_the_chosen_half",),
+    ),
+    Mutant(
+        "frontier_gap_pairing",
+        "the frontier gap's interval draws the same prompts for a setting and the CFG sweep",
+        "relcirc_jax/analysis/frontier.py",
+        'return acc, _nanmean(np.stack([p["vs_m_prompt"] for p in pts])[:, picks], axis=-1)',
+        "vs = np.stack([p['vs_m_prompt'] for p in pts])[:, np.random.default_rng(len(pts)).permutation(picks)]\n"
+        "        return acc, _nanmean(vs, axis=-1)",
+        (
+            "tests/test_frontier.py::test_the_gap_interval_is_paired_and_the_verdict_counts_only_settings_it_separates_from_zero",
+        ),
+    ),
+    Mutant(
+        "variance_partition_phrasing",
+        "phrasing's share of the caption variance is what it explains beyond the relation",
+        "relcirc_jax/analysis/text.py",
+        'r2["phrasing"] -= r2["relation"]',
+        "pass",
+        ("tests/test_text_analysis.py::test_phrasing_is_its_share_within_relation",),
+    ),
+    Mutant(
+        "relation_vector_sign",
+        "relation vector arithmetic adds e(new) - e(old)",
+        "relcirc_jax/analysis/text.py",
+        "diff = new_text * new_mask[..., None] - old_text * old_mask[..., None]",
+        "diff = old_text * old_mask[..., None] - new_text * new_mask[..., None]",
+        ("tests/test_text_analysis.py::test_the_relation_delta_carries_a_held_out_caption_to_the_new_relation",),
+    ),
+)
+MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS
+
+
 def copy_tree(destination: str) -> None:
     """The working tree's tracked and untracked-but-not-ignored files, as the tests would see them in a clone."""
     files = subprocess.run(
@@ -215,10 +364,14 @@ def run_tests(tree: str, tests: tuple[str, ...]) -> tuple[int, str, float]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated mutant names (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated mutant names (default: all of --set)")
+    parser.add_argument(
+        "--set", choices=("training", "analysis", "all"), default="all", help="the training or the analysis mutants"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees")
     args = parser.parse_args()
-    chosen = [m for m in MUTANTS if not args.only or m.name in args.only.split(",")]
+    pool = {"training": TRAINING_MUTANTS, "analysis": ANALYSIS_MUTANTS, "all": MUTANTS}[args.set]
+    chosen = [m for m in pool if not args.only or m.name in args.only.split(",")]
     stale = stale_mutants(REPO, chosen)  # before any test runs: a stale mutant would otherwise stop the run midway
     if stale:
         raise SystemExit("\n".join(stale) + f"\nFix: update MUTANTS in {__file__} to the current code.")

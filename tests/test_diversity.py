@@ -317,6 +317,18 @@ def test_marginal_metrics_on_toy_layouts():
         diversity.mmd2(np.full((3, 4), np.nan), ref)
 
 
+def test_knn_balls_reach_the_kth_nearest_other_point():
+    """Reference points 0, 1, 3, 7 on a line: with k = 2 their balls reach 3, 2, 3 and 6 (k = 1: 1, 1, 2, 4). A
+    generated point at 5.5 lies in the balls of 3 (distance 2.5) and 7 (1.5), not of 0 or 1."""
+    reference = np.array([[0.0], [1.0], [3.0], [7.0]]) * [1.0, 0.0]  # on the x axis of a 2-D layout space
+    generated = np.array([[5.5, 0.0]])
+    assert diversity.knn_coverage(generated, reference, k=2) == 0.5
+    assert diversity.knn_coverage(generated, reference, k=1) == 0.25
+    # precision: of 11, 14 and 20 only 11 lies in a reference ball (7's, radius 6)
+    far = np.array([[11.0, 0.0], [14.0, 0.0], [20.0, 0.0]])
+    assert diversity.knn_precision_recall(far, reference, k=2)[0] == pytest.approx(1 / 3)
+
+
 def test_cell_coverage():
     lo, hi = 9 / 64, 55 / 64
     step = (hi - lo) / 4

@@ -9,8 +9,8 @@ is the bug's doing. Prints a table and, as the last line, one JSON object {mutan
 
 The training set (the loop, the checkpointer, the data pipeline, the evaluator, the sampler) takes ~10-15 minutes on a
 2-core CPU, the analysis set (head masks and patches in the model, ablation, patching, synopsis, QK screen, text
-analyses, Vendi, contextual repulsion, the diversity frontier) ~5 minutes. Not part of CI (.ci/run); run the set
-that covers a change before landing it.
+analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
+frontier) ~8 minutes. Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
 import argparse
@@ -306,6 +306,110 @@ ANALYSIS_MUTANTS = (
         "diff = new_text * new_mask[..., None] - old_text * old_mask[..., None]",
         "diff = old_text * old_mask[..., None] - new_text * new_mask[..., None]",
         ("tests/test_text_analysis.py::test_the_relation_delta_carries_a_held_out_caption_to_the_new_relation",),
+    ),
+    Mutant(
+        "capture_conditional_half",
+        "capture reduces the conditional half of the CFG batch",
+        "relcirc_jax/train/sampling.py",
+        "reduce({name: value[: text.shape[0]] for name, value in cache.items()}, batch)",
+        "reduce({name: value[text.shape[0] :] for name, value in cache.items()}, batch)",
+        ("tests/test_synopsis.py::test_planted_relation_head_is_ranked_first",),
+    ),
+    Mutant(
+        "ablation_effect_baseline",
+        "an ablation's effect is its accuracy minus the unablated accuracy",
+        "relcirc_jax/analysis/ablation.py",
+        "effect = accuracy - accuracy[:1]",
+        "effect = accuracy",
+        ("tests/test_ablation.py::test_effects_of_known_scenes",),
+    ),
+    Mutant(
+        "patching_transfer",
+        "patching's transfer is the share of the clean-to-corrupted change a patch reproduces",
+        "relcirc_jax/analysis/patching.py",
+        '"transfer": numerator.sum(1) / denominator.sum(),',
+        '"transfer": numerator.sum(1) / np.sqrt(denominator.sum()),',
+        ("tests/test_patching.py::test_transfer_is_the_share_of_the_change",),
+    ),
+    Mutant(
+        "qk_pearson_centring",
+        "the QK screen correlates each logit map with the reference gradients (Pearson)",
+        "relcirc_jax/analysis/qk_screen.py",
+        "a = maps - maps.mean(-1, keepdims=True)",
+        "a = maps",
+        ("tests/test_qk_screen.py::test_planted_positional_head_ranks_first",),
+    ),
+    Mutant(
+        "dynamics_checkpoints",
+        "dynamics spreads max_checkpoints evenly from the first to the last saved step",
+        "relcirc_jax/analysis/dynamics.py",
+        "picks = np.unique(np.linspace(0, len(saved) - 1, max_checkpoints).round().astype(int))",
+        "picks = np.arange(max_checkpoints)",
+        ("tests/test_dynamics.py::test_select_steps",),
+    ),
+    Mutant(
+        "probe_centring",
+        "the layout probe reads within-prompt deviations",
+        "relcirc_jax/analysis/probe.py",
+        "out[..., rows, :] -= out[..., rows, :].mean(-2, keepdims=True)",
+        "out[..., rows, :] -= out.mean(-2, keepdims=True)",
+        ("tests/test_probe.py::test_centring_per_prompt_leaves_each_prompt_mean_zero",),
+    ),
+    Mutant(
+        "repulsion_window",
+        "the repulsion acts during the first tau solver steps only",
+        "relcirc_jax/analysis/repulsion.py",
+        "return np.array([timesteps[min(tau, num_steps) - 1], timesteps[0]], np.float32)",
+        "return np.array([timesteps[-1], timesteps[0]], np.float32)",
+        ("tests/test_repulsion.py::test_windows_and_thirds",),
+    ),
+    Mutant(
+        "interval_guidance",
+        "interval guidance applies CFG inside its window only",
+        "relcirc_jax/analysis/baselines.py",
+        "inside = (t >= window[0]) & (t <= window[1])",
+        "inside = t >= window[0]",
+        ("tests/test_baselines.py::test_guidance_scale_is_one_outside_the_window",),
+    ),
+    Mutant(
+        "particle_guidance_sign",
+        "particle guidance pushes the samples of a group apart",
+        "relcirc_jax/analysis/baselines.py",
+        "moved = eps[..., :channels] - (weight * force).astype(eps.dtype)",
+        "moved = eps[..., :channels] + (weight * force).astype(eps.dtype)",
+        ("tests/test_baselines.py::test_particle_guidance_pushes_each_group_apart_and_only_within_it",),
+    ),
+    Mutant(
+        "cads_schedule",
+        "CADS anneals the caption most at high noise",
+        "relcirc_jax/analysis/baselines.py",
+        "return jnp.clip((tau2 - tau) / jnp.maximum(tau2 - tau1, 1e-6), 0.0, 1.0)",
+        "return jnp.clip((tau - tau1) / jnp.maximum(tau2 - tau1, 1e-6), 0.0, 1.0)",
+        ("tests/test_baselines.py::test_cads_anneals_the_caption_most_at_high_noise",),
+    ),
+    Mutant(
+        "enc_correct_only",
+        "ENC counts only a group's correct samples",
+        "relcirc_jax/analysis/diversity.py",
+        "values = np.asarray(_masked_vendi(features, correct, jnp.float32(sigma), float(q)), np.float64)",
+        "values = np.asarray(_masked_vendi(features, np.ones_like(correct), jnp.float32(sigma), float(q)), np.float64)",
+        ("tests/test_diversity.py::test_matched_size_vendi_and_enc_on_toy_groups",),
+    ),
+    Mutant(
+        "mmd_unbiased",
+        "MMD^2 is the unbiased U-statistic (within-sample diagonals left out)",
+        "relcirc_jax/analysis/diversity.py",
+        "return float((kxx - n) / (n * (n - 1)) + (kyy - m) / (m * (m - 1)) - 2.0 * kxy / (n * m))",
+        "return float(kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2.0 * kxy / (n * m))",
+        ("tests/test_diversity.py::test_marginal_metrics_on_toy_layouts",),
+    ),
+    Mutant(
+        "knn_radius",
+        "k-NN precision, recall and coverage use each point's k-th nearest other point",
+        "relcirc_jax/analysis/diversity.py",
+        "np.sqrt(np.partition(d2, k, axis=1)[:, k])",
+        "np.sqrt(np.partition(d2, k, axis=1)[:, k - 1])",
+        ("tests/test_diversity.py::test_knn_balls_reach_the_kth_nearest_other_point",),
     ),
 )
 MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS

@@ -68,3 +68,7 @@ run() {  # run COMMAND...: prints it as "+ command"; executes it unless --dry-ru
   echo "+ $(quote "$@")"
   ((DRY_RUN)) || "$@"
 }
+
+absolute() {  # a path or URL (gs://...) as seen from any directory: relative paths are taken from the current one
+  if [[ $1 == /* || $1 == *://* ]]; then echo "$1"; else echo "$PWD/$1"; fi
+}

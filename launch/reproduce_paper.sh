@@ -46,9 +46,6 @@ check() {  # check FLAG ALLOWED ITEM...: each ITEM is one of the comma-separated
     [[ ,$allowed, == *,"$item",* ]] || die "unknown item '$item' in --$flag; use a comma-separated subset of $allowed."
   done
 }
-absolute() {  # a path as seen from the repository root, where the jobs run
-  if [[ $1 == /* || $1 == *://* ]]; then echo "$1"; else echo "$PWD/$1"; fi
-}
 
 IFS=, read -ra encoders <<<"$opt_encoders"
 IFS=, read -ra sizes <<<"$opt_sizes"

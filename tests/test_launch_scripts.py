@@ -1,6 +1,7 @@
 """The launch scripts: shellcheck-clean, and their --dry-run prints (without running anything) the commands with the
 config, the workdir, the worker selection and the extra relcirc_jax.main flags; reproduce_paper.sh's grid of
-train/evaluate/analyze commands and the report it ends with (launch/paper_report.py, on a fake root)."""
+train/evaluate/analyze commands and the report it ends with (launch/paper_report.py, on a fake root);
+reference_models.sh's side-by-side training runs and exports."""
 
 import json
 import os
@@ -12,7 +13,13 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ("launch/tpu_pod.sh", "launch/xpk.sh", "launch/slurm_gpu.sbatch", "launch/reproduce_paper.sh")
+SCRIPTS = (
+    "launch/tpu_pod.sh",
+    "launch/xpk.sh",
+    "launch/slurm_gpu.sbatch",
+    "launch/reproduce_paper.sh",
+    "launch/reference_models.sh",
+)
 CONFIG, WORKDIR, EXTRA = "configs/rte_dit_b.py", "gs://bucket/runs/rte_dit_b", "--config.train.num_steps=123"
 TOOLS = ("gcloud", "xpk", "srun", "sbatch", "git", "python3")
 
@@ -133,6 +140,10 @@ def test_slurm_dry_run_runs_one_task_per_node_on_all_its_gpus(guarded_path):
         ),
         ("launch/reproduce_paper.sh", ["--encoders=rte", "--launcher=k8s"], "use local or slurm"),
         ("launch/reproduce_paper.sh", [], "the t5 runs need --t5_path=DIR"),
+        ("launch/reference_models.sh", [], "missing --configs="),
+        ("launch/reference_models.sh", ["--configs=rte_dit_xl"], "no configs/rte_dit_xl.py"),
+        ("launch/reference_models.sh", ["--configs=rte_dit_micro", "--minutes=6m"], "is not a number of minutes"),
+        ("launch/reference_models.sh", ["--configs=rte_dit_micro", "--batch=0"], "is not a positive whole number"),
     ],
 )
 def test_bad_arguments_fail_with_one_clear_message(script, args, message):
@@ -196,6 +207,23 @@ def test_reproduce_paper_on_slurm_chains_three_jobs_per_run_through_slurm_gpu_sb
         f"--job-name=relcirc-report '--wrap=python3 launch/paper_report.py --root={root} --encoders=rte_nopos "
         "--sizes=b,nano'"
     )
+
+
+def test_reference_models_dry_run_trains_every_config_at_once_then_exports_each(guarded_path, tmp_path):
+    path, calls = guarded_path
+    root, names = tmp_path / "ref", ("rte_dit_micro", "mmdit_rte_dit_micro")
+    args = ("--dry-run", f"--configs={','.join(names)}", f"--root={root}", "--minutes=8", "--", EXTRA)
+    result = run_script("launch/reference_models.sh", *args, path=path)
+    assert result.returncode == 0, result.stderr
+    assert not calls.exists(), f"--dry-run ran {calls.read_text()}"
+    commands = [line[2:] for line in result.stdout.splitlines() if line.startswith("+ ")]
+    assert len(commands) == 4
+    for name, train, export in zip(names, commands[:2], commands[2:]):
+        main = f"python3 -m relcirc_jax.main --config=configs/{name}.py:cpu --workdir={root}/{name} --mode=train "
+        assert train.startswith(main) and train.endswith(f"{EXTRA} > {root}/{name}.log 2>&1 &"), train
+        for flag in ("batch_size=256", "microbatches=1", "time_budget_minutes=8", "eval.images_per_prompt=20"):
+            assert f"--config.train.{flag}" in train or f"--config.{flag}" in train, (flag, train)
+        assert export == f"python3 -m relcirc_jax.pretrained --workdir={root}/{name} --out={root}/export/{name}"
 
 
 def test_paper_report_sets_each_run_beside_the_paper_and_links_its_analyses(tmp_path):

@@ -1,6 +1,6 @@
-"""One training step against a hand computation (clipping, AdamW, EMA), caption dropout reaching the learned null
-caption, remat gradients, bfloat16 compute over steps that really update the weights, and a distillation teacher
-seeing exactly the student's inputs."""
+"""One training step against a hand computation (clipping, AdamW, EMA), the lr and EMA warm-ups, caption dropout
+reaching the learned null caption, remat gradients, bfloat16 compute over steps that really update the weights, and a
+distillation teacher seeing exactly the student's inputs."""
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,32 @@ def test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients(tmp_pat
         [np.abs(np.asarray(a) - b).ravel() for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial))]
     )
     assert (moved > 1e-6).mean() > 0.9 and int(state.step) == 2 and float(metrics["lr"]) == pytest.approx(t.lr)
+
+
+def test_the_lr_warms_up_from_zero_and_the_ema_warm_up_follows_the_early_weights(tmp_path):
+    """The :cpu recipe's warm-ups, through the train step: lr = train.lr * step / warmup_steps (0 at the first
+    update, so it leaves every weight as it was), and with train.ema_warmup the EMA decays by (1 + step) / (10 + step)
+    (0.1, then 2/11) instead of train.ema_decay, so the EMA follows the first updates."""
+    config = _config(warmup_steps=4, ema_warmup=True)
+    setup, state, _ = _setup(tmp_path, config)
+    step_fn = _step_fn(setup)
+    initial = jax.tree.map(np.asarray, state.params)
+    state, metrics = step_fn(state, loop._global_batch(config, setup.mesh, 0), setup.tables)
+    assert float(metrics["lr"]) == 0.0
+    for got, init, ema in zip(*map(jax.tree.leaves, (state.params, initial, state.ema_params))):
+        np.testing.assert_array_equal(np.asarray(got), init)
+        np.testing.assert_allclose(np.asarray(ema), init, rtol=1e-6, atol=1e-7)
+    ema_before = jax.tree.map(np.asarray, state.ema_params)
+    state, metrics = step_fn(state, loop._global_batch(config, setup.mesh, 1), setup.tables)
+    assert float(metrics["lr"]) == pytest.approx(config.train.lr / 4)
+    moved = 0
+    for ema, before, params in zip(*map(jax.tree.leaves, (state.ema_params, ema_before, state.params))):
+        want = 2 / 11 * before + 9 / 11 * np.asarray(params)
+        np.testing.assert_allclose(np.asarray(ema), want, rtol=1e-5, atol=1e-7)
+        moved += int(np.any(np.asarray(params) != before))
+    assert (
+        moved > len(jax.tree.leaves(initial)) // 2
+    )  # the second update moved the weights, and the EMA most of the way with them
 
 
 def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw(tmp_path):

@@ -5,12 +5,14 @@ code makes this script fail loudly instead of silently testing nothing), then ru
 the copy. A mutant is "killed" when those tests fail. The unmutated copy is run first on the same tests, so a kill
 is the bug's doing. Prints a table and, as the last line, one JSON object {mutant: {"killed", "by", "seconds"}}.
 
-    python tests/mutation/run_mutations.py [--set training|analysis|all] [--only resume,ema] [--keep]
+    python tests/mutation/run_mutations.py [--set training|analysis|core|all] [--only resume,ema] [--keep]
 
 The training set (the loop, the checkpointer, the data pipeline, the evaluator, the sampler) takes ~10-15 minutes on a
 2-core CPU, the analysis set (head masks and patches in the model, ablation, patching, synopsis, QK screen, text
 analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
-frontier) ~8 minutes. Not part of CI (.ci/run); run the set that covers a change before landing it.
+frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
+relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask) ~5 minutes.
+Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
 import argparse
@@ -412,7 +414,102 @@ ANALYSIS_MUTANTS = (
         ("tests/test_diversity.py::test_knn_balls_reach_the_kth_nearest_other_point",),
     ),
 )
-MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS
+# Behind the model, text, data, diffusion and recipe promises (README "Library", "Training"): numerics the oracle
+# tests pin, and recipe switches that only a run would show.
+CORE_MUTANTS = (
+    Mutant(
+        "rte_positions",
+        "RTE adds a sinusoidal position encoding to each word vector (RTE-nopos does not)",
+        "relcirc_jax/text/rte.py",
+        "embedded = embedded + position_scale * sinusoidal_positions(ids.shape[-1], words.shape[-1])",
+        "embedded = embedded",
+        ("tests/test_rte.py::test_position_encoding_on_and_off",),
+    ),
+    Mutant(
+        "x0_to_eps",
+        "an x0-prediction model samples as diffusers' x0 ('sample') prediction type does",
+        "relcirc_jax/diffusion/parameterization.py",
+        "return (x_t - jnp.sqrt(abar) * out) / jnp.sqrt(1.0 - abar)",
+        "return (x_t - out) / jnp.sqrt(1.0 - abar)",
+        ("tests/test_parameterization.py::test_model_samples_match_diffusers_prediction_type",),
+    ),
+    Mutant(
+        "logit_normal_std",
+        "logit-normal timesteps follow their (mean, std)",
+        "relcirc_jax/diffusion/losses.py",
+        "u = jax.nn.sigmoid(mean + std * jax.random.normal(key, (batch,)))",
+        "u = jax.nn.sigmoid(mean + jax.random.normal(key, (batch,)))",
+        ("tests/test_schedules_losses.py::test_logit_normal_timesteps_follow_the_logit_normal_quantiles",),
+    ),
+    Mutant(
+        "high_noise_mixture",
+        "train.high_noise mixes a high-noise logit-normal into the timesteps",
+        "relcirc_jax/diffusion/losses.py",
+        "return jnp.where(high, _draw_timesteps(high_key, batch, num_timesteps, (mean, std)), base)",
+        "return base",
+        ("tests/test_schedules_losses.py::test_high_noise_share_mixes_in_its_logit_normal_component",),
+    ),
+    Mutant(
+        "teacher_weight",
+        "a distillation target is the teacher_weight mix of the data's and the teacher's",
+        "relcirc_jax/diffusion/losses.py",
+        "target = (1.0 - teacher_weight) * target + teacher_weight * taught",
+        "target = teacher_weight * taught",
+        (
+            "tests/test_schedules_losses.py::"
+            "test_a_teacher_target_is_the_weighted_sum_of_both_losses_up_to_a_constant_and_passes_no_gradient",
+        ),
+    ),
+    Mutant(
+        "relation_diagonals",
+        "the scene generator and evaluator name the four diagonal relations by the signs of dx and dy",
+        "relcirc_jax/data/scenes.py",
+        "diagonal = 4 + 2 * (~up) + (~leftward)",
+        "diagonal = 4 + (~up) + 2 * (~leftward)",
+        ("tests/test_scenes.py::test_relation_rule_table",),
+    ),
+    Mutant(
+        "grad_clip",
+        "AdamW steps on globally clipped gradients",
+        "relcirc_jax/train/state.py",
+        "return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)",
+        "return adamw",
+        ("tests/test_train_step.py::test_two_steps_apply_clipped_adamw_and_the_ema_to_the_loss_gradients",),
+    ),
+    Mutant(
+        "lr_warmup",
+        "the learning rate warms up linearly over train.warmup_steps",
+        "relcirc_jax/train/state.py",
+        "return optax.warmup_constant_schedule(0.0, config.train.lr, config.train.warmup_steps)",
+        "return optax.constant_schedule(config.train.lr)",
+        ("tests/test_train_step.py::test_the_lr_warms_up_from_zero_and_the_ema_warm_up_follows_the_early_weights",),
+    ),
+    Mutant(
+        "ema_warmup",
+        "train.ema_warmup makes early EMAs follow the weights",
+        "relcirc_jax/train/step.py",
+        "return ema.warmup_decay(step, config.train.ema_decay)",
+        "return ema.warmup_decay(step + 10**9, config.train.ema_decay)",
+        ("tests/test_train_step.py::test_the_lr_warms_up_from_zero_and_the_ema_warm_up_follows_the_early_weights",),
+    ),
+    Mutant(
+        "export_bfloat16",
+        "a reference model is stored as bfloat16 safetensors",
+        "relcirc_jax/pretrained.py",
+        "flat = {k: jnp.asarray(jax.device_get(v), jnp.bfloat16) for k, v in flatten(params).items()}",
+        "flat = {k: jnp.asarray(jax.device_get(v), jnp.float32) for k, v in flatten(params).items()}",
+        ("tests/test_pretrained.py::test_save_then_load_returns_the_bfloat16_rounded_params_and_config",),
+    ),
+    Mutant(
+        "mmdit_text_key_mask",
+        "an MM-DiT's padded caption tokens are masked as keys",
+        "relcirc_jax/models/mmdit.py",
+        "joint_mask = jnp.concatenate([key_mask.astype(bool), jnp.ones((x.shape[0], x.shape[1]), bool)], axis=1)",
+        "joint_mask = jnp.ones((x.shape[0], key_mask.shape[1] + x.shape[1]), bool)",
+        ("tests/test_mmdit_vs_diffusers.py::test_padded_text_tokens_get_no_attention",),
+    ),
+)
+MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS
 
 
 def copy_tree(destination: str) -> None:
@@ -470,11 +567,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated mutant names (default: all of --set)")
     parser.add_argument(
-        "--set", choices=("training", "analysis", "all"), default="all", help="the training or the analysis mutants"
+        "--set", choices=("training", "analysis", "core", "all"), default="all", help="which group of mutants"
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary trees")
     args = parser.parse_args()
-    pool = {"training": TRAINING_MUTANTS, "analysis": ANALYSIS_MUTANTS, "all": MUTANTS}[args.set]
+    pool = {"training": TRAINING_MUTANTS, "analysis": ANALYSIS_MUTANTS, "core": CORE_MUTANTS, "all": MUTANTS}[args.set]
     chosen = [m for m in pool if not args.only or m.name in args.only.split(",")]
     stale = stale_mutants(REPO, chosen)  # before any test runs: a stale mutant would otherwise stop the run midway
     if stale:

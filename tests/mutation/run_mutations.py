@@ -11,7 +11,8 @@ The training set (the loop, the checkpointer, the data pipeline, the evaluator, 
 2-core CPU, the analysis set (head masks and patches in the model, ablation, patching, synopsis, QK screen, text
 analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
 frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
-relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask) ~5 minutes.
+relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask, the evaluator's
+binding rules and loose margin) ~6 minutes.
 Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
@@ -507,6 +508,46 @@ CORE_MUTANTS = (
         "joint_mask = jnp.concatenate([key_mask.astype(bool), jnp.ones((x.shape[0], x.shape[1]), bool)], axis=1)",
         "joint_mask = jnp.ones((x.shape[0], key_mask.shape[1] + x.shape[1]), bool)",
         ("tests/test_mmdit_vs_diffusers.py::test_padded_text_tokens_get_no_attention",),
+    ),
+    Mutant(
+        "bind_specific_first",
+        "when both objects fit one description, the more specific description is bound first",
+        "relcirc_jax/evaluation/scoring.py",
+        "second_first = (c1 < 0) & (c2 >= 0)",
+        "second_first = np.zeros_like(c1 < 0)",
+        ("tests/test_evaluator.py::test_same_description_objects_and_shape_only_binding",),
+    ),
+    Mutant(
+        "same_description_either_order",
+        "identically described objects may satisfy the relation in either order",
+        "relcirc_jax/evaluation/scoring.py",
+        "| (same_description & (relation_index(xy[:, ::-1], size=size) == relation))",
+        "",
+        ("tests/test_evaluator.py::test_same_description_objects_and_shape_only_binding",),
+    ),
+    Mutant(
+        "shared_description_binding",
+        "objects that can answer both descriptions bind uniquely when exactly two match",
+        "relcirc_jax/evaluation/scoring.py",
+        "unique = exist & np.where(can_share, (m1 | m2).sum(1) == 2, (m1.sum(1) == 1) & (m2.sum(1) == 1))",
+        "unique = exist & (m1.sum(1) == 1) & (m2.sum(1) == 1)",
+        ("tests/test_evaluator.py::test_same_description_objects_and_shape_only_binding",),
+    ),
+    Mutant(
+        "colour_left_out",
+        "a colour left out of the caption matches any colour",
+        "relcirc_jax/evaluation/scoring.py",
+        'return valid & (obj["shape"] == shape[:, None]) & ((color[:, None] < 0) | (obj["color"] == color[:, None]))',
+        'return valid & (obj["shape"] == shape[:, None]) & (obj["color"] == color[:, None])',
+        ("tests/test_evaluator.py::test_same_description_objects_and_shape_only_binding",),
+    ),
+    Mutant(
+        "loose_margin",
+        "the loose relation needs each named offset beyond the paper's 5 px at 128 px",
+        "relcirc_jax/evaluation/scoring.py",
+        "return np.all((signs == 0) | (signs * delta > margin), axis=1)",
+        "return np.all((signs == 0) | (signs * delta > 0), axis=1)",
+        ("tests/test_scoring.py::test_loose_margin_is_the_papers_5_px_at_128",),
     ),
 )
 MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS

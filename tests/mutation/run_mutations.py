@@ -12,7 +12,7 @@ The training set (the loop, the checkpointer, the data pipeline, the evaluator, 
 analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
 frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
 relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask, the evaluator's
-binding rules and loose margin) ~6 minutes.
+binding rules and loose margin, the EMA weights of the chosen checkpoint) ~7 minutes.
 Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
@@ -548,6 +548,22 @@ CORE_MUTANTS = (
         "return np.all((signs == 0) | (signs * delta > margin), axis=1)",
         "return np.all((signs == 0) | (signs * delta > 0), axis=1)",
         ("tests/test_scoring.py::test_loose_margin_is_the_papers_5_px_at_128",),
+    ),
+    Mutant(
+        "ema_weights_for_use",
+        "evaluate, sample and analyze use the EMA weights of the checkpoint",
+        "relcirc_jax/train/state.py",
+        "    return step, state.ema_params\n",
+        "    return step, state.params\n",
+        ("tests/test_main.py::test_evaluate_writes_both_detectors_tables_and_what_it_judged",),
+    ),
+    Mutant(
+        "chosen_checkpoint",
+        "--step=N evaluates, samples and analyses checkpoint N, not the latest",
+        "relcirc_jax/train/state.py",
+        "step, state = restore_or_fail(setup, workdir, step)",
+        "step, state = restore_or_fail(setup, workdir, None)",
+        ("tests/test_main.py::test_evaluate_an_earlier_step_and_a_missing_step",),
     ),
 )
 MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS

@@ -64,6 +64,19 @@ def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():
     assert pretrained.config_differences(config, reference) == ["data.image_size: 32 vs 64"]
 
 
+def test_weights_of_another_shape_under_the_same_names_are_refused_with_both_shapes():
+    """micro and mini DiTs have the same depth, so the same parameter names, and other widths: loading one as the
+    other names the first differing parameter and both shapes, not an XLA shape error later."""
+    shapes = {}
+    for size in ("micro", "mini"):
+        model_cfg = train_state.model_config(base_config("rte", size), caption_channels=32)
+        shapes[size] = jax.eval_shape(lambda cfg=model_cfg: dit.init_params(cfg, jax.random.PRNGKey(0)))
+    micro = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes["micro"])
+    pretrained.check_compatible(micro, shapes["micro"])
+    with pytest.raises(UserError, match=r"The reference model's \S+ has shape \(.+\), the config's model \(.+\)\. Fix"):
+        pretrained.check_compatible(micro, shapes["mini"])
+
+
 def test_unknown_model_names_the_shipped_ones():
     with pytest.raises(UserError, match=r"No reference model 'nope'.*rte_dit_micro"):
         pretrained.model_dir("nope")

@@ -8,8 +8,10 @@ from tiny_models import noisy
 
 from relcirc_jax.analysis import capture, context, groups, synopsis
 from relcirc_jax.config import base_config
+from relcirc_jax.data import prompts, tokenizer
 from relcirc_jax.data.spec import COLORS, SHAPES
 from relcirc_jax.models import arch, dit, mmdit
+from relcirc_jax.text import cache
 from relcirc_jax.train import sampling
 from relcirc_jax.train import state as train_state
 
@@ -168,6 +170,19 @@ def test_synopsis_on_8_devices_equals_1(tmp_path):
     eight = synopsis.synopsis(_model(tmp_path, jax.devices()), captions, token_groups)
     for key in ("cross", "self", "relation_score", "object_score"):
         np.testing.assert_allclose(eight[key], one[key], rtol=2e-5, atol=1e-7)
+
+
+def test_a_cached_encoders_special_tokens_get_the_special_role(tmp_path):
+    """A cached encoder (MiniLM, T5) stores its tokens' roles with SPECIAL_ROLE for [CLS], </s> and the like; the
+    analyses read them as the role "special" (its own column of the synopsis), the word roles unchanged."""
+    conditioner = _model(tmp_path).conditioner
+    words = np.asarray(tokenizer.roles(CAPTIONS))  # word-level roles, [B, L]
+    table = np.full((len(prompts.all_captions()), words.shape[1] + 1), cache.SPECIAL_ROLE, np.int8)
+    for caption, row in zip(CAPTIONS, words):
+        table[prompts.caption_index(caption), 1:] = row  # a leading special token, as [CLS]
+    roles = groups.token_roles(conditioner._replace(token_roles=table), CAPTIONS)
+    np.testing.assert_array_equal(roles[:, 0], groups.TEXT_ROLES.index("special"))
+    np.testing.assert_array_equal(roles[:, 1:], words)
 
 
 @pytest.mark.parametrize("size, color_words", [(64, True), (128, True), (64, False)])

@@ -12,7 +12,7 @@ The training set (the loop, the checkpointer, the data pipeline, the evaluator, 
 analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
 frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
 relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask, the evaluator's
-binding rules and loose margin, the EMA weights of the chosen checkpoint) ~7 minutes.
+binding rules and loose margin, the EMA weights of the chosen checkpoint, reference-model shapes) ~7 minutes.
 Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
@@ -414,6 +414,42 @@ ANALYSIS_MUTANTS = (
         "np.sqrt(np.partition(d2, k, axis=1)[:, k - 1])",
         ("tests/test_diversity.py::test_knn_balls_reach_the_kth_nearest_other_point",),
     ),
+    Mutant(
+        "random_heads_exclude_chosen",
+        "the random head sets an ablated set is compared with leave the chosen heads out",
+        "relcirc_jax/analysis/ablation.py",
+        "others = [h for h in pool if h not in chosen]",
+        "others = pool",
+        ("tests/test_ablation.py::test_head_set_masks_draw_random_sets_of_the_same_kinds",),
+    ),
+    Mutant(
+        "repulsion_token_roles",
+        "a repulsion by token role moves only the caption tokens of those roles",
+        "relcirc_jax/analysis/repulsion.py",
+        "return text_mask & keep[roles]",
+        "return text_mask",
+        (
+            "tests/test_repulsion.py::test_token_masks_move_only_their_tokens_and_the_negative_caption_counts_as_padding",
+        ),
+    ),
+    Mutant(
+        "negative_caption_roles",
+        "the negative caption's tokens count as padding for a repulsion by role",
+        "relcirc_jax/analysis/repulsion.py",
+        'return jnp.concatenate([roles, jnp.full_like(roles, TEXT_ROLES.index("pad"))])',
+        "return jnp.concatenate([roles, roles])",
+        (
+            "tests/test_repulsion.py::test_token_masks_move_only_their_tokens_and_the_negative_caption_counts_as_padding",
+        ),
+    ),
+    Mutant(
+        "special_token_role",
+        "an encoder's special tokens get a role of their own",
+        "relcirc_jax/analysis/groups.py",
+        'return np.where(roles == SPECIAL_ROLE, TEXT_ROLES.index("special"), roles)',
+        "return roles",
+        ("tests/test_synopsis.py::test_a_cached_encoders_special_tokens_get_the_special_role",),
+    ),
 )
 # Behind the model, text, data, diffusion and recipe promises (README "Library", "Training"): numerics the oracle
 # tests pin, and recipe switches that only a run would show.
@@ -564,6 +600,24 @@ CORE_MUTANTS = (
         "step, state = restore_or_fail(setup, workdir, step)",
         "step, state = restore_or_fail(setup, workdir, None)",
         ("tests/test_main.py::test_evaluate_an_earlier_step_and_a_missing_step",),
+    ),
+    Mutant(
+        "transfer_same_shape",
+        "init_transfer takes only the reference weights of the same name and shape",
+        "relcirc_jax/pretrained.py",
+        "if key in got and tuple(got[key].shape) == tuple(value.shape):",
+        "if key in got:",
+        (
+            "tests/test_main.py::test_transfer_takes_each_reference_weight_of_the_same_name_and_shape_and_keeps_the_rest",
+        ),
+    ),
+    Mutant(
+        "reference_shape_check",
+        "a reference model whose weights have other shapes than the config's model is refused",
+        "relcirc_jax/pretrained.py",
+        "        if tuple(got[key].shape) != tuple(value.shape):\n",
+        "        if False:\n",
+        ("tests/test_pretrained.py::test_weights_of_another_shape_under_the_same_names_are_refused_with_both_shapes",),
     ),
 )
 MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS

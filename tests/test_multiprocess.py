@@ -1,7 +1,7 @@
 """Multi-process training on localhost: 2 processes x 2 CPU devices joined by jax.distributed.initialize (gloo CPU
 collectives) train and checkpoint, then 1 process x 4 devices resumes to the end; the loss curve must equal an
-uninterrupted single-process 4-device run. Also the CLI's checks of the distributed flags and the host<->global batch
-helpers (in this process, on the 8 fake devices of conftest)."""
+uninterrupted single-process 4-device run. Two processes agree on when a time budget is spent. Also the CLI's checks
+of the distributed flags and the host<->global batch helpers (in this process, on the 8 fake devices of conftest)."""
 
 import os
 import socket
@@ -106,6 +106,47 @@ def test_resume_on_one_process_matches_an_uninterrupted_run(runs):
 
 def test_config_compilation_cache_dir_is_used(runs):
     assert os.listdir(runs["cache"])
+
+
+BUDGET_WORKER = """
+import sys
+import jax
+from relcirc_jax.train.preemption import TimeBudget
+
+process_id, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+calls = []
+
+def clock():  # process 0's clock gains 30 s per reading; process 1's stands still
+    calls.append(None)
+    return 30.0 * (len(calls) - 1) if process_id == 0 else 0.0
+
+budget = TimeBudget(1.0, sync_every=2, clock=clock)
+print([int(budget.spent(step)) for step in range(1, 9)])
+"""
+
+
+def test_two_processes_stop_at_the_same_step_when_process_0s_budget_is_spent():
+    port = free_port()
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUDGET_WORKER, str(i), str(port)],
+            cwd=REPO,
+            env=subprocess_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=TIMEOUT_SECONDS)
+        assert worker.returncode == 0, stderr[-4000:]
+        outputs.append(stdout.strip().splitlines()[-1])
+    # The clock is read only at multiples of sync_every: process 0's reads 60 s, its 1-minute deadline, at step 4, and
+    # process 1, whose own clock never gets there, stops with it.
+    assert outputs == ["[0, 0, 0, 1, 0, 1, 0, 1]"] * 2
 
 
 def test_partial_distributed_flags_fail_with_the_fix(tmp_path):

@@ -57,6 +57,14 @@ TRAINING_MUTANTS = (
         ("tests/test_train_loop.py::test_sigterm_saves_exits_zero_and_resumes_bitwise",),
     ),
     Mutant(
+        "budget_agreement",
+        "on several processes a spent time budget stops all of them at the same step (process 0's clock decides)",
+        "relcirc_jax/train/preemption.py",
+        "return bool(multihost_utils.broadcast_one_to_all(np.asarray(self._clock() >= self._deadline)))",
+        "return self._clock() >= self._deadline",
+        ("tests/test_multiprocess.py::test_two_processes_stop_at_the_same_step_when_process_0s_budget_is_spent",),
+    ),
+    Mutant(
         "evaluated_step_save",
         "every evaluated step is saved, and checkpoint.keep_period keeps it",
         "relcirc_jax/train/loop.py",

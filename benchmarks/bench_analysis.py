@@ -3,7 +3,9 @@
 1. synopsis capture: one 14-step DPM-Solver++ CFG sampling pass that reduces every self- and cross-attention pattern
    inside the solver scan, vs the same sampling without capture (target <= 1.3x).
 2. single-head ablation screen over every head of DiT-mini: one compiled vmap over head masks vs calling the compiled
-   sampler once per head from Python, same images (target >= 5x).
+   sampler once per head from Python, same images (target >= 5x). Both do the same matmuls (analytic count,
+   models/flops.py), so the loop's achieved FLOP/s over the machine's matmul peak (bench_train's) bounds what any
+   schedule of that work can gain over it.
 3. qk_screen of every DiT-B cross-attention head (target < 1 s).
 Random (perturbed) weights, RTE captions of the paper's eval prompts. Times are after compilation, best of --repeats.
 The last line of output is one JSON object with the figures.
@@ -17,10 +19,11 @@ import time
 
 import jax
 import numpy as np
+from bench_train import matmul_peak_flops
 
 from relcirc_jax.analysis import ablation, capture, context, groups, qk_screen, synopsis
 from relcirc_jax.config import base_config
-from relcirc_jax.models import arch
+from relcirc_jax.models import arch, flops
 from relcirc_jax.train import evaluate, sampling
 from relcirc_jax.train import state as train_state
 
@@ -83,12 +86,20 @@ def bench_ablation(batch: int, repeats: int) -> dict:
         ]
 
     loop_s = best_time(loop, repeats)
+    # Every sampler step runs the model on both CFG halves: 2 x batch images.
+    work = len(masks) * sampling.eval_settings(model.config)["num_steps"] * flops.forward_flops(cfg, 2 * batch)
+    peak = max(matmul_peak_flops(2048 if jax.default_backend() == "cpu" else 8192, dtypes=("float32",)).values())
     print(
         f"ablation: {len(masks)} masks x {batch} images (mini): vmapped screen {screen_s:.2f} s "
-        f"(compile {compile_s:.1f} s), Python loop of compiled calls {loop_s:.2f} s"
+        f"(compile {compile_s:.1f} s), Python loop of compiled calls {loop_s:.2f} s; {work / 1e12:.2f} TFLOP of "
+        f"matmuls: loop {work / loop_s / 1e9:.1f} GFLOP/s, screen {work / screen_s / 1e9:.1f}, matmul peak "
+        f"{peak / 1e9:.1f}: the loop runs at {100 * work / loop_s / peak:.0f} % of peak, so no schedule of this "
+        f"work beats it by more than {peak * loop_s / work:.1f}x here"
     )
     return {"ablation_masks": len(masks), "ablation_screen_s": screen_s, "ablation_loop_s": loop_s,
-            "ablation_speedup": loop_s / screen_s}  # fmt: skip
+            "ablation_speedup": loop_s / screen_s, "ablation_tflop": work / 1e12,
+            "matmul_peak_gflops": peak / 1e9, "ablation_loop_fraction_of_peak": work / loop_s / peak,
+            "ablation_speedup_bound": peak * loop_s / work}  # fmt: skip
 
 
 def bench_qk_screen(repeats: int) -> dict:

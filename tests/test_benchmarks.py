@@ -47,3 +47,16 @@ def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
     assert figures["devices"] == 2 and set(figures["matmul_peak_gflops"]) == {"jax_float32", "torch_float32"}
     assert [row["batch"] for row in figures["rows"]] == [8]
     assert set(figures["rows"][0]["images_per_s"]) == {"jax_float32", "jax_float32_mb4", "torch_float32"}
+
+
+def test_bench_analysis_runs_whole_at_the_smallest_sizes(tmp_path):
+    # Every analysis benchmark on DiT-nano, one image, one repeat: its JSON line has a row per ablation chunk size.
+    env = subprocess_env()
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "bench_analysis.py"), "--synopsis_batch=1"]
+    command += ["--ablation_batch=1", "--ablation_chunks=0,5", "--repeats=1"]
+    command += ["--synopsis_size=nano", "--ablation_size=nano", "--qk_size=nano"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=True, cwd=tmp_path)
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    masks = figures["ablation_masks"]
+    assert set(figures["ablation_screen_s_by_chunk"]) == {str(masks), "5"}
+    assert figures["ablation_tflop"] > 0 and figures["qk_screen_heads"] > 0 and figures["synopsis_ratio"] > 0

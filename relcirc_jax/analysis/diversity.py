@@ -21,7 +21,9 @@ bandwidth). rbf_bandwidth(x, rule="pg") gives particle guidance's sigma instead,
 (notes 5.2, 6.4). Distances come from the Gram matrix of the centred rows (identical rows get exactly 0). The layout
 metrics use a fixed sigma = 0.1 of the canvas (notes 7.1), never the median heuristic.
 
-Numerics (float32 throughout; notes 6.4). The entropy is a jax.custom_vjp over one `eigh`: the backward pass returns
+Numerics (float32 throughout; notes 6.4). The entropy is a jax.custom_vjp over one `eigh` (symeig.py: Jacobi sweeps
+in plain JAX ops for these small kernels, since the CPU's LAPACK call can hang a program sharded over several CPU
+devices, e.g. the repulsion inside the sampler): the backward pass returns
 dH/drho = U diag(g'(lambda)) U^T for H = sum g(lambda) (d tr g(rho) = tr(g'(rho) d rho)), with no 1 / (lambda_i -
 lambda_j) terms, so it stays finite when eigenvalues repeat (duplicated samples: exactly the near-collapsed batches
 a repulsion starts from). Eigenvalues at or below a tolerance count as zero in the value (float32 `eigh` returns
@@ -78,6 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from relcirc_jax.analysis import symeig
 from relcirc_jax.data import scenes
 from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 
@@ -196,12 +199,12 @@ def _spectral_slope(lam: jax.Array, q: float, tol: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _spectral_sum(rho: jax.Array, q: float, eps: float | None) -> jax.Array:
-    lam = jnp.linalg.eigvalsh(rho)
+    lam = symeig.eigvalsh(rho)
     return _spectral_value(lam, q, _tolerance(lam, eps))
 
 
 def _spectral_sum_fwd(rho, q, eps):
-    lam, vec = jnp.linalg.eigh(rho)
+    lam, vec = symeig.eigh(rho)
     tol = _tolerance(lam, eps)
     return _spectral_value(lam, q, tol), (lam, vec, tol)
 

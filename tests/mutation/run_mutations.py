@@ -11,12 +11,14 @@ The training set (the loop, the checkpointer, the data pipeline, the evaluator, 
 2-core CPU, the analysis set (head masks and patches in the model, ablation, patching, synopsis, QK screen, text
 analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repulsion and the baselines, the diversity
 frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
-relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the MM-DiT's text mask, the evaluator's
-binding rules and loose margin, the EMA weights of the chosen checkpoint, reference-model shapes) ~7 minutes.
+relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the oneMKL bf16 products' sharded
+sums and vmap, the MM-DiT's text mask, the evaluator's binding rules and loose margin, the EMA weights of the chosen
+checkpoint, reference-model shapes) ~7 minutes.
 Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -471,6 +473,22 @@ ANALYSIS_MUTANTS = (
 # tests pin, and recipe switches that only a run would show.
 CORE_MUTANTS = (
     Mutant(
+        "bf16_sharded_contraction",
+        "a oneMKL bf16 product whose contraction is sharded sums the devices' partial products",
+        "relcirc_jax/models/cpu_bf16_matmul.py",
+        "return lax.psum(out, k_axes) if k_axes else out",
+        "return out",
+        ("tests/test_cpu_bf16_matmul.py::test_sharded_products_equal_one_device_and_keep_the_rows_sharded",),
+    ),
+    Mutant(
+        "bf16_vmap_rows",
+        "vmap over a oneMKL product's rows folds the batch into the rows and back in order",
+        "relcirc_jax/models/cpu_bf16_matmul.py",
+        "return rows.reshape(axis_size, a.shape[1], rows.shape[-1]), True",
+        "return rows.reshape(a.shape[1], axis_size, rows.shape[-1]).swapaxes(0, 1), True",
+        ("tests/test_cpu_bf16_matmul.py::test_vmap_over_the_rows_is_one_product_and_other_batchings_are_exact",),
+    ),
+    Mutant(
         "rte_positions",
         "RTE adds a sinusoidal position encoding to each word vector (RTE-nopos does not)",
         "relcirc_jax/text/rte.py",
@@ -640,10 +658,14 @@ MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS
 
 
 def copy_tree(destination: str) -> None:
-    """The working tree's tracked and untracked-but-not-ignored files, as the tests would see them in a clone."""
+    """The working tree's tracked and untracked-but-not-ignored files, as the tests would see them in a clone, and the
+    package's built extensions (`pip install -e .` builds them in place; a clone's install would build them too)."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True, text=True
     ).stdout.split("\0")
+    files += [
+        os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "relcirc_jax", "**", "*.so"), recursive=True)
+    ]
     for name in filter(None, files):
         source = os.path.join(REPO, name)
         if os.path.isfile(source):

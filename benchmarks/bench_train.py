@@ -32,11 +32,13 @@ import time
 import jax
 import torch
 from diffusers import PixArtTransformer2DModel
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from relcirc_jax.config import SIZES, base_config
 from relcirc_jax.data import dataset
 from relcirc_jax.diffusion.schedules import alphas_cumprod
-from relcirc_jax.models import flops
+from relcirc_jax.models import cpu_bf16_matmul, flops
 from relcirc_jax.models.convert import diffusers_config
 from relcirc_jax.parallel.host_data import to_global
 from relcirc_jax.train import state as train_state
@@ -48,8 +50,10 @@ DTYPES = ("float32", "bfloat16")
 def matmul_peak_flops(n: int, dtypes=DTYPES, repeats: int = 10, budget_s: float = 5.0) -> dict:
     """Best FLOP/s of one n x n matmul in each framework and of `dtypes` over up to `repeats` timed runs, fewer once
     they have taken `budget_s` (PyTorch's bf16 on a CPU without bf16 instructions: a minute per matmul). The
-    machine's matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one."""
+    machine's matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one. JAX's product is
+    the Dense layers' (`cpu_bf16_matmul.matmul`: oneMKL for bf16 where it is on), its rows split over all devices."""
     device = torch_device()
+    rows = NamedSharding(jax.make_mesh((len(jax.devices()),), ("data",)), P("data"))
 
     def best_seconds(run):
         run()  # the first calls after start-up run slow
@@ -60,8 +64,8 @@ def matmul_peak_flops(n: int, dtypes=DTYPES, repeats: int = 10, budget_s: float 
 
     peaks = {}
     for dtype in dtypes:
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-        matmul = jax.jit(lambda x, y: x @ y)
+        a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype), rows)
+        matmul = jax.jit(lambda x, y: cpu_bf16_matmul.matmul(x, y).astype(x.dtype))
         peaks[f"jax_{dtype}"] = 2 * n**3 / best_seconds(lambda: matmul(a, a).block_until_ready())
         b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
 
@@ -214,10 +218,13 @@ def main():
         + ", ".join(f"{name} {flops_s / 1e9:.1f}" for name, flops_s in peaks.items())
         + " GFLOP/s"
     )
+    matrix_units = cpu_bf16_matmul.status() if jax.default_backend() == "cpu" else (False, "not a CPU")
+    print(f"JAX bfloat16 Dense products: {'oneMKL' if matrix_units[0] else 'XLA'} ({matrix_units[1]})")
     results = {
         "matmul_peak_gflops": {name: flops_s / 1e9 for name, flops_s in peaks.items()},
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
+        "jax_bf16_onemkl": matrix_units[0],
         "rows": [],
     }
     for size, size_batches in batches.items():

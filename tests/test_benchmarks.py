@@ -45,6 +45,7 @@ def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["devices"] == 2 and set(figures["matmul_peak_gflops"]) == {"jax_float32", "torch_float32"}
+    assert isinstance(figures["jax_bf16_onemkl"], bool)  # which bf16 Dense products the JAX rows ran
     assert [row["batch"] for row in figures["rows"]] == [8]
     assert set(figures["rows"][0]["images_per_s"]) == {"jax_float32", "jax_float32_mb4", "torch_float32"}
 

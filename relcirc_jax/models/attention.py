@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from relcirc_jax.models.dense import dense_dot_general
+from relcirc_jax.models.dense import Dense
 from relcirc_jax.parallel import axes
 
 ATTENTION_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z")
@@ -50,17 +50,15 @@ def logical_dense(
     dtype: Any,
     name: str,
     kernel_init=nn.initializers.xavier_uniform(),
-) -> nn.Dense:
+) -> Dense:
     """A Dense layer (float32 params, `dtype` compute) with logical axes on kernel and bias.
 
-    The default kernel init is xavier-uniform, as PixArt initialises its linear layers. The product is
-    `dense.dense_dot_general` (autodiff's maths, a faster weight gradient on the CPU).
+    The default kernel init is xavier-uniform, as PixArt initialises its linear layers. The layer is `dense.Dense`
+    (nn.Dense's parameters and maths, faster gradients on the CPU).
     """
-    return nn.Dense(
+    return Dense(
         features,
         dtype=dtype,
-        dot_general=dense_dot_general,
-        param_dtype=jnp.float32,
         kernel_init=partitioned(kernel_init, axes),
         bias_init=partitioned(nn.initializers.zeros_init(), (axes[1],)),
         name=name,

@@ -9,6 +9,10 @@ check) and how far each framework's bf16 images are from its own float32 ones. R
 embeddings. The last line of output is one JSON object with the figures.
 
     python benchmarks/bench_sample.py [--batch 64] [--steps 14] [--cfg 4.5] [--dtypes float32,bfloat16]
+                                      [--cpu_devices 2]
+
+On a CPU, JAX samples data-parallel over `--cpu_devices` XLA devices that split the host, as the `:cpu` configs'
+evaluations do (`parallel.cpu_devices`; oneMKL's bf16 products run one core per device).
 """
 
 import argparse
@@ -20,6 +24,8 @@ import numpy as np
 import torch
 from bench_train import torch_device
 from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from relcirc_jax.diffusion import cfg_denoiser_fn, sample
 from relcirc_jax.models.convert import diffusers_config, flax_to_diffusers
@@ -108,15 +114,22 @@ def main():
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--cfg", type=float, default=4.5)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes of both frameworks")
+    parser.add_argument("--cpu_devices", type=int, default=2, help="XLA devices the host CPU is split into")
     args = parser.parse_args()
-    if min(args.batch, args.steps) < 1 or not set(args.dtypes.split(",")) <= {"float32", "bfloat16"}:
-        parser.error("--batch and --steps must be >= 1 and --dtypes a comma-separated list of float32, bfloat16")
+    if min(args.batch, args.steps, args.cpu_devices) < 1 or not set(args.dtypes.split(",")) <= {"float32", "bfloat16"}:
+        parser.error(
+            "--batch, --steps and --cpu_devices must be >= 1 and --dtypes a comma-separated list of float32, bfloat16"
+        )
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.batch % len(jax.devices()):
+        parser.error(f"--batch {args.batch} must be a multiple of the {len(jax.devices())} devices")
     dtypes = args.dtypes.split(",")
+    rows_sharded = NamedSharding(jax.make_mesh((len(jax.devices()),), ("data",)), P("data"))
 
     params = perturbed_params(dit_config("micro"))
     noise, text, mask = random_inputs(dit_config("micro"), args.batch)
     null_text, null_mask = (np.asarray(a) for a in null_caption(params, args.batch))
-    inputs = (params, noise, text, mask, null_text, null_mask)
+    inputs = (params, *(jax.device_put(a, rows_sharded) for a in (noise, text, mask, null_text, null_mask)))
     model = torch_model(dit_config("micro"), params)
     torch_inputs = (noise, text, mask, null_text)
     rows, images = {}, {}
@@ -137,7 +150,8 @@ def main():
             jax_vs_torch=round(torch_s / jax_s, 3),
         )
         print(
-            f"{dtype}, batch {args.batch}: jax ({jax.devices()[0].platform}) compile {compile_s:.1f} s, sample "
+            f"{dtype}, batch {args.batch}: jax ({len(jax.devices())} {jax.devices()[0].platform} devices) "
+            f"compile {compile_s:.1f} s, sample "
             f"{jax_s:.1f} s, {args.batch / jax_s:.2f} images/s | diffusers (torch {torch_device()}, "
             f"{torch.get_num_threads()} threads) {torch_s:.1f} s, {args.batch / torch_s:.2f} images/s | "
             f"jax x{torch_s / jax_s:.2f}",
@@ -163,6 +177,7 @@ def main():
                 steps=args.steps,
                 cfg=args.cfg,
                 platform=jax.devices()[0].platform,
+                devices=len(jax.devices()),
                 batch=args.batch,
                 rows=rows,
                 max_abs_diff=differences,

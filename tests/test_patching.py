@@ -170,9 +170,11 @@ def test_clean_to_clean_patching_is_the_identity(tmp_path, model_arch):
     configs, _ = patching.patch_configs(2, 2, windows, timesteps, patching.model_sites(model.model_cfg))
     patched, twin, _ = patching.screen(model, CLEAN, CLEAN, configs, chunk=8)
     plain = sampling.eval_sampler(model.config, model.model_cfg, model.conditioner, model.mesh, model.param_sh, 3)
-    np.testing.assert_array_equal(patched[0], plain(model.params, model.tables, CLEAN))
-    for images in (*patched[1:], twin):  # every config of the 6-row batch, and the twin world, is the clean sample
-        assert np.abs(images.astype(int) - patched[0]).max() <= 1
+    # The screen samples 6 rows per call, the plain sampler 3: on an AVX-512 Xeon the CPU's kernels then sum in
+    # another order (one pixel of 36,864 one level off; bit-equal on the AVX2 machines), so allow the odd level.
+    reference = plain(model.params, model.tables, CLEAN).astype(int)
+    for images in (*patched, twin):  # every config of the 6-row batch, and the twin world, is the clean sample
+        assert np.abs(images.astype(int) - reference).max() <= 1 and (images != reference).mean() < 1e-3
 
 
 def test_an_mmdit_patching_run_reports_its_joint_heads(tmp_path):

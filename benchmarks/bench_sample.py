@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from relcirc_jax.diffusion import cfg_denoiser_fn, sample
 from relcirc_jax.models.convert import diffusers_config, flax_to_diffusers
 from relcirc_jax.models.dit import DiT, dit_config, init_params, null_caption
+from relcirc_jax.parallel.mesh import make_mesh
 
 # PixArt-alpha/PixArt-XL-2-512x512's scheduler config (see relcirc_jax/diffusion/samplers.py).
 PIXART_SCHEDULER = dict(
@@ -124,7 +125,7 @@ def main():
     if args.batch % len(jax.devices()):
         parser.error(f"--batch {args.batch} must be a multiple of the {len(jax.devices())} devices")
     dtypes = args.dtypes.split(",")
-    rows_sharded = NamedSharding(jax.make_mesh((len(jax.devices()),), ("data",)), P("data"))
+    rows_sharded = NamedSharding(make_mesh({"data": -1}), P("data"))
 
     params = perturbed_params(dit_config("micro"))
     noise, text, mask = random_inputs(dit_config("micro"), args.batch)

@@ -41,6 +41,7 @@ from relcirc_jax.diffusion.schedules import alphas_cumprod
 from relcirc_jax.models import cpu_bf16_matmul, flops
 from relcirc_jax.models.convert import diffusers_config
 from relcirc_jax.parallel.host_data import to_global
+from relcirc_jax.parallel.mesh import make_mesh
 from relcirc_jax.train import state as train_state
 from relcirc_jax.train import step as train_step
 
@@ -53,7 +54,7 @@ def matmul_peak_flops(n: int, dtypes=DTYPES, repeats: int = 10, budget_s: float 
     machine's matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one. JAX's product is
     the Dense layers' (`cpu_bf16_matmul.matmul`: oneMKL for bf16 where it is on), its rows split over all devices."""
     device = torch_device()
-    rows = NamedSharding(jax.make_mesh((len(jax.devices()),), ("data",)), P("data"))
+    rows = NamedSharding(make_mesh({"data": -1}), P("data"))
 
     def best_seconds(run):
         run()  # the first calls after start-up run slow

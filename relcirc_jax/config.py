@@ -22,8 +22,11 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
   sampling; more of the training goes to the mid noise levels where layout and shape are decided). The host CPU is
   split into two XLA devices (`parallel.cpu_devices`; the two data-parallel halves overlap each other's serial ops,
   ~10 % faster for micro), and each step's batch is taken as two microbatches of 32 (`train.microbatches`; the same
-  update, another ~10 % faster). The step count is the time budget divided by the per-size step time at batch 64
-  (`CPU_STEP_SECONDS`), and `train.time_budget_minutes` stops a slower machine on time, with fewer steps.
+  update, another ~10 % faster). The train step computes in bfloat16 where that pays (`train.compute_dtype="auto"`:
+  a CPU whose matrix units the oneMKL path uses, models/cpu_bf16_matmul.py, 1.3-1.8x the float32 step; float32
+  elsewhere, and sampling and evaluation stay float32 everywhere). The step count is the time budget divided by the
+  per-size step time at batch 64 of that dtype (`CPU_STEP_SECONDS`), and `train.time_budget_minutes` stops a slower
+  machine on time, with fewer steps.
 * ``long`` - the ``cpu`` recipe with a 150-minute budget (the same margin for compilation and evaluations), evaluated
   about every 15 minutes.
 * ``quick`` - the ``cpu`` recipe with a 10-minute budget, so that the README quickstart (this training, then
@@ -35,6 +38,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from relcirc_jax.errors import UserError
+from relcirc_jax.models import cpu_bf16_matmul
 from relcirc_jax.parallel.rules import DEFAULT_RULES
 from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 
@@ -42,8 +46,9 @@ ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
 ARCHS = ("pixart", "mmdit")  # models.arch.ARCHS
 VARIANTS = (None, "cpu", "long", "quick", "smoke")
-# The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it.
-TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16")
+# The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it. "auto":
+# see train.state.compute_dtype.
+TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
 OPTIMIZERS = ("adamw", "muon")  # train.state.optimizer
 NEGATIVES = ("empty_prompt", "learned_null")
 ANALYSIS_KINDS = ("synopsis", "qk_screen", "ablation", "patching", "text", "dynamics", "diversity", "probe", "all")
@@ -54,8 +59,13 @@ DIVERSITY_METRICS = ("overall", "overall_loose", "unique_binding")
 # VS_m's subset size m by group size B, pre-registered in shared/papers/contextual_repulsion_notes.md 7.2.
 PREREGISTERED_M = {4: 3, 8: 4}
 PATCHING_CORRUPTIONS = ("relation", "shapes")
-# Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices (micro measured, others by FLOPs).
-CPU_STEP_SECONDS = {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0}
+# Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices, by the train step's dtype: float32
+# (micro measured, others by FLOPs); bfloat16 through oneMKL on a CPU with matrix units (bench_train, 2-core AMX Xeon,
+# 2026-12-03: nano, micro, mini; b by FLOPs).
+CPU_STEP_SECONDS = {
+    "float32": {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0},
+    "bfloat16": {"nano": 0.25, "micro": 0.45, "mini": 1.1, "b": 5.0},
+}
 # Training budget of each CPU variant, in seconds.
 BUDGET_SECONDS = {
     "cpu": 3300,  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
@@ -259,7 +269,9 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     # Each step as two microbatches of 32 images (16 per device): the same update, ~10 % faster for nano and micro
     # on the 2-core CPU, whose caches hold a smaller microbatch's activations (README, Benchmarks).
     c.train.microbatches = 2
-    c.train.num_steps = max(100, int(budget_seconds / CPU_STEP_SECONDS[size]) // 100 * 100)
+    c.train.compute_dtype = "auto"
+    step_seconds = CPU_STEP_SECONDS["bfloat16" if cpu_bf16_matmul.enabled() else "float32"][size]
+    c.train.num_steps = max(100, int(budget_seconds / step_seconds) // 100 * 100)
     c.train.time_budget_minutes = budget_seconds / 60  # so a slower machine ends on time, with fewer steps
     c.checkpoint.every_steps = min(500, c.train.num_steps)
     c.log.every_steps = 25

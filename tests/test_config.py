@@ -8,9 +8,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from relcirc_jax.config import ENCODERS, SIZES, base_config
+from relcirc_jax.config import CPU_STEP_SECONDS, ENCODERS, SIZES, base_config
 from relcirc_jax.config_checks import explain_config_flags, validate_config
 from relcirc_jax.errors import UserError
+from relcirc_jax.models import cpu_bf16_matmul
+from relcirc_jax.train import state as train_state
 from relcirc_jax.train.preemption import TimeBudget
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +65,7 @@ def test_paper_recipe_and_cpu_variant():
     )
     assert (paper.data.task, paper.data.num_scenes, paper.train.num_steps) == ("paper", 10_000, 160_000)
     assert (cpu.data.task, cpu.data.num_scenes) == ("paper", None)
-    assert cpu.train.batch_size == 64 and cpu.train.num_steps * 0.98 < 3600
+    assert cpu.train.batch_size == 64 and cpu.train.compute_dtype == "auto"
     assert (paper.model.prediction, paper.train.t_logit_mean) == ("eps", None)  # PixArt: eps, uniform timesteps
     assert (cpu.model.prediction, cpu.train.t_logit_mean) == ("x0", 0.0)
 
@@ -221,6 +223,21 @@ def test_a_config_flag_naming_no_config_file_is_one_message(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(arg:\n")
     assert "Running it raised SyntaxError" in explain_config_flags(["main", f"--config={broken}"])
+
+
+@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+def test_cpu_variants_plan_their_steps_for_the_dtype_their_train_step_will_use(monkeypatch, matrix_units):
+    # RELCIRC_CPU_BF16_MATMUL=1 forces the oneMKL path on (tests/test_cpu_bf16_matmul.py), 0 turns it off
+    monkeypatch.setenv(cpu_bf16_matmul.ENV_SWITCH, matrix_units)
+    dtype = "bfloat16" if matrix_units == "1" else "float32"
+    step_seconds = CPU_STEP_SECONDS[dtype]["micro"]
+    for arg, budget in (("cpu", 3300), ("long", 8700), ("quick", 600)):
+        config = base_config("rte", "micro", arg)
+        assert config.train.compute_dtype == "auto" and config.train.time_budget_minutes * 60 == budget
+        assert budget - 100 * step_seconds < config.train.num_steps * step_seconds <= budget  # whole hundreds
+        assert train_state.compute_dtype(config, training=True) == dtype
+        assert train_state.compute_dtype(config, training=False) == "float32"
+    assert base_config("rte", "micro").train.compute_dtype == "float32"  # the paper's recipe: as asked, everywhere
 
 
 def test_long_variant_is_the_cpu_recipe_over_150_minutes_with_a_denser_curve():

@@ -253,6 +253,19 @@ def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp
     assert np.abs(b).mean() > 4e-4 and cosine > 0.9, (np.abs(b).mean(), cosine)  # moved, as the float32 run did
 
 
+@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+def test_auto_dtype_trains_in_bfloat16_only_through_the_matrix_units_and_samples_in_float32(
+    tmp_path, monkeypatch, matrix_units
+):
+    monkeypatch.setenv(cpu_bf16_matmul.ENV_SWITCH, matrix_units)
+    setup, state, batch = _setup(tmp_path, _config(compute_dtype="auto"))
+    assert setup.model_cfg.dtype == "float32"  # what sampling, evaluation and the analyses compute in
+    hlo = _step_fn(setup).lower(state, batch, setup.tables).as_text()
+    on = matrix_units == "1"
+    assert train_state.compute_dtype(setup.config, training=True) == ("bfloat16" if on else "float32")
+    assert ("bf16" in hlo, hlo.count(cpu_bf16_matmul.TARGET) > 0) == (on, on)
+
+
 def test_microbatches_accumulate_the_whole_batch_gradient_each_slice_with_its_own_draws(tmp_path):
     # Caption dropout 0.5 and per-example noise: a slice paired with other examples' draws (or drawing its own)
     # would give another gradient, not the whole batch's up to rounding.

@@ -51,7 +51,7 @@ def load_teacher(setup: train_state.RunSetup) -> Teacher | None:
         )
     model_cfg = dataclasses.replace(
         train_state.model_config(teacher_config, caption_channels=setup.conditioner.dim),
-        dtype=config.train.compute_dtype,
+        dtype=train_state.compute_dtype(config, training=True),
         remat=False,  # no gradient flows through the teacher
     )
     abstract = jax.eval_shape(lambda: arch.init_params(model_cfg, jax.random.PRNGKey(0)))

@@ -109,7 +109,9 @@ def _run(
         config.train.batch_size,
         _budget_text(config.train.time_budget_minutes, budget.seconds_left()),
     )
-    if config.train.compute_dtype == "bfloat16" and jax.default_backend() == "cpu":
+    dtype = train_state.compute_dtype(config, training=True)
+    logging.info("The train step computes in %s (train.compute_dtype=%s).", dtype, config.train.compute_dtype)
+    if jax.default_backend() == "cpu" and (dtype == "bfloat16" or config.train.compute_dtype == "auto"):
         on, why = cpu_bf16_matmul.status()
         logging.info("bfloat16 Dense products on the CPU: %s (%s).", "oneMKL" if on else "XLA's dot", why)
     for step in range(start, total):

@@ -12,7 +12,7 @@ from flax import struct
 from relcirc_jax import pretrained
 from relcirc_jax.config_checks import validate_config
 from relcirc_jax.errors import UserError
-from relcirc_jax.models import arch
+from relcirc_jax.models import arch, cpu_bf16_matmul
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.parallel.mesh import make_mesh
 from relcirc_jax.text.conditioner import make_text_conditioner
@@ -38,10 +38,22 @@ def model_config(config: ml_collections.ConfigDict, caption_channels: int) -> ar
         config.model.size,
         image_size=config.data.image_size,
         caption_channels=caption_channels,
-        dtype=config.train.compute_dtype,
+        dtype=compute_dtype(config, training=False),
         remat=config.train.remat,
         **overrides,
     )
+
+
+def compute_dtype(config: ml_collections.ConfigDict, *, training: bool) -> str:
+    """The DiT's compute dtype: train.compute_dtype, or for "auto" bfloat16 in the train step where the CPU backend's
+    bfloat16 products run on its matrix units (models/cpu_bf16_matmul.py) and float32 otherwise. Under "auto",
+    sampling, evaluation and analyses compute in float32, so their figures do not depend on the machine; GPU and TPU
+    train in float32 unless asked (so the reference models' commands reproduce)."""
+    dtype = config.train.compute_dtype
+    if dtype != "auto":
+        return dtype
+    matrix_units = training and jax.default_backend() == "cpu" and cpu_bf16_matmul.enabled()
+    return "bfloat16" if matrix_units else "float32"
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:

@@ -1,6 +1,7 @@
 """One training step (caption dropout -> diffusion loss, a teacher's target if distilling, gradients accumulated
 over microbatches if asked -> optimizer -> EMA), compiled ahead of time with shardings."""
 
+import dataclasses
 import time
 from typing import Callable, NamedTuple
 
@@ -14,7 +15,7 @@ from relcirc_jax import diffusion
 from relcirc_jax.models import arch
 from relcirc_jax.parallel import rules as sharding_rules
 from relcirc_jax.train import distill, ema
-from relcirc_jax.train.state import TrainState, learning_rate
+from relcirc_jax.train.state import TrainState, compute_dtype, learning_rate
 
 # The batch fields the step reads; the rest of a dataset batch (labels for analyses) stays on the host.
 STEP_BATCH_KEYS = ("image", "ids", "mask", "caption_index")
@@ -114,8 +115,10 @@ def make_train_step(
 
     All randomness comes from step_key(config.seed, state.step), so a resumed or rerun step is bitwise the same, and it
     depends neither on how the batch is sharded nor (up to float rounding) on config.train.microbatches.
-    `teacher_cfg` and `teacher_params`: distill.Teacher's, when distilling.
+    `teacher_cfg` and `teacher_params`: distill.Teacher's, when distilling. The model computes in the train step's
+    dtype (state.compute_dtype: train.compute_dtype="auto" may train in bfloat16 and sample in float32).
     """
+    model_cfg = dataclasses.replace(model_cfg, dtype=compute_dtype(config, training=True))
     loss_fn = make_loss_fn(config, model_cfg, teacher_cfg)
     schedule = learning_rate(config)
 

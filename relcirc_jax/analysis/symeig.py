@@ -46,20 +46,20 @@ def _round_robin_shift(n: int) -> np.ndarray:
 
 
 def _rotate_columns(m: jax.Array, c: jax.Array, s: jax.Array) -> jax.Array:
-    """m J for the rotations J of the adjacent column pairs (2k, 2k + 1) by (c_k, s_k) [..., N / 2]."""
-    pairs = m.reshape(m.shape[:-1] + (m.shape[-1] // 2, 2))
-    first, second = pairs[..., 0], pairs[..., 1]
+    """m J for the rotations J of the adjacent column pairs (2k, 2k + 1) by (c_k, s_k) [..., N / 2], with the
+    columns returned as (0, 2, 4, ..., 1, 3, 5, ...) (the caller's permutation puts them back). Strided slices, not
+    reshapes, which a batch sharded over an Explicit mesh axis refuses."""
+    first, second = m[..., 0::2], m[..., 1::2]
     c, s = c[..., None, :], s[..., None, :]
-    return jnp.stack([c * first - s * second, s * first + c * second], -1).reshape(m.shape)
+    return jnp.concatenate([c * first - s * second, s * first + c * second], -1)
 
 
-def _one_round(a: jax.Array, v: jax.Array, sigma: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def _one_round(a: jax.Array, v: jax.Array, order: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """Zero a's adjacent off-diagonal pairs (2k, 2k + 1) by one rotation each (a <- J^T a J, v <- v J), then move
-    to the next round's order."""
-    half = a.shape[-1] // 2
-    blocks = a.reshape(a.shape[:-2] + (half, 2, half, 2))
-    diagonal_blocks = jnp.diagonal(blocks, axis1=-4, axis2=-2)  # [..., 2, 2, half]: the 2 x 2 block of each pair
-    a_pp, a_pq, a_qq = diagonal_blocks[..., 0, 0, :], diagonal_blocks[..., 0, 1, :], diagonal_blocks[..., 1, 1, :]
+    to the next round's basis order (`order`: from _rotate_columns' even-then-odd columns)."""
+    diagonal = jnp.diagonal(a, axis1=-2, axis2=-1)
+    a_pp, a_qq = diagonal[..., 0::2], diagonal[..., 1::2]
+    a_pq = jnp.diagonal(a[..., 0::2, 1::2], axis1=-2, axis2=-1)
     nonzero = jnp.abs(a_pq) > jnp.finfo(a.dtype).tiny
     tau = (a_qq - a_pp) / (2.0 * jnp.where(nonzero, a_pq, 1.0))
     t = jnp.where(tau >= 0, 1.0, -1.0) / (jnp.abs(tau) + jnp.sqrt(1.0 + tau * tau))  # the smaller angle
@@ -69,7 +69,7 @@ def _one_round(a: jax.Array, v: jax.Array, sigma: np.ndarray) -> tuple[jax.Array
     a = _rotate_columns(a, c, s)
     a = jnp.swapaxes(_rotate_columns(jnp.swapaxes(a, -1, -2), c, s), -1, -2)
     v = _rotate_columns(v, c, s)
-    return a[..., sigma, :][..., :, sigma], v[..., :, sigma]
+    return a[..., order, :][..., :, order], v[..., :, order]
 
 
 def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -89,10 +89,12 @@ def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     padded = n + n % 2
     if padded != n:
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, 1), (0, 1)])
-    sigma = _round_robin_shift(padded)
-    v = jnp.broadcast_to(jnp.eye(padded, dtype=a.dtype), a.shape)
+    # the next round's order of _rotate_columns' even-then-odd columns: undo that split, then shift
+    order = np.argsort(np.concatenate([np.arange(0, padded, 2), np.arange(1, padded, 2)]))[_round_robin_shift(padded)]
+    v = jnp.zeros_like(a) + jnp.eye(padded, dtype=a.dtype)  # batched (and sharded) like a
     # whole sweeps, so the order is back to the start (and an odd N's padding index last) at the end
-    a, v = jax.lax.fori_loop(0, sweeps(n) * (padded - 1), lambda _, av: _one_round(*av, sigma), (a, v))
+    rounds = sweeps(n) * (padded - 1)
+    a, v = jax.lax.fori_loop(0, rounds, lambda _, av: _one_round(*av, order), (a, v))
     lam = jnp.diagonal(a, axis1=-2, axis2=-1)[..., :n]
     v = v[..., :n, :n]
     order = jnp.argsort(lam, axis=-1)

@@ -54,9 +54,9 @@ def _rotate_columns(m: jax.Array, c: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.concatenate([c * first - s * second, s * first + c * second], -1)
 
 
-def _one_round(a: jax.Array, v: jax.Array, order: np.ndarray) -> tuple[jax.Array, jax.Array]:
+def _one_round(a: jax.Array, v: jax.Array, shift: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """Zero a's adjacent off-diagonal pairs (2k, 2k + 1) by one rotation each (a <- J^T a J, v <- v J), then move
-    to the next round's basis order (`order`: from _rotate_columns' even-then-odd columns)."""
+    to the next round's basis order (`shift`: from _rotate_columns' even-then-odd columns)."""
     diagonal = jnp.diagonal(a, axis1=-2, axis2=-1)
     a_pp, a_qq = diagonal[..., 0::2], diagonal[..., 1::2]
     a_pq = jnp.diagonal(a[..., 0::2, 1::2], axis1=-2, axis2=-1)
@@ -69,7 +69,7 @@ def _one_round(a: jax.Array, v: jax.Array, order: np.ndarray) -> tuple[jax.Array
     a = _rotate_columns(a, c, s)
     a = jnp.swapaxes(_rotate_columns(jnp.swapaxes(a, -1, -2), c, s), -1, -2)
     v = _rotate_columns(v, c, s)
-    return a[..., order, :][..., :, order], v[..., :, order]
+    return a[..., shift, :][..., :, shift], v[..., :, shift]
 
 
 def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -90,11 +90,11 @@ def eigh(a: jax.Array) -> tuple[jax.Array, jax.Array]:
     if padded != n:
         a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, 1), (0, 1)])
     # the next round's order of _rotate_columns' even-then-odd columns: undo that split, then shift
-    order = np.argsort(np.concatenate([np.arange(0, padded, 2), np.arange(1, padded, 2)]))[_round_robin_shift(padded)]
+    shift = np.argsort(np.concatenate([np.arange(0, padded, 2), np.arange(1, padded, 2)]))[_round_robin_shift(padded)]
     v = jnp.zeros_like(a) + jnp.eye(padded, dtype=a.dtype)  # batched (and sharded) like a
     # whole sweeps, so the order is back to the start (and an odd N's padding index last) at the end
     rounds = sweeps(n) * (padded - 1)
-    a, v = jax.lax.fori_loop(0, rounds, lambda _, av: _one_round(*av, order), (a, v))
+    a, v = jax.lax.fori_loop(0, rounds, lambda _, av: _one_round(*av, shift), (a, v))
     lam = jnp.diagonal(a, axis1=-2, axis2=-1)[..., :n]
     v = v[..., :n, :n]
     order = jnp.argsort(lam, axis=-1)

@@ -31,6 +31,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from relcirc_jax.errors import UserError
+
 TARGET = "relcirc_cpu_bf16_matmul"
 ENV_SWITCH = "RELCIRC_CPU_BF16_MATMUL"
 _MKL_SEQUENTIAL, _MKL_LP64 = 1, 0  # mkl_service.h: MKL_THREADING_SEQUENTIAL, MKL_INTERFACE_LP64
@@ -85,8 +87,9 @@ def status() -> tuple[bool, str]:
     if switch == "0":
         return False, f"{ENV_SWITCH}=0"
     if switch not in ("auto", "1"):
-        raise ValueError(
-            f"{ENV_SWITCH}={switch!r} is unknown; use 0 (XLA's dot), 1 (oneMKL on any CPU) or leave it unset (auto)"
+        raise UserError(
+            f"{ENV_SWITCH}={switch!r} is unknown. Fix: set it to 0 (XLA's dot), 1 (oneMKL on any CPU) or unset it "
+            "(auto: oneMKL where the CPU has AMX-BF16 or AVX512-BF16)."
         )
     if switch == "auto" and not _cpu_has_bf16_units():
         return False, "this CPU has no AMX-BF16 or AVX512-BF16 (XLA's dot is as fast)"

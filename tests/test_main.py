@@ -388,7 +388,15 @@ BAD_INPUTS = [
     ),
     ("step with train", None, [CONFIG, "--step=2"], "--step picks the checkpoint to sample, evaluate or analyze;"),
     ("a stray argument", None, [CONFIG, "evaluate"], "Unexpected arguments ['evaluate']. Fix: pass options as"),
+    (
+        "unknown bf16 matmul switch",  # the :cpu variants read it while the config is built, inside absl's parsing
+        None,
+        ["--config=configs/rte_dit_micro.py:cpu"],
+        "RELCIRC_CPU_BF16_MATMUL='yes' is unknown. Fix: set it to 0 (XLA's dot), 1 (oneMKL on any CPU) or unset it",
+    ),
 ]
+# The environment a case runs with, beyond the test's own.
+CASE_ENVIRONMENT = {"unknown bf16 matmul switch": {"RELCIRC_CPU_BF16_MATMUL": "yes"}}
 
 
 @pytest.mark.parametrize("case, make_workdir, args, expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
@@ -396,6 +404,7 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, case, make_
     workdir = make_workdir(tmp_path / "w") if make_workdir else tmp_path / "w"
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}  # as a user runs it: JAX probes for TPUs
+    env.update(CASE_ENVIRONMENT.get(case, {}))
     result = subprocess.run(
         [sys.executable, "-m", "relcirc_jax.main", f"--workdir={workdir}", *args],
         cwd=REPO,

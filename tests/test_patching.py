@@ -184,6 +184,8 @@ def test_an_mmdit_patching_run_reports_its_joint_heads(tmp_path):
         assert arrays["transfer_joint"].shape == (1, 2, 2) and "transfer_self" not in arrays
         summary = patching.summary(dict(arrays), "smoke", sampling.describe_eval_sampler(model.config), "relation", 1)
     assert "4 joint-attention heads, and 2 residual streams" in summary
+    timesteps = diffusion.model_timesteps("dpmpp_2m", 2)  # the window's solver steps named with their timesteps
+    assert f"(steps 0-1 = t {timesteps.max():.0f}-{timesteps.min():.0f})" in summary
     assert summary == (directory / "summary.md").read_text() and (directory / "transfer_maps.png").exists()
 
 

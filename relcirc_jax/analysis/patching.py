@@ -185,6 +185,16 @@ def _window_name(window: tuple[int, int]) -> str:
     return f"steps {window[0]}-{window[1]}"
 
 
+def _window_timesteps(arrays: dict, labels: Sequence[Site], windows: Sequence[tuple[int, int]]) -> str:
+    """Each window's solver steps and the model timesteps they cover (the npz's `patch_window` rows)."""
+    first_row = {w: row for row, (*_, w) in reversed(list(enumerate(labels, start=1)))}
+    return ", ".join(
+        f"{_window_name(window)} = t {arrays['patch_window'][first_row[w]][1]:.0f}-"
+        f"{arrays['patch_window'][first_row[w]][0]:.0f}"
+        for w, window in enumerate(windows)
+    )
+
+
 def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str, corruption: str):
     """One row per window: each head site's [layer x head] transfer and the residual stream per layer."""
     plt = context.pyplot()
@@ -269,7 +279,7 @@ def summary(arrays: dict, label: str, sampler: str, corruption: str, images_per_
         f"{len(labels)} configs (and the unpatched row 0) patches one site of the clean sample from its twin: "
         + "".join(f"{depth * heads} {TITLES[site]}s, " for site in head_sites)
         + f"and {depth} residual streams (block inputs), in each of "
-        f"{len(windows)} step windows ({', '.join(_window_name(w) for w in windows)}). Transfer = share of the clean "
+        f"{len(windows)} step windows ({_window_timesteps(arrays, labels, windows)}). Transfer = share of the clean "
         f"-> corrupted image change the patch reproduces (1 = the corrupted image); 95 % cluster bootstrap intervals "
         f"over the {n // images_per_prompt} prompts (each with its {images_per_prompt} pairs).",
         "",

@@ -187,12 +187,12 @@ def _window_name(window: tuple[int, int]) -> str:
 
 def _window_timesteps(arrays: dict, labels: Sequence[Site], windows: Sequence[tuple[int, int]]) -> str:
     """Each window's solver steps and the model timesteps they cover (the npz's `patch_window` rows)."""
-    first_row = {w: row for row, (*_, w) in reversed(list(enumerate(labels, start=1)))}
-    return ", ".join(
-        f"{_window_name(window)} = t {arrays['patch_window'][first_row[w]][1]:.0f}-"
-        f"{arrays['patch_window'][first_row[w]][0]:.0f}"
-        for w, window in enumerate(windows)
-    )
+    names = []
+    for w, window in enumerate(windows):
+        row = next(row for row, site in enumerate(labels, start=1) if site[3] == w)  # every row of a window alike
+        low, high = arrays["patch_window"][row]
+        names.append(f"{_window_name(window)} = t {high:.0f}-{low:.0f}")
+    return ", ".join(names)
 
 
 def _transfer_figure(maps: dict, windows: Sequence[tuple[int, int]], label: str, corruption: str):

@@ -198,6 +198,8 @@ def test_an_mmdit_trains_samples_and_evaluates_through_the_same_cli(trained, tmp
     assert "## Which caption tokens move (D3)" in (diversity / "summary.md").read_text()
     with np.load(diversity / "diversity.npz") as arrays:
         assert arrays["token_moves_share"].sum() == pytest.approx(1.0) and arrays["token_moves_share"][0] == 0  # pad
+        assert arrays["token_moves_relative"][0] == 0 and np.nanmax(arrays["token_moves_relative"]) > 0
+    assert "| move / norm % |" in (diversity / "summary.md").read_text()
     assert np.asarray(Image.open(diversity / "token_moves.png").convert("L")).std() > 0
 
 

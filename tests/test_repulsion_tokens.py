@@ -35,22 +35,33 @@ def _measure(model, captions, tau=1, **fields):
 def test_moves_are_read_per_role_inside_the_window_and_follow_the_token_mask(smoke_mmdit):
     model, captions = smoke_mmdit
     depth, steps = model.model_cfg.depth, model.config.eval.num_steps
-    images, moves, per_role = _measure(model, captions)
+    images, moves, norms, per_role = _measure(model, captions)
     assert images.shape == (8, 64, 64, 3)
-    assert moves.shape == (steps, 8, depth - 1, len(groups.TEXT_ROLES))
+    assert moves.shape == norms.shape == (steps, 8, depth - 1, len(groups.TEXT_ROLES))
+    assert np.all(norms[..., ROLE["relation"]] > 0)  # the stream's size is read at every step, repelled or not
     assert per_role[ROLE["relation"]] >= 1 and per_role[ROLE["shape1"]] == 1
     assert np.all(moves[1:] == 0)  # tau = 1: only the first solver step is repelled
     assert np.all(moves[0, :, :, ROLE["pad"]] == 0)  # "valid": the caption's tokens only
     for role in ("color1", "shape1", "relation", "color2", "shape2"):
         assert np.all(moves[0, :, :, ROLE[role]] > 0), role
-    shares = repulsion_tokens.shares(moves, per_role)
+    shares = repulsion_tokens.shares(moves, norms, per_role)
     assert shares["share"].sum() == pytest.approx(1.0)
     np.testing.assert_allclose(shares["per_block"].sum(1), 1.0, rtol=1e-6)
     assert np.isnan(shares["per_step"][1:]).all()
+    # relative to the moved tokens' size, read only where the repulsion acted (step 0): the frozen padding at 0
+    assert shares["relative"][ROLE["pad"]] == 0 and np.all(shares["relative"][[ROLE["shape1"], ROLE["relation"]]] > 0)
+    np.testing.assert_allclose(
+        shares["relative"][ROLE["relation"]],
+        moves[0, ..., ROLE["relation"]].sum() / norms[0, ..., ROLE["relation"]].sum(),
+        rtol=1e-6,
+    )
+    twice = repulsion_tokens.shares(2 * moves, norms, per_role)  # twice the move, twice the relative move
+    np.testing.assert_allclose(twice["relative"], 2 * shares["relative"], rtol=1e-12)
+    assert np.isnan(repulsion_tokens.shares(0 * moves, norms, per_role)["relative"]).all()  # nothing moved
 
-    _, frozen, _ = _measure(model, captions, token_mask="no_relation")
+    _, frozen, _, _ = _measure(model, captions, token_mask="no_relation")
     assert np.all(frozen[..., ROLE["relation"]] == 0) and np.all(frozen[0, :, :, ROLE["shape2"]] > 0)
-    _, padding, _ = _measure(model, captions, token_mask="padding")
+    _, padding, _, _ = _measure(model, captions, token_mask="padding")
     others = [i for i in range(len(groups.TEXT_ROLES)) if i != ROLE["pad"]]
     assert np.all(padding[..., others] == 0) and padding[0, ..., ROLE["pad"]].sum() > 0
 

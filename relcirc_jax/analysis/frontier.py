@@ -373,10 +373,10 @@ def _token_moves(model: context.AnalysisModel, captions, grid: dict, group_size:
     knobs = repulsion_lib.knobs(
         eta, repulsion_lib.first_steps_window(solver, steps, tau), repulsion_lib.thirds(model.model_cfg.depth)[blocks]
     )
-    _, moves, tokens_per_role = repulsion_tokens.measure(
+    _, moves, norms, tokens_per_role = repulsion_tokens.measure(
         model, captions, repulsion_lib.RepulsionConfig(), knobs, group_size
     )
-    return f"eta={eta:g} tau={tau} blocks={blocks}", repulsion_tokens.shares(moves, tokens_per_role)
+    return f"eta={eta:g} tau={tau} blocks={blocks}", repulsion_tokens.shares(moves, norms, tokens_per_role)
 
 
 def _paired_checks(images_by_method: dict, results: dict, eval_scale: float) -> list[str]:

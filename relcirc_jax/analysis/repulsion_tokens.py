@@ -8,9 +8,8 @@ token: the text stream entering block l + 1 (`blocks.{l+1}.hook_context_pre`) mi
 blocks, roles], and from it each role's share of the total movement, also per token of that role (a role with many
 tokens can take a large share with small moves). The norms of the tokens before the move, summed alike, give how
 far each role moved relative to its size ("relative"): a share says where the movement went, not whether it was
-large. The study's token-mask ablations (frontier.VARIANTS "no_relation",
-"objects", "padding") then ask what the moved tokens do to the drawn relation; the notes' risk is that repelling the
-relation words flips it.
+large. The study's token-mask ablations (frontier.VARIANTS "no_relation", "objects", "padding") then ask what the
+moved tokens do to the drawn relation; the notes' risk is that repelling the relation words flips it.
 """
 
 import functools
@@ -54,9 +53,8 @@ def measure(
     group_size: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 [N, H, W, 3], moves and norms [steps, N, blocks, roles] (reduce_moves), tokens per role [roles]
-    (mean per caption)) of
-    `captions` (consecutive groups of `group_size` samples of one prompt) sampled with the repulsion `config` (site
-    "block_out") at the traced `knobs` (repulsion.knobs)."""
+    (mean per caption)) of `captions` (consecutive groups of `group_size` samples of one prompt) sampled with the
+    repulsion `config` (site "block_out") at the traced `knobs` (repulsion.knobs)."""
     if config.site != "block_out" or "text" not in repulsion_lib.TARGETS[config.target]:
         raise ValueError(
             f"Token moves are read around site 'block_out' of the text stream; got site={config.site!r}, "

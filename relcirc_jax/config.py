@@ -117,6 +117,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.model.depth = config_dict.placeholder(int)
     c.model.num_heads = config_dict.placeholder(int)
     c.model.patch_size = 8
+    # The image size the fixed position embedding's grid spans (models.dit.PatchTransformerConfig); None = the image's.
+    c.model.pos_embed_image_size = config_dict.placeholder(int)
     c.model.in_channels = 3  # RGB pixels; only a PixArt checkpoint (--init_from) can bring latents (4)
     c.model.mlp_ratio = 4.0
     c.model.learn_sigma = False

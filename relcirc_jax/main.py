@@ -124,7 +124,7 @@ def config_with_init_from(config, init_from: str | None):
         config = reference
     else:
         fields = pretrained.TRANSFER_FIELDS if config.get("init_transfer") else pretrained.MODEL_FIELDS
-        differing = pretrained.config_differences(config, reference, fields)
+        differing = pretrained.config_differences(config, reference, fields, any_resolution=True)
         if differing:
             raise UserError(
                 f"--config and --init_from={init_from} describe different models ({'; '.join(differing[:4])}). "

@@ -130,14 +130,26 @@ LOCATION_FIELDS = ("text.t5_path",)
 TRANSFER_FIELDS = ("model", "data.image_size")
 
 
+# The fields a model may change between runs when its position embedding keeps its span (progressive resolution).
+RESOLUTION_FIELDS = ("data.image_size", "model.pos_embed_image_size")
+
+
 def config_differences(
-    config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, fields=MODEL_FIELDS
+    config: ml_collections.ConfigDict,
+    reference: ml_collections.ConfigDict,
+    fields=MODEL_FIELDS,
+    *,
+    any_resolution: bool = False,
 ) -> list[str]:
     """'key: value vs reference value' for every model-defining field (`fields`) where the configs differ, with the
-    sizes a `model.size` implies filled in (a reference's saved config keeps them None)."""
+    sizes a `model.size` implies filled in (a reference's saved config keeps them None). With `any_resolution`, the
+    image size may differ where both position embeddings span the same image size (position_span): the weights of a
+    model trained at 32 px with model.pos_embed_image_size=64 go on at 64 px (and back)."""
     mine, theirs = flatten(_with_sizes(config)), flatten(_with_sizes(reference))
     prefixes = [field.replace(".", _SEPARATOR) for field in fields]
     locations = {field.replace(".", _SEPARATOR) for field in LOCATION_FIELDS}
+    if any_resolution and position_span(config) == position_span(reference):
+        locations |= {field.replace(".", _SEPARATOR) for field in RESOLUTION_FIELDS}
     keys = [
         k
         for k in sorted(set(mine) | set(theirs))
@@ -146,6 +158,11 @@ def config_differences(
     return [
         f"{k.replace('/', '.')}: {mine.get(k)!r} vs {theirs.get(k)!r}" for k in keys if mine.get(k) != theirs.get(k)
     ]
+
+
+def position_span(config: ml_collections.ConfigDict) -> int:
+    """The image size whose token grid the model's position embedding spans (models.dit.PatchTransformerConfig)."""
+    return config.model.get("pos_embed_image_size") or config.data.image_size
 
 
 def _with_sizes(config: ml_collections.ConfigDict) -> dict:

@@ -1,5 +1,7 @@
 """Oracle test: our Flax DiT equals diffusers' PixArtTransformer2DModel (torch CPU) on the same saved weights."""
 
+import dataclasses
+
 import diffusers  # noqa: E402
 import numpy as np
 import pytest
@@ -87,6 +89,24 @@ def test_forward_matches_diffusers(name, tmp_path):
     print(f"{name}: max |flax - diffusers| = {error:.3g} (output scale {np.abs(theirs).max():.3g})")
     assert ours.shape == theirs.shape
     assert error <= TOLERANCE
+
+
+def test_a_smaller_image_on_the_larger_images_position_grid_matches_diffusers():
+    """Progressive resolution: diffusers' PixArt built for 64 px and fed 32 px images spaces the 4x4 grid's positions
+    as its 8x8 grid's (0, 2, 4, 6: PatchEmbed's base_size); ours does with pos_embed_image_size=64 at 32 px."""
+    config = TINY_CONFIGS["pixel_64_p8"]
+    torch_model = _torch_model(config)
+    params = diffusers_to_flax(torch_model.state_dict(), config)
+    small = dataclasses.replace(config, image_size=32, pos_embed_image_size=64)
+    x, t, text, mask = _inputs(small)
+    theirs = _torch_forward(torch_model, x, t, text, mask)
+    ours = np.asarray(DiT(small).apply({"params": params}, x, t, text, mask))
+    assert ours.shape == theirs.shape == (2, 32, 32, 3)
+    assert float(np.abs(ours - theirs).max()) <= TOLERANCE
+    own_grid = np.asarray(
+        DiT(dataclasses.replace(small, pos_embed_image_size=None)).apply({"params": params}, x, t, text, mask)
+    )
+    assert float(np.abs(own_grid - theirs).max()) > 100 * TOLERANCE  # the knob is what makes them agree
 
 
 def test_padding_tokens_are_ignored(tmp_path):

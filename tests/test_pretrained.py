@@ -64,6 +64,22 @@ def test_a_size_spelt_out_is_the_same_model_as_the_size_it_spells():
     assert pretrained.config_differences(config, reference) == ["data.image_size: 32 vs 64"]
 
 
+def test_another_image_size_is_the_same_model_only_on_the_same_position_grid():
+    reference, _ = pretrained.load_config("rte_dit_micro")  # 64 px, its own grid
+    low = base_config("rte", "micro", "cpu")
+    low.data.image_size = 32
+    assert pretrained.config_differences(low, reference, any_resolution=True) == ["data.image_size: 32 vs 64"]
+    low.model.pos_embed_image_size = 64  # positions 0, 2, 4, 6: the 64 px model's grid
+    assert pretrained.config_differences(low, reference, any_resolution=True) == []
+    assert pretrained.config_differences(reference, low, any_resolution=True) == []  # and back
+    assert pretrained.config_differences(low, reference) == [
+        "data.image_size: 32 vs 64",
+        "model.pos_embed_image_size: 64 vs None",
+    ]
+    low.model.patch_size = 4  # another patch size is another model whatever the grid
+    assert pretrained.config_differences(low, reference, any_resolution=True) == ["model.patch_size: 4 vs 8"]
+
+
 def test_weights_of_another_shape_under_the_same_names_are_refused_with_both_shapes():
     """micro and mini DiTs have the same depth, so the same parameter names, and other widths: loading one as the
     other names the first differing parameter and both shapes, not an XLA shape error later."""

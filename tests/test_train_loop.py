@@ -13,12 +13,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from run_records import assert_bitwise_equal, metric_rows
 
 from relcirc_jax.config import base_config
 from relcirc_jax.data import dataset
 from relcirc_jax.errors import UserError
-from relcirc_jax.train import loop
+from relcirc_jax.train import loop, sampling
 from relcirc_jax.train import state as train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,6 +166,24 @@ def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_pat
         assert abs(loss - expected[step]) <= 1e-5, (step, loss, expected[step])
     for got, want in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(reference[1].params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_a_run_goes_on_at_another_image_size_on_the_same_position_grid(tmp_path):
+    """Progressive resolution: steps at 32 px on the 64 px position grid, then the same run at 64 px resumes from its
+    checkpoint (step count and optimizer state kept) and samples and evaluates at 64 px; a 32 px run on its own grid
+    is refused at 64 px, naming the field."""
+    low = {"data.image_size": 32, "data.radius": 4, "train.num_steps": 2}
+    grown = str(tmp_path / "grown")
+    loop.train(smoke_config(**NO_SAMPLING, **low, **{"model.pos_embed_image_size": 64}), grown)
+    state = loop.train(smoke_config(**{"train.num_steps": 4, "eval.every_steps": 4, "sample.every_steps": 4}), grown)
+    assert int(state.step) == 4 and logged_steps(grown) == [1, 2, 3, 4]
+    with Image.open(os.path.join(grown, "samples", "samples_00000004.png")) as grid:
+        assert grid.size == sampling.image_grid(np.zeros((8, 64, 64, 3), np.uint8)).shape[1::-1]
+    assert [r["step"] for r in metric_rows(grown) if "eval/overall" in r] == [4]
+    own_grid = str(tmp_path / "own_grid")
+    loop.train(smoke_config(**NO_SAMPLING, **low), own_grid)
+    with pytest.raises(UserError, match="data.image_size: 64 vs 32"):
+        loop.train(smoke_config(**NO_SAMPLING, **{"train.num_steps": 4}), own_grid)
 
 
 def test_sigterm_saves_exits_zero_and_resumes_bitwise(reference, tmp_path):

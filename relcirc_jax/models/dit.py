@@ -70,6 +70,10 @@ class PatchTransformerConfig:
     )
     dtype: str = "float32"
     remat: bool = False
+    # The image size whose token grid the fixed position embedding spans; None = image_size (diffusers' default). A
+    # model trained at 32 px with 64 here sees the positions 0, 2, 4, 6 of a 64 px model's grid, so it can go on at
+    # 64 px without relearning where things are (progressive resolution, train.low_res_steps).
+    pos_embed_image_size: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -119,9 +123,11 @@ class PatchTransformerConfig:
         return jnp.dtype(self.dtype)
 
     @property
-    def pos_interpolation_scale(self) -> int:
-        """diffusers' default `interpolation_scale` for sample_size == image_size."""
-        return max(self.image_size // 64, 1)
+    def pos_interpolation_scale(self) -> float:
+        """diffusers' default `interpolation_scale` for sample_size == image_size, or with pos_embed_image_size that
+        size's, stretched so this image's grid spans the same positions as that size's."""
+        reference = self.pos_embed_image_size or self.image_size
+        return max(reference // 64, 1) * self.image_size / reference
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -266,7 +266,7 @@ def check_same_model(setup: RunSetup, step: int, meta: dict) -> None:
     setup.config describes (STATE_FIELDS: e.g. another text encoder with the same parameter shapes, which would load
     silently, or other shapes, which Orbax would refuse only after its retries)."""
     saved = pretrained.config_from_dict(meta["config"])
-    differences = pretrained.config_differences(setup.config, saved, STATE_FIELDS)
+    differences = pretrained.config_differences(setup.config, saved, STATE_FIELDS, any_resolution=True)
     if differences:
         raise UserError(
             f"The checkpoint of step {step} in {setup.checkpointer.directory} was trained as another model (or with "

@@ -13,7 +13,7 @@ analyses, layout probe, dynamics, Vendi and the layout metrics, contextual repul
 frontier) ~8 minutes, the core set (text encoder, parameterisation, timestep draws, distillation target, scene
 relations, the optimizer's clipping and warm-ups, the EMA warm-up, bf16 export, the oneMKL bf16 products' sharded
 sums and vmap, the MM-DiT's text mask, the evaluator's binding rules and loose margin, the EMA weights of the chosen
-checkpoint, reference-model shapes) ~7 minutes.
+checkpoint, reference-model shapes, progressive resolution's position grid) ~7 minutes.
 Not part of CI (.ci/run); run the set that covers a change before landing it.
 """
 
@@ -652,6 +652,25 @@ CORE_MUTANTS = (
         "        if tuple(got[key].shape) != tuple(value.shape):\n",
         "        if False:\n",
         ("tests/test_pretrained.py::test_weights_of_another_shape_under_the_same_names_are_refused_with_both_shapes",),
+    ),
+    Mutant(
+        "resolution_same_grid",
+        "a run goes on at another image size only where its position embedding spans the same grid",
+        "relcirc_jax/pretrained.py",
+        "if any_resolution and position_span(config) == position_span(reference):",
+        "if any_resolution:",
+        (
+            "tests/test_pretrained.py::test_another_image_size_is_the_same_model_only_on_the_same_position_grid",
+            "tests/test_train_loop.py::test_a_run_goes_on_at_another_image_size_on_the_same_position_grid",
+        ),
+    ),
+    Mutant(
+        "position_grid_stretch",
+        "a smaller image on a larger image's position grid takes that grid's positions (diffusers' base_size)",
+        "relcirc_jax/models/dit.py",
+        "return max(reference // 64, 1) * self.image_size / reference",
+        "return max(reference // 64, 1)",
+        ("tests/test_dit_vs_diffusers.py::test_a_smaller_image_on_the_larger_images_position_grid_matches_diffusers",),
     ),
 )
 MUTANTS = TRAINING_MUTANTS + ANALYSIS_MUTANTS + CORE_MUTANTS

@@ -128,6 +128,12 @@ def _model_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"data.image_size={c.data.image_size} is not a multiple of model.patch_size={m.patch_size}; the image "
             "must split into whole patches."
         )
+    span = m.get("pos_embed_image_size")
+    if span is not None and (span < 1 or (m.patch_size >= 1 and span % m.patch_size)):
+        problems.append(
+            f"model.pos_embed_image_size={span} must be a positive multiple of model.patch_size={m.patch_size} (the "
+            "image size whose token grid the position embedding spans, e.g. 64), or None for the image's own."
+        )
     if (m.hidden_size or 0) >= 1 and (m.num_heads or 0) >= 1 and m.hidden_size % m.num_heads:
         problems.append(f"model.hidden_size={m.hidden_size} is not a multiple of model.num_heads={m.num_heads}.")
     if not m.mlp_ratio > 0:

@@ -106,6 +106,7 @@ def test_bad_model_sampler_and_analysis_values_are_named_before_anything_runs():
     config.model.patch_size = 7
     config.model.num_heads = 3
     config.model.mlp_ratio = 0.0
+    config.model.pos_embed_image_size = 60
     config.text.dim = 0
     config.eval.solver = "dpm"
     config.eval.cfg_scale = float("nan")
@@ -118,6 +119,7 @@ def test_bad_model_sampler_and_analysis_values_are_named_before_anything_runs():
     assert "data.image_size=64 is not a multiple of model.patch_size=7" in message
     assert "model.hidden_size=32 is not a multiple of model.num_heads=3" in message
     assert "model.mlp_ratio=0.0 must be > 0" in message
+    assert "model.pos_embed_image_size=60 must be a positive multiple of model.patch_size=7" in message
     assert "eval.solver='dpm' is unknown; choose one of ['ddim', 'dpmpp_2m', 'euler']" in message
     assert "eval.cfg_scale=nan must be a finite number" in message
     assert "analysis.images_per_prompt=0 must be >= 1" in message

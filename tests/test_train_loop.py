@@ -170,7 +170,7 @@ def test_a_state_saved_on_a_data_mesh_resumes_on_an_fsdp_mesh(reference, tmp_pat
 
 def test_a_run_goes_on_at_another_image_size_on_the_same_position_grid(tmp_path):
     """Progressive resolution: steps at 32 px on the 64 px position grid, then the same run at 64 px resumes from its
-    checkpoint (step count and optimizer state kept) and samples and evaluates at 64 px; a 32 px run on its own grid
+    checkpoint (its step count goes on) and samples and evaluates at 64 px; a 32 px run on its own grid
     is refused at 64 px, naming the field."""
     low = {"data.image_size": 32, "data.radius": 4, "train.num_steps": 2}
     grown = str(tmp_path / "grown")

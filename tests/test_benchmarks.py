@@ -12,6 +12,7 @@ import sys
 
 from xla_env import subprocess_env
 
+from relcirc_jax.models import cpu_bf16_matmul
 from tests.conftest import REPO
 
 
@@ -45,7 +46,8 @@ def test_bench_train_runs_on_the_cpu_devices_it_is_asked_for(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["devices"] == 2 and set(figures["matmul_peak_gflops"]) == {"jax_float32", "torch_float32"}
-    assert isinstance(figures["jax_bf16_onemkl"], bool)  # which bf16 Dense products the JAX rows ran
+    # which bf16 Dense products the JAX rows ran: a gemm library's, or None for XLA's dot
+    assert figures["jax_bf16_gemm_library"] in (None, *cpu_bf16_matmul.LIBRARY_GEMMS.values())
     assert [row["batch"] for row in figures["rows"]] == [8]
     assert set(figures["rows"][0]["images_per_s"]) == {"jax_float32", "jax_float32_mb4", "torch_float32"}
 

@@ -227,9 +227,9 @@ def test_a_config_flag_naming_no_config_file_is_one_message(tmp_path):
     assert "Running it raised SyntaxError" in explain_config_flags(["main", f"--config={broken}"])
 
 
-@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "gemm_library"])
 def test_cpu_variants_plan_their_steps_for_the_dtype_their_train_step_will_use(monkeypatch, matrix_units):
-    # RELCIRC_CPU_BF16_MATMUL=1 forces the oneMKL path on (tests/test_cpu_bf16_matmul.py), 0 turns it off
+    # RELCIRC_CPU_BF16_MATMUL=1 forces a gemm library's path on (tests/test_cpu_bf16_matmul.py), 0 turns it off
     monkeypatch.setenv(cpu_bf16_matmul.ENV_SWITCH, matrix_units)
     dtype = "bfloat16" if matrix_units == "1" else "float32"
     step_seconds = CPU_STEP_SECONDS[dtype]["micro"]

@@ -232,9 +232,9 @@ def test_remat_gradients_equal_plain_gradients(tmp_path):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+@pytest.mark.parametrize("matrix_units", ["0", *cpu_bf16_matmul.runnable_libraries()])
 def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp_path, monkeypatch, matrix_units):
-    # bfloat16 Dense products by XLA's dot and by oneMKL (models/cpu_bf16_matmul.py, forced on any CPU)
+    # bfloat16 Dense products by XLA's dot, oneMKL and oneDNN (models/cpu_bf16_matmul.py, forced on any CPU)
     monkeypatch.setenv(cpu_bf16_matmul.ENV_SWITCH, matrix_units)
     runs = {}
     for dtype in ("float32", "bfloat16"):
@@ -253,7 +253,7 @@ def test_bfloat16_compute_follows_float32_over_steps_that_update_the_weights(tmp
     assert np.abs(b).mean() > 4e-4 and cosine > 0.9, (np.abs(b).mean(), cosine)  # moved, as the float32 run did
 
 
-@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "onemkl"])
+@pytest.mark.parametrize("matrix_units", ["0", "1"], ids=["xla_dot", "gemm_library"])
 def test_auto_dtype_trains_in_bfloat16_only_through_the_matrix_units_and_samples_in_float32(
     tmp_path, monkeypatch, matrix_units
 ):

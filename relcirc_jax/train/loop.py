@@ -113,7 +113,7 @@ def _run(
     logging.info("The train step computes in %s (train.compute_dtype=%s).", dtype, config.train.compute_dtype)
     if jax.default_backend() == "cpu" and (dtype == "bfloat16" or config.train.compute_dtype == "auto"):
         on, why = cpu_bf16_matmul.status()
-        logging.info("bfloat16 Dense products on the CPU: %s (%s).", "oneMKL" if on else "XLA's dot", why)
+        logging.info("bfloat16 Dense products on the CPU: %s.", why if on else f"XLA's dot ({why})")
     for step in range(start, total):
         state, metrics = step_fn(state, _global_batch(config, setup.mesh, step), setup.tables, teacher_params)
         done = step + 1

@@ -489,6 +489,14 @@ CORE_MUTANTS = (
         ("tests/test_cpu_bf16_matmul.py::test_vmap_over_the_rows_is_one_product_and_other_batchings_are_exact",),
     ),
     Mutant(
+        "bf16_library_choice",
+        "the bf16 path takes oneDNN on an AVX512-BF16 CPU without AMX (oneMKL's bf16 is slow on AMD), else oneMKL",
+        "relcirc_jax/models/cpu_bf16_matmul.py",
+        'return ("onednn", "mkl") if onednn_first else ("mkl", "onednn")',
+        'return ("mkl", "onednn")',
+        ("tests/test_cpu_bf16_matmul.py::test_auto_takes_onednn_on_avx512_bf16_without_amx_else_onemkl",),
+    ),
+    Mutant(
         "rte_positions",
         "RTE adds a sinusoidal position encoding to each word vector (RTE-nopos does not)",
         "relcirc_jax/text/rte.py",

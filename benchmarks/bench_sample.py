@@ -12,7 +12,7 @@ embeddings. The last line of output is one JSON object with the figures.
                                       [--cpu_devices 2]
 
 On a CPU, JAX samples data-parallel over `--cpu_devices` XLA devices that split the host, as the `:cpu` configs'
-evaluations do (`parallel.cpu_devices`; oneMKL's bf16 products run one core per device).
+evaluations do (`parallel.cpu_devices`; the bf16 gemm library's products run one core per device).
 """
 
 import argparse

@@ -52,7 +52,8 @@ def matmul_peak_flops(n: int, dtypes=DTYPES, repeats: int = 10, budget_s: float 
     """Best FLOP/s of one n x n matmul in each framework and of `dtypes` over up to `repeats` timed runs, fewer once
     they have taken `budget_s` (PyTorch's bf16 on a CPU without bf16 instructions: a minute per matmul). The
     machine's matmul ceiling is the largest: on a CPU with AMX or AVX512-BF16 that is a bf16 one. JAX's product is
-    the Dense layers' (`cpu_bf16_matmul.matmul`: oneMKL for bf16 where it is on), its rows split over all devices."""
+    the Dense layers' (`cpu_bf16_matmul.matmul`: oneMKL or oneDNN for bf16 where it is on), its rows split over all
+    devices."""
     device = torch_device()
     rows = NamedSharding(make_mesh({"data": -1}), P("data"))
 

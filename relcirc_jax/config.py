@@ -23,10 +23,15 @@ Variants (the `arg` after the config file name, e.g. `configs/rte_dit_micro.py:c
   split into two XLA devices (`parallel.cpu_devices`; the two data-parallel halves overlap each other's serial ops,
   ~10 % faster for micro), and each step's batch is taken as two microbatches of 32 (`train.microbatches`; the same
   update, another ~10 % faster). The train step computes in bfloat16 where that pays (`train.compute_dtype="auto"`:
-  a CPU whose matrix units the oneMKL path uses, models/cpu_bf16_matmul.py, 1.3-1.8x the float32 step; float32
+  a CPU whose bf16 units the oneMKL/oneDNN path uses, models/cpu_bf16_matmul.py, 1.3-1.8x the float32 step; float32
   elsewhere, and sampling and evaluation stay float32 everywhere). The step count is the time budget divided by the
   per-size step time at batch 64 of that dtype (`CPU_STEP_SECONDS`), and `train.time_budget_minutes` stops a slower
   machine on time, with fewer steps.
+* ``cpu32`` - the ``cpu`` hour on the paper's scenes drawn at 32 px (object radius 4), the model's fixed position
+  embedding spread over the 64 px grid (`model.pos_embed_image_size=64`, so the run or its model continues at 64 px
+  with the same positions), each batch in one piece: a step costs ~0.4 of a 64 px one and the relation comes in fewer
+  steps, so this is the recipe that learns the relation within the hour on a 2-core CPU (README "Current results").
+  It samples and evaluates at 32 px.
 * ``long`` - the ``cpu`` recipe with a 150-minute budget (the same margin for compilation and evaluations), evaluated
   about every 15 minutes.
 * ``quick`` - the ``cpu`` recipe with a 10-minute budget, so that the README quickstart (this training, then
@@ -45,7 +50,7 @@ from relcirc_jax.text.rte import PAPER_POSITION_SCALE
 ENCODERS = ("rte", "rte_nopos", "t5", "minilm")
 SIZES = ("b", "mini", "micro", "nano")
 ARCHS = ("pixart", "mmdit")  # models.arch.ARCHS
-VARIANTS = (None, "cpu", "long", "quick", "smoke")
+VARIANTS = (None, "cpu", "cpu32", "long", "quick", "smoke")
 # The DiT also computes in float16 (models.dit.COMPUTE_DTYPES), but training has no loss scaling for it. "auto":
 # see train.state.compute_dtype.
 TRAIN_COMPUTE_DTYPES = ("float32", "bfloat16", "auto")
@@ -61,7 +66,7 @@ PREREGISTERED_M = {4: 3, 8: 4}
 PATCHING_CORRUPTIONS = ("relation", "shapes")
 # Rough seconds per train step at batch 64 on a 2-core CPU split into 2 devices, by the train step's dtype: float32
 # (micro measured, others by FLOPs); bfloat16 through oneMKL on a CPU with matrix units (bench_train, 2-core AMX Xeon,
-# 2026-12-03: nano, micro, mini; b by FLOPs).
+# 2026-12-03: nano, micro, mini; b by FLOPs; through oneDNN on the 2-core AMD EPYC with AVX512-BF16 micro took 0.49 s).
 CPU_STEP_SECONDS = {
     "float32": {"nano": 0.5, "micro": 0.9, "mini": 2.3, "b": 11.0},
     "bfloat16": {"nano": 0.25, "micro": 0.45, "mini": 1.1, "b": 5.0},
@@ -69,9 +74,13 @@ CPU_STEP_SECONDS = {
 # Training budget of each CPU variant, in seconds.
 BUDGET_SECONDS = {
     "cpu": 3300,  # leaves ~5 minutes of the hour for compilation, sample grids and evaluations
+    "cpu32": 3300,
     "long": 8700,  # the same margin in 150 minutes
     "quick": 600,  # + ~1 min of start-up and the last evaluation + ~2 min of --mode=evaluate < 15 minutes
 }
+# A 32 px train step's cost relative to a 64 px one (micro, batch 64, bf16 through oneDNN on the 2-core AMD EPYC,
+# 2026-12-04: 0.19 s at 32 px with one microbatch vs 0.49 s at 64 px with two; float32 0.25 s at 32 px).
+LOW_RESOLUTION_STEP_COST = 0.4
 EVAL_EVERY_SECONDS = 900  # the CPU variants evaluate about every 15 minutes of their budget (the learning curve)
 
 
@@ -88,7 +97,8 @@ def base_config(encoder: str, size: str, arg: str | None = None, arch: str = "pi
     config = _paper_recipe(encoder, size)
     config.model.arch = arch
     if arg in BUDGET_SECONDS:
-        _apply_cpu(config, size, budget_seconds=BUDGET_SECONDS[arg])  # :quick evaluates once, at its end
+        # :quick evaluates once, at its end
+        _apply_cpu(config, size, budget_seconds=BUDGET_SECONDS[arg], low_resolution=arg == "cpu32")
     elif arg == "smoke":
         _apply_smoke(config)
     return config
@@ -257,7 +267,7 @@ def diversity_m(group_size: int, m: int = 0) -> int:
     return m
 
 
-def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> None:
+def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int, low_resolution: bool = False) -> None:
     c.train.batch_size = 64
     c.train.lr = 5e-4
     c.train.warmup_steps = 200
@@ -273,6 +283,11 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int) -> 
     c.train.microbatches = 2
     c.train.compute_dtype = "auto"
     step_seconds = CPU_STEP_SECONDS["bfloat16" if cpu_bf16_matmul.enabled() else "float32"][size]
+    if low_resolution:
+        c.data.image_size, c.data.radius = 32, 4
+        c.model.pos_embed_image_size = 64
+        c.train.microbatches = 1  # a whole 32 px batch of 64 stays in the caches: 0.18 vs 0.21 s/step (micro, bf16)
+        step_seconds *= LOW_RESOLUTION_STEP_COST
     c.train.num_steps = max(100, int(budget_seconds / step_seconds) // 100 * 100)
     c.train.time_budget_minutes = budget_seconds / 60  # so a slower machine ends on time, with fewer steps
     c.checkpoint.every_steps = min(500, c.train.num_steps)

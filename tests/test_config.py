@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from relcirc_jax.config import CPU_STEP_SECONDS, ENCODERS, SIZES, base_config
+from relcirc_jax.config import CPU_STEP_SECONDS, ENCODERS, LOW_RESOLUTION_STEP_COST, SIZES, base_config
 from relcirc_jax.config_checks import explain_config_flags, validate_config
 from relcirc_jax.errors import UserError
 from relcirc_jax.models import cpu_bf16_matmul
@@ -44,7 +44,7 @@ def test_one_config_file_per_encoder_and_size():
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-@pytest.mark.parametrize("arg", [None, "cpu", "long", "quick", "smoke"])
+@pytest.mark.parametrize("arg", [None, "cpu", "cpu32", "long", "quick", "smoke"])
 def test_config_files_load_and_validate(path, arg):
     module = _load(path)
     config = module.get_config(arg)
@@ -242,14 +242,31 @@ def test_cpu_variants_plan_their_steps_for_the_dtype_their_train_step_will_use(m
     assert base_config("rte", "micro").train.compute_dtype == "float32"  # the paper's recipe: as asked, everywhere
 
 
-def test_long_variant_is_the_cpu_recipe_over_150_minutes_with_a_denser_curve():
-    def flat(config, prefix=""):
-        items = {}
-        for key, value in config.items():
-            items |= flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value}
-        return items
+def _flat(config, prefix=""):
+    items = {}
+    for key, value in config.items():
+        items |= _flat(value, f"{prefix}{key}.") if hasattr(value, "items") else {prefix + key: value}
+    return items
 
-    cpu, long = flat(base_config("rte", "micro", "cpu")), flat(base_config("rte", "micro", "long"))
+
+def test_cpu32_variant_is_the_cpu_hour_on_32_px_scenes_on_the_64_px_position_grid():
+    cpu, cpu32 = _flat(base_config("rte", "micro", "cpu")), _flat(base_config("rte", "micro", "cpu32"))
+    changed = {key: cpu32[key] for key in cpu if cpu[key] != cpu32[key]}
+    planned = {"train.num_steps", "eval.every_steps", "sample.every_steps", "checkpoint.keep_period"}
+    assert {key: value for key, value in changed.items() if key not in planned} == {
+        "data.image_size": 32,
+        "data.radius": 4,
+        "model.pos_embed_image_size": 64,
+        "train.microbatches": 1,
+    }
+    # the same budget, 1 / LOW_RESOLUTION_STEP_COST the steps, still 4 evaluations
+    assert cpu32["train.time_budget_minutes"] == cpu["train.time_budget_minutes"]
+    assert cpu32["train.num_steps"] == pytest.approx(cpu["train.num_steps"] / LOW_RESOLUTION_STEP_COST, rel=0.02)
+    assert cpu32["train.num_steps"] // cpu32["eval.every_steps"] == 4
+
+
+def test_long_variant_is_the_cpu_recipe_over_150_minutes_with_a_denser_curve():
+    cpu, long = _flat(base_config("rte", "micro", "cpu")), _flat(base_config("rte", "micro", "long"))
     changed = {key for key in cpu if cpu[key] != long[key]}
     periods = {"eval.every_steps", "sample.every_steps", "checkpoint.keep_period"}
     assert changed == {"train.num_steps", "train.time_budget_minutes"} | periods

@@ -12,9 +12,9 @@ backward pass differs from autodiff only in how it is written:
   splits into a windowed tree reduction (for its precision) that ran at ~1.5 ms per DiT-micro layer, ~16 % of a
   bfloat16 micro train step; a float32 sum of the same rows takes ~0.07 ms.
 
-In bfloat16 on a CPU with matrix units, the three products run as 2-D oneMKL products instead (`cpu_bf16_matmul`:
-XLA's own bf16 dot does not use those units), accumulating in float32, and the bias is added before the one rounding
-to bfloat16.
+In bfloat16 on a CPU with matrix units, the three products run as 2-D oneMKL or oneDNN products instead
+(`cpu_bf16_matmul`: XLA's own bf16 dot does not use those units), accumulating in float32, and the bias is added
+before the one rounding to bfloat16.
 """
 
 from collections.abc import Callable

@@ -323,7 +323,7 @@ BAD_INPUTS = [
         "misspelt variant",
         None,
         [f"{CONFIG}x"],
-        "Unknown config variant 'smokex'; use one of 'cpu', 'long', 'quick', 'smoke'",
+        "Unknown config variant 'smokex'; use one of 'cpu', 'cpu32', 'long', 'quick', 'smoke'",
     ),
     (
         "unknown key",
@@ -394,7 +394,7 @@ BAD_INPUTS = [
         "unknown bf16 matmul switch",  # the :cpu variants read it while the config is built, inside absl's parsing
         None,
         ["--config=configs/rte_dit_micro.py:cpu"],
-        "RELCIRC_CPU_BF16_MATMUL='yes' is unknown. Fix: set it to 0 (XLA's dot), 1 (oneMKL on any CPU) or unset it",
+        "RELCIRC_CPU_BF16_MATMUL='yes' is unknown. Fix: set it to 0 (XLA's dot), 1 (a gemm library on any CPU), mkl or",
     ),
 ]
 # The environment a case runs with, beyond the test's own.

@@ -39,7 +39,9 @@ bool Describe(ffi::Buffer<ffi::BF16>& a, ffi::Buffer<ffi::BF16>& b, ffi::ResultB
   return true;
 }
 
-ffi::Error NotMatrices() { return ffi::Error::InvalidArgument("relcirc bf16 gemm: operands and result must be matrices"); }
+ffi::Error NotMatrices() {
+  return ffi::Error::InvalidArgument("relcirc bf16 gemm: operands and result must be matrices");
+}
 
 ffi::Error MklBf16Gemm(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b, ffi::ResultBuffer<ffi::F32> c,
                        bool transpose_a, bool transpose_b) {
@@ -76,12 +78,12 @@ extern "C" void relcirc_set_onednn_gemm(void* gemm, void* omp_set_num_threads) {
   onednn_set_omp_threads = reinterpret_cast<SetThreadsFn>(omp_set_num_threads);
 }
 
-#define RELCIRC_BF16_GEMM_BINDING             \
-  ffi::Ffi::Bind()                            \
-      .Arg<ffi::Buffer<ffi::BF16>>()          \
-      .Arg<ffi::Buffer<ffi::BF16>>()          \
-      .Ret<ffi::Buffer<ffi::F32>>()           \
-      .Attr<bool>("transpose_a")              \
+#define RELCIRC_BF16_GEMM_BINDING    \
+  ffi::Ffi::Bind()                   \
+      .Arg<ffi::Buffer<ffi::BF16>>() \
+      .Arg<ffi::Buffer<ffi::BF16>>() \
+      .Ret<ffi::Buffer<ffi::F32>>()  \
+      .Attr<bool>("transpose_a")     \
       .Attr<bool>("transpose_b")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RelcircMklBf16Gemm, MklBf16Gemm, RELCIRC_BF16_GEMM_BINDING);

@@ -110,6 +110,10 @@ def _set_onednn_gemm(handler: ctypes.CDLL) -> str | None:
     return None
 
 
+# Per library: what hands its gemm to the extension, and the extension's FFI handler that calls it.
+_HOOKUPS = {"mkl": (_set_mkl_gemm, "RelcircMklBf16Gemm"), "onednn": (_set_onednn_gemm, "RelcircOnednnBf16Gemm")}
+
+
 def _target(library: str) -> str:
     return f"{TARGET}_{library}"
 
@@ -122,11 +126,11 @@ def _load(library: str) -> tuple[bool, str]:
     if spec is None or spec.origin is None:
         return False, "the C++ extension was not built (reinstall with `pip install -e .` and a C++ compiler)"
     handler = ctypes.CDLL(spec.origin)
-    problem = {"mkl": _set_mkl_gemm, "onednn": _set_onednn_gemm}[library](handler)
+    set_gemm, symbol = _HOOKUPS[library]
+    problem = set_gemm(handler)
     if problem is not None:
         return False, problem
-    symbol = {"mkl": handler.RelcircMklBf16Gemm, "onednn": handler.RelcircOnednnBf16Gemm}[library]
-    jax.ffi.register_ffi_target(_target(library), jax.ffi.pycapsule(symbol), platform="cpu")
+    jax.ffi.register_ffi_target(_target(library), jax.ffi.pycapsule(getattr(handler, symbol)), platform="cpu")
     return True, LIBRARY_GEMMS[library]
 
 

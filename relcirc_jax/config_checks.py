@@ -153,6 +153,11 @@ def _data_and_eval_problems(c: ml_collections.ConfigDict) -> list[str]:
             f"data.caption_mix={c.data.caption_mix!r} is unknown; choose one of "
             f"{sorted(dataset.CAPTION_MIXES)} or None (the task's own)."
         )
+    if c.data.relations is not None and c.data.relations not in dataset.RELATION_DRAWS:
+        problems.append(
+            f"data.relations={c.data.relations!r} is unknown; choose one of {dataset.RELATION_DRAWS} or None (the "
+            "task's own)."
+        )
     if c.data.curriculum_caption_mix not in dataset.CAPTION_MIXES:
         problems.append(
             f"data.curriculum_caption_mix={c.data.curriculum_caption_mix!r} is unknown; choose one of "

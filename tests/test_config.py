@@ -81,6 +81,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.train.t_high_noise_share = 1.0
     config.data.curriculum_steps = -1
     config.data.curriculum_caption_mix = "easy"
+    config.data.relations = "even"
     config.train.teacher_weight = 0.0
     config.checkpoint.keep_period = -1
     with pytest.raises(UserError) as error:
@@ -95,6 +96,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "train.t_high_noise_share=1.0 must be in [0, 1)" in message
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
+    assert "data.relations='even' is unknown; choose one of ('scene', 'uniform')" in message
     assert "train.teacher_weight=0.0 must be in (0, 1]" in message
     assert "checkpoint.keep_period=-1 must be >= 0 (0: keep only the latest)" in message
 

@@ -5,9 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import stats
 
+from relcirc_jax.analysis import diversity
 from relcirc_jax.data import dataset, prompts, scenes, tokenizer
-from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES
+from relcirc_jax.data.spec import COLORS, RELATIONS, SHAPES, SceneSpec
 
 GLOBAL = 48
 SMALL_CHUNK = 16  # GLOBAL / 3 and GLOBAL / 4 slices then cross chunk boundaries
@@ -108,6 +110,45 @@ def test_paper_task_rules_and_relation_frequencies(size, radius, n):
     assert overlapping.mean() > 0.01  # no overlap rejection
 
 
+def test_uniform_relations_keep_the_paper_scenes_and_draw_each_layout_from_its_relations_law():
+    n, size, radius = 4096, 32, 4
+    batch = dataset.train_batch(5, 0, global_batch=n, size=size, radius=radius, relations="uniform")
+    shapes, colors, centers = batch["shape_idx"], batch["color_idx"], batch["centers"]
+    assert (shapes[:, 0] != shapes[:, 1]).all()
+    np.testing.assert_array_equal(np.sort(colors, axis=1), np.tile([[0, 1]], (n, 1)))
+    assert centers.min() >= radius + 1 and centers.max() <= size - radius - 1
+    np.testing.assert_array_equal(scenes.relation_index(centers, size=size), batch["relation"])
+    frequencies = np.bincount(batch["relation"], minlength=len(RELATIONS)) / n
+    assert np.all(np.abs(frequencies - 1 / 8) <= 4 * np.sqrt(1 / 8 * 7 / 8 / n)), frequencies
+    assert (scenes.overlap_fraction(shapes, centers, radius=radius) > 0.05).mean() > 0.01  # the paper's: no rejection
+    # Given its relation, a layout follows the paper's law (centres uniform, conditioned on the relation), here
+    # against the diversity study's own rejection sampler of that law.
+    for relation in ("above", "lower_right"):
+        got = centers[batch["relation"] == RELATIONS.index(relation)].reshape(-1, 4) / size
+        want = diversity.reference_layouts(
+            SceneSpec("circle", "red", relation, "square", "blue"), 4000, seed=1, size=size, radius=radius
+        )
+        for column in range(4):
+            assert stats.ks_2samp(got[:, column], want[:, column]).pvalue > 1e-4, (relation, column)
+
+
+def test_each_tasks_relations_default_is_its_own_draw():
+    for task, own, other in (("paper", "scene", "uniform"), ("balanced", "uniform", "scene")):
+        default = dataset.train_batch(2, 3, global_batch=64, size=32, radius=4, task=task)
+        _assert_batches_equal(
+            default, dataset.train_batch(2, 3, global_batch=64, size=32, radius=4, task=task, relations=own)
+        )
+        assert not np.array_equal(
+            default["centers"],
+            dataset.train_batch(2, 3, global_batch=64, size=32, radius=4, task=task, relations=other)["centers"],
+        )
+    balanced_scenes = dataset.train_batch(2, 3, global_batch=512, size=32, radius=4, task="balanced", relations="scene")
+    shapes, centers = balanced_scenes["shape_idx"], balanced_scenes["centers"]
+    assert scenes.overlap_fraction(shapes, centers, radius=4).max() <= scenes.MAX_OVERLAP_FRACTION
+    np.testing.assert_array_equal(scenes.relation_index(centers, size=32), balanced_scenes["relation"])
+    assert np.bincount(balanced_scenes["relation"], minlength=8)[4:].sum() > 0.7 * 512  # read off: diagonals dominate
+
+
 def test_paper_caption_mix_keeps_each_colour_with_probability_half_and_uniform_phrasing():
     batch = dataset.train_batch(1, 0, global_batch=4096, size=32, radius=4)
     parsed = [prompts.parse(prompts.all_captions()[i]) for i in batch["caption_index"]]
@@ -178,6 +219,7 @@ def test_with_filler_mix_uses_filler_on_about_half():
         (dict(global_batch=8, process_index=2, process_count=2), "process_index \\(2\\)"),
         (dict(global_batch=8, caption_mix="fancy"), "Unknown caption_mix 'fancy'.*canonical.*train"),
         (dict(global_batch=8, task="fancy"), "Unknown task 'fancy'.*paper.*balanced"),
+        (dict(global_batch=8, relations="even"), "Unknown relations 'even'.*scene.*uniform"),
         (dict(global_batch=8, num_scenes=0), "num_scenes \\(0\\) must be >= 1"),
     ],
 )

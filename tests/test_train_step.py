@@ -167,6 +167,18 @@ def test_curriculum_words_the_first_steps_captions_by_its_mix_then_the_tasks(tmp
     assert all(caption.count("red") + caption.count("blue") == 2 for caption in captions), captions
 
 
+def test_data_relations_reach_the_training_batches(tmp_path):
+    config = _config()
+    config.data.relations = "uniform"
+    setup = _run_setup(tmp_path, config)
+    want = dataset.train_batch(
+        config.seed, 1, global_batch=config.train.batch_size, relations="uniform", num_scenes=config.data.num_scenes
+    )
+    got = loop._global_batch(config, setup.mesh, 1)
+    np.testing.assert_array_equal(np.asarray(got["image"]), want["image"])
+    np.testing.assert_array_equal(np.asarray(got["caption_index"]), want["caption_index"])
+
+
 def test_high_noise_share_reaches_the_timesteps_the_loss_is_taken_at(tmp_path):
     # The mixture itself is checked against its CDF in test_schedules_losses; this checks the step's draws use it.
     share, mean = 0.9, 3.0

@@ -116,8 +116,10 @@ def sample_centers(
     size: int = 64,
     radius: float = 8,
     relation_idx: np.ndarray | None = None,
+    max_overlap: float | None = MAX_OVERLAP_FRACTION,
 ) -> np.ndarray:
-    """Centres uniform in [r+1, size-r-1]^2 per object, resampled until overlap <= 5 % (and the relation matches).
+    """Centres uniform in [r+1, size-r-1]^2 per object, resampled until overlap <= max_overlap (None: no overlap test,
+    the paper's task) and the relation matches relation_idx (if given).
 
     Rejection sampling keeps the layout distribution uniform conditioned on the relation; it loops over rounds on the
     still-rejected rows, never over images. Returns float32[N, 2, 2] = (object, xy).
@@ -144,7 +146,8 @@ def sample_centers(
         ok = np.ones(rows.size, bool)
         if relation_idx is not None:  # the cheap test first: overlap only for candidates with the right relation
             ok = relation_index(candidates, size=size) == relation_idx[rows]
-        ok[ok] = overlap_fraction(shape_idx[rows[ok]], candidates[ok], radius=radius) <= MAX_OVERLAP_FRACTION
+        if max_overlap is not None:
+            ok[ok] = overlap_fraction(shape_idx[rows[ok]], candidates[ok], radius=radius) <= max_overlap
         ok = ok.reshape(todo.size, tries)
         placed = ok.any(axis=1)
         first_ok = ok.argmax(axis=1)  # the first acceptable candidate keeps the conditional distribution exact

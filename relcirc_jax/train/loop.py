@@ -173,6 +173,7 @@ def _global_batch(config: ml_collections.ConfigDict, mesh, step: int) -> dict:
         radius=config.data.radius,
         task=config.data.task,
         caption_mix=config.data.curriculum_caption_mix if curriculum else config.data.caption_mix,
+        relations=config.data.relations,
         num_scenes=config.data.num_scenes,
     )
     local = local_rows(mesh, config.train.batch_size, make_slice)

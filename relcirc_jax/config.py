@@ -293,8 +293,8 @@ def _apply_cpu(c: ml_collections.ConfigDict, size: str, budget_seconds: int, low
         c.model.pos_embed_image_size = 64
         c.train.microbatches = 1  # a whole 32 px batch of 64 stays in the caches: 0.18 vs 0.21 s/step (micro, bf16)
         # Relations drawn uniformly (data.dataset.RELATION_DRAWS), as paper_main holds them: the straight ones are
-        # ~5 % of the paper's scenes each. Measured at 32 px (float32, 2-core AMD EPYC): 40.6 % strict relation at
-        # step 9,458 of the hour against 4-5 % at that step with the relation read off the centres (README).
+        # ~5 % of the paper's scenes each. Measured at 32 px (float32, 2-core AMD EPYC): 40.6 and 32.6 % strict
+        # relation (seeds 0, 1) at the hour's ~9,500 steps, against 5-15 % at that step with the paper's draw (README).
         c.data.relations = "uniform"
         step_seconds *= LOW_RESOLUTION_STEP_COST
     c.train.num_steps = max(100, int(budget_seconds / step_seconds) // 100 * 100)

@@ -673,6 +673,17 @@ CORE_MUTANTS = (
         ),
     ),
     Mutant(
+        "uniform_relations_overlap_rule",
+        "data.relations=uniform keeps the task's own overlap rule (the paper's scenes may overlap)",
+        "relcirc_jax/data/dataset.py",
+        "relation_idx=relation, max_overlap=max_overlap",
+        "relation_idx=relation, max_overlap=scenes.MAX_OVERLAP_FRACTION",
+        (
+            "tests/test_dataset.py::"
+            "test_uniform_relations_keep_the_paper_scenes_and_draw_each_layout_from_its_relations_law",
+        ),
+    ),
+    Mutant(
         "position_grid_stretch",
         "a smaller image on a larger image's position grid takes that grid's positions (diffusers' base_size)",
         "relcirc_jax/models/dit.py",

@@ -118,16 +118,11 @@ def _draw_scenes(
         shape_idx = rng.integers(0, len(SHAPES), (n, 2))
         color_idx = rng.integers(0, len(COLORS), (n, 2))
         max_overlap = scenes.MAX_OVERLAP_FRACTION
-    if relations == "uniform":
-        relation = rng.integers(0, len(RELATIONS), n)
-        centers = scenes.sample_centers(
-            rng, shape_idx, size=size, radius=radius, relation_idx=relation, max_overlap=max_overlap
-        )
-    else:
-        if max_overlap is None:
-            centers = rng.uniform(radius + 1, size - radius - 1, size=(n, 2, 2)).astype(np.float32)
-        else:
-            centers = scenes.sample_centers(rng, shape_idx, size=size, radius=radius, max_overlap=max_overlap)
+    relation = rng.integers(0, len(RELATIONS), n) if relations == "uniform" else None
+    centers = scenes.sample_centers(
+        rng, shape_idx, size=size, radius=radius, relation_idx=relation, max_overlap=max_overlap
+    )
+    if relation is None:  # "scene": read off the centres
         relation = scenes.relation_index(centers, size=size)
     return dict(shape_idx=shape_idx, color_idx=color_idx, relation=relation, centers=centers)
 

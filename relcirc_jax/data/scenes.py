@@ -3,8 +3,8 @@
 Geometry (pixel (row i, column j) covers [j, j+1) x [i, i+1); image y grows downward). Every shape is centred on the
 centre of its bounding box [c - r, c + r]: a circle of radius r, a square of side 2r, an equilateral triangle of width
 2r pointing up (height sqrt(3) r). Edges are anti-aliased by a one-pixel ramp of the signed distance. Object 2 is drawn
-on top of object 1. sample_centers (the "balanced" task) rejects layouts whose overlap exceeds 5 % of the smaller
-object's area; the paper's task places both centres uniformly and lets objects overlap.
+on top of object 1. sample_centers places both centres uniformly, for the "balanced" task rejecting layouts whose
+overlap exceeds 5 % of the smaller object's area; the paper's task lets objects overlap.
 """
 
 import numpy as np

@@ -673,12 +673,13 @@ CORE_MUTANTS = (
         ),
     ),
     Mutant(
-        "uniform_relations_overlap_rule",
-        "data.relations=uniform keeps the task's own overlap rule (the paper's scenes may overlap)",
+        "paper_scenes_overlap",
+        "the paper's scenes may overlap however their relation is drawn (only the balanced task rejects overlaps)",
         "relcirc_jax/data/dataset.py",
         "relation_idx=relation, max_overlap=max_overlap",
         "relation_idx=relation, max_overlap=scenes.MAX_OVERLAP_FRACTION",
         (
+            "tests/test_dataset.py::test_paper_task_rules_and_relation_frequencies",
             "tests/test_dataset.py::"
             "test_uniform_relations_keep_the_paper_scenes_and_draw_each_layout_from_its_relations_law",
         ),

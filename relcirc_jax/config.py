@@ -170,6 +170,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.train.optimizer = "adamw"
     c.train.lr = 1e-4
     c.train.warmup_steps = 500
+    # The last fraction of num_steps decays the lr linearly to 0 (warm-up, stable, decay); 0 = constant to the end.
+    c.train.lr_decay_fraction = 0.0
     c.train.weight_decay = 3e-2
     c.train.adam_b1 = 0.9
     c.train.adam_b2 = 0.999

@@ -93,7 +93,7 @@ def _config_problems(c: ml_collections.ConfigDict) -> list[str]:
         )
     if c.train.warmup_steps < 0 or c.train.weight_decay < 0:
         problems.append("train.warmup_steps and train.weight_decay must be >= 0.")
-    for key in ("train.ema_decay", "train.caption_dropout", "train.t_high_noise_share"):
+    for key in ("train.ema_decay", "train.caption_dropout", "train.t_high_noise_share", "train.lr_decay_fraction"):
         if not 0 <= _get(c, key) < 1:
             problems.append(f"{key}={_get(c, key)} must be in [0, 1).")
     try:

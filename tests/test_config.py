@@ -79,6 +79,7 @@ def test_bad_values_raise_one_error_naming_each():
     config.parallel.cpu_devices = 0
     config.train.optimizer = "sgd"
     config.train.t_high_noise_share = 1.0
+    config.train.lr_decay_fraction = -0.2
     config.data.curriculum_steps = -1
     config.data.curriculum_caption_mix = "easy"
     config.data.relations = "even"
@@ -94,6 +95,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "parallel.cpu_devices=0 must be >= 1" in message
     assert "train.optimizer='sgd' is unknown; choose one of ('adamw', 'muon')" in message
     assert "train.t_high_noise_share=1.0 must be in [0, 1)" in message
+    assert "train.lr_decay_fraction=-0.2 must be in [0, 1)" in message
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
     assert "data.relations='even' is unknown; choose one of ('scene', 'uniform')" in message

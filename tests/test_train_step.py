@@ -5,6 +5,7 @@ distillation teacher seeing exactly the student's inputs."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from relcirc_jax import diffusion
@@ -128,6 +129,21 @@ def test_the_lr_warms_up_from_zero_and_the_ema_warm_up_follows_the_early_weights
         moved += int(np.any(np.asarray(params) != init))
     # the second update moved most weights (the first left them as they were), and the EMA most of the way with them
     assert moved > len(jax.tree.leaves(initial)) // 2
+
+
+@pytest.mark.parametrize("warmup_steps", [0, 20])
+def test_the_lr_decays_linearly_to_zero_over_the_last_fraction_of_the_steps(warmup_steps):
+    """train.lr_decay_fraction: warm-up, constant, then the last fraction of train.num_steps decays linearly to 0,
+    checked at every step against optax's own schedules joined at the decay's start; 0 leaves PixArt's schedule."""
+    config = _config(num_steps=200, warmup_steps=warmup_steps, lr_decay_fraction=0.25)
+    lr, steps = config.train.lr, np.arange(201)
+    flat = optax.warmup_constant_schedule(0.0, lr, warmup_steps) if warmup_steps else optax.constant_schedule(lr)
+    want = optax.join_schedules([flat, optax.linear_schedule(lr, 0.0, 50)], boundaries=[150])
+    got = np.asarray(jax.vmap(train_state.learning_rate(config))(steps))
+    np.testing.assert_allclose(got, np.asarray(jax.vmap(want)(steps)), rtol=1e-6, atol=1e-6 * lr)
+    assert got[199] == pytest.approx(lr / 50) and got[200] == 0.0 and got[150] == pytest.approx(lr)
+    config.train.lr_decay_fraction = 0.0
+    np.testing.assert_array_equal(np.asarray(jax.vmap(train_state.learning_rate(config))(steps)), jax.vmap(flat)(steps))
 
 
 def test_muon_orthogonalises_the_hidden_matrices_and_leaves_the_rest_to_adamw(tmp_path):

@@ -57,10 +57,18 @@ def compute_dtype(config: ml_collections.ConfigDict, *, training: bool) -> str:
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 to train.lr over train.warmup_steps, then constant (PixArt's schedule); 0 = no warm-up."""
-    if config.train.warmup_steps == 0:
-        return optax.constant_schedule(config.train.lr)
-    return optax.warmup_constant_schedule(0.0, config.train.lr, config.train.warmup_steps)
+    """Linear warm-up from 0 to train.lr over train.warmup_steps (0 = none), then constant (PixArt's schedule); with
+    train.lr_decay_fraction > 0 the last that fraction of train.num_steps decays it linearly to 0 (warm-up, stable,
+    decay), reaching lr / decay_steps at the last update."""
+    t = config.train
+    if t.warmup_steps == 0:
+        base = optax.constant_schedule(t.lr)
+    else:
+        base = optax.warmup_constant_schedule(0.0, t.lr, t.warmup_steps)
+    num_steps, decay_steps = t.num_steps, round(t.lr_decay_fraction * t.num_steps)
+    if decay_steps == 0:
+        return base
+    return lambda step: base(step) * jnp.clip((num_steps - step) / decay_steps, 0.0, 1.0)
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

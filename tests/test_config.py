@@ -263,6 +263,7 @@ def test_cpu32_variant_is_the_cpu_hour_on_32_px_scenes_on_the_64_px_position_gri
         "model.pos_embed_image_size": 64,
         "train.microbatches": 1,
         "data.relations": "uniform",
+        "eval.cfg_scale": 2.0,
     }
     # the same budget, 1 / LOW_RESOLUTION_STEP_COST the steps, still 4 evaluations
     assert cpu32["train.time_budget_minutes"] == cpu["train.time_budget_minutes"]

@@ -57,9 +57,9 @@ def compute_dtype(config: ml_collections.ConfigDict, *, training: bool) -> str:
 
 
 def learning_rate(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 to train.lr over train.warmup_steps (0 = none), then constant (PixArt's schedule); with
-    train.lr_decay_fraction > 0 the last that fraction of train.num_steps decays it linearly to 0 (warm-up, stable,
-    decay), reaching lr / decay_steps at the last update."""
+    """Linear warm-up from 0 to train.lr over train.warmup_steps (0 = none), then constant (PixArt's schedule). With
+    train.lr_decay_fraction = f > 0, the last f * train.num_steps steps decay it linearly to 0 (warm-up, stable,
+    decay): the last update gets lr / decay_steps."""
     t = config.train
     if t.warmup_steps == 0:
         base = optax.constant_schedule(t.lr)

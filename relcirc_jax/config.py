@@ -149,7 +149,8 @@ def _paper_recipe(encoder: str, size: str) -> ml_collections.ConfigDict:
     c.data.task = "paper"  # data.dataset.TASKS: "paper" (the paper's scenes) or "balanced"
     c.data.caption_mix = config_dict.placeholder(str)  # None = the task's own (data.dataset.CAPTION_MIXES)
     # How a scene's relation comes about (data.dataset.RELATION_DRAWS): "scene" reads it off uniformly drawn centres
-    # (the paper's data: straight relations are rare), "uniform" draws it uniformly first; None = the task's own.
+    # (the paper's data: straight relations are rare), "uniform" draws it uniformly first, "straight_heavy" draws each
+    # straight relation twice as often as each diagonal; None = the task's own.
     c.data.relations = config_dict.placeholder(str)
     # The paper trained on a fixed set of 10,000 scenes for 4,000 epochs; None = fresh scenes every step.
     c.data.num_scenes = config_dict.FieldReference(10_000, field_type=int)

@@ -110,16 +110,21 @@ def test_paper_task_rules_and_relation_frequencies(size, radius, n):
     assert overlapping.mean() > 0.01  # no overlap rejection
 
 
-def test_uniform_relations_keep_the_paper_scenes_and_draw_each_layout_from_its_relations_law():
+@pytest.mark.parametrize(
+    "relations, law", [("uniform", np.full(8, 1 / 8)), ("straight_heavy", np.array([1 / 6] * 4 + [1 / 12] * 4))]
+)
+def test_drawn_relations_keep_the_paper_scenes_follow_their_law_and_draw_each_layout_from_its_relations_law(
+    relations, law
+):
     n, size, radius = 4096, 32, 4
-    batch = dataset.train_batch(5, 0, global_batch=n, size=size, radius=radius, relations="uniform")
+    batch = dataset.train_batch(5, 0, global_batch=n, size=size, radius=radius, relations=relations)
     shapes, colors, centers = batch["shape_idx"], batch["color_idx"], batch["centers"]
     assert (shapes[:, 0] != shapes[:, 1]).all()
     np.testing.assert_array_equal(np.sort(colors, axis=1), np.tile([[0, 1]], (n, 1)))
     assert centers.min() >= radius + 1 and centers.max() <= size - radius - 1
     np.testing.assert_array_equal(scenes.relation_index(centers, size=size), batch["relation"])
     frequencies = np.bincount(batch["relation"], minlength=len(RELATIONS)) / n
-    assert np.all(np.abs(frequencies - 1 / 8) <= 4 * np.sqrt(1 / 8 * 7 / 8 / n)), frequencies
+    assert np.all(np.abs(frequencies - law) <= 4 * np.sqrt(law * (1 - law) / n)), frequencies  # 4 std errors
     assert (scenes.overlap_fraction(shapes, centers, radius=radius) > 0.05).mean() > 0.01  # the paper's: no rejection
     # Given its relation, a layout follows the paper's law (centres uniform, conditioned on the relation), here
     # against the diversity study's own rejection sampler of that law.

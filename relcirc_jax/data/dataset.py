@@ -14,6 +14,8 @@ Relation draws (how a scene's relation comes about; default: the task's own, "sc
              (paper task at 32 or 64 px: each straight relation ~5 % of the scenes, each diagonal ~20 %).
   "uniform": the relation is drawn uniformly, as the eval prompt sets hold them, and the centres uniformly given it
              (the task's overlap rule kept: scenes.sample_centers). For "paper" a departure from its training data.
+  "straight_heavy": as "uniform", but each straight relation twice as often as each diagonal (1/6 vs 1/12 of the
+             scenes): the straight relations, which the strict test holds to a pixel, are the ones models learn last.
 
 Caption mixes (how a scene is worded; default: the task's own, "paper" or "train"):
   "paper":     phrasing uniform over the relation's phrasings; each colour word kept with probability 0.5,
@@ -62,7 +64,9 @@ CAPTION_MIXES = {
     "with_filler": CaptionMix(p_canonical=0.6, drop_colors=(0.8, 0.2 / 3, 0.2 / 3, 0.2 / 3), p_filler=0.5),
 }
 TASK_CAPTION_MIX = {"paper": "paper", "balanced": "train"}
-RELATION_DRAWS = ("scene", "uniform")
+RELATION_DRAWS = ("scene", "uniform", "straight_heavy")
+# P(relation) of "straight_heavy", in RELATIONS order (the four straight relations first).
+_STRAIGHT_HEAVY_P = np.array([2, 2, 2, 2, 1, 1, 1, 1]) / 12
 TASK_RELATION_DRAW = {"paper": "scene", "balanced": "uniform"}
 _NUM_PHRASINGS = np.array([len(prompts.PHRASINGS[r]) for r in RELATIONS])
 _NO_COLOR = len(COLORS)  # colour index meaning "left out of the caption"
@@ -118,7 +122,11 @@ def _draw_scenes(
         shape_idx = rng.integers(0, len(SHAPES), (n, 2))
         color_idx = rng.integers(0, len(COLORS), (n, 2))
         max_overlap = scenes.MAX_OVERLAP_FRACTION
-    relation = rng.integers(0, len(RELATIONS), n) if relations == "uniform" else None
+    relation = None  # "scene"
+    if relations == "uniform":
+        relation = rng.integers(0, len(RELATIONS), n)
+    elif relations == "straight_heavy":
+        relation = rng.choice(len(RELATIONS), n, p=_STRAIGHT_HEAVY_P)
     centers = scenes.sample_centers(
         rng, shape_idx, size=size, radius=radius, relation_idx=relation, max_overlap=max_overlap
     )

@@ -688,8 +688,19 @@ CORE_MUTANTS = (
         "relation_idx=relation, max_overlap=scenes.MAX_OVERLAP_FRACTION",
         (
             "tests/test_dataset.py::test_paper_task_rules_and_relation_frequencies",
-            "tests/test_dataset.py::"
-            "test_uniform_relations_keep_the_paper_scenes_and_draw_each_layout_from_its_relations_law",
+            "tests/test_dataset.py::test_drawn_relations_keep_the_paper_scenes_follow_their_law_and_draw_each_layout_"
+            "from_its_relations_law",
+        ),
+    ),
+    Mutant(
+        "straight_heavy_law",
+        'data.relations="straight_heavy" draws each straight relation twice as often as each diagonal',
+        "relcirc_jax/data/dataset.py",
+        "_STRAIGHT_HEAVY_P = np.array([2, 2, 2, 2, 1, 1, 1, 1]) / 12",
+        "_STRAIGHT_HEAVY_P = np.array([1, 1, 1, 1, 2, 2, 2, 2]) / 12",
+        (
+            "tests/test_dataset.py::test_drawn_relations_keep_the_paper_scenes_follow_their_law_and_draw_each_layout_"
+            "from_its_relations_law",
         ),
     ),
     Mutant(

@@ -98,7 +98,7 @@ def test_bad_values_raise_one_error_naming_each():
     assert "train.lr_decay_fraction=-0.2 must be in [0, 1)" in message
     assert "data.curriculum_steps=-1 must be >= 0" in message
     assert "data.curriculum_caption_mix='easy' is unknown" in message
-    assert "data.relations='even' is unknown; choose one of ('scene', 'uniform')" in message
+    assert "data.relations='even' is unknown; choose one of ('scene', 'uniform', 'straight_heavy')" in message
     assert "train.teacher_weight=0.0 must be in (0, 1]" in message
     assert "checkpoint.keep_period=-1 must be >= 0 (0: keep only the latest)" in message
 
@@ -262,7 +262,7 @@ def test_cpu32_variant_is_the_cpu_hour_on_32_px_scenes_on_the_64_px_position_gri
         "data.radius": 4,
         "model.pos_embed_image_size": 64,
         "train.microbatches": 1,
-        "data.relations": "uniform",
+        "data.relations": "straight_heavy",
         "eval.cfg_scale": 2.0,
     }
     # the same budget, 1 / LOW_RESOLUTION_STEP_COST the steps, still 4 evaluations
